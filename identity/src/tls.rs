@@ -1,0 +1,165 @@
+//! rustls verifiers that authenticate a peer by SPIFFE ID against a bundle (SPIFFE X509-SVID
+//! spec §5), and helpers to read a peer's SPIFFE ID.
+//!
+//! Chain building and signature checks are webpki's; this module adds the SPIFFE part: the
+//! peer's leaf must carry exactly one URI SAN, and it must be the ID (or trust domain) we expect.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::{SpiffeId, TrustDomain};
+
+/// The ring provider: Tessera's only crypto provider.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Who the peer must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Authorize {
+    /// Exactly this ID.
+    Id(SpiffeId),
+    /// Any ID in this trust domain.
+    MemberOf(TrustDomain),
+}
+
+impl Authorize {
+    fn allows(&self, id: &SpiffeId) -> bool {
+        match self {
+            Authorize::Id(want) => want == id,
+            Authorize::MemberOf(td) => id.is_member_of(td),
+        }
+    }
+}
+
+/// The SPIFFE ID in a leaf certificate, if it has exactly one URI SAN that is one.
+pub fn leaf_spiffe_id(leaf: &[u8]) -> Option<SpiffeId> {
+    let facts = crate::x509::cert_facts(leaf).ok()?;
+    match facts.uris.as_slice() {
+        [one] => SpiffeId::new(one).ok(),
+        _ => None,
+    }
+}
+
+/// Verifies a server's X509-SVID against trust anchors and an expected SPIFFE ID. The TLS
+/// server name is ignored: SPIFFE authenticates the URI SAN instead.
+pub struct SpiffeServerVerifier {
+    roots: Vec<rustls_pki_types::TrustAnchor<'static>>,
+    authorize: Authorize,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier").field("roots", &self.roots.len()).field("authorize", &self.authorize).finish()
+    }
+}
+
+/// Errors building a verifier.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A root certificate cannot be a trust anchor.
+    #[error("bundle certificate is not a usable trust anchor: {0}")]
+    BadRoot(String),
+    /// No roots.
+    #[error("no trust anchors")]
+    NoRoots,
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier trusting `roots` (DER) for peers matching `authorize`.
+    pub fn new(roots: &[CertificateDer<'_>], authorize: Authorize, provider: &CryptoProvider) -> Result<Self, TlsError> {
+        let roots = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()).map_err(|e| TlsError::BadRoot(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if roots.is_empty() {
+            return Err(TlsError::NoRoots);
+        }
+        Ok(Self { roots, authorize, algs: provider.signature_verification_algorithms })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        let id = leaf_spiffe_id(end_entity)
+            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
+        if !self.authorize.allows(&id) {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A client config that authenticates the server by SPIFFE ID and presents `client` (chain,
+/// key) when given.
+pub fn client_config(
+    roots: &[CertificateDer<'_>],
+    authorize: Authorize,
+    client: Option<(Vec<CertificateDer<'static>>, &crate::PrivateKey)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier::new(roots, authorize, &provider)?);
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key.to_rustls())
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}

@@ -1,0 +1,303 @@
+//! The X.509 certificate profiles Tessera issues, and the X509-SVID leaf check.
+//!
+//! Leaf profile (SPIFFE X509-SVID spec §4–5): exactly one URI SAN holding the SPIFFE ID (plus
+//! any DNS names the entry lists), `cA=false`, keyUsage digitalSignature (+keyEncipherment for
+//! RSA keys), extKeyUsage serverAuth + clientAuth, an empty subject with the SAN marked
+//! critical, and a notAfter that never passes the issuer's.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use time::OffsetDateTime;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::{SpiffeId, TrustDomain};
+
+/// Errors building a certificate profile or checking a certificate against one.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ProfileError {
+    /// The requested validity ends after the issuer's.
+    #[error("requested notAfter {requested} is past the issuing CA's notAfter {issuer}")]
+    PastIssuer {
+        /// Unix seconds requested.
+        requested: i64,
+        /// Unix seconds of the CA's notAfter.
+        issuer: i64,
+    },
+    /// A time is outside what X.509 can encode.
+    #[error("time {0} is out of range")]
+    TimeOutOfRange(i64),
+    /// A DNS name is not valid for a certificate.
+    #[error("invalid DNS name {0:?}")]
+    InvalidDnsName(String),
+    /// The certificate DER does not parse.
+    #[error("certificate does not parse: {0}")]
+    Malformed(String),
+    /// The certificate breaks an X509-SVID rule.
+    #[error("not a valid X509-SVID leaf: {0}")]
+    NotSvid(&'static str),
+    /// The random generator failed.
+    #[error("random generator failed")]
+    Rng,
+}
+
+fn ts(t: i64) -> Result<OffsetDateTime, ProfileError> {
+    OffsetDateTime::from_unix_timestamp(t).map_err(|_| ProfileError::TimeOutOfRange(t))
+}
+
+/// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
+pub fn random_serial() -> Result<[u8; 16], ProfileError> {
+    let mut s = [0u8; 16];
+    SystemRandom::new().fill(&mut s).map_err(|_| ProfileError::Rng)?;
+    s[0] &= 0x7f;
+    s[0] |= 0x01 << 6; // never zero, never a leading 0x00 octet to strip
+    Ok(s)
+}
+
+/// What a leaf certificate is issued for.
+#[derive(Debug, Clone)]
+pub struct LeafSpec<'a> {
+    /// The SPIFFE ID, the only URI SAN.
+    pub spiffe_id: &'a SpiffeId,
+    /// Extra DNS SANs (the entry's `dns_names`).
+    pub dns_names: &'a [String],
+    /// True when the subject key is RSA (adds keyEncipherment).
+    pub rsa_key: bool,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// The issuing CA's notAfter, Unix seconds.
+    pub issuer_not_after: i64,
+    /// Serial number octets.
+    pub serial: [u8; 16],
+}
+
+/// Certificate parameters for an X509-SVID leaf.
+pub fn leaf_params(spec: &LeafSpec<'_>) -> Result<CertificateParams, ProfileError> {
+    if spec.not_after > spec.issuer_not_after {
+        return Err(ProfileError::PastIssuer { requested: spec.not_after, issuer: spec.issuer_not_after });
+    }
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    let uri = spec.spiffe_id.to_string().try_into().map_err(|_| ProfileError::NotSvid("SPIFFE ID is not IA5"))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    for d in spec.dns_names {
+        let name = d.clone().try_into().map_err(|_| ProfileError::InvalidDnsName(d.clone()))?;
+        p.subject_alt_names.push(SanType::DnsName(name));
+    }
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    if spec.rsa_key {
+        p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+    }
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = ts(spec.not_before)?;
+    p.not_after = ts(spec.not_after)?;
+    p.serial_number = Some(SerialNumber::from_slice(&spec.serial));
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(p)
+}
+
+/// Certificate parameters for a signing CA of `td` (self-signed root or intermediate).
+pub fn ca_params(td: &TrustDomain, not_before: i64, not_after: i64, serial: [u8; 16]) -> Result<CertificateParams, ProfileError> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "US");
+    dn.push(DnType::OrganizationName, "Tessera");
+    dn.push(DnType::CommonName, format!("Tessera CA {td}"));
+    p.distinguished_name = dn;
+    let uri = td.id_string().try_into().map_err(|_| ProfileError::NotSvid("trust domain ID is not IA5"))?;
+    p.subject_alt_names = vec![SanType::URI(uri)];
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.not_before = ts(not_before)?;
+    p.not_after = ts(not_after)?;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    p.use_authority_key_identifier_extension = true;
+    p.key_identifier_method = KeyIdMethod::Sha256;
+    Ok(p)
+}
+
+/// The facts of a certificate Tessera cares about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFacts {
+    /// Hex serial number.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Hex subject key identifier, when present.
+    pub subject_key_id: Option<String>,
+    /// Hex authority key identifier, when present.
+    pub authority_key_id: Option<String>,
+    /// URI SANs.
+    pub uris: Vec<String>,
+    /// True for CA certificates.
+    pub is_ca: bool,
+    /// The SubjectPublicKeyInfo, DER.
+    pub spki: Vec<u8>,
+}
+
+/// Reads [`CertFacts`] from DER.
+pub fn cert_facts(der: &[u8]) -> Result<CertFacts, ProfileError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| ProfileError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProfileError::Malformed("trailing bytes after certificate".into()));
+    }
+    let mut facts = CertFacts {
+        serial: hex_lower(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        subject_key_id: None,
+        authority_key_id: None,
+        uris: Vec::new(),
+        is_ca: cert.is_ca(),
+        spki: cert.public_key().raw.to_vec(),
+    };
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => facts.subject_key_id = Some(hex_lower(k.0)),
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                facts.authority_key_id = a.key_identifier.as_ref().map(|k| hex_lower(k.0));
+            }
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for n in &san.general_names {
+                    if let GeneralName::URI(u) = n {
+                        facts.uris.push((*u).to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(facts)
+}
+
+/// Lower-case hex.
+pub fn hex_lower(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+/// Checks a leaf against the X509-SVID rules and returns its SPIFFE ID.
+pub fn check_svid_leaf(der: &[u8]) -> Result<SpiffeId, ProfileError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| ProfileError::Malformed(e.to_string()))?;
+    let mut uris = Vec::new();
+    let mut san_critical = false;
+    let mut ku = None;
+    let mut bc_ca = None;
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                san_critical = ext.critical;
+                for n in &san.general_names {
+                    if let GeneralName::URI(u) = n {
+                        uris.push(*u);
+                    }
+                }
+            }
+            ParsedExtension::KeyUsage(k) => ku = Some(*k),
+            ParsedExtension::BasicConstraints(b) => bc_ca = Some(b.ca),
+            _ => {}
+        }
+    }
+    let [uri] = uris.as_slice() else {
+        return Err(ProfileError::NotSvid("must have exactly one URI SAN"));
+    };
+    let id = SpiffeId::new(uri).map_err(|_| ProfileError::NotSvid("URI SAN is not a SPIFFE ID"))?;
+    if id.path().is_empty() {
+        return Err(ProfileError::NotSvid("leaf SPIFFE ID must have a path"));
+    }
+    if bc_ca != Some(false) {
+        return Err(ProfileError::NotSvid("basicConstraints must be present with cA=false"));
+    }
+    let ku = ku.ok_or(ProfileError::NotSvid("keyUsage must be present"))?;
+    if !ku.digital_signature() {
+        return Err(ProfileError::NotSvid("keyUsage must include digitalSignature"));
+    }
+    if ku.key_cert_sign() || ku.crl_sign() {
+        return Err(ProfileError::NotSvid("keyUsage must not include keyCertSign or cRLSign"));
+    }
+    if cert.subject().iter().next().is_none() && !san_critical {
+        return Err(ProfileError::NotSvid("SAN must be critical when the subject is empty"));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issue_leaf(rsa: bool) -> Vec<u8> {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params(&td, 0, 2_000_000_000, random_serial().unwrap()).unwrap();
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+        let dns = vec!["web.local".to_owned()];
+        let spec = LeafSpec {
+            spiffe_id: &id,
+            dns_names: &dns,
+            rsa_key: rsa,
+            not_before: 10,
+            not_after: 1_000,
+            issuer_not_after: 2_000_000_000,
+            serial: random_serial().unwrap(),
+        };
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        leaf_params(&spec).unwrap().signed_by(&leaf_key, &issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn issued_leaf_passes_the_svid_check() {
+        let der = issue_leaf(false);
+        assert_eq!(check_svid_leaf(&der).unwrap().to_string(), "spiffe://example.org/web");
+        let f = cert_facts(&der).unwrap();
+        assert_eq!(f.not_after, 1_000);
+        assert!(!f.is_ca);
+        assert!(f.authority_key_id.is_some());
+        assert_eq!(f.uris, vec!["spiffe://example.org/web".to_owned()]);
+    }
+
+    #[test]
+    fn leaf_past_issuer_is_refused() {
+        let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+        let spec = LeafSpec {
+            spiffe_id: &id,
+            dns_names: &[],
+            rsa_key: false,
+            not_before: 0,
+            not_after: 101,
+            issuer_not_after: 100,
+            serial: [1; 16],
+        };
+        assert_eq!(leaf_params(&spec).unwrap_err(), ProfileError::PastIssuer { requested: 101, issuer: 100 });
+    }
+
+    #[test]
+    fn ca_certificate_is_not_an_svid_leaf() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = ca_params(&td, 0, 100, [1; 16]).unwrap().self_signed(&key).unwrap().der().to_vec();
+        assert!(check_svid_leaf(&der).is_err());
+        assert!(cert_facts(&der).unwrap().is_ca);
+    }
+
+    #[test]
+    fn serials_are_positive_and_distinct() {
+        let a = random_serial().unwrap();
+        let b = random_serial().unwrap();
+        assert_ne!(a, b);
+        assert!(a[0] & 0x80 == 0 && a[0] != 0);
+    }
+}

@@ -1,0 +1,31 @@
+//! Tessera's gRPC wire definitions, generated at build time by protox + tonic-prost-build.
+//!
+//! This crate has no logic: it is the `.proto` files under `proto/` and the code generated
+//! from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
+//! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket.
+
+#![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+/// Types shared by both APIs.
+pub mod types {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tessera.types.v1");
+    }
+}
+
+/// The Agent API.
+pub mod agent {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tessera.agent.v1");
+    }
+}
+
+/// The Admin API.
+pub mod admin {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tessera.admin.v1");
+    }
+}
