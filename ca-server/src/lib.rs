@@ -1,1 +1,20 @@
+//! Tessera's CA server, as a library that `main.rs` only wires.
+//!
+//! What it is: configuration ([`config`]), the CA core ([`ca`]: where a CSR becomes a
+//! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
+//! API on a local socket), health and metrics ([`health`]), process wiring ([`app`]) and the
+//! admin CLI ([`cli`]).
+//!
+//! What it is not: no plugin implementations (they live in `tessera-plugins`), no agent logic,
+//! no SPIFFE parsing rules (they live in `tessera-identity`).
 
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod store;

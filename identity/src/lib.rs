@@ -18,11 +18,12 @@ pub mod ids;
 pub mod jwt;
 pub mod keys;
 pub mod pem;
+pub mod serde_str;
 pub mod tls;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, JwtAuthority};
-pub use ids::{IdError, agent_id, server_id};
+pub use ids::{IdError, Selector, agent_id, server_id};
 pub use keys::{KeyType, PrivateKey};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 

@@ -1,0 +1,299 @@
+//! The Admin API, served only on the local Unix socket (mode 0600): registration entries,
+//! join tokens, bundles, minting, local authority rotation, agents and the audit log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_identity::ids::{parse_member_id, parse_spiffe_id, parse_trust_domain};
+use tessera_identity::{agent_id, unix_now};
+use tessera_proto::admin::v1 as pb;
+use tessera_proto::admin::v1::admin_server::Admin;
+use tessera_proto::types::v1 as types;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use super::convert::{agent_to_pb, bundle_from_pb, bundle_to_pb, entry_from_pb, entry_to_pb, selector_from_pb};
+use super::{ApiError, Issuance, X509Request};
+use crate::config::Config;
+use crate::store::{AuditKind, JoinToken, verify_audit};
+
+/// The Admin API service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    issuance: Issuance,
+    cfg: Arc<Config>,
+}
+
+/// 128 random bits as 32 hex characters.
+fn random_id() -> Result<String, ApiError> {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut b = [0u8; 16];
+    SystemRandom::new().fill(&mut b).map_err(|_| ApiError::Internal("random generator failed".into()))?;
+    Ok(tessera_identity::x509::hex_lower(&b))
+}
+
+fn ttl_arg(field: &str, secs: i64, max: Duration) -> Result<Option<Duration>, ApiError> {
+    match secs {
+        0 => Ok(None),
+        s if s < 0 => Err(ApiError::InvalidArgument(format!("{field} must not be negative"))),
+        s if s.unsigned_abs() > max.as_secs() => Err(ApiError::InvalidArgument(format!(
+            "{field} {s}s is over the server's maximum of {}s",
+            max.as_secs()
+        ))),
+        s => Ok(Some(Duration::from_secs(s.unsigned_abs()))),
+    }
+}
+
+impl AdminService {
+    /// A service over the shared issuance path.
+    pub fn new(issuance: Issuance, cfg: Arc<Config>) -> Self {
+        Self { issuance, cfg }
+    }
+
+    fn authorities(&self) -> pb::X509AuthorityState {
+        pb::X509AuthorityState {
+            authorities: self
+                .issuance
+                .ca
+                .x509_authorities()
+                .into_iter()
+                .map(|a| pb::X509Authority {
+                    authority_id: a.authority_id,
+                    status: a.status.to_owned(),
+                    issued_at: a.issued_at,
+                    expires_at: a.expires_at,
+                    tainted: a.tainted,
+                    certificate: a.certificate,
+                    upstream_authority_id: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn agent(&self, id: &str) -> Result<crate::store::AgentRecord, ApiError> {
+        let id = parse_spiffe_id(id)?;
+        self.issuance.store.get_agent(&id).await?.ok_or_else(|| ApiError::NotFound(format!("agent {id} not found")))
+    }
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    #[instrument(skip_all, name = "CreateJoinToken")]
+    async fn create_join_token(&self, req: Request<pb::CreateJoinTokenRequest>) -> R<pb::CreateJoinTokenResponse> {
+        let r = req.into_inner();
+        let ttl = match r.ttl {
+            0 => self.cfg.join_token_ttl,
+            t if t < 0 => return Err(ApiError::InvalidArgument("ttl must not be negative".into()).into()),
+            t => Duration::from_secs(t.unsigned_abs()),
+        };
+        let td = self.issuance.ca.trust_domain();
+        let alias = if r.spiffe_id.is_empty() { None } else { Some(parse_member_id(&r.spiffe_id, td).map_err(ApiError::from)?) };
+        let token = random_id()?;
+        let agent = agent_id(td, "join_token", &token).map_err(ApiError::from)?;
+        let expires_at = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
+        self.issuance.store.create_join_token(&JoinToken { token: token.clone(), expires_at }).await.map_err(ApiError::from)?;
+        let alias_entry = match alias {
+            None => None,
+            Some(spiffe_id) => {
+                let e = crate::store::Entry {
+                    id: random_id()?,
+                    spiffe_id,
+                    parent_id: agent.clone(),
+                    selectors: vec![],
+                    x509_svid_ttl: 0,
+                    jwt_svid_ttl: 0,
+                    federates_with: vec![],
+                    dns_names: vec![],
+                    admin: false,
+                    downstream: false,
+                    hint: String::new(),
+                    created_at: unix_now(),
+                    revision: 0,
+                };
+                Some(entry_to_pb(&self.issuance.store.create_entry(e).await.map_err(ApiError::from)?))
+            }
+        };
+        info!(agent_id = %agent, expires_at, "Join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_at, agent_id: agent.to_string(), alias_entry }))
+    }
+
+    #[instrument(skip_all, name = "CreateEntry")]
+    async fn create_entry(&self, req: Request<pb::CreateEntryRequest>) -> R<types::Entry> {
+        let e = req.into_inner().entry.ok_or_else(|| ApiError::InvalidArgument("entry is required".into()))?;
+        let mut entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
+        if entry.id.is_empty() {
+            entry.id = random_id()?;
+        }
+        entry.created_at = unix_now();
+        let stored = self.issuance.store.create_entry(entry).await.map_err(ApiError::from)?;
+        info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, "Entry created");
+        Ok(Response::new(entry_to_pb(&stored)))
+    }
+
+    #[instrument(skip_all, name = "UpdateEntry")]
+    async fn update_entry(&self, req: Request<pb::UpdateEntryRequest>) -> R<types::Entry> {
+        let e = req.into_inner().entry.ok_or_else(|| ApiError::InvalidArgument("entry is required".into()))?;
+        if e.id.is_empty() {
+            return Err(ApiError::InvalidArgument("entry id is required".into()).into());
+        }
+        let entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
+        let stored = self.issuance.store.update_entry(entry).await.map_err(ApiError::from)?;
+        Ok(Response::new(entry_to_pb(&stored)))
+    }
+
+    async fn delete_entry(&self, req: Request<pb::EntryId>) -> R<types::Entry> {
+        let id = req.into_inner().id;
+        let e = self.issuance.store.delete_entry(&id).await.map_err(ApiError::from)?.ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        info!(entry_id = %id, "Entry deleted");
+        Ok(Response::new(entry_to_pb(&e)))
+    }
+
+    async fn get_entry(&self, req: Request<pb::EntryId>) -> R<types::Entry> {
+        let id = req.into_inner().id;
+        let e = self.issuance.store.get_entry(&id).await.map_err(ApiError::from)?.ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        Ok(Response::new(entry_to_pb(&e)))
+    }
+
+    async fn list_entries(&self, req: Request<pb::ListEntriesRequest>) -> R<pb::ListEntriesResponse> {
+        let r = req.into_inner();
+        let by_id = if r.by_spiffe_id.is_empty() { None } else { Some(parse_spiffe_id(&r.by_spiffe_id).map_err(ApiError::from)?) };
+        let by_parent = if r.by_parent_id.is_empty() { None } else { Some(parse_spiffe_id(&r.by_parent_id).map_err(ApiError::from)?) };
+        let mut by_sel = r.by_selectors.iter().map(selector_from_pb).collect::<Result<Vec<_>, _>>()?;
+        by_sel.sort();
+        let entries = match &by_parent {
+            Some(p) => self.issuance.store.entries_by_parent(p).await,
+            None => self.issuance.store.list_entries().await,
+        }
+        .map_err(ApiError::from)?;
+        let entries = entries
+            .iter()
+            .filter(|e| by_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
+            .filter(|e| {
+                by_sel.is_empty() || {
+                    let mut s = e.selectors.clone();
+                    s.sort();
+                    s == by_sel
+                }
+            })
+            .map(entry_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListEntriesResponse { entries }))
+    }
+
+    async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> R<types::Bundle> {
+        Ok(Response::new(bundle_to_pb(&self.issuance.ca.bundle())))
+    }
+
+    async fn list_federated_bundles(&self, _req: Request<pb::ListFederatedBundlesRequest>) -> R<pb::ListFederatedBundlesResponse> {
+        let own = self.issuance.ca.trust_domain();
+        let bundles = self.issuance.store.list_bundles().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles: bundles.iter().filter(|b| &b.trust_domain != own).map(bundle_to_pb).collect() }))
+    }
+
+    #[instrument(skip_all, name = "SetFederatedBundle")]
+    async fn set_federated_bundle(&self, req: Request<types::Bundle>) -> R<types::Bundle> {
+        let b = bundle_from_pb(&req.into_inner())?;
+        if &b.trust_domain == self.issuance.ca.trust_domain() {
+            return Err(ApiError::InvalidArgument("cannot set our own trust domain's bundle as federated".into()).into());
+        }
+        if b.is_empty() {
+            return Err(ApiError::InvalidArgument("bundle has no X.509 or JWT authorities".into()).into());
+        }
+        self.issuance.store.put_bundle(&b).await.map_err(ApiError::from)?;
+        info!(trust_domain = %b.trust_domain, "Federated bundle set");
+        Ok(Response::new(bundle_to_pb(&b)))
+    }
+
+    async fn delete_federated_bundle(&self, req: Request<pb::TrustDomainRequest>) -> R<pb::DeleteFederatedBundleResponse> {
+        let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
+        if &td == self.issuance.ca.trust_domain() {
+            return Err(ApiError::InvalidArgument("cannot delete our own trust domain's bundle".into()).into());
+        }
+        if !self.issuance.store.delete_bundle(&td).await.map_err(ApiError::from)? {
+            return Err(ApiError::NotFound(format!("no federated bundle for {td}")).into());
+        }
+        Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
+    }
+
+    #[instrument(skip_all, name = "MintX509Svid")]
+    async fn mint_x509_svid(&self, req: Request<pb::MintX509SvidRequest>) -> R<pb::MintX509SvidResponse> {
+        let r = req.into_inner();
+        let id = parse_member_id(&r.spiffe_id, self.issuance.ca.trust_domain()).map_err(ApiError::from)?;
+        if id.path().is_empty() {
+            return Err(ApiError::InvalidArgument("an X509-SVID's SPIFFE ID must have a path".into()).into());
+        }
+        let ttl = ttl_arg("ttl", r.ttl, self.cfg.ca.max_x509_svid_ttl)?;
+        let req = X509Request { spiffe_id: &id, dns_names: &r.dns_names, ttl, caller: "admin", kind: AuditKind::X509Svid };
+        let issued = self.issuance.x509(req, r.csr).await?;
+        Ok(Response::new(pb::MintX509SvidResponse {
+            svid: Some(types::X509Svid { spiffe_id: id.to_string(), cert_chain: issued.chain, expires_at: issued.not_after }),
+            bundle: self.issuance.ca.bundle().x509_authorities.iter().map(|c| c.as_ref().to_vec()).collect(),
+        }))
+    }
+
+    #[instrument(skip_all, name = "MintJwtSvid")]
+    async fn mint_jwt_svid(&self, req: Request<pb::MintJwtSvidRequest>) -> R<pb::MintJwtSvidResponse> {
+        let r = req.into_inner();
+        let id = parse_member_id(&r.spiffe_id, self.issuance.ca.trust_domain()).map_err(ApiError::from)?;
+        let ttl = ttl_arg("ttl", r.ttl, self.cfg.ca.max_jwt_svid_ttl)?;
+        let jwt = self.issuance.jwt(&id, r.audience, ttl, "admin").await?;
+        Ok(Response::new(pb::MintJwtSvidResponse { token: jwt.token, expires_at: jwt.expires_at }))
+    }
+
+    async fn get_x509_authorities(&self, _req: Request<pb::GetX509AuthoritiesRequest>) -> R<pb::X509AuthorityState> {
+        Ok(Response::new(self.authorities()))
+    }
+
+    async fn prepare_x509_authority(&self, _req: Request<pb::PrepareX509AuthorityRequest>) -> R<pb::X509AuthorityState> {
+        self.issuance.ca.prepare_x509().await.map_err(ApiError::from)?;
+        Ok(Response::new(self.authorities()))
+    }
+
+    async fn activate_x509_authority(&self, req: Request<pb::ActivateX509AuthorityRequest>) -> R<pb::X509AuthorityState> {
+        let want = req.into_inner().authority_id;
+        self.issuance.ca.activate_x509(Some(&want)).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.authorities()))
+    }
+
+    async fn taint_x509_authority(&self, req: Request<pb::TaintX509AuthorityRequest>) -> R<pb::X509AuthorityState> {
+        let id = req.into_inner().authority_id;
+        if id.is_empty() {
+            return Err(ApiError::InvalidArgument("authority_id is required".into()).into());
+        }
+        self.issuance.ca.taint_x509(&id).await.map_err(ApiError::from)?;
+        Ok(Response::new(self.authorities()))
+    }
+
+    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+        let agents = self.issuance.store.list_agents().await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListAgentsResponse { agents: agents.iter().map(agent_to_pb).collect() }))
+    }
+
+    async fn get_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
+        Ok(Response::new(agent_to_pb(&self.agent(&req.into_inner().spiffe_id).await?)))
+    }
+
+    #[instrument(skip_all, name = "EvictAgent")]
+    async fn evict_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
+        let a = self.agent(&req.into_inner().spiffe_id).await?;
+        self.issuance.store.delete_agent(&a.spiffe_id).await.map_err(ApiError::from)?;
+        info!(agent_id = %a.spiffe_id, "Agent evicted");
+        Ok(Response::new(agent_to_pb(&a)))
+    }
+
+    #[instrument(skip_all, name = "BanAgent")]
+    async fn ban_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
+        let mut a = self.agent(&req.into_inner().spiffe_id).await?;
+        a.banned = true;
+        self.issuance.store.put_agent(&a).await.map_err(ApiError::from)?;
+        info!(agent_id = %a.spiffe_id, "Agent banned");
+        Ok(Response::new(agent_to_pb(&a)))
+    }
+
+    async fn verify_audit(&self, _req: Request<pb::VerifyAuditRequest>) -> R<pb::VerifyAuditResponse> {
+        let v = verify_audit(self.issuance.store.as_ref()).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::VerifyAuditResponse { ok: v.ok, records: v.records, first_broken: v.first_broken.unwrap_or(0), reason: v.reason, head: v.head }))
+    }
+}

@@ -1,0 +1,282 @@
+//! The Agent API: node attestation, agent SVID renewal, entry sync, batch X509-SVID signing,
+//! JWT-SVID minting and bundles. Every call but `AttestAgent` requires the caller's agent SVID
+//! as TLS client certificate; the server signs only for entries the calling agent is
+//! authorized for (entries parented to it, or to one of its node aliases, transitively).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ring::digest::{Context, SHA256};
+use tessera_identity::{SpiffeId, agent_id, unix_now};
+use tessera_proto::agent::v1 as pb;
+use tessera_proto::agent::v1::agent_server::Agent;
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use super::convert::{bundle_to_pb, entry_to_pb};
+use super::{ApiError, Issuance, X509Request};
+use crate::config::Config;
+use crate::store::{AgentRecord, AuditKind, Entry};
+
+/// How deep node-alias chains are followed.
+const MAX_ALIAS_DEPTH: usize = 8;
+
+/// The Agent API service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    issuance: Issuance,
+    cfg: Arc<Config>,
+}
+
+/// An authenticated calling agent.
+struct Caller {
+    id: SpiffeId,
+    record: AgentRecord,
+}
+
+impl AgentService {
+    /// A service over the shared issuance path.
+    pub fn new(issuance: Issuance, cfg: Arc<Config>) -> Self {
+        Self { issuance, cfg }
+    }
+
+    /// Authenticates the caller from its TLS client certificate and the agent record.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
+        let certs = req
+            .extensions()
+            .get::<super::tls::PeerCerts>()
+            .and_then(|p| p.0.clone())
+            .ok_or_else(|| ApiError::Unauthenticated("this call requires the agent's SVID as TLS client certificate".into()))?;
+        let leaf = certs.first().ok_or_else(|| ApiError::Unauthenticated("no client certificate".into()))?;
+        let id = tessera_identity::tls::leaf_spiffe_id(leaf)
+            .ok_or_else(|| ApiError::Unauthenticated("client certificate has no SPIFFE ID".into()))?;
+        if !tessera_identity::ids::is_agent_id(&id, self.issuance.ca.trust_domain()) {
+            return Err(ApiError::PermissionDenied(format!("{id} is not an agent of this trust domain")));
+        }
+        let record = self
+            .issuance
+            .store
+            .get_agent(&id)
+            .await?
+            .ok_or_else(|| ApiError::PermissionDenied(format!("agent {id} is not attested (evicted?); it must attest again")))?;
+        if record.banned {
+            return Err(ApiError::PermissionDenied(format!("agent {id} is banned")));
+        }
+        let serial = tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?.serial;
+        if serial != record.serial && serial != record.previous_serial {
+            return Err(ApiError::PermissionDenied(format!("agent {id} presented an SVID that is no longer current")));
+        }
+        Ok(Caller { id, record })
+    }
+
+    /// Entries the agent may obtain SVIDs for, by ID.
+    async fn authorized(&self, agent: &SpiffeId) -> Result<BTreeMap<String, Entry>, ApiError> {
+        let store = &self.issuance.store;
+        let mut out = BTreeMap::new();
+        let mut seen: HashSet<SpiffeId> = HashSet::from([agent.clone()]);
+        let mut frontier = vec![agent.clone()];
+        for _ in 0..MAX_ALIAS_DEPTH {
+            let mut next = Vec::new();
+            for parent in &frontier {
+                for e in store.entries_by_parent(parent).await? {
+                    if seen.insert(e.spiffe_id.clone()) {
+                        next.push(e.spiffe_id.clone());
+                    }
+                    out.insert(e.id.clone(), e);
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+        }
+        Ok(out)
+    }
+
+    async fn sign_agent_svid(&self, id: &SpiffeId, csr: Vec<u8>, caller: &str, kind: AuditKind) -> Result<crate::ca::IssuedX509, ApiError> {
+        let req = X509Request { spiffe_id: id, dns_names: &[], ttl: Some(self.cfg.agent_svid_ttl), caller, kind };
+        self.issuance.x509(req, csr).await
+    }
+}
+
+/// SHA-256 over the sorted (entry ID, revision) pairs: lets an agent check that its cache,
+/// after applying a delta, equals the server's view (else it asks for a full sync).
+pub fn authorized_digest(entries: &BTreeMap<String, Entry>) -> Vec<u8> {
+    let mut ctx = Context::new(&SHA256);
+    for (id, e) in entries {
+        ctx.update(id.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&e.revision.to_be_bytes());
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+fn svid_pb(spiffe_id: &SpiffeId, issued: &crate::ca::IssuedX509) -> tessera_proto::types::v1::X509Svid {
+    tessera_proto::types::v1::X509Svid { spiffe_id: spiffe_id.to_string(), cert_chain: issued.chain.clone(), expires_at: issued.not_after }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    #[instrument(skip_all, name = "AttestAgent")]
+    async fn attest_agent(&self, req: Request<pb::AttestAgentRequest>) -> Result<Response<pb::AttestAgentResponse>, Status> {
+        let r = req.into_inner();
+        let data = r.data.ok_or_else(|| ApiError::InvalidArgument("attestation data is required".into()))?;
+        if data.r#type != "join_token" {
+            return Err(ApiError::InvalidArgument(format!("unsupported attestation type {:?} (supported: join_token)", data.r#type)).into());
+        }
+        let token = String::from_utf8(data.payload).map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
+        if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(ApiError::InvalidArgument("join token is malformed".into()).into());
+        }
+        let td = self.issuance.ca.trust_domain();
+        let id = agent_id(td, "join_token", &token).map_err(ApiError::from)?;
+        // Check the CSR before consuming the token: bad input must change nothing.
+        tessera_identity::csr::CheckedCsr::from_der(&r.csr)
+            .and_then(|c| c.check_names(&id, &[]))
+            .map_err(ApiError::from)?;
+        if let Some(existing) = self.issuance.store.get_agent(&id).await.map_err(ApiError::from)? {
+            if existing.banned {
+                let e = ApiError::PermissionDenied(format!("agent {id} is banned"));
+                self.issuance.deny(&id, "attestor", &e).await;
+                return Err(e.into());
+            }
+        }
+        let now = unix_now();
+        let Some(jt) = self.issuance.store.take_join_token(&token).await.map_err(ApiError::from)? else {
+            let e = ApiError::PermissionDenied("join token does not exist or has already been used".into());
+            self.issuance.metrics.attestations.failed(&e);
+            return Err(e.into());
+        };
+        if jt.expires_at <= now {
+            let e = ApiError::PermissionDenied("join token has expired".into());
+            self.issuance.metrics.attestations.failed(&e);
+            return Err(e.into());
+        }
+        let issued = self.sign_agent_svid(&id, r.csr, "attestor", AuditKind::AgentAttested).await?;
+        let record = AgentRecord {
+            spiffe_id: id.clone(),
+            attestation_type: "join_token".into(),
+            serial: issued.serial.clone(),
+            previous_serial: String::new(),
+            expires_at: issued.not_after,
+            banned: false,
+            selectors: vec![],
+            attested_at: now,
+            renewed_at: 0,
+        };
+        self.issuance.store.put_agent(&record).await.map_err(ApiError::from)?;
+        self.issuance.metrics.attestations.ok();
+        info!(agent_id = %id, "Agent attested");
+        Ok(Response::new(pb::AttestAgentResponse {
+            svid: Some(svid_pb(&id, &issued)),
+            bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())),
+        }))
+    }
+
+    #[instrument(skip_all, name = "RenewAgent")]
+    async fn renew_agent(&self, req: Request<pb::RenewAgentRequest>) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let csr = req.into_inner().csr;
+        let issued = self.sign_agent_svid(&caller.id, csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
+        let mut record = caller.record;
+        record.previous_serial = std::mem::replace(&mut record.serial, issued.serial.clone());
+        record.expires_at = issued.not_after;
+        record.renewed_at = unix_now();
+        self.issuance.store.put_agent(&record).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::RenewAgentResponse { svid: Some(svid_pb(&caller.id, &issued)) }))
+    }
+
+    #[instrument(skip_all, name = "SyncEntries")]
+    async fn sync_entries(&self, req: Request<pb::SyncEntriesRequest>) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let since = req.into_inner().since_revision;
+        let changes = self.issuance.store.entry_changes(since).await.map_err(ApiError::from)?;
+        let authorized = self.authorized(&caller.id).await?;
+        let mut resp = pb::SyncEntriesResponse { revision: changes.revision, upserted: vec![], removed_ids: changes.deleted, authorized_digest: authorized_digest(&authorized) };
+        if since == 0 {
+            resp.upserted = authorized.values().map(entry_to_pb).collect();
+        } else {
+            for e in &changes.changed {
+                match authorized.get(&e.id) {
+                    Some(a) => resp.upserted.push(entry_to_pb(a)),
+                    None => resp.removed_ids.push(e.id.clone()),
+                }
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    #[instrument(skip_all, name = "BatchNewX509Svid")]
+    async fn batch_new_x509_svid(&self, req: Request<pb::BatchNewX509SvidRequest>) -> Result<Response<pb::BatchNewX509SvidResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let params = req.into_inner().params;
+        if params.is_empty() {
+            return Err(ApiError::InvalidArgument("empty batch".into()).into());
+        }
+        if params.len() > self.cfg.max_batch_size {
+            return Err(ApiError::ResourceExhausted(format!("batch of {} is over the limit of {}", params.len(), self.cfg.max_batch_size)).into());
+        }
+        let authorized = self.authorized(&caller.id).await?;
+        let caller_s = caller.id.to_string();
+        let mut results = Vec::with_capacity(params.len());
+        for p in params {
+            let outcome = match authorized.get(&p.entry_id) {
+                None => {
+                    let e = ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", p.entry_id));
+                    if let Some(entry) = self.issuance.store.get_entry(&p.entry_id).await.ok().flatten() {
+                        self.issuance.deny(&entry.spiffe_id, &caller_s, &e).await;
+                    }
+                    self.issuance.metrics.x509_issued.failed(&e);
+                    Err(e)
+                }
+                Some(entry) => {
+                    let ttl = (entry.x509_svid_ttl > 0).then(|| Duration::from_secs(u64::from(entry.x509_svid_ttl)));
+                    let req = X509Request { spiffe_id: &entry.spiffe_id, dns_names: &entry.dns_names, ttl, caller: &caller_s, kind: AuditKind::X509Svid };
+                    self.issuance.x509(req, p.csr).await.map(|i| svid_pb(&entry.spiffe_id, &i))
+                }
+            };
+            results.push(match outcome {
+                Ok(svid) => pb::X509SvidResult { entry_id: p.entry_id, svid: Some(svid), status: Some(pb::ItemStatus { code: 0, message: String::new() }) },
+                Err(e) => pb::X509SvidResult {
+                    entry_id: p.entry_id,
+                    svid: None,
+                    status: Some(pb::ItemStatus { code: e.code() as i32, message: e.public_message() }),
+                },
+            });
+        }
+        Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
+    }
+
+    #[instrument(skip_all, name = "NewJwtSvid")]
+    async fn new_jwt_svid(&self, req: Request<pb::NewJwtSvidRequest>) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let authorized = self.authorized(&caller.id).await?;
+        let entry = authorized
+            .get(&r.entry_id)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", r.entry_id)))?;
+        let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(u64::from(entry.jwt_svid_ttl)));
+        let jwt = self.issuance.jwt(&entry.spiffe_id, r.audience, ttl, &caller.id.to_string()).await?;
+        Ok(Response::new(pb::NewJwtSvidResponse {
+            token: jwt.token,
+            spiffe_id: entry.spiffe_id.to_string(),
+            issued_at: jwt.issued_at,
+            expires_at: jwt.expires_at,
+        }))
+    }
+
+    #[instrument(skip_all, name = "FetchBundles")]
+    async fn fetch_bundles(&self, req: Request<pb::FetchBundlesRequest>) -> Result<Response<pb::FetchBundlesResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let authorized = self.authorized(&caller.id).await?;
+        let wanted: HashSet<_> = authorized.values().flat_map(|e| e.federates_with.iter().cloned()).collect();
+        let mut federated = Vec::new();
+        for td in wanted {
+            if let Some(b) = self.issuance.store.get_bundle(&td).await.map_err(ApiError::from)? {
+                federated.push(bundle_to_pb(&b));
+            }
+        }
+        Ok(Response::new(pb::FetchBundlesResponse { bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())), federated_bundles: federated }))
+    }
+}

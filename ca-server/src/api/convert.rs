@@ -1,0 +1,149 @@
+//! Conversions between store records and wire messages. Inbound conversions validate: a wire
+//! entry becomes a store [`Entry`] only with valid IDs, known selector types and TTLs in range.
+
+use tessera_identity::ids::{parse_member_id, parse_spiffe_id, parse_trust_domain};
+use tessera_identity::{Bundle, JwtAuthority, Selector, TrustDomain};
+use tessera_proto::types::v1 as pb;
+
+use super::ApiError;
+use crate::config::CaConfig;
+use crate::store::{AgentRecord, Entry};
+
+/// Store entry → wire.
+pub fn entry_to_pb(e: &Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e.selectors.iter().map(selector_to_pb).collect(),
+        x509_svid_ttl: i32::try_from(e.x509_svid_ttl).unwrap_or(i32::MAX),
+        jwt_svid_ttl: i32::try_from(e.jwt_svid_ttl).unwrap_or(i32::MAX),
+        federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
+        dns_names: e.dns_names.clone(),
+        admin: e.admin,
+        downstream: e.downstream,
+        revision: e.revision,
+        created_at: e.created_at,
+        hint: e.hint.clone(),
+    }
+}
+
+/// Selector → wire.
+pub fn selector_to_pb(s: &Selector) -> pb::Selector {
+    pb::Selector { r#type: s.kind.clone(), value: s.value.clone() }
+}
+
+/// Wire selector → validated selector.
+pub fn selector_from_pb(s: &pb::Selector) -> Result<Selector, ApiError> {
+    Ok(Selector::new(&s.r#type, &s.value)?)
+}
+
+fn ttl(field: &str, v: i32, max: std::time::Duration) -> Result<u32, ApiError> {
+    let v = u32::try_from(v).map_err(|_| ApiError::InvalidArgument(format!("{field} must not be negative")))?;
+    if u64::from(v) > max.as_secs() {
+        return Err(ApiError::InvalidArgument(format!(
+            "{field} {v}s is over the server's maximum of {}s",
+            max.as_secs()
+        )));
+    }
+    Ok(v)
+}
+
+/// Wire entry → validated store entry. `id`, `created_at` and `revision` are left to the caller.
+pub fn entry_from_pb(e: &pb::Entry, td: &TrustDomain, ca: &CaConfig) -> Result<Entry, ApiError> {
+    let spiffe_id = parse_member_id(&e.spiffe_id, td)?;
+    if spiffe_id.path().is_empty() {
+        return Err(ApiError::InvalidArgument("an entry's SPIFFE ID must have a path".into()));
+    }
+    let parent_id = parse_spiffe_id(&e.parent_id)?;
+    if e.selectors.is_empty() && !is_join_token_parent(&parent_id) {
+        return Err(ApiError::InvalidArgument("an entry needs at least one selector".into()));
+    }
+    let selectors = e.selectors.iter().map(selector_from_pb).collect::<Result<Vec<_>, _>>()?;
+    let federates_with = e
+        .federates_with
+        .iter()
+        .map(|t| parse_trust_domain(t).map_err(ApiError::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    if federates_with.contains(td) {
+        return Err(ApiError::InvalidArgument(format!("an entry cannot federate with its own trust domain {td}")));
+    }
+    for d in &e.dns_names {
+        let ok = !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*'));
+        if !ok {
+            return Err(ApiError::InvalidArgument(format!("invalid DNS name {d:?}")));
+        }
+    }
+    Ok(Entry {
+        id: e.id.clone(),
+        spiffe_id,
+        parent_id,
+        selectors,
+        x509_svid_ttl: ttl("x509_svid_ttl", e.x509_svid_ttl, ca.max_x509_svid_ttl)?,
+        jwt_svid_ttl: ttl("jwt_svid_ttl", e.jwt_svid_ttl, ca.max_jwt_svid_ttl)?,
+        federates_with,
+        dns_names: e.dns_names.clone(),
+        admin: e.admin,
+        downstream: e.downstream,
+        hint: e.hint.clone(),
+        created_at: e.created_at,
+        revision: 0,
+    })
+}
+
+/// Node alias entries made by `token generate --spiffe-id` have no selectors.
+fn is_join_token_parent(id: &tessera_identity::SpiffeId) -> bool {
+    id.path().starts_with("/tessera/agent/join_token/")
+}
+
+/// Bundle → wire.
+pub fn bundle_to_pb(b: &Bundle) -> pb::Bundle {
+    pb::Bundle {
+        trust_domain: b.trust_domain.to_string(),
+        x509_authorities: b.x509_authorities.iter().map(|c| c.as_ref().to_vec()).collect(),
+        jwt_authorities: b
+            .jwt_authorities
+            .iter()
+            .map(|k| pb::JwtKey { public_key: k.public_key.clone(), key_id: k.key_id.clone(), expires_at: k.expires_at })
+            .collect(),
+        sequence_number: b.sequence_number,
+        refresh_hint_seconds: b.refresh_hint.map_or(0, |h| i64::try_from(h).unwrap_or(i64::MAX)),
+    }
+}
+
+/// Wire → bundle, checking every certificate and key parses.
+pub fn bundle_from_pb(b: &pb::Bundle) -> Result<Bundle, ApiError> {
+    let td = parse_trust_domain(&b.trust_domain)?;
+    let mut out = Bundle::new(td);
+    for (i, c) in b.x509_authorities.iter().enumerate() {
+        tessera_identity::x509::cert_facts(c).map_err(|e| ApiError::InvalidArgument(format!("x509 authority {i}: {e}")))?;
+        out.add_x509_authority(c);
+    }
+    for k in &b.jwt_authorities {
+        if k.key_id.is_empty() {
+            return Err(ApiError::InvalidArgument("JWT authority without key ID".into()));
+        }
+        out.add_jwt_authority(JwtAuthority { key_id: k.key_id.clone(), public_key: k.public_key.clone(), expires_at: k.expires_at });
+    }
+    // Round-trip through the JWKS form: it validates every key the same way the bundle
+    // endpoint will.
+    let doc = out.to_jwks().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Bundle::from_jwks(out.trust_domain.clone(), doc.as_bytes()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    out.sequence_number = b.sequence_number;
+    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
+    Ok(out)
+}
+
+/// Agent record → wire.
+pub fn agent_to_pb(a: &AgentRecord) -> tessera_proto::admin::v1::Agent {
+    tessera_proto::admin::v1::Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestation_type: a.attestation_type.clone(),
+        serial: a.serial.clone(),
+        expires_at: a.expires_at,
+        banned: a.banned,
+        selectors: a.selectors.iter().map(selector_to_pb).collect(),
+        attested_at: a.attested_at,
+        renewed_at: a.renewed_at,
+    }
+}

@@ -1,0 +1,246 @@
+//! TLS for the Agent API, terminated with tokio-rustls so the server can present a rotating
+//! SVID and verify clients against a rotating bundle (tonic's own TLS can do neither).
+//!
+//! The server presents its own X509-SVID (`spiffe://<td>/tessera/server`), re-issued at half
+//! life and whenever the CA changes. Clients may connect without a certificate (that is how an
+//! agent attests); with one, it must chain to our current bundle. Which calls need which peer
+//! is decided per RPC in `api::agent`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+use tessera_identity::{Bundle, SpiffeId, unix_now};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use crate::ca::{Ca, CaError};
+
+/// Time allowed for a TLS handshake before the connection is dropped (slow-loris bound).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's own rotating TLS identity.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    current: RwLock<Option<(Arc<CertifiedKey>, i64, i64)>>,
+}
+
+impl ResolvesServerCert for ServerIdentity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok()?.as_ref().map(|(k, _, _)| k.clone())
+    }
+}
+
+impl ServerIdentity {
+    fn new() -> Self {
+        Self { current: RwLock::new(None) }
+    }
+
+    /// Re-issues the server SVID when missing, past half life, or issued by another CA.
+    fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, CaError> {
+        let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
+        let now = unix_now();
+        if let Ok(cur) = self.current.read() {
+            if let Some((_, issued, not_after)) = cur.as_ref() {
+                if now < issued + (not_after - issued) / 2 && *not_after <= ca_not_after {
+                    return Ok(false);
+                }
+            }
+        }
+        let (svid, key) = ca.issue_own_svid(id, ttl)?;
+        let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key.to_rustls())
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let ck = Arc::new(CertifiedKey::new(chain, signing_key));
+        if let Ok(mut cur) = self.current.write() {
+            *cur = Some((ck, now, svid.not_after));
+        }
+        info!(serial = %svid.serial, not_after = svid.not_after, "Server SVID issued");
+        Ok(true)
+    }
+}
+
+/// The Agent API's TLS configuration, rebuilt when the bundle changes.
+#[derive(Debug)]
+pub struct AgentTls {
+    identity: Arc<ServerIdentity>,
+    config: RwLock<Option<Arc<rustls::ServerConfig>>>,
+}
+
+fn server_config(bundle: &Bundle, identity: Arc<ServerIdentity>) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = tessera_identity::tls::provider();
+    let mut roots = RootCertStore::empty();
+    for c in &bundle.x509_authorities {
+        roots.add(c.clone()).map_err(|e| e.to_string())?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(identity);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+impl AgentTls {
+    /// Issues the first server SVID and builds the first configuration.
+    pub fn new(ca: &Ca, ttl: Duration) -> Result<Arc<Self>, CaError> {
+        let identity = Arc::new(ServerIdentity::new());
+        let id = tessera_identity::server_id(ca.trust_domain()).map_err(|e| CaError::InvalidState(e.to_string()))?;
+        identity.refresh(ca, &id, ttl)?;
+        let tls = Arc::new(Self { identity, config: RwLock::new(None) });
+        tls.rebuild(&ca.bundle());
+        Ok(tls)
+    }
+
+    fn rebuild(&self, bundle: &Bundle) {
+        match server_config(bundle, self.identity.clone()) {
+            Ok(cfg) => {
+                if let Ok(mut c) = self.config.write() {
+                    *c = Some(cfg);
+                }
+            }
+            Err(e) => warn!(error = %e, "Cannot build Agent API TLS configuration; keeping the previous one"),
+        }
+    }
+
+    fn acceptor(&self) -> Option<TlsAcceptor> {
+        self.config.read().ok()?.clone().map(TlsAcceptor::from)
+    }
+
+    /// Keeps the server SVID fresh and the client roots equal to the bundle.
+    pub async fn run_rotation(self: Arc<Self>, ca: Arc<Ca>, ttl: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut bundle_rx = ca.subscribe_bundle();
+        let Ok(id) = tessera_identity::server_id(ca.trust_domain()) else { return };
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.identity.refresh(&ca, &id, ttl) {
+                        warn!(error = %e, "Cannot renew the server SVID");
+                    }
+                }
+                r = bundle_rx.changed() => {
+                    if r.is_err() { break; }
+                    let b = bundle_rx.borrow_and_update().clone();
+                    self.rebuild(&b);
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+/// The peer certificates of an Agent API connection, available to handlers as a request
+/// extension.
+#[derive(Debug, Clone)]
+pub struct PeerCerts(pub Option<Arc<Vec<CertificateDer<'static>>>>);
+
+/// An accepted Agent API connection: TLS over TCP, exposing the client's certificates.
+#[derive(Debug)]
+pub struct AgentConn(TlsStream<TcpStream>);
+
+impl tonic::transport::server::Connected for AgentConn {
+    type ConnectInfo = PeerCerts;
+    fn connect_info(&self) -> PeerCerts {
+        PeerCerts(self.0.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())))
+    }
+}
+
+impl tokio::io::AsyncRead for AgentConn {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for AgentConn {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, completes TLS handshakes (bounded in time), and yields the TLS
+/// streams for tonic's `serve_with_incoming`.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<AgentTls>,
+    max_pending_handshakes: usize,
+) -> tokio_stream::wrappers::ReceiverStream<Result<AgentConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "Agent API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                debug!(%peer, "Too many TLS handshakes in flight; dropping connection");
+                continue;
+            };
+            let Some(acceptor) = tls.acceptor() else { continue };
+            if tx.is_closed() {
+                break;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        // The permit bounds handshakes in flight; tonic owns the stream now.
+                        drop(permit);
+                        let _ = tx.send(Ok(AgentConn(stream))).await;
+                    }
+                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Connects a tonic channel over TCP + rustls (`client_config` decides who the server must be
+/// and which client certificate to present). Used by agents and by in-process tests.
+pub async fn connect(addr: SocketAddr, client_config: rustls::ClientConfig) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    tonic::transport::Endpoint::from_static("http://tessera-server")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls_pki_types::ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await
+}

@@ -1,0 +1,194 @@
+//! Wiring: builds the catalog (key manager, store), the CA, and the listeners from a
+//! [`Config`], and runs them until shutdown. Tests start a [`Server`] in-process on
+//! `127.0.0.1:0` and a temp dir; `main.rs` does the same with the user's config.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tessera_plugins::{DiskKeyManager, KeyManager, MemoryKeyManager};
+use tessera_proto::admin::v1::admin_server::AdminServer;
+use tessera_proto::agent::v1::agent_server::AgentServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::UdsConnectInfo;
+use tracing::{Instrument, info, info_span};
+
+use crate::api::admin::AdminService;
+use crate::api::agent::AgentService;
+use crate::api::tls::{AgentTls, incoming};
+use crate::api::Issuance;
+use crate::ca::Ca;
+use crate::config::{Config, KeyManagerKind, StoreKind};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::sled::SledStore;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A file or socket problem.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store cannot open.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The key manager failed.
+    #[error(transparent)]
+    KeyManager(#[from] tessera_plugins::KeyManagerError),
+    /// The CA cannot start.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// Another server holds the admin socket.
+    #[error("admin socket {0} is in use by another server")]
+    SocketInUse(PathBuf),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.into();
+    move |source| StartError::Io { what, source }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    /// Where the Agent API listens.
+    pub agent_api_addr: SocketAddr,
+    /// Where health and metrics listen.
+    pub health_addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// The CA.
+    pub ca: Arc<Ca>,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+async fn bind_admin_socket(path: &Path) -> Result<(UnixListener, u32), StartError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            tessera_plugins::fsutil::ensure_private_dir(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        }
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(StartError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(io(format!("cannot remove stale socket {}", path.display())))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(format!("cannot bind admin socket {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("cannot chmod admin socket"))?;
+    let owner = std::fs::metadata(path).map_err(io("cannot stat admin socket"))?.uid();
+    Ok((listener, owner))
+}
+
+/// Refuses admin callers other than the socket's owner and root (defence in depth behind the
+/// socket's 0600 mode).
+fn admin_peer_check(owner: u32) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| {
+        let uid = req.extensions().get::<UdsConnectInfo>().and_then(|i| i.peer_cred).map(|c| c.uid());
+        match uid {
+            Some(u) if u == owner || u == 0 => Ok(req),
+            _ => Err(tonic::Status::permission_denied("admin API is restricted to the server's user")),
+        }
+    }
+}
+
+impl Server {
+    /// Opens the store, starts the CA and binds every listener.
+    pub async fn start(cfg: Config) -> Result<Self, StartError> {
+        let cfg = Arc::new(cfg);
+        tessera_plugins::fsutil::ensure_private_dir(&cfg.data_dir).map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
+        let store: Arc<dyn Store> = match cfg.store {
+            StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("store"))?),
+        };
+        let km: Arc<dyn KeyManager> = match cfg.key_manager {
+            KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(cfg.data_dir.join("keys"))?),
+            KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
+        };
+        let ca = Ca::start(cfg.trust_domain.clone(), cfg.ca.clone(), "default", km, store.clone()).await?;
+        let metrics = Arc::new(Metrics::default());
+        let issuance = Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone() };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn(ca.clone().run_rotation(cfg.rotation_check_interval, shutdown_rx.clone()).instrument(info_span!("ca_rotation")));
+
+        // Agent API: TCP + rustls, then tonic.
+        let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);
+        let tls = AgentTls::new(&ca, server_svid_ttl)?;
+        tasks.spawn(tls.clone().run_rotation(ca.clone(), server_svid_ttl, shutdown_rx.clone()).instrument(info_span!("server_svid")));
+        let listener = TcpListener::bind(cfg.agent_api_address).await.map_err(io(format!("cannot bind Agent API on {}", cfg.agent_api_address)))?;
+        let agent_api_addr = listener.local_addr().map_err(io("agent api address"))?;
+        let agent = AgentServer::new(AgentService::new(issuance.clone(), cfg.clone()))
+            .max_decoding_message_size(cfg.max_message_bytes)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        let mut rx = shutdown_rx.clone();
+        let incoming_tls = incoming(listener, tls, 1024);
+        tasks.spawn(
+            async move {
+                let res = tonic::transport::Server::builder()
+                    .timeout(std::time::Duration::from_secs(30))
+                    .add_service(agent)
+                    .serve_with_incoming_shutdown(incoming_tls, async move {
+                        let _ = rx.changed().await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "Agent API stopped");
+                }
+            }
+            .instrument(info_span!("agent_api")),
+        );
+
+        // Admin API: local Unix socket only.
+        let (uds, owner) = bind_admin_socket(&cfg.admin_socket).await?;
+        let admin = tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone())).max_decoding_message_size(4 * 1024 * 1024),
+            admin_peer_check(owner),
+        );
+        let mut rx = shutdown_rx.clone();
+        tasks.spawn(
+            async move {
+                let res = tonic::transport::Server::builder()
+                    .add_service(admin)
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
+                        let _ = rx.changed().await;
+                    })
+                    .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "Admin API stopped");
+                }
+            }
+            .instrument(info_span!("admin_api")),
+        );
+
+        // Health and metrics.
+        let hl = TcpListener::bind(cfg.health_address).await.map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
+        let health_addr = hl.local_addr().map_err(io("health address"))?;
+        let health = Health { ca: ca.clone(), store: store.clone(), metrics };
+        tasks.spawn(health.run(hl, shutdown_rx).instrument(info_span!("health")));
+
+        info!(trust_domain = %cfg.trust_domain, agent_api = %agent_api_addr, health = %health_addr, admin_socket = %cfg.admin_socket.display(), "Server started");
+        Ok(Self { agent_api_addr, health_addr, admin_socket: cfg.admin_socket.clone(), ca, store, shutdown, tasks })
+    }
+
+    /// Stops every listener and task and removes the admin socket.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(&self.admin_socket);
+        info!("Server stopped");
+    }
+}

@@ -1,0 +1,348 @@
+//! Server configuration: TOML with unknown keys refused, parsed into a validated [`Config`]
+//! of typed values. Every field's doc comment is its user documentation
+//! (docs/configuration.md mirrors it).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tessera_identity::{KeyType, TrustDomain};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Not TOML, or an unknown key, or a wrong type.
+    #[error("{0}")]
+    Toml(String),
+    /// A required key is missing.
+    #[error("missing required key `{0}`")]
+    Missing(&'static str),
+    /// A value is out of range or malformed.
+    #[error("invalid `{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// The trust domain this server is the authority for.
+    trust_domain: Option<String>,
+    /// Where the store and the disk key manager keep their files.
+    data_dir: Option<PathBuf>,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    ca: RawCa,
+    #[serde(default = "default_key_manager")]
+    key_manager: RawPlugin,
+    #[serde(default = "default_store")]
+    store: RawPlugin,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    agent_api_address: String,
+    admin_socket: PathBuf,
+    health_address: String,
+    join_token_ttl: String,
+    agent_svid_ttl: String,
+    rotation_check_interval: String,
+    max_message_bytes: usize,
+    max_batch_size: usize,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            agent_api_address: "0.0.0.0:8081".into(),
+            admin_socket: "/run/tessera/server/admin.sock".into(),
+            health_address: "127.0.0.1:8080".into(),
+            join_token_ttl: "10m".into(),
+            agent_svid_ttl: "1h".into(),
+            rotation_check_interval: "10s".into(),
+            max_message_bytes: 1024 * 1024,
+            max_batch_size: 500,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCa {
+    key_type: String,
+    ca_ttl: String,
+    default_x509_svid_ttl: String,
+    default_jwt_svid_ttl: String,
+    max_x509_svid_ttl: Option<String>,
+    max_jwt_svid_ttl: String,
+}
+
+impl Default for RawCa {
+    fn default() -> Self {
+        Self {
+            key_type: "ec-p256".into(),
+            ca_ttl: "24h".into(),
+            default_x509_svid_ttl: "1h".into(),
+            default_jwt_svid_ttl: "5m".into(),
+            max_x509_svid_ttl: None,
+            max_jwt_svid_ttl: "24h".into(),
+        }
+    }
+}
+
+/// A plugin section: `type` picks the implementation. (A plain struct rather than a tagged
+/// enum: serde cannot refuse unknown keys inside internally tagged unit variants.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+impl RawPlugin {
+    fn named(kind: &str) -> Self {
+        Self { kind: kind.into() }
+    }
+}
+
+fn default_key_manager() -> RawPlugin {
+    RawPlugin::named("disk")
+}
+
+fn default_store() -> RawPlugin {
+    RawPlugin::named("sled")
+}
+
+/// Which key manager holds the CA keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyManagerKind {
+    /// Files under `<data_dir>/keys`, 0600.
+    Disk,
+    /// Process memory; a restart makes a new CA.
+    Memory,
+}
+
+/// Which store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// sled under `<data_dir>/store`.
+    Sled,
+}
+
+/// CA settings.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// CA key algorithm.
+    pub key_type: KeyType,
+    /// Lifetime of each CA certificate.
+    pub ca_ttl: Duration,
+    /// X509-SVID lifetime when the entry sets none.
+    pub default_x509_svid_ttl: Duration,
+    /// JWT-SVID lifetime when the entry sets none.
+    pub default_jwt_svid_ttl: Duration,
+    /// Largest X509-SVID TTL an entry or mint may ask for.
+    pub max_x509_svid_ttl: Duration,
+    /// Largest JWT-SVID TTL an entry or mint may ask for.
+    pub max_jwt_svid_ttl: Duration,
+}
+
+/// Validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Log filter.
+    pub log_level: String,
+    /// Agent API listen address (mTLS).
+    pub agent_api_address: SocketAddr,
+    /// Admin API Unix socket (0600).
+    pub admin_socket: PathBuf,
+    /// Health and metrics listen address.
+    pub health_address: SocketAddr,
+    /// Default join token lifetime.
+    pub join_token_ttl: Duration,
+    /// Agent SVID lifetime.
+    pub agent_svid_ttl: Duration,
+    /// How often the CA checks whether to prepare/activate/prune.
+    pub rotation_check_interval: Duration,
+    /// Largest gRPC message accepted on the Agent API.
+    pub max_message_bytes: usize,
+    /// Most CSRs in one batch.
+    pub max_batch_size: usize,
+    /// CA settings.
+    pub ca: CaConfig,
+    /// Key manager.
+    pub key_manager: KeyManagerKind,
+    /// Store.
+    pub store: StoreKind,
+}
+
+fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s).map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid { key, reason: "must be greater than zero".into() });
+    }
+    Ok(d)
+}
+
+fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
+        let trust_domain = TrustDomain::new(&td_raw)
+            .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
+        let data_dir = raw.data_dir.ok_or(ConfigError::Missing("data_dir"))?;
+        let key_type = raw.ca.key_type.parse().map_err(|e: tessera_identity::keys::UnknownKeyType| ConfigError::Invalid {
+            key: "ca.key_type",
+            reason: e.to_string(),
+        })?;
+        let ca_ttl = dur("ca.ca_ttl", &raw.ca.ca_ttl)?;
+        let default_x509_svid_ttl = dur("ca.default_x509_svid_ttl", &raw.ca.default_x509_svid_ttl)?;
+        let max_x509_svid_ttl = match &raw.ca.max_x509_svid_ttl {
+            Some(s) => dur("ca.max_x509_svid_ttl", s)?,
+            None => ca_ttl,
+        };
+        let default_jwt_svid_ttl = dur("ca.default_jwt_svid_ttl", &raw.ca.default_jwt_svid_ttl)?;
+        let max_jwt_svid_ttl = dur("ca.max_jwt_svid_ttl", &raw.ca.max_jwt_svid_ttl)?;
+        if default_x509_svid_ttl >= ca_ttl {
+            return Err(ConfigError::Invalid {
+                key: "ca.default_x509_svid_ttl",
+                reason: format!("must be shorter than ca.ca_ttl ({})", humantime::format_duration(ca_ttl)),
+            });
+        }
+        if max_x509_svid_ttl < default_x509_svid_ttl || max_x509_svid_ttl > ca_ttl {
+            return Err(ConfigError::Invalid {
+                key: "ca.max_x509_svid_ttl",
+                reason: "must be between ca.default_x509_svid_ttl and ca.ca_ttl".into(),
+            });
+        }
+        if max_jwt_svid_ttl < default_jwt_svid_ttl {
+            return Err(ConfigError::Invalid { key: "ca.max_jwt_svid_ttl", reason: "must be at least ca.default_jwt_svid_ttl".into() });
+        }
+        let s = raw.server;
+        if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
+            return Err(ConfigError::Invalid { key: "server.max_message_bytes", reason: "must be 4096 to 67108864".into() });
+        }
+        if !(1..=10_000).contains(&s.max_batch_size) {
+            return Err(ConfigError::Invalid { key: "server.max_batch_size", reason: "must be 1 to 10000".into() });
+        }
+        Ok(Config {
+            trust_domain,
+            data_dir,
+            log_level: raw.log_level,
+            agent_api_address: addr("server.agent_api_address", &s.agent_api_address)?,
+            admin_socket: s.admin_socket,
+            health_address: addr("server.health_address", &s.health_address)?,
+            join_token_ttl: dur("server.join_token_ttl", &s.join_token_ttl)?,
+            agent_svid_ttl: dur("server.agent_svid_ttl", &s.agent_svid_ttl)?,
+            rotation_check_interval: dur("server.rotation_check_interval", &s.rotation_check_interval)?,
+            max_message_bytes: s.max_message_bytes,
+            max_batch_size: s.max_batch_size,
+            ca: CaConfig { key_type, ca_ttl, default_x509_svid_ttl, default_jwt_svid_ttl, max_x509_svid_ttl, max_jwt_svid_ttl },
+            key_manager: match raw.key_manager.kind.as_str() {
+                "disk" => KeyManagerKind::Disk,
+                "memory" => KeyManagerKind::Memory,
+                other => {
+                    return Err(ConfigError::Invalid { key: "key_manager.type", reason: format!("{other:?}: expected \"disk\" or \"memory\"") });
+                }
+            },
+            store: match raw.store.kind.as_str() {
+                "sled" => StoreKind::Sled,
+                other => return Err(ConfigError::Invalid { key: "store.type", reason: format!("{other:?}: expected \"sled\"") }),
+            },
+        })
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Toml(format!("cannot read config {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Toml(m) => ConfigError::Toml(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+trust_domain = "example.org"
+data_dir = "/var/lib/tessera/server"
+[server]
+agent_api_address = "0.0.0.0:8081"
+admin_socket = "/run/tessera/server/admin.sock"
+health_address = "127.0.0.1:8080"
+[ca]
+key_type = "ec-p256"
+ca_ttl = "24h"
+default_x509_svid_ttl = "1h"
+default_jwt_svid_ttl = "5m"
+[key_manager]
+type = "disk"
+[store]
+type = "sled"
+"#;
+
+    #[test]
+    fn the_documented_contract_parses() {
+        let c = Config::from_toml(CONTRACT).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.ca.ca_ttl, Duration::from_secs(86400));
+        assert_eq!(c.ca.default_jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.key_manager, KeyManagerKind::Disk);
+        assert_eq!(c.agent_api_address.port(), 8081);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let err = Config::from_toml(&CONTRACT.replace("[store]", "[store]\nflavour = \"x\"")).unwrap_err();
+        assert!(err.to_string().contains("flavour"), "{err}");
+        let err = Config::from_toml(&format!("bogus = 1\n{CONTRACT}")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = Config::from_toml(&CONTRACT.replace("type = \"sled\"", "type = \"etcd\"")).unwrap_err();
+        assert!(err.to_string().contains("store.type"), "{err}");
+    }
+
+    #[test]
+    fn missing_or_invalid_trust_domain_is_refused() {
+        let err = Config::from_toml("data_dir = \"/x\"").unwrap_err();
+        assert_eq!(err.to_string(), "missing required key `trust_domain`");
+        let err = Config::from_toml("trust_domain = \"Bad Domain\"\ndata_dir = \"/x\"").unwrap_err();
+        assert!(err.to_string().starts_with("invalid `trust_domain`"), "{err}");
+    }
+
+    #[test]
+    fn svid_ttl_must_fit_in_the_ca_ttl() {
+        let err = Config::from_toml(&CONTRACT.replace("default_x509_svid_ttl = \"1h\"", "default_x509_svid_ttl = \"48h\"")).unwrap_err();
+        assert!(err.to_string().contains("ca.default_x509_svid_ttl"), "{err}");
+        let err = Config::from_toml(&CONTRACT.replace("ca_ttl = \"24h\"", "ca_ttl = \"soon\"")).unwrap_err();
+        assert!(err.to_string().contains("ca.ca_ttl"), "{err}");
+        let err = Config::from_toml(&CONTRACT.replace("ec-p256", "dsa")).unwrap_err();
+        assert!(err.to_string().contains("ca.key_type"), "{err}");
+    }
+}

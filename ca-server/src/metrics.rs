@@ -1,0 +1,80 @@
+//! Prometheus metrics, rendered by hand in the text exposition format: a few fixed counters
+//! and gauges, `tessera_server_<thing>_<unit>[_total]`, small fixed label sets, never a SPIFFE
+//! ID as a label value.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::api::ApiError;
+
+/// A counter split by `result` = ok | denied | error.
+#[derive(Debug, Default)]
+pub struct ResultCounter {
+    ok: AtomicU64,
+    denied: AtomicU64,
+    error: AtomicU64,
+}
+
+impl ResultCounter {
+    /// One success.
+    pub fn ok(&self) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One failure: `denied` for the caller's fault, `error` for ours.
+    pub fn failed(&self, e: &ApiError) {
+        let c = match e {
+            ApiError::Internal(_) | ApiError::Unavailable(_) => &self.error,
+            _ => &self.denied,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (label, v) in [("ok", &self.ok), ("denied", &self.denied), ("error", &self.error)] {
+            let _ = writeln!(out, "{name}{{result=\"{label}\"}} {}", v.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// The server's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// X509-SVIDs issued (workload, agent and admin mints).
+    pub x509_issued: ResultCounter,
+    /// JWT-SVIDs issued.
+    pub jwt_issued: ResultCounter,
+    /// Agent attestations.
+    pub attestations: ResultCounter,
+}
+
+/// Gauges read at scrape time.
+#[derive(Debug)]
+pub struct Gauges {
+    /// 1 when ready.
+    pub ready: bool,
+    /// Active X.509 CA notAfter, Unix seconds.
+    pub ca_expiry: i64,
+    /// Our bundle's sequence number.
+    pub bundle_sequence: u64,
+}
+
+impl Metrics {
+    /// The exposition text.
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(2048);
+        self.x509_issued.render(&mut out, "tessera_server_x509_svids_issued_total", "X509-SVIDs signed, by result.");
+        self.jwt_issued.render(&mut out, "tessera_server_jwt_svids_issued_total", "JWT-SVIDs minted, by result.");
+        self.attestations.render(&mut out, "tessera_server_agent_attestations_total", "Agent attestations, by result.");
+        let gauges = [
+            ("tessera_server_ready", "1 when the CA has an active authority and the store answers.", i64::from(g.ready)),
+            ("tessera_server_ca_expiry_timestamp_seconds", "notAfter of the active X.509 CA.", g.ca_expiry),
+            ("tessera_server_bundle_sequence", "Sequence number of our trust bundle.", i64::try_from(g.bundle_sequence).unwrap_or(i64::MAX)),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}

@@ -1,0 +1,171 @@
+//! The store conformance suite: every [`Store`] implementation runs it (sled now, PostgreSQL
+//! later), so they behave the same.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use tessera_identity::{Bundle, JwtAuthority, Selector, SpiffeId, TrustDomain};
+
+use super::*;
+
+/// A test entry.
+pub fn entry(id: &str, spiffe_id: &str, parent: &str) -> Entry {
+    Entry {
+        id: id.into(),
+        spiffe_id: SpiffeId::new(spiffe_id).unwrap(),
+        parent_id: SpiffeId::new(parent).unwrap(),
+        selectors: vec![Selector::new("unix", "uid:1000").unwrap()],
+        x509_svid_ttl: 0,
+        jwt_svid_ttl: 0,
+        federates_with: vec![],
+        dns_names: vec![],
+        admin: false,
+        downstream: false,
+        hint: String::new(),
+        created_at: 1,
+        revision: 0,
+    }
+}
+
+/// A test audit event.
+pub fn event(id: &str) -> AuditEvent {
+    AuditEvent {
+        at_ms: 1,
+        kind: AuditKind::X509Svid,
+        spiffe_id: id.into(),
+        serial: "01".into(),
+        not_after: 2,
+        caller: "test".into(),
+        detail: String::new(),
+    }
+}
+
+/// Runs every rule against an empty store.
+pub async fn run(s: &dyn Store) {
+    entries(s).await;
+    agents_and_tokens(s).await;
+    bundles_and_journal(s).await;
+    audit_chain(s).await;
+}
+
+async fn entries(s: &dyn Store) {
+    let parent = "spiffe://td/tessera/agent/join_token/a";
+    let a = s.create_entry(entry("a", "spiffe://td/w1", parent)).await.unwrap();
+    let b = s.create_entry(entry("b", "spiffe://td/w2", parent)).await.unwrap();
+    assert!(b.revision > a.revision, "revisions must increase");
+    assert!(matches!(s.create_entry(entry("a", "spiffe://td/x", parent)).await, Err(StoreError::AlreadyExists(_))));
+    assert!(
+        matches!(s.create_entry(entry("c", "spiffe://td/w1", parent)).await, Err(StoreError::AlreadyExists(_))),
+        "same SPIFFE ID, parent and selectors must be refused"
+    );
+    let base = s.entry_changes(0).await.unwrap();
+    assert_eq!(base.changed.len(), 2);
+    assert_eq!(base.revision, b.revision);
+    let unchanged = s.entry_changes(base.revision).await.unwrap();
+    assert!(unchanged.changed.is_empty() && unchanged.deleted.is_empty(), "unchanged store reported changes");
+
+    let mut a2 = a.clone();
+    a2.dns_names = vec!["w1.local".into()];
+    let a2 = s.update_entry(a2).await.unwrap();
+    assert!(a2.revision > b.revision);
+    let ch = s.entry_changes(base.revision).await.unwrap();
+    assert_eq!(ch.changed.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(ch.changed[0].dns_names, vec!["w1.local".to_owned()]);
+
+    assert!(s.delete_entry("b").await.unwrap().is_some());
+    assert!(s.delete_entry("b").await.unwrap().is_none());
+    let ch = s.entry_changes(a2.revision).await.unwrap();
+    assert_eq!(ch.deleted, vec!["b".to_owned()]);
+    assert!(ch.changed.is_empty());
+
+    let by_parent = s.entries_by_parent(&SpiffeId::new(parent).unwrap()).await.unwrap();
+    assert_eq!(by_parent.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
+    assert!(s.get_entry("b").await.unwrap().is_none());
+    assert!(matches!(s.update_entry(entry("zz", "spiffe://td/q", parent)).await, Err(StoreError::NotFound(_))));
+    s.delete_entry("a").await.unwrap();
+}
+
+async fn agents_and_tokens(s: &dyn Store) {
+    let id = SpiffeId::new("spiffe://td/tessera/agent/join_token/t").unwrap();
+    let rec = AgentRecord {
+        spiffe_id: id.clone(),
+        attestation_type: "join_token".into(),
+        serial: "aa".into(),
+        previous_serial: String::new(),
+        expires_at: 5,
+        banned: false,
+        selectors: vec![],
+        attested_at: 1,
+        renewed_at: 0,
+    };
+    s.put_agent(&rec).await.unwrap();
+    assert_eq!(s.get_agent(&id).await.unwrap().unwrap(), rec);
+    assert_eq!(s.list_agents().await.unwrap().len(), 1);
+    assert!(s.delete_agent(&id).await.unwrap().is_some());
+    assert!(s.get_agent(&id).await.unwrap().is_none());
+
+    let t = JoinToken { token: "secret".into(), expires_at: 9 };
+    s.create_join_token(&t).await.unwrap();
+    assert!(s.create_join_token(&t).await.is_err(), "duplicate token accepted");
+    assert_eq!(s.take_join_token("secret").await.unwrap(), Some(t));
+    assert_eq!(s.take_join_token("secret").await.unwrap(), None, "a token must be usable once");
+    assert!(!format!("{:?}", JoinToken { token: "secret".into(), expires_at: 9 }).contains("secret"));
+}
+
+async fn bundles_and_journal(s: &dyn Store) {
+    let td = TrustDomain::new("peer.org").unwrap();
+    let mut b = Bundle::new(td.clone());
+    b.add_jwt_authority(JwtAuthority { key_id: "k".into(), public_key: vec![1, 2, 3], expires_at: 7 });
+    b.sequence_number = 3;
+    s.put_bundle(&b).await.unwrap();
+    assert_eq!(s.get_bundle(&td).await.unwrap().unwrap(), b);
+    assert_eq!(s.list_bundles().await.unwrap().len(), 1);
+    assert!(s.delete_bundle(&td).await.unwrap());
+    assert!(!s.delete_bundle(&td).await.unwrap());
+
+    let rel = FederationRelationship {
+        trust_domain: td.clone(),
+        bundle_endpoint_url: "https://peer.org:8443".into(),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: Some("spiffe://peer.org/tessera/server".into()),
+    };
+    s.put_federation(&rel).await.unwrap();
+    assert_eq!(s.list_federations().await.unwrap(), vec![rel]);
+    assert!(s.delete_federation(&td).await.unwrap());
+
+    assert!(s.load_journal("server-1").await.unwrap().is_none());
+    let j = CaJournal {
+        x509: vec![X509CaEntry {
+            key_id: "x509-CA-A".into(),
+            authority_id: "ab".into(),
+            chain: vec!["AAAA".into()],
+            issued_at: 1,
+            not_after: 2,
+            status: SlotStatus::Active,
+            tainted: false,
+        }],
+        jwt: vec![],
+    };
+    s.save_journal("server-1", &j).await.unwrap();
+    assert_eq!(s.load_journal("server-1").await.unwrap().unwrap(), j);
+    assert!(s.load_journal("server-2").await.unwrap().is_none(), "journals are per server");
+}
+
+async fn audit_chain(s: &dyn Store) {
+    for i in 0..5 {
+        let r = s.append_audit(event(&format!("spiffe://td/w{i}"))).await.unwrap();
+        assert_eq!(r.seq, i + 1);
+    }
+    let all = s.audit_range(1, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[1].prev_hash, all[0].hash);
+    let v = verify_audit(s).await.unwrap();
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.records, 5);
+    // Tampering is detected at the right record.
+    let mut checker = audit::ChainChecker::default();
+    let mut tampered = all.clone();
+    tampered[2].event.spiffe_id = "spiffe://td/evil".into();
+    let verdict = tampered.iter().find_map(|r| checker.push(r)).unwrap();
+    assert_eq!(verdict.first_broken, Some(3));
+    assert_eq!(s.audit_range(4, 1).await.unwrap()[0].seq, 4);
+}

@@ -1,0 +1,134 @@
+//! Storage: one [`Store`] trait for everything the server persists, with sled as the embedded
+//! implementation. A write is durable when the call returns (the implementation flushes to disk
+//! before acknowledging). PostgreSQL implements the same trait in a later issue and runs the
+//! same [`conformance`] suite.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use tessera_identity::{Bundle, SpiffeId, TrustDomain};
+
+pub mod audit;
+pub mod conformance;
+pub mod records;
+pub mod sled;
+
+pub use audit::{AuditEvent, AuditKind, AuditRecord, AuditVerdict};
+pub use records::{AgentRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry, SlotStatus, X509CaEntry};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record to update or delete does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A record with the same identity already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A stored record does not decode: the store file is damaged.
+    #[error("store record {key:?} is corrupt: {reason}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The backend failed (I/O, disk full, read-only file system, ...).
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// Result alias.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Everything the server persists.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    // --- registration entries (revisioned, for incremental sync) ---
+
+    /// Stores a new entry; the store sets `revision`. Refuses an entry with the same ID, or with
+    /// the same SPIFFE ID, parent ID and selectors as an existing one.
+    async fn create_entry(&self, entry: Entry) -> Result<Entry>;
+    /// Replaces an entry; the store bumps `revision`.
+    async fn update_entry(&self, entry: Entry) -> Result<Entry>;
+    /// Deletes an entry, leaving a tombstone for sync. `None` when absent.
+    async fn delete_entry(&self, id: &str) -> Result<Option<Entry>>;
+    /// One entry.
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>>;
+    /// All entries.
+    async fn list_entries(&self) -> Result<Vec<Entry>>;
+    /// Entries whose parent is `parent`.
+    async fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>>;
+    /// What changed after revision `since`: O(changes), not O(entries).
+    async fn entry_changes(&self, since: u64) -> Result<EntryChanges>;
+
+    // --- attested agents ---
+
+    /// Creates or replaces an agent record.
+    async fn put_agent(&self, agent: &AgentRecord) -> Result<()>;
+    /// One agent.
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
+    /// All agents.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Removes an agent (eviction). `None` when absent.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
+
+    // --- join tokens ---
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: &JoinToken) -> Result<()>;
+    /// Removes and returns a token atomically: of two concurrent callers, one gets it.
+    async fn take_join_token(&self, token: &str) -> Result<Option<JoinToken>>;
+
+    // --- bundles (own and federated) ---
+
+    /// A trust domain's bundle.
+    async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>>;
+    /// Creates or replaces a bundle.
+    async fn put_bundle(&self, bundle: &Bundle) -> Result<()>;
+    /// Deletes a bundle; false when absent.
+    async fn delete_bundle(&self, td: &TrustDomain) -> Result<bool>;
+    /// All bundles.
+    async fn list_bundles(&self) -> Result<Vec<Bundle>>;
+
+    // --- federation relationships ---
+
+    /// Creates or replaces a relationship.
+    async fn put_federation(&self, rel: &FederationRelationship) -> Result<()>;
+    /// All relationships.
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>>;
+    /// Deletes a relationship; false when absent.
+    async fn delete_federation(&self, td: &TrustDomain) -> Result<bool>;
+
+    // --- CA journal (one per server instance) ---
+
+    /// The journal of server instance `server`.
+    async fn load_journal(&self, server: &str) -> Result<Option<CaJournal>>;
+    /// Replaces the journal of `server`.
+    async fn save_journal(&self, server: &str, journal: &CaJournal) -> Result<()>;
+
+    // --- audit log (append-only, hash-chained) ---
+
+    /// Appends an event, chaining it to the last record.
+    async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord>;
+    /// Up to `limit` records with `seq >= from`, in order.
+    async fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>>;
+}
+
+/// Verifies the whole audit chain of a store, a page at a time.
+pub async fn verify_audit(store: &dyn Store) -> Result<AuditVerdict> {
+    let mut checker = audit::ChainChecker::default();
+    let mut next = 1;
+    loop {
+        let page = store.audit_range(next, 1024).await?;
+        let Some(last) = page.last() else { break };
+        next = last.seq + 1;
+        for r in &page {
+            if let Some(v) = checker.push(r) {
+                return Ok(v);
+            }
+        }
+    }
+    Ok(checker.finish())
+}
