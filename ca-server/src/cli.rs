@@ -335,7 +335,8 @@ fn opt_ttl(s: &Option<String>) -> anyhow::Result<i64> {
     s.as_deref().map(parse_ttl).transpose().map(|t| t.unwrap_or(0))
 }
 
-async fn connect(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
+/// Connects an Admin API client to the server's Unix socket.
+pub async fn connect_admin(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
     let path = socket.to_owned();
     let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -351,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::Run { config } = &cli.cmd {
         return run_server(config).await;
     }
-    let mut c = connect(&cli.socket).await?;
+    let mut c = connect_admin(&cli.socket).await?;
     let out = Printer { json: cli.output == Output::Json };
     match cli.cmd {
         Cmd::Run { .. } => Ok(()),

@@ -1,0 +1,185 @@
+//! Shared fixtures for the in-process server tests: a server on 127.0.0.1:0 with a temp dir,
+//! an admin client on its socket, and Agent API clients with or without an agent SVID.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use tessera_identity::tls::{Authorize, client_config};
+use tessera_identity::{Bundle, PrivateKey, SpiffeId, TrustDomain};
+use tessera_proto::admin::v1 as admin;
+use tessera_proto::admin::v1::admin_client::AdminClient;
+use tessera_proto::agent::v1 as agent;
+use tessera_proto::agent::v1::agent_client::AgentClient;
+use tessera_proto::types::v1 as types;
+use tessera_server::app::Server;
+use tessera_server::config::Config;
+use tonic::transport::Channel;
+
+pub const TD: &str = "example.org";
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+    pub admin: AdminClient<Channel>,
+}
+
+pub fn config_text(dir: &std::path::Path, extra_ca: &str) -> String {
+    format!(
+        r#"
+trust_domain = "{TD}"
+data_dir = "{data}"
+log_level = "warn"
+[server]
+agent_api_address = "127.0.0.1:0"
+health_address = "127.0.0.1:0"
+admin_socket = "{sock}"
+[ca]
+ca_ttl = "24h"
+default_x509_svid_ttl = "1h"
+{extra_ca}
+[key_manager]
+type = "memory"
+"#,
+        data = dir.join("data").display(),
+        sock = dir.join("admin.sock").display()
+    )
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(extra_ca: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml(&config_text(dir.path(), extra_ca)).unwrap();
+        let server = Server::start(cfg).await.unwrap();
+        let admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
+        Self { server: Some(server), dir, admin }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn td(&self) -> TrustDomain {
+        TrustDomain::new(TD).unwrap()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.server().admin_socket.clone()
+    }
+
+    pub async fn bundle(&mut self) -> types::Bundle {
+        self.admin.get_bundle(admin::GetBundleRequest {}).await.unwrap().into_inner()
+    }
+
+    pub async fn roots(&mut self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.bundle().await.x509_authorities.into_iter().map(Into::into).collect()
+    }
+
+    /// An Agent API channel that presents no client certificate.
+    pub async fn anonymous_channel(&mut self) -> AgentClient<Channel> {
+        let roots = self.roots().await;
+        let server_id = tessera_identity::server_id(&self.td()).unwrap();
+        let cfg = client_config(&roots, Authorize::Id(server_id), None).unwrap();
+        let ch = tessera_server::api::tls::connect(self.server().agent_api_addr, cfg).await.unwrap();
+        AgentClient::new(ch)
+    }
+
+    pub async fn join_token(&mut self, alias: Option<&str>) -> admin::CreateJoinTokenResponse {
+        self.admin
+            .create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: alias.unwrap_or_default().into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Attests a new agent with a fresh join token and returns it connected over mTLS.
+    pub async fn attested_agent(&mut self) -> TestAgent {
+        let token = self.join_token(None).await;
+        let id = SpiffeId::new(&token.agent_id).unwrap();
+        let key = PrivateKey::generate_ec_p256().unwrap();
+        let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
+        let mut anon = self.anonymous_channel().await;
+        let resp = anon
+            .attest_agent(agent::AttestAgentRequest {
+                data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.clone().into_bytes() }),
+                csr,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let svid = resp.svid.unwrap();
+        let client = self.agent_client(&svid.cert_chain, &key).await;
+        TestAgent { id, key, chain: svid.cert_chain, client }
+    }
+
+    pub async fn agent_client(&mut self, chain: &[Vec<u8>], key: &PrivateKey) -> AgentClient<Channel> {
+        let roots = self.roots().await;
+        let server_id = tessera_identity::server_id(&self.td()).unwrap();
+        let chain = chain.iter().map(|c| c.clone().into()).collect();
+        let cfg = client_config(&roots, Authorize::Id(server_id), Some((chain, key))).unwrap();
+        let ch = tessera_server::api::tls::connect(self.server().agent_api_addr, cfg).await.unwrap();
+        AgentClient::new(ch)
+    }
+
+    pub async fn create_entry(&mut self, spiffe_id: &str, parent: &str) -> types::Entry {
+        self.admin
+            .create_entry(admin::CreateEntryRequest {
+                entry: Some(types::Entry {
+                    spiffe_id: spiffe_id.into(),
+                    parent_id: parent.into(),
+                    selectors: vec![types::Selector { r#type: "unix".into(), value: "uid:1000".into() }],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+pub struct TestAgent {
+    pub id: SpiffeId,
+    pub key: PrivateKey,
+    pub chain: Vec<Vec<u8>>,
+    pub client: AgentClient<Channel>,
+}
+
+/// A CSR (DER) for `id` with a fresh P-256 key.
+pub fn csr_for(id: &str) -> Vec<u8> {
+    let key = PrivateKey::generate_ec_p256().unwrap();
+    tessera_identity::csr::build_csr(&SpiffeId::new(id).unwrap(), &[], &key).unwrap()
+}
+
+pub fn bundle_from_pb(b: &types::Bundle) -> Bundle {
+    let mut out = Bundle::new(TrustDomain::new(&b.trust_domain).unwrap());
+    for c in &b.x509_authorities {
+        out.add_x509_authority(c);
+    }
+    for k in &b.jwt_authorities {
+        out.add_jwt_authority(tessera_identity::JwtAuthority { key_id: k.key_id.clone(), public_key: k.public_key.clone(), expires_at: k.expires_at });
+    }
+    out
+}
+
+/// Verifies `chain` (leaf first) against `roots` as a SPIFFE peer with ID `id`.
+pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], id: &str) -> Result<(), rustls::Error> {
+    use rustls::client::danger::ServerCertVerifier;
+    let provider = tessera_identity::tls::provider();
+    let roots: Vec<rustls_pki_types::CertificateDer<'static>> = roots.iter().map(|r| r.clone().into()).collect();
+    let v = tessera_identity::tls::SpiffeServerVerifier::new(&roots, Authorize::Id(SpiffeId::new(id).unwrap()), &provider).unwrap();
+    let leaf: rustls_pki_types::CertificateDer<'static> = chain[0].clone().into();
+    let inter: Vec<rustls_pki_types::CertificateDer<'static>> = chain[1..].iter().map(|c| c.clone().into()).collect();
+    v.verify_server_cert(&leaf, &inter, &rustls_pki_types::ServerName::try_from("x").unwrap(), &[], rustls_pki_types::UnixTime::now())
+        .map(|_| ())
+}
