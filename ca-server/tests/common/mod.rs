@@ -24,6 +24,7 @@ pub struct TestServer {
     pub admin: AdminClient<Channel>,
 }
 
+/// Server config for tests; `extra_ca` replaces the `[ca]` body when not empty.
 pub fn config_text(dir: &std::path::Path, extra_ca: &str) -> String {
     format!(
         r#"
@@ -35,12 +36,11 @@ agent_api_address = "127.0.0.1:0"
 health_address = "127.0.0.1:0"
 admin_socket = "{sock}"
 [ca]
-ca_ttl = "24h"
-default_x509_svid_ttl = "1h"
-{extra_ca}
+{ca}
 [key_manager]
 type = "memory"
 "#,
+        ca = if extra_ca.is_empty() { "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"" } else { extra_ca },
         data = dir.join("data").display(),
         sock = dir.join("admin.sock").display()
     )
