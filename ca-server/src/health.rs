@@ -79,6 +79,7 @@ impl Health {
                     async move { Ok::<_, Infallible>(this.handle(req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(5))
                     .serve_connection(TokioIo::new(tcp), svc);
                 if let Err(e) = conn.await {

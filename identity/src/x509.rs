@@ -108,7 +108,6 @@ pub fn leaf_params(spec: &LeafSpec<'_>) -> Result<CertificateParams, ProfileErro
 pub fn ca_params(td: &TrustDomain, not_before: i64, not_after: i64, serial: [u8; 16]) -> Result<CertificateParams, ProfileError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, "US");
     dn.push(DnType::OrganizationName, "Tessera");
     dn.push(DnType::CommonName, format!("Tessera CA {td}"));
     p.distinguished_name = dn;
