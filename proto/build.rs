@@ -12,8 +12,5 @@ fn main() -> io::Result<()> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"]).map_err(|e| io::Error::other(e.to_string()))?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(fds)
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)
 }

@@ -16,10 +16,10 @@ use tokio::task::JoinSet;
 use tonic::transport::server::UdsConnectInfo;
 use tracing::{Instrument, info, info_span};
 
+use crate::api::Issuance;
 use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
-use crate::api::Issuance;
 use crate::ca::Ca;
 use crate::config::{Config, KeyManagerKind, StoreKind};
 use crate::health::Health;
@@ -76,10 +76,10 @@ pub struct Server {
 }
 
 async fn bind_admin_socket(path: &Path) -> Result<(UnixListener, u32), StartError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            tessera_plugins::fsutil::ensure_private_dir(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        tessera_plugins::fsutil::ensure_private_dir(dir).map_err(io(format!("cannot create {}", dir.display())))?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -109,7 +109,8 @@ impl Server {
     /// Opens the store, starts the CA and binds every listener.
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
         let cfg = Arc::new(cfg);
-        tessera_plugins::fsutil::ensure_private_dir(&cfg.data_dir).map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
+        tessera_plugins::fsutil::ensure_private_dir(&cfg.data_dir)
+            .map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
         let store: Arc<dyn Store> = match cfg.store {
             StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("store"))?),
         };
@@ -123,13 +124,23 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        tasks.spawn(ca.clone().run_rotation(cfg.rotation_check_interval, shutdown_rx.clone()).instrument(info_span!("ca_rotation")));
+        tasks.spawn(
+            ca.clone()
+                .run_rotation(cfg.rotation_check_interval, shutdown_rx.clone())
+                .instrument(info_span!("ca_rotation")),
+        );
 
         // Agent API: TCP + rustls, then tonic.
         let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);
         let tls = AgentTls::new(&ca, server_svid_ttl)?;
-        tasks.spawn(tls.clone().run_rotation(ca.clone(), server_svid_ttl, shutdown_rx.clone()).instrument(info_span!("server_svid")));
-        let listener = TcpListener::bind(cfg.agent_api_address).await.map_err(io(format!("cannot bind Agent API on {}", cfg.agent_api_address)))?;
+        tasks.spawn(
+            tls.clone()
+                .run_rotation(ca.clone(), server_svid_ttl, shutdown_rx.clone())
+                .instrument(info_span!("server_svid")),
+        );
+        let listener = TcpListener::bind(cfg.agent_api_address)
+            .await
+            .map_err(io(format!("cannot bind Agent API on {}", cfg.agent_api_address)))?;
         let agent_api_addr = listener.local_addr().map_err(io("agent api address"))?;
         let agent = AgentServer::new(AgentService::new(issuance.clone(), cfg.clone()))
             .max_decoding_message_size(cfg.max_message_bytes)
@@ -155,7 +166,8 @@ impl Server {
         // Admin API: local Unix socket only.
         let (uds, owner) = bind_admin_socket(&cfg.admin_socket).await?;
         let admin = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone())).max_decoding_message_size(4 * 1024 * 1024),
+            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone()))
+                .max_decoding_message_size(4 * 1024 * 1024),
             admin_peer_check(owner),
         );
         let mut rx = shutdown_rx.clone();
@@ -175,7 +187,9 @@ impl Server {
         );
 
         // Health and metrics.
-        let hl = TcpListener::bind(cfg.health_address).await.map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
+        let hl = TcpListener::bind(cfg.health_address)
+            .await
+            .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address"))?;
         let health = Health { ca: ca.clone(), store: store.clone(), metrics };
         tasks.spawn(health.run(hl, shutdown_rx).instrument(info_span!("health")));

@@ -341,7 +341,9 @@ pub async fn connect_admin(socket: &Path) -> anyhow::Result<AdminClient<Channel>
     let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
         }))
         .await
         .with_context(|| format!("cannot connect to the admin socket {}", socket.display()))?;
@@ -357,7 +359,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { .. } => Ok(()),
         Cmd::Token(TokenCmd::Generate { spiffe_id, ttl }) => {
-            let r = c.create_join_token(pb::CreateJoinTokenRequest { ttl: opt_ttl(&ttl)?, spiffe_id: spiffe_id.unwrap_or_default() }).await?.into_inner();
+            let r = c
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    ttl: opt_ttl(&ttl)?,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
             out.print(
                 json!({"token": r.token, "expires_at": r.expires_at, "agent_id": r.agent_id, "alias_entry": r.alias_entry.as_ref().map(entry_json)}),
                 || {
@@ -372,9 +380,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Entry(cmd) => entry(&mut c, &out, cmd).await,
         Cmd::Bundle(cmd) => bundle(&mut c, &out, cmd).await,
-        Cmd::X509(X509Cmd::Mint { spiffe_id, ttl, dns, write }) => x509_mint(&mut c, &out, spiffe_id, ttl, dns, write).await,
+        Cmd::X509(X509Cmd::Mint { spiffe_id, ttl, dns, write }) => {
+            x509_mint(&mut c, &out, spiffe_id, ttl, dns, write).await
+        }
         Cmd::Jwt(JwtCmd::Mint { spiffe_id, audience, ttl }) => {
-            let r = c.mint_jwt_svid(pb::MintJwtSvidRequest { spiffe_id, audience, ttl: opt_ttl(&ttl)? }).await?.into_inner();
+            let r = c
+                .mint_jwt_svid(pb::MintJwtSvidRequest { spiffe_id, audience, ttl: opt_ttl(&ttl)? })
+                .await?
+                .into_inner();
             out.print(json!({"token": r.token, "expires_at": r.expires_at}), || format!("{}\n", r.token));
             Ok(())
         }
@@ -383,9 +396,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 AuthorityCmd::Show => c.get_x509_authorities(pb::GetX509AuthoritiesRequest {}).await?,
                 AuthorityCmd::Prepare => c.prepare_x509_authority(pb::PrepareX509AuthorityRequest {}).await?,
                 AuthorityCmd::Activate { authority_id } => {
-                    c.activate_x509_authority(pb::ActivateX509AuthorityRequest { authority_id: authority_id.unwrap_or_default() }).await?
+                    c.activate_x509_authority(pb::ActivateX509AuthorityRequest {
+                        authority_id: authority_id.unwrap_or_default(),
+                    })
+                    .await?
                 }
-                AuthorityCmd::Taint { authority_id } => c.taint_x509_authority(pb::TaintX509AuthorityRequest { authority_id }).await?,
+                AuthorityCmd::Taint { authority_id } => {
+                    c.taint_x509_authority(pb::TaintX509AuthorityRequest { authority_id }).await?
+                }
             }
             .into_inner();
             let rows: Vec<Value> = state
@@ -459,10 +477,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_server(config: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let server = crate::app::Server::start(cfg).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -603,7 +623,11 @@ fn bundle_from_pb(b: &types::Bundle) -> anyhow::Result<Bundle> {
         out.add_x509_authority(c);
     }
     for k in &b.jwt_authorities {
-        out.add_jwt_authority(tessera_identity::JwtAuthority { key_id: k.key_id.clone(), public_key: k.public_key.clone(), expires_at: k.expires_at });
+        out.add_jwt_authority(tessera_identity::JwtAuthority {
+            key_id: k.key_id.clone(),
+            public_key: k.public_key.clone(),
+            expires_at: k.expires_at,
+        });
     }
     out.sequence_number = b.sequence_number;
     out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
@@ -631,7 +655,10 @@ async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> 
             for pbb in &bundles {
                 let b = bundle_from_pb(pbb)?;
                 let r = render_bundle(&b, format)?;
-                text.push_str(&format!("****************************************\n* {}\n****************************************\n{r}\n", b.trust_domain));
+                text.push_str(&format!(
+                    "****************************************\n* {}\n****************************************\n{r}\n",
+                    b.trust_domain
+                ));
                 rows.push(json!({"trust_domain": b.trust_domain.to_string(), "bundle": r}));
             }
             out.print(json!({"bundles": rows}), || text.clone());
@@ -667,23 +694,41 @@ async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> 
     Ok(())
 }
 
-async fn x509_mint(c: &mut AdminClient<Channel>, out: &Printer, spiffe_id: String, ttl: Option<String>, dns: Vec<String>, write: Option<PathBuf>) -> anyhow::Result<()> {
+async fn x509_mint(
+    c: &mut AdminClient<Channel>,
+    out: &Printer,
+    spiffe_id: String,
+    ttl: Option<String>,
+    dns: Vec<String>,
+    write: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let id = tessera_identity::ids::parse_spiffe_id(&spiffe_id)?;
     let key = PrivateKey::generate_ec_p256()?;
     let csr = tessera_identity::csr::build_csr(&id, &dns, &key)?;
-    let r = c.mint_x509_svid(pb::MintX509SvidRequest { spiffe_id, csr, ttl: opt_ttl(&ttl)?, dns_names: dns }).await?.into_inner();
+    let r = c
+        .mint_x509_svid(pb::MintX509SvidRequest { spiffe_id, csr, ttl: opt_ttl(&ttl)?, dns_names: dns })
+        .await?
+        .into_inner();
     let svid = r.svid.ok_or_else(|| anyhow!("server returned no SVID"))?;
     let chain_pem = tessera_identity::pem::encode_certs(svid.cert_chain.iter().map(Vec::as_slice));
     let bundle_pem = tessera_identity::pem::encode_certs(r.bundle.iter().map(Vec::as_slice));
     match write {
         Some(dir) => {
-            tessera_plugins::fsutil::ensure_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            tessera_plugins::fsutil::ensure_private_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             tessera_plugins::fsutil::atomic_write(&dir.join("svid.pem"), chain_pem.as_bytes(), 0o644)?;
             tessera_plugins::fsutil::atomic_write(&dir.join("key.pem"), key.to_pem().as_bytes(), 0o600)?;
             tessera_plugins::fsutil::atomic_write(&dir.join("bundle.pem"), bundle_pem.as_bytes(), 0o644)?;
             out.print(
                 json!({"spiffe_id": svid.spiffe_id, "expires_at": svid.expires_at, "dir": dir.display().to_string()}),
-                || format!("X509-SVID for {} (expires at {}) written to {}: svid.pem, key.pem, bundle.pem\n", svid.spiffe_id, svid.expires_at, dir.display()),
+                || {
+                    format!(
+                        "X509-SVID for {} (expires at {}) written to {}: svid.pem, key.pem, bundle.pem\n",
+                        svid.spiffe_id,
+                        svid.expires_at,
+                        dir.display()
+                    )
+                },
             );
         }
         None => {

@@ -209,14 +209,14 @@ fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
         let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
         let trust_domain = TrustDomain::new(&td_raw)
             .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
         let data_dir = raw.data_dir.ok_or(ConfigError::Missing("data_dir"))?;
-        let key_type = raw.ca.key_type.parse().map_err(|e: tessera_identity::keys::UnknownKeyType| ConfigError::Invalid {
-            key: "ca.key_type",
-            reason: e.to_string(),
+        let key_type = raw.ca.key_type.parse().map_err(|e: tessera_identity::keys::UnknownKeyType| {
+            ConfigError::Invalid { key: "ca.key_type", reason: e.to_string() }
         })?;
         let ca_ttl = dur("ca.ca_ttl", &raw.ca.ca_ttl)?;
         let default_x509_svid_ttl = dur("ca.default_x509_svid_ttl", &raw.ca.default_x509_svid_ttl)?;
@@ -239,11 +239,17 @@ impl Config {
             });
         }
         if max_jwt_svid_ttl < default_jwt_svid_ttl {
-            return Err(ConfigError::Invalid { key: "ca.max_jwt_svid_ttl", reason: "must be at least ca.default_jwt_svid_ttl".into() });
+            return Err(ConfigError::Invalid {
+                key: "ca.max_jwt_svid_ttl",
+                reason: "must be at least ca.default_jwt_svid_ttl".into(),
+            });
         }
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
-            return Err(ConfigError::Invalid { key: "server.max_message_bytes", reason: "must be 4096 to 67108864".into() });
+            return Err(ConfigError::Invalid {
+                key: "server.max_message_bytes",
+                reason: "must be 4096 to 67108864".into(),
+            });
         }
         if !(1..=10_000).contains(&s.max_batch_size) {
             return Err(ConfigError::Invalid { key: "server.max_batch_size", reason: "must be 1 to 10000".into() });
@@ -260,17 +266,32 @@ impl Config {
             rotation_check_interval: dur("server.rotation_check_interval", &s.rotation_check_interval)?,
             max_message_bytes: s.max_message_bytes,
             max_batch_size: s.max_batch_size,
-            ca: CaConfig { key_type, ca_ttl, default_x509_svid_ttl, default_jwt_svid_ttl, max_x509_svid_ttl, max_jwt_svid_ttl },
+            ca: CaConfig {
+                key_type,
+                ca_ttl,
+                default_x509_svid_ttl,
+                default_jwt_svid_ttl,
+                max_x509_svid_ttl,
+                max_jwt_svid_ttl,
+            },
             key_manager: match raw.key_manager.kind.as_str() {
                 "disk" => KeyManagerKind::Disk,
                 "memory" => KeyManagerKind::Memory,
                 other => {
-                    return Err(ConfigError::Invalid { key: "key_manager.type", reason: format!("{other:?}: expected \"disk\" or \"memory\"") });
+                    return Err(ConfigError::Invalid {
+                        key: "key_manager.type",
+                        reason: format!("{other:?}: expected \"disk\" or \"memory\""),
+                    });
                 }
             },
             store: match raw.store.kind.as_str() {
                 "sled" => StoreKind::Sled,
-                other => return Err(ConfigError::Invalid { key: "store.type", reason: format!("{other:?}: expected \"sled\"") }),
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "store.type",
+                        reason: format!("{other:?}: expected \"sled\""),
+                    });
+                }
             },
         })
     }
@@ -338,7 +359,9 @@ type = "sled"
 
     #[test]
     fn svid_ttl_must_fit_in_the_ca_ttl() {
-        let err = Config::from_toml(&CONTRACT.replace("default_x509_svid_ttl = \"1h\"", "default_x509_svid_ttl = \"48h\"")).unwrap_err();
+        let err =
+            Config::from_toml(&CONTRACT.replace("default_x509_svid_ttl = \"1h\"", "default_x509_svid_ttl = \"48h\""))
+                .unwrap_err();
         assert!(err.to_string().contains("ca.default_x509_svid_ttl"), "{err}");
         let err = Config::from_toml(&CONTRACT.replace("ca_ttl = \"24h\"", "ca_ttl = \"soon\"")).unwrap_err();
         assert!(err.to_string().contains("ca.ca_ttl"), "{err}");

@@ -58,7 +58,10 @@ impl Health {
                     bundle_sequence: self.ca.bundle().sequence_number,
                 };
                 let mut r = reply(StatusCode::OK, self.metrics.render(&g));
-                r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
                 r
             }
             _ => reply(StatusCode::NOT_FOUND, "not found\n".into()),

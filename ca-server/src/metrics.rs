@@ -68,9 +68,17 @@ impl Metrics {
         self.jwt_issued.render(&mut out, "tessera_server_jwt_svids_issued_total", "JWT-SVIDs minted, by result.");
         self.attestations.render(&mut out, "tessera_server_agent_attestations_total", "Agent attestations, by result.");
         let gauges = [
-            ("tessera_server_ready", "1 when the CA has an active authority and the store answers.", i64::from(g.ready)),
+            (
+                "tessera_server_ready",
+                "1 when the CA has an active authority and the store answers.",
+                i64::from(g.ready),
+            ),
             ("tessera_server_ca_expiry_timestamp_seconds", "notAfter of the active X.509 CA.", g.ca_expiry),
-            ("tessera_server_bundle_sequence", "Sequence number of our trust bundle.", i64::try_from(g.bundle_sequence).unwrap_or(i64::MAX)),
+            (
+                "tessera_server_bundle_sequence",
+                "Sequence number of our trust bundle.",
+                i64::try_from(g.bundle_sequence).unwrap_or(i64::MAX),
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");

@@ -1,6 +1,8 @@
 //! The Admin API in-process: input validation (precise errors, nothing stored), local
 //! authority rotation, and the audit chain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::*;
@@ -27,10 +29,25 @@ async fn invalid_entries_get_precise_errors_and_change_nothing() {
         (entry("spiffe://other.org/a", parent, ("unix", "uid:1")), "not in trust domain"),
         (entry("spiffe://example.org/a", parent, ("bogus", "x")), "invalid selector"),
         (entry("spiffe://example.org/a", "spiffe://example.org/x", ("unix", "")), "invalid selector"),
-        (types::Entry { x509_svid_ttl: 90 * 3600, ..entry("spiffe://example.org/a", parent, ("unix", "uid:1")) }, "over the server's maximum"),
+        (
+            types::Entry { x509_svid_ttl: 90 * 3600, ..entry("spiffe://example.org/a", parent, ("unix", "uid:1")) },
+            "over the server's maximum",
+        ),
         (types::Entry { x509_svid_ttl: -1, ..entry("spiffe://example.org/a", parent, ("unix", "uid:1")) }, "negative"),
-        (types::Entry { federates_with: vec!["example.org".into()], ..entry("spiffe://example.org/a", parent, ("unix", "uid:1")) }, "own trust domain"),
-        (types::Entry { dns_names: vec!["bad name".into()], ..entry("spiffe://example.org/a", parent, ("unix", "uid:1")) }, "invalid DNS name"),
+        (
+            types::Entry {
+                federates_with: vec!["example.org".into()],
+                ..entry("spiffe://example.org/a", parent, ("unix", "uid:1"))
+            },
+            "own trust domain",
+        ),
+        (
+            types::Entry {
+                dns_names: vec!["bad name".into()],
+                ..entry("spiffe://example.org/a", parent, ("unix", "uid:1"))
+            },
+            "invalid DNS name",
+        ),
     ];
     for (e, needle) in cases {
         let err = t.admin.create_entry(admin::CreateEntryRequest { entry: Some(e.clone()) }).await.unwrap_err();
@@ -38,7 +55,13 @@ async fn invalid_entries_get_precise_errors_and_change_nothing() {
         assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
     }
     let ok = t.create_entry("spiffe://example.org/a", parent).await;
-    let dup = t.admin.create_entry(admin::CreateEntryRequest { entry: Some(entry("spiffe://example.org/a", parent, ("unix", "uid:1000"))) }).await.unwrap_err();
+    let dup = t
+        .admin
+        .create_entry(admin::CreateEntryRequest {
+            entry: Some(entry("spiffe://example.org/a", parent, ("unix", "uid:1000"))),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
     let all = t.admin.list_entries(admin::ListEntriesRequest::default()).await.unwrap().into_inner().entries;
     assert_eq!(all.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), vec![ok.id.clone()]);
@@ -50,12 +73,25 @@ async fn invalid_entries_get_precise_errors_and_change_nothing() {
 #[tokio::test]
 async fn mint_refuses_foreign_ids_ttl_over_cap_and_ca_csrs() {
     let mut t = TestServer::start().await;
-    let req = |id: &str, ttl: i64| admin::MintX509SvidRequest { spiffe_id: id.into(), csr: csr_for(id), ttl, dns_names: vec![] };
+    let req = |id: &str, ttl: i64| admin::MintX509SvidRequest {
+        spiffe_id: id.into(),
+        csr: csr_for(id),
+        ttl,
+        dns_names: vec![],
+    };
     assert_eq!(t.admin.mint_x509_svid(req("spiffe://other.org/w", 0)).await.unwrap_err().code(), Code::InvalidArgument);
     let e = t.admin.mint_x509_svid(req("spiffe://example.org/w", 48 * 3600)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("maximum"), "{}", e.message());
-    let e = t.admin.mint_jwt_svid(admin::MintJwtSvidRequest { spiffe_id: "spiffe://example.org/w".into(), audience: vec!["a".into()], ttl: 25 * 3600 }).await.unwrap_err();
+    let e = t
+        .admin
+        .mint_jwt_svid(admin::MintJwtSvidRequest {
+            spiffe_id: "spiffe://example.org/w".into(),
+            audience: vec!["a".into()],
+            ttl: 25 * 3600,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let ok = t.admin.mint_x509_svid(req("spiffe://example.org/w", 600)).await.unwrap().into_inner().svid.unwrap();
     let now = tessera_identity::unix_now();
@@ -68,7 +104,8 @@ async fn prepare_then_activate_keeps_both_roots_and_both_generations_verify() {
     let mut t = TestServer::start().await;
     let before = t.bundle().await;
     assert_eq!(before.x509_authorities.len(), 1);
-    let mint = |id: &str| admin::MintX509SvidRequest { spiffe_id: id.into(), csr: csr_for(id), ttl: 0, dns_names: vec![] };
+    let mint =
+        |id: &str| admin::MintX509SvidRequest { spiffe_id: id.into(), csr: csr_for(id), ttl: 0, dns_names: vec![] };
     let old_svid = t.admin.mint_x509_svid(mint("spiffe://example.org/a")).await.unwrap().into_inner().svid.unwrap();
 
     let prepared = t.admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap().into_inner();
@@ -80,9 +117,18 @@ async fn prepare_then_activate_keeps_both_roots_and_both_generations_verify() {
     let still_old = t.admin.mint_x509_svid(mint("spiffe://example.org/b")).await.unwrap().into_inner().svid.unwrap();
     verify_chain(&still_old.cert_chain, &before.x509_authorities, "spiffe://example.org/b").unwrap();
 
-    let e = t.admin.activate_x509_authority(admin::ActivateX509AuthorityRequest { authority_id: "deadbeef".into() }).await.unwrap_err();
+    let e = t
+        .admin
+        .activate_x509_authority(admin::ActivateX509AuthorityRequest { authority_id: "deadbeef".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    let state = t.admin.activate_x509_authority(admin::ActivateX509AuthorityRequest { authority_id: prepared_id.clone() }).await.unwrap().into_inner();
+    let state = t
+        .admin
+        .activate_x509_authority(admin::ActivateX509AuthorityRequest { authority_id: prepared_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     let active = state.authorities.iter().find(|a| a.status == "active").unwrap();
     assert_eq!(active.authority_id, prepared_id);
     let new_svid = t.admin.mint_x509_svid(mint("spiffe://example.org/c")).await.unwrap().into_inner().svid.unwrap();
@@ -91,15 +137,28 @@ async fn prepare_then_activate_keeps_both_roots_and_both_generations_verify() {
     assert_eq!(after.len(), 2);
     verify_chain(&old_svid.cert_chain, &after, "spiffe://example.org/a").unwrap();
     verify_chain(&new_svid.cert_chain, &after, "spiffe://example.org/c").unwrap();
-    assert!(verify_chain(&new_svid.cert_chain, &before.x509_authorities, "spiffe://example.org/c").is_err(), "new CA signs under the old root?");
+    assert!(
+        verify_chain(&new_svid.cert_chain, &before.x509_authorities, "spiffe://example.org/c").is_err(),
+        "new CA signs under the old root?"
+    );
 
     // Only the old authority can be tainted.
-    let e = t.admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: prepared_id }).await.unwrap_err();
+    let e =
+        t.admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: prepared_id }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     let old_id = state.authorities.iter().find(|a| a.status == "old").unwrap().authority_id.clone();
-    let tainted = t.admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: old_id.clone() }).await.unwrap().into_inner();
+    let tainted = t
+        .admin
+        .taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: old_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(tainted.authorities.iter().find(|a| a.authority_id == old_id).unwrap().tainted);
-    let e = t.admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: "nope".into() }).await.unwrap_err();
+    let e = t
+        .admin
+        .taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: "nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     t.stop().await;
 }
@@ -132,14 +191,42 @@ async fn ca_rotates_on_schedule_and_prunes_expired_roots() {
 #[tokio::test]
 async fn federated_bundle_admin_round_trip_and_refusals() {
     let mut t = TestServer::start().await;
-    let e = t.admin.set_federated_bundle(types::Bundle { trust_domain: "example.org".into(), ..Default::default() }).await.unwrap_err();
+    let e = t
+        .admin
+        .set_federated_bundle(types::Bundle { trust_domain: "example.org".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = t.admin.set_federated_bundle(types::Bundle { trust_domain: "peer.org".into(), x509_authorities: vec![vec![0x30, 0x00]], ..Default::default() }).await.unwrap_err();
+    let e = t
+        .admin
+        .set_federated_bundle(types::Bundle {
+            trust_domain: "peer.org".into(),
+            x509_authorities: vec![vec![0x30, 0x00]],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = t.admin.set_federated_bundle(types::Bundle { trust_domain: "peer.org".into(), ..Default::default() }).await.unwrap_err();
+    let e = t
+        .admin
+        .set_federated_bundle(types::Bundle { trust_domain: "peer.org".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(t.admin.list_federated_bundles(admin::ListFederatedBundlesRequest {}).await.unwrap().into_inner().bundles.is_empty());
-    let e = t.admin.delete_federated_bundle(admin::TrustDomainRequest { trust_domain: "peer.org".into() }).await.unwrap_err();
+    assert!(
+        t.admin
+            .list_federated_bundles(admin::ListFederatedBundlesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .bundles
+            .is_empty()
+    );
+    let e = t
+        .admin
+        .delete_federated_bundle(admin::TrustDomainRequest { trust_domain: "peer.org".into() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     t.stop().await;
 }

@@ -1,6 +1,8 @@
 //! The Agent API end to end, in-process: attestation, sync, batch signing, JWT-SVIDs,
 //! bundles, and every refusal, over real mTLS on 127.0.0.1.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::*;
@@ -10,7 +12,10 @@ use tessera_proto::types::v1 as types;
 use tonic::Code;
 
 fn attest_req(token: &str, csr: Vec<u8>) -> agent::AttestAgentRequest {
-    agent::AttestAgentRequest { data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }), csr }
+    agent::AttestAgentRequest {
+        data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
+        csr,
+    }
 }
 
 #[tokio::test]
@@ -49,7 +54,10 @@ async fn bad_attestation_input_is_refused_and_does_not_burn_the_token() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("signature"), "{}", e.message());
     // Unknown token, unsupported type.
-    let e = anon.attest_agent(attest_req("nosuchtoken", csr_for("spiffe://example.org/tessera/agent/join_token/nosuchtoken"))).await.unwrap_err();
+    let e = anon
+        .attest_agent(attest_req("nosuchtoken", csr_for("spiffe://example.org/tessera/agent/join_token/nosuchtoken")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let mut req = attest_req(&token.token, csr_for(&token.agent_id));
     req.data.as_mut().unwrap().r#type = "k8s_psat".into();
@@ -63,7 +71,12 @@ async fn bad_attestation_input_is_refused_and_does_not_burn_the_token() {
 #[tokio::test]
 async fn expired_join_token_is_refused() {
     let mut t = TestServer::start().await;
-    let token = t.admin.create_join_token(admin::CreateJoinTokenRequest { ttl: 1, spiffe_id: String::new() }).await.unwrap().into_inner();
+    let token = t
+        .admin
+        .create_join_token(admin::CreateJoinTokenRequest { ttl: 1, spiffe_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let mut anon = t.anonymous_channel().await;
     let e = anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap_err();
@@ -82,7 +95,12 @@ async fn calls_other_than_attest_need_an_agent_svid() {
     let key = tessera_identity::PrivateKey::generate_ec_p256().unwrap();
     let id = tessera_identity::SpiffeId::new("spiffe://example.org/workload").unwrap();
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
-    let minted = t.admin.mint_x509_svid(admin::MintX509SvidRequest { spiffe_id: id.to_string(), csr, ttl: 0, dns_names: vec![] }).await.unwrap().into_inner();
+    let minted = t
+        .admin
+        .mint_x509_svid(admin::MintX509SvidRequest { spiffe_id: id.to_string(), csr, ttl: 0, dns_names: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
     let mut c = t.agent_client(&minted.svid.unwrap().cert_chain, &key).await;
     let e = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
@@ -98,22 +116,28 @@ async fn sync_is_incremental_and_scoped_to_the_agent() {
     t.create_entry("spiffe://example.org/db", &other.id.to_string()).await;
 
     let full = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap().into_inner();
-    assert_eq!(full.upserted.iter().map(|e| e.spiffe_id.as_str()).collect::<Vec<_>>(), vec!["spiffe://example.org/web"]);
+    assert_eq!(
+        full.upserted.iter().map(|e| e.spiffe_id.as_str()).collect::<Vec<_>>(),
+        vec!["spiffe://example.org/web"]
+    );
 
-    let unchanged = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
+    let unchanged =
+        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
     assert!(unchanged.upserted.is_empty() && unchanged.removed_ids.is_empty(), "unchanged sync returned data");
     assert_eq!(unchanged.authorized_digest, full.authorized_digest);
 
     let mut updated = mine.clone();
     updated.dns_names = vec!["web.local".into()];
     t.admin.update_entry(admin::UpdateEntryRequest { entry: Some(updated) }).await.unwrap();
-    let delta = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
+    let delta =
+        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
     assert_eq!(delta.upserted.len(), 1);
     assert_eq!(delta.upserted[0].dns_names, vec!["web.local".to_owned()]);
     assert_ne!(delta.authorized_digest, full.authorized_digest);
 
     t.admin.delete_entry(admin::EntryId { id: mine.id.clone() }).await.unwrap();
-    let gone = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: delta.revision }).await.unwrap().into_inner();
+    let gone =
+        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: delta.revision }).await.unwrap().into_inner();
     assert_eq!(gone.removed_ids, vec![mine.id]);
     assert!(gone.upserted.is_empty());
     t.stop().await;
@@ -127,7 +151,15 @@ async fn node_alias_from_join_token_authorizes_its_children() {
     let key = tessera_identity::PrivateKey::generate_ec_p256().unwrap();
     let id = tessera_identity::SpiffeId::new(&token.agent_id).unwrap();
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
-    let svid = t.anonymous_channel().await.attest_agent(attest_req(&token.token, csr)).await.unwrap().into_inner().svid.unwrap();
+    let svid = t
+        .anonymous_channel()
+        .await
+        .attest_agent(attest_req(&token.token, csr))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
     let mut c = t.agent_client(&svid.cert_chain, &key).await;
     let child = t.create_entry("spiffe://example.org/app", "spiffe://example.org/node/n1").await;
     let full = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap().into_inner();
@@ -161,17 +193,28 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
         agent::X509SvidParams { entry_id: mine.id.clone(), csr: csr_for("spiffe://example.org/admin") },
         agent::X509SvidParams { entry_id: "no-such-entry".into(), csr: csr_for("spiffe://example.org/web") },
     ];
-    let results = a.client.batch_new_x509_svid(agent::BatchNewX509SvidRequest { params }).await.unwrap().into_inner().results;
+    let results =
+        a.client.batch_new_x509_svid(agent::BatchNewX509SvidRequest { params }).await.unwrap().into_inner().results;
     let codes: Vec<i32> = results.iter().map(|r| r.status.as_ref().unwrap().code).collect();
     assert_eq!(
         codes,
-        vec![0, Code::PermissionDenied as i32, Code::InvalidArgument as i32, Code::InvalidArgument as i32, Code::InvalidArgument as i32, Code::PermissionDenied as i32]
+        vec![
+            0,
+            Code::PermissionDenied as i32,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            Code::PermissionDenied as i32
+        ]
     );
     assert!(results[3].status.as_ref().unwrap().message.contains("CA"), "{:?}", results[3].status);
     let svid = results[0].svid.as_ref().unwrap();
     let roots = t.bundle().await.x509_authorities;
     verify_chain(&svid.cert_chain, &roots, "spiffe://example.org/web").unwrap();
-    assert_eq!(tessera_identity::x509::check_svid_leaf(&svid.cert_chain[0]).unwrap().to_string(), "spiffe://example.org/web");
+    assert_eq!(
+        tessera_identity::x509::check_svid_leaf(&svid.cert_chain[0]).unwrap().to_string(),
+        "spiffe://example.org/web"
+    );
 
     // Exactly one workload SVID was issued; the refusals are audited, and the chain holds.
     let audit = t.server().store.audit_range(1, 1000).await.unwrap();
@@ -189,7 +232,9 @@ async fn oversized_and_empty_batches_are_refused() {
     let mut t = TestServer::start().await;
     let mut a = t.attested_agent().await;
     let mine = t.create_entry("spiffe://example.org/web", &a.id.to_string()).await;
-    let huge = agent::BatchNewX509SvidRequest { params: vec![agent::X509SvidParams { entry_id: mine.id.clone(), csr: vec![0u8; 2 * 1024 * 1024] }] };
+    let huge = agent::BatchNewX509SvidRequest {
+        params: vec![agent::X509SvidParams { entry_id: mine.id.clone(), csr: vec![0u8; 2 * 1024 * 1024] }],
+    };
     let e = a.client.batch_new_x509_svid(huge).await.unwrap_err();
     assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted), "{e:?}");
     let e = a.client.batch_new_x509_svid(agent::BatchNewX509SvidRequest { params: vec![] }).await.unwrap_err();
@@ -207,13 +252,23 @@ async fn jwt_svids_validate_against_the_bundle_and_are_scoped() {
     let other = t.attested_agent().await;
     let mine = t.create_entry("spiffe://example.org/web", &a.id.to_string()).await;
     let theirs = t.create_entry("spiffe://example.org/db", &other.id.to_string()).await;
-    let jwt = a.client.new_jwt_svid(agent::NewJwtSvidRequest { entry_id: mine.id.clone(), audience: vec!["svc-b".into()] }).await.unwrap().into_inner();
+    let jwt = a
+        .client
+        .new_jwt_svid(agent::NewJwtSvidRequest { entry_id: mine.id.clone(), audience: vec!["svc-b".into()] })
+        .await
+        .unwrap()
+        .into_inner();
     let bundles = a.client.fetch_bundles(agent::FetchBundlesRequest {}).await.unwrap().into_inner();
     let bundle = bundle_from_pb(&bundles.bundle.unwrap());
-    let v = tessera_identity::jwt::validate(&jwt.token, "svc-b", tessera_identity::unix_now(), |_| Some(&bundle)).unwrap();
+    let v =
+        tessera_identity::jwt::validate(&jwt.token, "svc-b", tessera_identity::unix_now(), |_| Some(&bundle)).unwrap();
     assert_eq!(v.spiffe_id.to_string(), "spiffe://example.org/web");
     assert!(jwt.expires_at - jwt.issued_at <= 300);
-    let e = a.client.new_jwt_svid(agent::NewJwtSvidRequest { entry_id: theirs.id, audience: vec!["svc-b".into()] }).await.unwrap_err();
+    let e = a
+        .client
+        .new_jwt_svid(agent::NewJwtSvidRequest { entry_id: theirs.id, audience: vec!["svc-b".into()] })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     let e = a.client.new_jwt_svid(agent::NewJwtSvidRequest { entry_id: mine.id, audience: vec![] }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -227,9 +282,14 @@ async fn federated_bundles_reach_agents_whose_entries_federate() {
     // A peer trust domain's root.
     let peer_key = rcgen::KeyPair::generate().unwrap();
     let peer_td = tessera_identity::TrustDomain::new("peer.org").unwrap();
-    let peer_root = tessera_identity::x509::ca_params(&peer_td, 0, 4_000_000_000, [1; 16]).unwrap().self_signed(&peer_key).unwrap();
+    let peer_root =
+        tessera_identity::x509::ca_params(&peer_td, 0, 4_000_000_000, [1; 16]).unwrap().self_signed(&peer_key).unwrap();
     t.admin
-        .set_federated_bundle(types::Bundle { trust_domain: "peer.org".into(), x509_authorities: vec![peer_root.der().to_vec()], ..Default::default() })
+        .set_federated_bundle(types::Bundle {
+            trust_domain: "peer.org".into(),
+            x509_authorities: vec![peer_root.der().to_vec()],
+            ..Default::default()
+        })
         .await
         .unwrap();
     let before = a.client.fetch_bundles(agent::FetchBundlesRequest {}).await.unwrap().into_inner();
@@ -256,14 +316,25 @@ async fn federated_bundles_reach_agents_whose_entries_federate() {
 async fn renewal_rotates_the_agent_svid_and_eviction_and_ban_lock_the_agent_out() {
     let mut t = TestServer::start().await;
     let mut a = t.attested_agent().await;
-    let renewed = a.client.renew_agent(agent::RenewAgentRequest { csr: csr_for(&a.id.to_string()) }).await.unwrap().into_inner().svid.unwrap();
+    let renewed = a
+        .client
+        .renew_agent(agent::RenewAgentRequest { csr: csr_for(&a.id.to_string()) })
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
     let old_serial = tessera_identity::x509::cert_facts(&a.chain[0]).unwrap().serial;
     let new_serial = tessera_identity::x509::cert_facts(&renewed.cert_chain[0]).unwrap().serial;
     assert_ne!(old_serial, new_serial);
     let rec = t.admin.get_agent(admin::AgentId { spiffe_id: a.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(rec.serial, new_serial);
     // Renewal for another identity is refused.
-    let e = a.client.renew_agent(agent::RenewAgentRequest { csr: csr_for("spiffe://example.org/tessera/agent/join_token/x") }).await.unwrap_err();
+    let e = a
+        .client
+        .renew_agent(agent::RenewAgentRequest { csr: csr_for("spiffe://example.org/tessera/agent/join_token/x") })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     let mut b = t.attested_agent().await;

@@ -70,7 +70,13 @@ pub enum BundleError {
 impl Bundle {
     /// An empty bundle for `td`.
     pub fn new(trust_domain: TrustDomain) -> Self {
-        Self { trust_domain, x509_authorities: Vec::new(), jwt_authorities: Vec::new(), sequence_number: 0, refresh_hint: None }
+        Self {
+            trust_domain,
+            x509_authorities: Vec::new(),
+            jwt_authorities: Vec::new(),
+            sequence_number: 0,
+            refresh_hint: None,
+        }
     }
 
     /// Adds an X.509 authority unless it is already present. Returns true if added.
@@ -150,12 +156,17 @@ impl Bundle {
         let mut b = Bundle::new(trust_domain);
         b.sequence_number = match obj.get("spiffe_sequence") {
             None => 0,
-            Some(s) => s.as_u64().ok_or_else(|| BundleError::Malformed("spiffe_sequence is not a non-negative integer".into()))?,
+            Some(s) => s
+                .as_u64()
+                .ok_or_else(|| BundleError::Malformed("spiffe_sequence is not a non-negative integer".into()))?,
         };
-        b.refresh_hint = match obj.get("spiffe_refresh_hint") {
-            None => None,
-            Some(h) => Some(h.as_u64().ok_or_else(|| BundleError::Malformed("spiffe_refresh_hint is not a non-negative integer".into()))?),
-        };
+        b.refresh_hint =
+            match obj.get("spiffe_refresh_hint") {
+                None => None,
+                Some(h) => Some(h.as_u64().ok_or_else(|| {
+                    BundleError::Malformed("spiffe_refresh_hint is not a non-negative integer".into())
+                })?),
+            };
         for (index, k) in keys.iter().enumerate() {
             let bad = |reason: &str| BundleError::BadKey { index, reason: reason.to_owned() };
             let k = k.as_object().ok_or_else(|| bad("not an object"))?;
@@ -165,15 +176,21 @@ impl Bundle {
                     let [cert] = x5c.as_slice() else {
                         return Err(bad("x5c must hold exactly one certificate"));
                     };
-                    let der = cert.as_str().and_then(|s| STANDARD.decode(s).ok()).ok_or_else(|| bad("x5c is not base64"))?;
-                    let (rest, _) = x509_parser::parse_x509_certificate(&der).map_err(|_| bad("x5c is not a certificate"))?;
+                    let der =
+                        cert.as_str().and_then(|s| STANDARD.decode(s).ok()).ok_or_else(|| bad("x5c is not base64"))?;
+                    let (rest, _) =
+                        x509_parser::parse_x509_certificate(&der).map_err(|_| bad("x5c is not a certificate"))?;
                     if !rest.is_empty() {
                         return Err(bad("x5c has trailing bytes"));
                     }
                     b.add_x509_authority(&der);
                 }
                 Some("jwt-svid") => {
-                    let kid = k.get("kid").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| bad("jwt-svid key without kid"))?;
+                    let kid = k
+                        .get("kid")
+                        .and_then(Value::as_str)
+                        .filter(|s| !s.is_empty())
+                        .ok_or_else(|| bad("jwt-svid key without kid"))?;
                     let public_key = jwk_to_spki(k).map_err(|r| bad(&r))?;
                     b.add_jwt_authority(JwtAuthority { key_id: kid.to_owned(), public_key, expires_at: 0 });
                 }
@@ -322,9 +339,18 @@ mod tests {
         let doc = sample().to_jwks().unwrap();
         assert!(matches!(Bundle::from_jwks(td(), &doc.as_bytes()[..doc.len() / 2]), Err(BundleError::Json(_))));
         assert!(matches!(Bundle::from_jwks(td(), b"{}"), Err(BundleError::Malformed(_))));
-        assert!(matches!(Bundle::from_jwks(td(), br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#), Err(BundleError::BadKey { index: 0, .. })));
-        assert!(matches!(Bundle::from_jwks(td(), br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#), Err(BundleError::BadKey { index: 0, .. })));
-        assert!(matches!(Bundle::from_jwks(td(), br#"{"keys":[], "spiffe_sequence": -1}"#), Err(BundleError::Malformed(_))));
+        assert!(matches!(
+            Bundle::from_jwks(td(), br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#),
+            Err(BundleError::BadKey { index: 0, .. })
+        ));
+        assert!(matches!(
+            Bundle::from_jwks(td(), br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#),
+            Err(BundleError::BadKey { index: 0, .. })
+        ));
+        assert!(matches!(
+            Bundle::from_jwks(td(), br#"{"keys":[], "spiffe_sequence": -1}"#),
+            Err(BundleError::Malformed(_))
+        ));
     }
 
     #[test]

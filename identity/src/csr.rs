@@ -149,7 +149,11 @@ impl CheckedCsr {
 
 /// Builds a CSR (DER) for `id` (and DNS names) signed by `key`. Used by agents and the CLI,
 /// which keep the key.
-pub fn build_csr(id: &SpiffeId, dns_names: &[String], key: &crate::PrivateKey) -> Result<Vec<u8>, crate::keys::KeyError> {
+pub fn build_csr(
+    id: &SpiffeId,
+    dns_names: &[String],
+    key: &crate::PrivateKey,
+) -> Result<Vec<u8>, crate::keys::KeyError> {
     let kp = key.to_rcgen()?;
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();

@@ -125,7 +125,15 @@ mod tests {
 
     #[test]
     fn rejects_ids_that_break_spiffe_rules() {
-        for bad in ["", "http://x/y", "spiffe://", "spiffe://EX AMPLE/x", "spiffe://td/a//b", "spiffe://td/a/", "spiffe://td/./a"] {
+        for bad in [
+            "",
+            "http://x/y",
+            "spiffe://",
+            "spiffe://EX AMPLE/x",
+            "spiffe://td/a//b",
+            "spiffe://td/a/",
+            "spiffe://td/./a",
+        ] {
             assert!(parse_spiffe_id(bad).is_err(), "{bad} accepted");
         }
     }

@@ -117,7 +117,8 @@ pub fn mint_es256(
     input.push('.');
     input.push_str(&URL_SAFE_NO_PAD.encode(c));
     let der = sign_der(input.as_bytes()).map_err(JwtError::Signing)?;
-    let fixed = crate::der::ecdsa_der_to_fixed(&der, 32).ok_or_else(|| JwtError::Signing("signer returned a non-P-256 signature".into()))?;
+    let fixed = crate::der::ecdsa_der_to_fixed(&der, 32)
+        .ok_or_else(|| JwtError::Signing("signer returned a non-P-256 signature".into()))?;
     input.push('.');
     input.push_str(&URL_SAFE_NO_PAD.encode(fixed));
     Ok(input)
@@ -162,12 +163,17 @@ pub fn validate<'b>(
     let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed("signature is not base64url"))?;
     let kid = header.kid.ok_or(JwtError::MissingKeyId)?;
     let spiffe_id = SpiffeId::new(&claims.sub).map_err(|_| JwtError::BadSubject)?;
-    let bundle = bundle_for(spiffe_id.trust_domain()).ok_or_else(|| JwtError::NoBundle(spiffe_id.trust_domain().to_string()))?;
+    let bundle =
+        bundle_for(spiffe_id.trust_domain()).ok_or_else(|| JwtError::NoBundle(spiffe_id.trust_domain().to_string()))?;
     let key = bundle.jwt_authority(&kid).ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
     let (_, spki) = SubjectPublicKeyInfo::from_der(&key.public_key).map_err(|_| JwtError::KeyMismatch(kid.clone()))?;
     let alg: &'static dyn signature::VerificationAlgorithm = match (header.alg.as_str(), spki.parsed()) {
-        ("ES256", Ok(x509_parser::public_key::PublicKey::EC(p))) if p.data().len() == 65 => &signature::ECDSA_P256_SHA256_FIXED,
-        ("ES384", Ok(x509_parser::public_key::PublicKey::EC(p))) if p.data().len() == 97 => &signature::ECDSA_P384_SHA384_FIXED,
+        ("ES256", Ok(x509_parser::public_key::PublicKey::EC(p))) if p.data().len() == 65 => {
+            &signature::ECDSA_P256_SHA256_FIXED
+        }
+        ("ES384", Ok(x509_parser::public_key::PublicKey::EC(p))) if p.data().len() == 97 => {
+            &signature::ECDSA_P384_SHA384_FIXED
+        }
         ("RS256", Ok(x509_parser::public_key::PublicKey::RSA(_))) => &signature::RSA_PKCS1_2048_8192_SHA256,
         ("RS384", Ok(x509_parser::public_key::PublicKey::RSA(_))) => &signature::RSA_PKCS1_2048_8192_SHA384,
         ("RS512", Ok(x509_parser::public_key::PublicKey::RSA(_))) => &signature::RSA_PKCS1_2048_8192_SHA512,

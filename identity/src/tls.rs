@@ -56,7 +56,10 @@ pub struct SpiffeServerVerifier {
 
 impl fmt::Debug for SpiffeServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SpiffeServerVerifier").field("roots", &self.roots.len()).field("authorize", &self.authorize).finish()
+        f.debug_struct("SpiffeServerVerifier")
+            .field("roots", &self.roots.len())
+            .field("authorize", &self.authorize)
+            .finish()
     }
 }
 
@@ -77,10 +80,16 @@ pub enum TlsError {
 
 impl SpiffeServerVerifier {
     /// A verifier trusting `roots` (DER) for peers matching `authorize`.
-    pub fn new(roots: &[CertificateDer<'_>], authorize: Authorize, provider: &CryptoProvider) -> Result<Self, TlsError> {
+    pub fn new(
+        roots: &[CertificateDer<'_>],
+        authorize: Authorize,
+        provider: &CryptoProvider,
+    ) -> Result<Self, TlsError> {
         let roots = roots
             .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()).map_err(|e| TlsError::BadRoot(e.to_string())))
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()).map_err(|e| TlsError::BadRoot(e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if roots.is_empty() {
             return Err(TlsError::NoRoots);
@@ -108,7 +117,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
             None,
         )
-        .map_err(|e| rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e)))))?;
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        })?;
         let id = leaf_spiffe_id(end_entity)
             .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))?;
         if !self.authorize.allows(&id) {
@@ -155,9 +166,9 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match client {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key.to_rustls())
-            .map_err(|e| TlsError::Config(e.to_string()))?,
+        Some((chain, key)) => {
+            builder.with_client_auth_cert(chain, key.to_rustls()).map_err(|e| TlsError::Config(e.to_string()))?
+        }
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];

@@ -105,7 +105,12 @@ pub fn leaf_params(spec: &LeafSpec<'_>) -> Result<CertificateParams, ProfileErro
 }
 
 /// Certificate parameters for a signing CA of `td` (self-signed root or intermediate).
-pub fn ca_params(td: &TrustDomain, not_before: i64, not_after: i64, serial: [u8; 16]) -> Result<CertificateParams, ProfileError> {
+pub fn ca_params(
+    td: &TrustDomain,
+    not_before: i64,
+    not_after: i64,
+    serial: [u8; 16],
+) -> Result<CertificateParams, ProfileError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Tessera");

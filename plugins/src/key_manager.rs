@@ -93,7 +93,8 @@ impl SoftwareKey {
         let pkcs8 = match key_type {
             KeyType::EcP256 | KeyType::EcP384 => {
                 let alg = ec_alg(key_type);
-                let doc = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).map_err(|e| gen_err(e.to_string()))?;
+                let doc =
+                    EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).map_err(|e| gen_err(e.to_string()))?;
                 PrivateKey::from_pkcs8_der(doc.as_ref().to_vec())
             }
             KeyType::Rsa2048 | KeyType::Rsa3072 => {
@@ -128,7 +129,11 @@ impl SoftwareKey {
 }
 
 fn ec_alg(kt: KeyType) -> &'static signature::EcdsaSigningAlgorithm {
-    if kt == KeyType::EcP384 { &signature::ECDSA_P384_SHA384_ASN1_SIGNING } else { &signature::ECDSA_P256_SHA256_ASN1_SIGNING }
+    if kt == KeyType::EcP384 {
+        &signature::ECDSA_P384_SHA384_ASN1_SIGNING
+    } else {
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING
+    }
 }
 
 impl CaKey for SoftwareKey {
@@ -150,10 +155,13 @@ impl CaKey for SoftwareKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyManagerError> {
         let rng = SystemRandom::new();
         match &self.inner {
-            Inner::Ec(k) => k.sign(&rng, msg).map(|s| s.as_ref().to_vec()).map_err(|_| KeyManagerError::Sign(self.id.clone())),
+            Inner::Ec(k) => {
+                k.sign(&rng, msg).map(|s| s.as_ref().to_vec()).map_err(|_| KeyManagerError::Sign(self.id.clone()))
+            }
             Inner::Rsa(k) => {
                 let mut sig = vec![0u8; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, msg, &mut sig).map_err(|_| KeyManagerError::Sign(self.id.clone()))?;
+                k.sign(&signature::RSA_PKCS1_SHA256, &rng, msg, &mut sig)
+                    .map_err(|_| KeyManagerError::Sign(self.id.clone()))?;
                 Ok(sig)
             }
         }

@@ -2,12 +2,14 @@
 //! killed with SIGKILL at random moments. After every kill the store must open, every SVID a
 //! client received must be in the audit log, and the hash chain must verify.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use tessera_e2e::ServerProc;
-use tessera_server::store::Store;
 use tessera_proto::admin::v1 as admin;
+use tessera_server::store::Store;
 
 const ROUNDS: usize = 5;
 
@@ -39,9 +41,18 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
                     let Ok(mut c) = tessera_server::cli::connect_admin(&socket).await else { return got };
                     for i in 0.. {
                         let id = format!("spiffe://example.org/r{round}/w{w}/{i}");
-                        let req = admin::MintX509SvidRequest { spiffe_id: id.clone(), csr: csr(&id), ttl: 0, dns_names: vec![] };
+                        let req = admin::MintX509SvidRequest {
+                            spiffe_id: id.clone(),
+                            csr: csr(&id),
+                            ttl: 0,
+                            dns_names: vec![],
+                        };
                         match c.mint_x509_svid(req).await {
-                            Ok(r) => got.push(tessera_identity::x509::cert_facts(&r.into_inner().svid.unwrap().cert_chain[0]).unwrap().serial),
+                            Ok(r) => got.push(
+                                tessera_identity::x509::cert_facts(&r.into_inner().svid.unwrap().cert_chain[0])
+                                    .unwrap()
+                                    .serial,
+                            ),
                             Err(_) => break, // the server died under us
                         }
                     }
@@ -62,12 +73,8 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
         // The store opens after SIGKILL and holds every acknowledged issuance.
         let store = tessera_server::store::sled::SledStore::open(&d.path().join("data/store"))
             .unwrap_or_else(|e| panic!("round {round}: store does not open after kill -9: {e}"));
-        let logged: HashSet<String> = rt
-            .block_on(store.audit_range(1, usize::MAX))
-            .unwrap()
-            .into_iter()
-            .map(|r| r.event.serial)
-            .collect();
+        let logged: HashSet<String> =
+            rt.block_on(store.audit_range(1, usize::MAX)).unwrap().into_iter().map(|r| r.event.serial).collect();
         let missing: Vec<_> = acknowledged.iter().filter(|s| !logged.contains(*s)).collect();
         assert!(missing.is_empty(), "round {round}: {} acknowledged SVIDs missing from the audit log", missing.len());
         let verdict = rt.block_on(tessera_server::store::verify_audit(&store)).unwrap();

@@ -1,6 +1,8 @@
 //! The real `tessera-server` binary, driven through its CLI as a user would, checked by tools
 //! nobody here wrote: openssl, pkilint, and the `spiffe` crate.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::PermissionsExt;
 
 use tessera_e2e::{ServerProc, pkilint, run};
@@ -29,15 +31,39 @@ fn minted_svid_verifies_with_openssl_parses_as_x509_svid_and_lints_clean() {
     let d = tempfile::tempdir().unwrap();
     let s = ServerProc::start(d.path(), CA_DEFAULT);
     let out = d.path().join("out");
-    let msg = s.cli_ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/web", "--dns", "web.local", "--write", out.to_str().unwrap()]);
+    let msg = s.cli_ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--dns",
+        "web.local",
+        "--write",
+        out.to_str().unwrap(),
+    ]);
     assert!(msg.contains("spiffe://example.org/web"), "{msg}");
     let bundle = d.path().join("bundle.pem");
     std::fs::write(&bundle, s.cli_ok(&["bundle", "show"])).unwrap();
 
     // openssl verifies the chain against `bundle show`, for client and server use.
     for purpose in ["sslclient", "sslserver"] {
-        let v = run("openssl", &["verify", "-purpose", purpose, "-CAfile", bundle.to_str().unwrap(), out.join("svid.pem").to_str().unwrap()]);
-        assert!(v.status.success(), "openssl verify ({purpose}): {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        let v = run(
+            "openssl",
+            &[
+                "verify",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                bundle.to_str().unwrap(),
+                out.join("svid.pem").to_str().unwrap(),
+            ],
+        );
+        assert!(
+            v.status.success(),
+            "openssl verify ({purpose}): {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
     }
     // The bundle written by mint is the same roots.
     assert_eq!(std::fs::read_to_string(out.join("bundle.pem")).unwrap(), std::fs::read_to_string(&bundle).unwrap());
@@ -59,7 +85,12 @@ fn minted_svid_verifies_with_openssl_parses_as_x509_svid_and_lints_clean() {
         let r = run(pkilint().to_str().unwrap(), &["lint", cert.to_str().unwrap()]);
         let report = String::from_utf8_lossy(&r.stdout).into_owned();
         assert!(r.status.code().is_some(), "pkilint crashed: {}", String::from_utf8_lossy(&r.stderr));
-        assert!(serious_findings(&report).is_empty(), "pkilint errors for {}: {:?}\n{report}", cert.display(), serious_findings(&report));
+        assert!(
+            serious_findings(&report).is_empty(),
+            "pkilint errors for {}: {:?}\n{report}",
+            cert.display(),
+            serious_findings(&report)
+        );
     }
 }
 
@@ -68,7 +99,16 @@ fn openssl_shows_the_svid_profile() {
     let d = tempfile::tempdir().unwrap();
     let s = ServerProc::start(d.path(), CA_DEFAULT);
     let out = d.path().join("out");
-    s.cli_ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/web", "--ttl", "10m", "--write", out.to_str().unwrap()]);
+    s.cli_ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--ttl",
+        "10m",
+        "--write",
+        out.to_str().unwrap(),
+    ]);
     let text = run("openssl", &["x509", "-noout", "-text", "-in", out.join("svid.pem").to_str().unwrap()]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("URI:spiffe://example.org/web"), "{text}");
@@ -84,8 +124,16 @@ fn entries_tokens_and_the_ca_survive_a_restart() {
     let d = tempfile::tempdir().unwrap();
     let mut s = ServerProc::start(d.path(), CA_DEFAULT);
     let created = s.cli_ok(&[
-        "entry", "create", "--spiffe-id", "spiffe://example.org/web", "--parent-id", "spiffe://example.org/tessera/agent/join_token/x",
-        "--selector", "unix:uid:1000", "--output", "json",
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        "spiffe://example.org/tessera/agent/join_token/x",
+        "--selector",
+        "unix:uid:1000",
+        "--output",
+        "json",
     ]);
     let entry: serde_json::Value = serde_json::from_str(&created).unwrap();
     let entry_id = entry["entries"][0]["id"].as_str().unwrap().to_owned();
@@ -133,7 +181,10 @@ fn prepare_then_activate_leaves_two_roots_and_svids_from_both_verify_with_openss
         assert!(v.status.success(), "{}: {}", svid.display(), String::from_utf8_lossy(&v.stderr));
     }
     // The two SVIDs chain to different roots.
-    let v = run("openssl", &["verify", "-CAfile", before.join("bundle.pem").to_str().unwrap(), after.join("svid.pem").to_str().unwrap()]);
+    let v = run(
+        "openssl",
+        &["verify", "-CAfile", before.join("bundle.pem").to_str().unwrap(), after.join("svid.pem").to_str().unwrap()],
+    );
     assert!(!v.status.success(), "new SVID verified against the old root alone");
 }
 
@@ -142,9 +193,47 @@ fn bad_cli_input_exits_non_zero_with_one_clear_line() {
     let d = tempfile::tempdir().unwrap();
     let s = ServerProc::start(d.path(), CA_DEFAULT);
     let cases: &[(&[&str], &str)] = &[
-        (&["entry", "create", "--spiffe-id", "spiffe://example.org/a//b", "--parent-id", "spiffe://example.org/p", "--selector", "unix:uid:1"], "InvalidArgument"),
-        (&["entry", "create", "--spiffe-id", "spiffe://example.org/a", "--parent-id", "spiffe://example.org/p", "--selector", "nope:x"], "invalid selector"),
-        (&["entry", "create", "--spiffe-id", "spiffe://example.org/a", "--parent-id", "spiffe://example.org/p", "--selector", "unix:uid:1", "--x509-svid-ttl", "100h"], "maximum"),
+        (
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a//b",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "InvalidArgument",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                "nope:x",
+            ],
+            "invalid selector",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                "spiffe://example.org/p",
+                "--selector",
+                "unix:uid:1",
+                "--x509-svid-ttl",
+                "100h",
+            ],
+            "maximum",
+        ),
         (&["x509", "mint", "--spiffe-id", "spiffe://other.org/a"], "not in trust domain"),
         (&["localauthority", "x509", "taint", "--authority-id", "ffff"], "NotFound"),
         (&["entry", "show", "--entry-id", "missing"], "NotFound"),
@@ -167,10 +256,14 @@ fn bad_config_is_refused_with_the_key_named() {
     for (text, needle) in [
         ("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\nfrobnicate = true\n", "frobnicate"),
         ("data_dir = \"/tmp/x\"\n", "missing required key `trust_domain`"),
-        ("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n[ca]\nca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"2h\"\n", "ca.default_x509_svid_ttl"),
+        (
+            "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n[ca]\nca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"2h\"\n",
+            "ca.default_x509_svid_ttl",
+        ),
     ] {
         std::fs::write(&cfg, text).unwrap();
-        let out = run(tessera_e2e::bin("tessera-server").to_str().unwrap(), &["run", "--config", cfg.to_str().unwrap()]);
+        let out =
+            run(tessera_e2e::bin("tessera-server").to_str().unwrap(), &["run", "--config", cfg.to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(err.contains(needle), "{needle:?} not in {err}");

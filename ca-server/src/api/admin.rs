@@ -36,10 +36,9 @@ fn ttl_arg(field: &str, secs: i64, max: Duration) -> Result<Option<Duration>, Ap
     match secs {
         0 => Ok(None),
         s if s < 0 => Err(ApiError::InvalidArgument(format!("{field} must not be negative"))),
-        s if s.unsigned_abs() > max.as_secs() => Err(ApiError::InvalidArgument(format!(
-            "{field} {s}s is over the server's maximum of {}s",
-            max.as_secs()
-        ))),
+        s if s.unsigned_abs() > max.as_secs() => {
+            Err(ApiError::InvalidArgument(format!("{field} {s}s is over the server's maximum of {}s", max.as_secs())))
+        }
         s => Ok(Some(Duration::from_secs(s.unsigned_abs()))),
     }
 }
@@ -89,11 +88,19 @@ impl Admin for AdminService {
             t => Duration::from_secs(t.unsigned_abs()),
         };
         let td = self.issuance.ca.trust_domain();
-        let alias = if r.spiffe_id.is_empty() { None } else { Some(parse_member_id(&r.spiffe_id, td).map_err(ApiError::from)?) };
+        let alias = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(parse_member_id(&r.spiffe_id, td).map_err(ApiError::from)?)
+        };
         let token = random_id()?;
         let agent = agent_id(td, "join_token", &token).map_err(ApiError::from)?;
         let expires_at = unix_now().saturating_add(i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX));
-        self.issuance.store.create_join_token(&JoinToken { token: token.clone(), expires_at }).await.map_err(ApiError::from)?;
+        self.issuance
+            .store
+            .create_join_token(&JoinToken { token: token.clone(), expires_at })
+            .await
+            .map_err(ApiError::from)?;
         let alias_entry = match alias {
             None => None,
             Some(spiffe_id) => {
@@ -145,21 +152,41 @@ impl Admin for AdminService {
 
     async fn delete_entry(&self, req: Request<pb::EntryId>) -> R<types::Entry> {
         let id = req.into_inner().id;
-        let e = self.issuance.store.delete_entry(&id).await.map_err(ApiError::from)?.ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        let e = self
+            .issuance
+            .store
+            .delete_entry(&id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
         info!(entry_id = %id, "Entry deleted");
         Ok(Response::new(entry_to_pb(&e)))
     }
 
     async fn get_entry(&self, req: Request<pb::EntryId>) -> R<types::Entry> {
         let id = req.into_inner().id;
-        let e = self.issuance.store.get_entry(&id).await.map_err(ApiError::from)?.ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        let e = self
+            .issuance
+            .store
+            .get_entry(&id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
         Ok(Response::new(entry_to_pb(&e)))
     }
 
     async fn list_entries(&self, req: Request<pb::ListEntriesRequest>) -> R<pb::ListEntriesResponse> {
         let r = req.into_inner();
-        let by_id = if r.by_spiffe_id.is_empty() { None } else { Some(parse_spiffe_id(&r.by_spiffe_id).map_err(ApiError::from)?) };
-        let by_parent = if r.by_parent_id.is_empty() { None } else { Some(parse_spiffe_id(&r.by_parent_id).map_err(ApiError::from)?) };
+        let by_id = if r.by_spiffe_id.is_empty() {
+            None
+        } else {
+            Some(parse_spiffe_id(&r.by_spiffe_id).map_err(ApiError::from)?)
+        };
+        let by_parent = if r.by_parent_id.is_empty() {
+            None
+        } else {
+            Some(parse_spiffe_id(&r.by_parent_id).map_err(ApiError::from)?)
+        };
         let mut by_sel = r.by_selectors.iter().map(selector_from_pb).collect::<Result<Vec<_>, _>>()?;
         by_sel.sort();
         let entries = match &by_parent {
@@ -186,17 +213,24 @@ impl Admin for AdminService {
         Ok(Response::new(bundle_to_pb(&self.issuance.ca.bundle())))
     }
 
-    async fn list_federated_bundles(&self, _req: Request<pb::ListFederatedBundlesRequest>) -> R<pb::ListFederatedBundlesResponse> {
+    async fn list_federated_bundles(
+        &self,
+        _req: Request<pb::ListFederatedBundlesRequest>,
+    ) -> R<pb::ListFederatedBundlesResponse> {
         let own = self.issuance.ca.trust_domain();
         let bundles = self.issuance.store.list_bundles().await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles: bundles.iter().filter(|b| &b.trust_domain != own).map(bundle_to_pb).collect() }))
+        Ok(Response::new(pb::ListFederatedBundlesResponse {
+            bundles: bundles.iter().filter(|b| &b.trust_domain != own).map(bundle_to_pb).collect(),
+        }))
     }
 
     #[instrument(skip_all, name = "SetFederatedBundle")]
     async fn set_federated_bundle(&self, req: Request<types::Bundle>) -> R<types::Bundle> {
         let b = bundle_from_pb(&req.into_inner())?;
         if &b.trust_domain == self.issuance.ca.trust_domain() {
-            return Err(ApiError::InvalidArgument("cannot set our own trust domain's bundle as federated".into()).into());
+            return Err(
+                ApiError::InvalidArgument("cannot set our own trust domain's bundle as federated".into()).into()
+            );
         }
         if b.is_empty() {
             return Err(ApiError::InvalidArgument("bundle has no X.509 or JWT authorities".into()).into());
@@ -206,7 +240,10 @@ impl Admin for AdminService {
         Ok(Response::new(bundle_to_pb(&b)))
     }
 
-    async fn delete_federated_bundle(&self, req: Request<pb::TrustDomainRequest>) -> R<pb::DeleteFederatedBundleResponse> {
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> R<pb::DeleteFederatedBundleResponse> {
         let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
         if &td == self.issuance.ca.trust_domain() {
             return Err(ApiError::InvalidArgument("cannot delete our own trust domain's bundle".into()).into());
@@ -225,10 +262,15 @@ impl Admin for AdminService {
             return Err(ApiError::InvalidArgument("an X509-SVID's SPIFFE ID must have a path".into()).into());
         }
         let ttl = ttl_arg("ttl", r.ttl, self.cfg.ca.max_x509_svid_ttl)?;
-        let req = X509Request { spiffe_id: &id, dns_names: &r.dns_names, ttl, caller: "admin", kind: AuditKind::X509Svid };
+        let req =
+            X509Request { spiffe_id: &id, dns_names: &r.dns_names, ttl, caller: "admin", kind: AuditKind::X509Svid };
         let issued = self.issuance.x509(req, r.csr).await?;
         Ok(Response::new(pb::MintX509SvidResponse {
-            svid: Some(types::X509Svid { spiffe_id: id.to_string(), cert_chain: issued.chain, expires_at: issued.not_after }),
+            svid: Some(types::X509Svid {
+                spiffe_id: id.to_string(),
+                cert_chain: issued.chain,
+                expires_at: issued.not_after,
+            }),
             bundle: self.issuance.ca.bundle().x509_authorities.iter().map(|c| c.as_ref().to_vec()).collect(),
         }))
     }
@@ -246,12 +288,18 @@ impl Admin for AdminService {
         Ok(Response::new(self.authorities()))
     }
 
-    async fn prepare_x509_authority(&self, _req: Request<pb::PrepareX509AuthorityRequest>) -> R<pb::X509AuthorityState> {
+    async fn prepare_x509_authority(
+        &self,
+        _req: Request<pb::PrepareX509AuthorityRequest>,
+    ) -> R<pb::X509AuthorityState> {
         self.issuance.ca.prepare_x509().await.map_err(ApiError::from)?;
         Ok(Response::new(self.authorities()))
     }
 
-    async fn activate_x509_authority(&self, req: Request<pb::ActivateX509AuthorityRequest>) -> R<pb::X509AuthorityState> {
+    async fn activate_x509_authority(
+        &self,
+        req: Request<pb::ActivateX509AuthorityRequest>,
+    ) -> R<pb::X509AuthorityState> {
         let want = req.into_inner().authority_id;
         self.issuance.ca.activate_x509(Some(&want)).await.map_err(ApiError::from)?;
         Ok(Response::new(self.authorities()))
@@ -294,6 +342,12 @@ impl Admin for AdminService {
 
     async fn verify_audit(&self, _req: Request<pb::VerifyAuditRequest>) -> R<pb::VerifyAuditResponse> {
         let v = verify_audit(self.issuance.store.as_ref()).await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::VerifyAuditResponse { ok: v.ok, records: v.records, first_broken: v.first_broken.unwrap_or(0), reason: v.reason, head: v.head }))
+        Ok(Response::new(pb::VerifyAuditResponse {
+            ok: v.ok,
+            records: v.records,
+            first_broken: v.first_broken.unwrap_or(0),
+            reason: v.reason,
+            head: v.head,
+        }))
     }
 }

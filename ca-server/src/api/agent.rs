@@ -43,27 +43,23 @@ impl AgentService {
 
     /// Authenticates the caller from its TLS client certificate and the agent record.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
-        let certs = req
-            .extensions()
-            .get::<super::tls::PeerCerts>()
-            .and_then(|p| p.0.clone())
-            .ok_or_else(|| ApiError::Unauthenticated("this call requires the agent's SVID as TLS client certificate".into()))?;
+        let certs = req.extensions().get::<super::tls::PeerCerts>().and_then(|p| p.0.clone()).ok_or_else(|| {
+            ApiError::Unauthenticated("this call requires the agent's SVID as TLS client certificate".into())
+        })?;
         let leaf = certs.first().ok_or_else(|| ApiError::Unauthenticated("no client certificate".into()))?;
         let id = tessera_identity::tls::leaf_spiffe_id(leaf)
             .ok_or_else(|| ApiError::Unauthenticated("client certificate has no SPIFFE ID".into()))?;
         if !tessera_identity::ids::is_agent_id(&id, self.issuance.ca.trust_domain()) {
             return Err(ApiError::PermissionDenied(format!("{id} is not an agent of this trust domain")));
         }
-        let record = self
-            .issuance
-            .store
-            .get_agent(&id)
-            .await?
-            .ok_or_else(|| ApiError::PermissionDenied(format!("agent {id} is not attested (evicted?); it must attest again")))?;
+        let record = self.issuance.store.get_agent(&id).await?.ok_or_else(|| {
+            ApiError::PermissionDenied(format!("agent {id} is not attested (evicted?); it must attest again"))
+        })?;
         if record.banned {
             return Err(ApiError::PermissionDenied(format!("agent {id} is banned")));
         }
-        let serial = tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?.serial;
+        let serial =
+            tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?.serial;
         if serial != record.serial && serial != record.previous_serial {
             return Err(ApiError::PermissionDenied(format!("agent {id} presented an SVID that is no longer current")));
         }
@@ -94,7 +90,13 @@ impl AgentService {
         Ok(out)
     }
 
-    async fn sign_agent_svid(&self, id: &SpiffeId, csr: Vec<u8>, caller: &str, kind: AuditKind) -> Result<crate::ca::IssuedX509, ApiError> {
+    async fn sign_agent_svid(
+        &self,
+        id: &SpiffeId,
+        csr: Vec<u8>,
+        caller: &str,
+        kind: AuditKind,
+    ) -> Result<crate::ca::IssuedX509, ApiError> {
         let req = X509Request { spiffe_id: id, dns_names: &[], ttl: Some(self.cfg.agent_svid_ttl), caller, kind };
         self.issuance.x509(req, csr).await
     }
@@ -113,19 +115,31 @@ pub fn authorized_digest(entries: &BTreeMap<String, Entry>) -> Vec<u8> {
 }
 
 fn svid_pb(spiffe_id: &SpiffeId, issued: &crate::ca::IssuedX509) -> tessera_proto::types::v1::X509Svid {
-    tessera_proto::types::v1::X509Svid { spiffe_id: spiffe_id.to_string(), cert_chain: issued.chain.clone(), expires_at: issued.not_after }
+    tessera_proto::types::v1::X509Svid {
+        spiffe_id: spiffe_id.to_string(),
+        cert_chain: issued.chain.clone(),
+        expires_at: issued.not_after,
+    }
 }
 
 #[tonic::async_trait]
 impl Agent for AgentService {
     #[instrument(skip_all, name = "AttestAgent")]
-    async fn attest_agent(&self, req: Request<pb::AttestAgentRequest>) -> Result<Response<pb::AttestAgentResponse>, Status> {
+    async fn attest_agent(
+        &self,
+        req: Request<pb::AttestAgentRequest>,
+    ) -> Result<Response<pb::AttestAgentResponse>, Status> {
         let r = req.into_inner();
         let data = r.data.ok_or_else(|| ApiError::InvalidArgument("attestation data is required".into()))?;
         if data.r#type != "join_token" {
-            return Err(ApiError::InvalidArgument(format!("unsupported attestation type {:?} (supported: join_token)", data.r#type)).into());
+            return Err(ApiError::InvalidArgument(format!(
+                "unsupported attestation type {:?} (supported: join_token)",
+                data.r#type
+            ))
+            .into());
         }
-        let token = String::from_utf8(data.payload).map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
+        let token =
+            String::from_utf8(data.payload).map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
         if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(ApiError::InvalidArgument("join token is malformed".into()).into());
         }
@@ -135,12 +149,12 @@ impl Agent for AgentService {
         tessera_identity::csr::CheckedCsr::from_der(&r.csr)
             .and_then(|c| c.check_names(&id, &[]))
             .map_err(ApiError::from)?;
-        if let Some(existing) = self.issuance.store.get_agent(&id).await.map_err(ApiError::from)? {
-            if existing.banned {
-                let e = ApiError::PermissionDenied(format!("agent {id} is banned"));
-                self.issuance.deny(&id, "attestor", &e).await;
-                return Err(e.into());
-            }
+        if let Some(existing) = self.issuance.store.get_agent(&id).await.map_err(ApiError::from)?
+            && existing.banned
+        {
+            let e = ApiError::PermissionDenied(format!("agent {id} is banned"));
+            self.issuance.deny(&id, "attestor", &e).await;
+            return Err(e.into());
         }
         let now = unix_now();
         let Some(jt) = self.issuance.store.take_join_token(&token).await.map_err(ApiError::from)? else {
@@ -175,7 +189,10 @@ impl Agent for AgentService {
     }
 
     #[instrument(skip_all, name = "RenewAgent")]
-    async fn renew_agent(&self, req: Request<pb::RenewAgentRequest>) -> Result<Response<pb::RenewAgentResponse>, Status> {
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let caller = self.caller(&req).await?;
         let csr = req.into_inner().csr;
         let issued = self.sign_agent_svid(&caller.id, csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
@@ -188,12 +205,20 @@ impl Agent for AgentService {
     }
 
     #[instrument(skip_all, name = "SyncEntries")]
-    async fn sync_entries(&self, req: Request<pb::SyncEntriesRequest>) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+    async fn sync_entries(
+        &self,
+        req: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let caller = self.caller(&req).await?;
         let since = req.into_inner().since_revision;
         let changes = self.issuance.store.entry_changes(since).await.map_err(ApiError::from)?;
         let authorized = self.authorized(&caller.id).await?;
-        let mut resp = pb::SyncEntriesResponse { revision: changes.revision, upserted: vec![], removed_ids: changes.deleted, authorized_digest: authorized_digest(&authorized) };
+        let mut resp = pb::SyncEntriesResponse {
+            revision: changes.revision,
+            upserted: vec![],
+            removed_ids: changes.deleted,
+            authorized_digest: authorized_digest(&authorized),
+        };
         if since == 0 {
             resp.upserted = authorized.values().map(entry_to_pb).collect();
         } else {
@@ -208,14 +233,22 @@ impl Agent for AgentService {
     }
 
     #[instrument(skip_all, name = "BatchNewX509Svid")]
-    async fn batch_new_x509_svid(&self, req: Request<pb::BatchNewX509SvidRequest>) -> Result<Response<pb::BatchNewX509SvidResponse>, Status> {
+    async fn batch_new_x509_svid(
+        &self,
+        req: Request<pb::BatchNewX509SvidRequest>,
+    ) -> Result<Response<pb::BatchNewX509SvidResponse>, Status> {
         let caller = self.caller(&req).await?;
         let params = req.into_inner().params;
         if params.is_empty() {
             return Err(ApiError::InvalidArgument("empty batch".into()).into());
         }
         if params.len() > self.cfg.max_batch_size {
-            return Err(ApiError::ResourceExhausted(format!("batch of {} is over the limit of {}", params.len(), self.cfg.max_batch_size)).into());
+            return Err(ApiError::ResourceExhausted(format!(
+                "batch of {} is over the limit of {}",
+                params.len(),
+                self.cfg.max_batch_size
+            ))
+            .into());
         }
         let authorized = self.authorized(&caller.id).await?;
         let caller_s = caller.id.to_string();
@@ -223,7 +256,8 @@ impl Agent for AgentService {
         for p in params {
             let outcome = match authorized.get(&p.entry_id) {
                 None => {
-                    let e = ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", p.entry_id));
+                    let e =
+                        ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", p.entry_id));
                     if let Some(entry) = self.issuance.store.get_entry(&p.entry_id).await.ok().flatten() {
                         self.issuance.deny(&entry.spiffe_id, &caller_s, &e).await;
                     }
@@ -232,12 +266,22 @@ impl Agent for AgentService {
                 }
                 Some(entry) => {
                     let ttl = (entry.x509_svid_ttl > 0).then(|| Duration::from_secs(u64::from(entry.x509_svid_ttl)));
-                    let req = X509Request { spiffe_id: &entry.spiffe_id, dns_names: &entry.dns_names, ttl, caller: &caller_s, kind: AuditKind::X509Svid };
+                    let req = X509Request {
+                        spiffe_id: &entry.spiffe_id,
+                        dns_names: &entry.dns_names,
+                        ttl,
+                        caller: &caller_s,
+                        kind: AuditKind::X509Svid,
+                    };
                     self.issuance.x509(req, p.csr).await.map(|i| svid_pb(&entry.spiffe_id, &i))
                 }
             };
             results.push(match outcome {
-                Ok(svid) => pb::X509SvidResult { entry_id: p.entry_id, svid: Some(svid), status: Some(pb::ItemStatus { code: 0, message: String::new() }) },
+                Ok(svid) => pb::X509SvidResult {
+                    entry_id: p.entry_id,
+                    svid: Some(svid),
+                    status: Some(pb::ItemStatus { code: 0, message: String::new() }),
+                },
                 Err(e) => pb::X509SvidResult {
                     entry_id: p.entry_id,
                     svid: None,
@@ -249,13 +293,16 @@ impl Agent for AgentService {
     }
 
     #[instrument(skip_all, name = "NewJwtSvid")]
-    async fn new_jwt_svid(&self, req: Request<pb::NewJwtSvidRequest>) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
+    async fn new_jwt_svid(
+        &self,
+        req: Request<pb::NewJwtSvidRequest>,
+    ) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
         let authorized = self.authorized(&caller.id).await?;
-        let entry = authorized
-            .get(&r.entry_id)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", r.entry_id)))?;
+        let entry = authorized.get(&r.entry_id).ok_or_else(|| {
+            ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", r.entry_id))
+        })?;
         let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(u64::from(entry.jwt_svid_ttl)));
         let jwt = self.issuance.jwt(&entry.spiffe_id, r.audience, ttl, &caller.id.to_string()).await?;
         Ok(Response::new(pb::NewJwtSvidResponse {
@@ -267,7 +314,10 @@ impl Agent for AgentService {
     }
 
     #[instrument(skip_all, name = "FetchBundles")]
-    async fn fetch_bundles(&self, req: Request<pb::FetchBundlesRequest>) -> Result<Response<pb::FetchBundlesResponse>, Status> {
+    async fn fetch_bundles(
+        &self,
+        req: Request<pb::FetchBundlesRequest>,
+    ) -> Result<Response<pb::FetchBundlesResponse>, Status> {
         let caller = self.caller(&req).await?;
         let authorized = self.authorized(&caller.id).await?;
         let wanted: HashSet<_> = authorized.values().flat_map(|e| e.federates_with.iter().cloned()).collect();
@@ -277,6 +327,9 @@ impl Agent for AgentService {
                 federated.push(bundle_to_pb(&b));
             }
         }
-        Ok(Response::new(pb::FetchBundlesResponse { bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())), federated_bundles: federated }))
+        Ok(Response::new(pb::FetchBundlesResponse {
+            bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())),
+            federated_bundles: federated,
+        }))
     }
 }

@@ -69,7 +69,11 @@ pub fn entry_from_pb(e: &pb::Entry, td: &TrustDomain, ca: &CaConfig) -> Result<E
         return Err(ApiError::InvalidArgument(format!("an entry cannot federate with its own trust domain {td}")));
     }
     for d in &e.dns_names {
-        let ok = !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*'));
+        let ok = !d.is_empty()
+            && d.len() <= 253
+            && d.split('.').all(|l| {
+                !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+            });
         if !ok {
             return Err(ApiError::InvalidArgument(format!("invalid DNS name {d:?}")));
         }
@@ -104,7 +108,11 @@ pub fn bundle_to_pb(b: &Bundle) -> pb::Bundle {
         jwt_authorities: b
             .jwt_authorities
             .iter()
-            .map(|k| pb::JwtKey { public_key: k.public_key.clone(), key_id: k.key_id.clone(), expires_at: k.expires_at })
+            .map(|k| pb::JwtKey {
+                public_key: k.public_key.clone(),
+                key_id: k.key_id.clone(),
+                expires_at: k.expires_at,
+            })
             .collect(),
         sequence_number: b.sequence_number,
         refresh_hint_seconds: b.refresh_hint.map_or(0, |h| i64::try_from(h).unwrap_or(i64::MAX)),
@@ -116,19 +124,25 @@ pub fn bundle_from_pb(b: &pb::Bundle) -> Result<Bundle, ApiError> {
     let td = parse_trust_domain(&b.trust_domain)?;
     let mut out = Bundle::new(td);
     for (i, c) in b.x509_authorities.iter().enumerate() {
-        tessera_identity::x509::cert_facts(c).map_err(|e| ApiError::InvalidArgument(format!("x509 authority {i}: {e}")))?;
+        tessera_identity::x509::cert_facts(c)
+            .map_err(|e| ApiError::InvalidArgument(format!("x509 authority {i}: {e}")))?;
         out.add_x509_authority(c);
     }
     for k in &b.jwt_authorities {
         if k.key_id.is_empty() {
             return Err(ApiError::InvalidArgument("JWT authority without key ID".into()));
         }
-        out.add_jwt_authority(JwtAuthority { key_id: k.key_id.clone(), public_key: k.public_key.clone(), expires_at: k.expires_at });
+        out.add_jwt_authority(JwtAuthority {
+            key_id: k.key_id.clone(),
+            public_key: k.public_key.clone(),
+            expires_at: k.expires_at,
+        });
     }
     // Round-trip through the JWKS form: it validates every key the same way the bundle
     // endpoint will.
     let doc = out.to_jwks().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    Bundle::from_jwks(out.trust_domain.clone(), doc.as_bytes()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    Bundle::from_jwks(out.trust_domain.clone(), doc.as_bytes())
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     out.sequence_number = b.sequence_number;
     out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
     Ok(out)

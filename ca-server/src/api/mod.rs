@@ -187,7 +187,13 @@ impl Issuance {
     }
 
     /// Mints a JWT-SVID and records it durably before returning it.
-    pub async fn jwt(&self, id: &SpiffeId, audience: Vec<String>, ttl: Option<Duration>, caller: &str) -> Result<IssuedJwt, ApiError> {
+    pub async fn jwt(
+        &self,
+        id: &SpiffeId,
+        audience: Vec<String>,
+        ttl: Option<Duration>,
+        caller: &str,
+    ) -> Result<IssuedJwt, ApiError> {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             let e = ApiError::InvalidArgument("at least one non-empty audience is required".into());
             self.metrics.jwt_issued.failed(&e);
@@ -213,7 +219,15 @@ impl Issuance {
     }
 
     /// Appends an audit record; failing to record means failing the request.
-    pub async fn audit(&self, kind: AuditKind, id: &SpiffeId, serial: &str, not_after: i64, caller: &str, detail: &str) -> Result<(), ApiError> {
+    pub async fn audit(
+        &self,
+        kind: AuditKind,
+        id: &SpiffeId,
+        serial: &str,
+        not_after: i64,
+        caller: &str,
+        detail: &str,
+    ) -> Result<(), ApiError> {
         let ev = AuditEvent {
             at_ms: unix_now().saturating_mul(1000),
             kind,

@@ -47,12 +47,12 @@ impl ServerIdentity {
     fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, CaError> {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
         let now = unix_now();
-        if let Ok(cur) = self.current.read() {
-            if let Some((_, issued, not_after)) = cur.as_ref() {
-                if now < issued + (not_after - issued) / 2 && *not_after <= ca_not_after {
-                    return Ok(false);
-                }
-            }
+        if let Ok(cur) = self.current.read()
+            && let Some((_, issued, not_after)) = cur.as_ref()
+            && now < issued + (not_after - issued) / 2
+            && *not_after <= ca_not_after
+        {
+            return Ok(false);
         }
         let (svid, key) = ca.issue_own_svid(id, ttl)?;
         let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
@@ -154,27 +154,51 @@ pub struct AgentConn(TlsStream<TcpStream>);
 impl tonic::transport::server::Connected for AgentConn {
     type ConnectInfo = PeerCerts;
     fn connect_info(&self) -> PeerCerts {
-        PeerCerts(self.0.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())))
+        PeerCerts(
+            self.0
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+        )
     }
 }
 
 impl tokio::io::AsyncRead for AgentConn {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for AgentConn {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -229,7 +253,10 @@ pub fn incoming(
 
 /// Connects a tonic channel over TCP + rustls (`client_config` decides who the server must be
 /// and which client certificate to present). Used by agents and by in-process tests.
-pub async fn connect(addr: SocketAddr, client_config: rustls::ClientConfig) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+pub async fn connect(
+    addr: SocketAddr,
+    client_config: rustls::ClientConfig,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
     tonic::transport::Endpoint::from_static("http://tessera-server")
         .connect_with_connector(tower::service_fn(move |_| {

@@ -208,7 +208,9 @@ impl Ca {
             match ca.restore_x509(e).await {
                 Ok(Some(a)) if e.status == SlotStatus::Active => state.x509_active = Some(a),
                 Ok(Some(a)) => state.x509_prepared = Some(a),
-                Ok(None) => warn!(authority_id = %e.authority_id, "X.509 CA key is gone from the key manager; the CA will be replaced"),
+                Ok(None) => {
+                    warn!(authority_id = %e.authority_id, "X.509 CA key is gone from the key manager; the CA will be replaced")
+                }
                 Err(err) => warn!(authority_id = %e.authority_id, error = %err, "Cannot restore X.509 CA"),
             }
         }
@@ -219,19 +221,28 @@ impl Ca {
             match ca.km.get_key(&e.key_id).await? {
                 Some(key) if STANDARD.encode(spki_of(key.as_ref())) == e.public_key => {
                     let s = Arc::new(JwtSigner { entry: e.clone(), key });
-                    if e.status == SlotStatus::Active { state.jwt_active = Some(s) } else { state.jwt_prepared = Some(s) }
+                    if e.status == SlotStatus::Active {
+                        state.jwt_active = Some(s)
+                    } else {
+                        state.jwt_prepared = Some(s)
+                    }
                 }
                 _ => warn!(kid = %e.kid, "JWT key is gone from the key manager; it will be replaced"),
             }
         }
         // A restored authority whose key was lost is no longer usable: mark it old.
-        let usable: Vec<String> = [&state.x509_active, &state.x509_prepared].into_iter().flatten().map(|a| a.entry.authority_id.clone()).collect();
+        let usable: Vec<String> = [&state.x509_active, &state.x509_prepared]
+            .into_iter()
+            .flatten()
+            .map(|a| a.entry.authority_id.clone())
+            .collect();
         for e in &mut state.journal.x509 {
             if e.status != SlotStatus::Old && !usable.contains(&e.authority_id) {
                 e.status = SlotStatus::Old;
             }
         }
-        let usable_jwt: Vec<String> = [&state.jwt_active, &state.jwt_prepared].into_iter().flatten().map(|s| s.entry.kid.clone()).collect();
+        let usable_jwt: Vec<String> =
+            [&state.jwt_active, &state.jwt_prepared].into_iter().flatten().map(|s| s.entry.kid.clone()).collect();
         for e in &mut state.journal.jwt {
             if e.status != SlotStatus::Old && !usable_jwt.contains(&e.kid) {
                 e.status = SlotStatus::Old;
@@ -249,7 +260,11 @@ impl Ca {
         let chain = e
             .chain
             .iter()
-            .map(|c| STANDARD.decode(c).map_err(|_| CaError::InvalidState(format!("journal certificate for {} is not base64", e.authority_id))))
+            .map(|c| {
+                STANDARD.decode(c).map_err(|_| {
+                    CaError::InvalidState(format!("journal certificate for {} is not base64", e.authority_id))
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let Some(cert) = chain.first() else { return Ok(None) };
         if cert_facts(cert)?.spki != spki_of(key.as_ref()) {
@@ -258,7 +273,12 @@ impl Ca {
         Ok(Some(Arc::new(self.authority(e.clone(), key, chain)?)))
     }
 
-    fn authority(&self, entry: X509CaEntry, key: Arc<dyn CaKey>, chain: Vec<Vec<u8>>) -> Result<X509Authority, CaError> {
+    fn authority(
+        &self,
+        entry: X509CaEntry,
+        key: Arc<dyn CaKey>,
+        chain: Vec<Vec<u8>>,
+    ) -> Result<X509Authority, CaError> {
         let alg = key.key_type().signature_algorithm();
         let cert = chain.first().ok_or_else(|| CaError::InvalidState("authority without certificate".into()))?;
         let issuer = Issuer::from_ca_cert_der(&cert.as_slice().into(), KeySigner { key, alg })
@@ -291,9 +311,13 @@ impl Ca {
     /// True when an X.509 CA and a JWT key are active and unexpired.
     pub fn is_ready(&self) -> bool {
         let now = unix_now();
-        self.state.read().map(|s| {
-            s.x509_active.as_ref().is_some_and(|a| a.entry.not_after > now) && s.jwt_active.as_ref().is_some_and(|j| j.entry.not_after > now)
-        }).unwrap_or(false)
+        self.state
+            .read()
+            .map(|s| {
+                s.x509_active.as_ref().is_some_and(|a| a.entry.not_after > now)
+                    && s.jwt_active.as_ref().is_some_and(|j| j.entry.not_after > now)
+            })
+            .unwrap_or(false)
     }
 
     /// The active X.509 CA's notAfter, Unix seconds.
@@ -307,7 +331,13 @@ impl Ca {
 
     /// Signs an X509-SVID for `id` over a checked CSR's key. `ttl` = None uses the default;
     /// the result never outlives the CA. Blocking: call off the reactor.
-    pub fn sign_x509_svid(&self, id: &SpiffeId, dns_names: &[String], csr: &CheckedCsr, ttl: Option<Duration>) -> Result<IssuedX509, CaError> {
+    pub fn sign_x509_svid(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        csr: &CheckedCsr,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedX509, CaError> {
         self.sign_leaf(id, dns_names, csr.public_key(), csr.is_rsa(), ttl)
     }
 
@@ -319,7 +349,14 @@ impl Ca {
         Ok((issued, key))
     }
 
-    fn sign_leaf(&self, id: &SpiffeId, dns_names: &[String], public_key: &impl PublicKeyData, rsa: bool, ttl: Option<Duration>) -> Result<IssuedX509, CaError> {
+    fn sign_leaf(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        public_key: &impl PublicKeyData,
+        rsa: bool,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedX509, CaError> {
         let auth = self.active_x509()?;
         let now = unix_now();
         let ttl = secs(ttl.unwrap_or(self.cfg.default_x509_svid_ttl));
@@ -337,7 +374,8 @@ impl Ca {
             issuer_not_after: auth.entry.not_after,
             serial,
         };
-        let cert = leaf_params(&spec)?.signed_by(public_key, &auth.issuer).map_err(|e| CaError::Signing(e.to_string()))?;
+        let cert =
+            leaf_params(&spec)?.signed_by(public_key, &auth.issuer).map_err(|e| CaError::Signing(e.to_string()))?;
         let mut chain = Vec::with_capacity(1 + auth.chain_tail.len());
         chain.push(cert.der().to_vec());
         chain.extend(auth.chain_tail.iter().cloned());
@@ -345,8 +383,14 @@ impl Ca {
     }
 
     /// Mints an ES256 JWT-SVID. Blocking: call off the reactor.
-    pub fn mint_jwt_svid(&self, id: &SpiffeId, audience: &[String], ttl: Option<Duration>) -> Result<IssuedJwt, CaError> {
-        let signer = self.state.read().ok().and_then(|s| s.jwt_active.clone()).ok_or(CaError::NoActiveAuthority("JWT"))?;
+    pub fn mint_jwt_svid(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedJwt, CaError> {
+        let signer =
+            self.state.read().ok().and_then(|s| s.jwt_active.clone()).ok_or(CaError::NoActiveAuthority("JWT"))?;
         let now = unix_now();
         let exp = now.saturating_add(secs(ttl.unwrap_or(self.cfg.default_jwt_svid_ttl))).min(signer.entry.not_after);
         if exp <= now {
@@ -393,7 +437,12 @@ impl Ca {
         let _g = self.ops.lock().await;
         let journal = {
             let mut s = self.state.write().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
-            let e = s.journal.x509.iter_mut().find(|e| e.authority_id == authority_id).ok_or_else(|| CaError::UnknownAuthority(authority_id.to_owned()))?;
+            let e = s
+                .journal
+                .x509
+                .iter_mut()
+                .find(|e| e.authority_id == authority_id)
+                .ok_or_else(|| CaError::UnknownAuthority(authority_id.to_owned()))?;
             if e.status != SlotStatus::Old {
                 return Err(CaError::InvalidState(format!(
                     "authority {authority_id} is {}; only an old authority can be tainted (activate its successor first)",
@@ -526,11 +575,16 @@ impl Ca {
     async fn activate_x509_locked(&self, expected: Option<&str>) -> Result<(), CaError> {
         let journal = {
             let mut s = self.state.write().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
-            let prepared = s.x509_prepared.clone().ok_or_else(|| CaError::InvalidState("no prepared X.509 authority to activate; run prepare first".into()))?;
-            if let Some(want) = expected.filter(|w| !w.is_empty()) {
-                if want != prepared.entry.authority_id {
-                    return Err(CaError::InvalidState(format!("authority {want} is not the prepared one ({})", prepared.entry.authority_id)));
-                }
+            let prepared = s.x509_prepared.clone().ok_or_else(|| {
+                CaError::InvalidState("no prepared X.509 authority to activate; run prepare first".into())
+            })?;
+            if let Some(want) = expected.filter(|w| !w.is_empty())
+                && want != prepared.entry.authority_id
+            {
+                return Err(CaError::InvalidState(format!(
+                    "authority {want} is not the prepared one ({})",
+                    prepared.entry.authority_id
+                )));
             }
             let prepared_id = prepared.entry.authority_id.clone();
             for e in &mut s.journal.x509 {
@@ -614,7 +668,13 @@ impl Ca {
                 .filter(|e| e.status == SlotStatus::Old && e.not_after <= now)
                 .filter_map(|e| e.chain.last().and_then(|c| STANDARD.decode(c).ok()))
                 .collect();
-            let kids: Vec<String> = s.journal.jwt.iter().filter(|e| e.status == SlotStatus::Old && e.not_after <= now).map(|e| e.kid.clone()).collect();
+            let kids: Vec<String> = s
+                .journal
+                .jwt
+                .iter()
+                .filter(|e| e.status == SlotStatus::Old && e.not_after <= now)
+                .map(|e| e.kid.clone())
+                .collect();
             if certs.is_empty() && kids.is_empty() {
                 return Ok(());
             }

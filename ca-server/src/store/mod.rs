@@ -14,7 +14,10 @@ pub mod records;
 pub mod sled;
 
 pub use audit::{AuditEvent, AuditKind, AuditRecord, AuditVerdict};
-pub use records::{AgentRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry, SlotStatus, X509CaEntry};
+pub use records::{
+    AgentRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry, SlotStatus,
+    X509CaEntry,
+};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]

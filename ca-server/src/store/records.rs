@@ -203,7 +203,11 @@ impl From<&tessera_identity::Bundle> for StoredBundle {
             jwt_authorities: b
                 .jwt_authorities
                 .iter()
-                .map(|k| StoredJwtKey { key_id: k.key_id.clone(), public_key: e.encode(&k.public_key), expires_at: k.expires_at })
+                .map(|k| StoredJwtKey {
+                    key_id: k.key_id.clone(),
+                    public_key: e.encode(&k.public_key),
+                    expires_at: k.expires_at,
+                })
                 .collect(),
             sequence_number: b.sequence_number,
             refresh_hint: b.refresh_hint,

@@ -16,8 +16,8 @@ use tokio::sync::Mutex;
 
 use super::records::StoredBundle;
 use super::{
-    AgentRecord, AuditEvent, AuditRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, Result, Store,
-    StoreError, audit,
+    AgentRecord, AuditEvent, AuditRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, Result,
+    Store, StoreError, audit,
 };
 
 const META_ENTRY_REV: &[u8] = b"entry_rev";
@@ -129,27 +129,30 @@ impl SledStore {
     /// transaction, assigning the next revision.
     fn write_entry(&self, entry: &Entry, previous: Option<&Entry>, delete: bool) -> Result<u64> {
         let value = enc(entry)?;
-        let res = (&self.entries, &self.by_rev, &self.by_parent, &self.meta).transaction(|(entries, by_rev, by_parent, meta)| {
-            let rev = read_u64(meta.get(META_ENTRY_REV)?) + 1;
-            meta.insert(META_ENTRY_REV, &rev.to_be_bytes())?;
-            if let Some(prev) = previous {
-                by_rev.remove(&prev.revision.to_be_bytes())?;
-                by_parent.remove(parent_key(&prev.parent_id.to_string(), &prev.id))?;
-            }
-            if delete {
-                entries.remove(entry.id.as_bytes())?;
-                by_rev.insert(&rev.to_be_bytes(), rev_value(TOMBSTONE, &entry.id))?;
-            } else {
-                let mut stored: Entry = serde_json::from_slice(&value)
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                stored.revision = rev;
-                let bytes = serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                entries.insert(entry.id.as_bytes(), bytes)?;
-                by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id))?;
-                by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
-            }
-            Ok(rev)
-        });
+        let res = (&self.entries, &self.by_rev, &self.by_parent, &self.meta).transaction(
+            |(entries, by_rev, by_parent, meta)| {
+                let rev = read_u64(meta.get(META_ENTRY_REV)?) + 1;
+                meta.insert(META_ENTRY_REV, &rev.to_be_bytes())?;
+                if let Some(prev) = previous {
+                    by_rev.remove(&prev.revision.to_be_bytes())?;
+                    by_parent.remove(parent_key(&prev.parent_id.to_string(), &prev.id))?;
+                }
+                if delete {
+                    entries.remove(entry.id.as_bytes())?;
+                    by_rev.insert(&rev.to_be_bytes(), rev_value(TOMBSTONE, &entry.id))?;
+                } else {
+                    let mut stored: Entry = serde_json::from_slice(&value)
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    stored.revision = rev;
+                    let bytes =
+                        serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    entries.insert(entry.id.as_bytes(), bytes)?;
+                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id))?;
+                    by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
+                }
+                Ok(rev)
+            },
+        );
         res.map_err(|e: TransactionError<String>| backend(e))
     }
 }
@@ -180,7 +183,8 @@ impl Store for SledStore {
 
     async fn update_entry(&self, mut entry: Entry) -> Result<Entry> {
         let _g = self.entry_lock.lock().await;
-        let prev: Entry = Self::get_json(&self.entries, entry.id.as_bytes())?.ok_or_else(|| StoreError::NotFound(format!("entry {}", entry.id)))?;
+        let prev: Entry = Self::get_json(&self.entries, entry.id.as_bytes())?
+            .ok_or_else(|| StoreError::NotFound(format!("entry {}", entry.id)))?;
         entry.created_at = prev.created_at;
         entry.revision = self.write_entry(&entry, Some(&prev), false)?;
         self.durable().await?;
@@ -218,11 +222,14 @@ impl Store for SledStore {
     }
 
     async fn entry_changes(&self, since: u64) -> Result<EntryChanges> {
-        let mut out = EntryChanges { revision: read_u64(self.meta.get(META_ENTRY_REV).map_err(backend)?), ..Default::default() };
+        let mut out =
+            EntryChanges { revision: read_u64(self.meta.get(META_ENTRY_REV).map_err(backend)?), ..Default::default() };
         let start = since.saturating_add(1).to_be_bytes();
         for kv in self.by_rev.range(start..) {
             let (k, v) = kv.map_err(backend)?;
-            let (kind, id) = v.split_first().ok_or_else(|| StoreError::Corrupt { key: format!("{k:?}"), reason: "empty revision record".into() })?;
+            let (kind, id) = v
+                .split_first()
+                .ok_or_else(|| StoreError::Corrupt { key: format!("{k:?}"), reason: "empty revision record".into() })?;
             let id = String::from_utf8_lossy(id).into_owned();
             match *kind {
                 TOMBSTONE => out.deleted.push(id),
@@ -355,7 +362,10 @@ mod tests {
         let path = d.path().join("store");
         {
             let store = SledStore::open(&path).unwrap();
-            store.create_entry(crate::store::conformance::entry("e1", "spiffe://td/w", "spiffe://td/agent")).await.unwrap();
+            store
+                .create_entry(crate::store::conformance::entry("e1", "spiffe://td/w", "spiffe://td/agent"))
+                .await
+                .unwrap();
             store.append_audit(crate::store::conformance::event("spiffe://td/w")).await.unwrap();
         }
         let store = SledStore::open(&path).unwrap();

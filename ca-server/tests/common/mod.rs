@@ -1,7 +1,7 @@
 //! Shared fixtures for the in-process server tests: a server on 127.0.0.1:0 with a temp dir,
 //! an admin client on its socket, and Agent API clients with or without an agent SVID.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 
@@ -106,7 +106,10 @@ impl TestServer {
         let mut anon = self.anonymous_channel().await;
         let resp = anon
             .attest_agent(agent::AttestAgentRequest {
-                data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.clone().into_bytes() }),
+                data: Some(agent::AttestationData {
+                    r#type: "join_token".into(),
+                    payload: token.token.clone().into_bytes(),
+                }),
                 csr,
             })
             .await
@@ -167,7 +170,11 @@ pub fn bundle_from_pb(b: &types::Bundle) -> Bundle {
         out.add_x509_authority(c);
     }
     for k in &b.jwt_authorities {
-        out.add_jwt_authority(tessera_identity::JwtAuthority { key_id: k.key_id.clone(), public_key: k.public_key.clone(), expires_at: k.expires_at });
+        out.add_jwt_authority(tessera_identity::JwtAuthority {
+            key_id: k.key_id.clone(),
+            public_key: k.public_key.clone(),
+            expires_at: k.expires_at,
+        });
     }
     out
 }
@@ -177,9 +184,17 @@ pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], id: &str) -> Result<()
     use rustls::client::danger::ServerCertVerifier;
     let provider = tessera_identity::tls::provider();
     let roots: Vec<rustls_pki_types::CertificateDer<'static>> = roots.iter().map(|r| r.clone().into()).collect();
-    let v = tessera_identity::tls::SpiffeServerVerifier::new(&roots, Authorize::Id(SpiffeId::new(id).unwrap()), &provider).unwrap();
+    let v =
+        tessera_identity::tls::SpiffeServerVerifier::new(&roots, Authorize::Id(SpiffeId::new(id).unwrap()), &provider)
+            .unwrap();
     let leaf: rustls_pki_types::CertificateDer<'static> = chain[0].clone().into();
     let inter: Vec<rustls_pki_types::CertificateDer<'static>> = chain[1..].iter().map(|c| c.clone().into()).collect();
-    v.verify_server_cert(&leaf, &inter, &rustls_pki_types::ServerName::try_from("x").unwrap(), &[], rustls_pki_types::UnixTime::now())
-        .map(|_| ())
+    v.verify_server_cert(
+        &leaf,
+        &inter,
+        &rustls_pki_types::ServerName::try_from("x").unwrap(),
+        &[],
+        rustls_pki_types::UnixTime::now(),
+    )
+    .map(|_| ())
 }

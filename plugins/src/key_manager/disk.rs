@@ -62,7 +62,9 @@ impl KeyManager for DiskKeyManager {
         let key = tokio::task::spawn_blocking(move || -> Result<SoftwareKey, KeyManagerError> {
             let key = SoftwareKey::generate(&owned, key_type)?;
             let file = KeyFile { key_type, pkcs8: STANDARD.encode(key.pkcs8().pkcs8_der()) };
-            let json = Zeroizing::new(serde_json::to_vec(&file).map_err(|e| KeyManagerError::Generate(key_type, e.to_string()))?);
+            let json = Zeroizing::new(
+                serde_json::to_vec(&file).map_err(|e| KeyManagerError::Generate(key_type, e.to_string()))?,
+            );
             drop(Zeroizing::new(file.pkcs8));
             atomic_write(&path, &json, 0o600)?;
             Ok(key)

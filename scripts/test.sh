@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs Tessera's whole test suite on a fresh machine: installs what the tests need (Debian
+# packages, Python tools into target/venv), then checks formatting and lints, builds the
+# binaries and runs every test. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+step "System packages"
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+echo "openssl: $(openssl version)"
+
+step "Python tools (target/venv)"
+if [ ! -x target/venv/bin/python ]; then
+  python3 -m venv target/venv
+fi
+target/venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+target/venv/bin/lint_pkix_cert --help >/dev/null
+echo "pkilint: $(target/venv/bin/pip show pkilint | sed -n 's/^Version: //p')"
+
+step "Formatting"
+cargo fmt --all --check
+
+step "Build"
+cargo build --workspace --bins --locked
+
+step "Clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Tests"
+TESSERA_PKILINT="$PWD/target/venv/bin/lint_pkix_cert" cargo test --workspace --locked --no-fail-fast
+
+step "Quickstart (README command 1)"
+QUICKSTART_DIR="$(mktemp -d)" TESSERA_AGENT_API_PORT=0 TESSERA_HEALTH_PORT=0
+export QUICKSTART_DIR TESSERA_AGENT_API_PORT TESSERA_HEALTH_PORT
+scripts/quickstart.sh
+scripts/quickstart.sh stop
+
+echo
+echo "All checks passed."
