@@ -37,7 +37,11 @@ step "Clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Tests"
-TESSERA_PKILINT="$PWD/target/venv/bin/lint_pkix_cert" cargo test --workspace --locked --no-fail-fast
+log="$(mktemp)"
+TESSERA_PKILINT="$PWD/target/venv/bin/lint_pkix_cert" cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
+passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
+failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
+rm -f "$log"
 
 step "Quickstart (README command 1)"
 QUICKSTART_DIR="$(mktemp -d)" TESSERA_AGENT_API_PORT=0 TESSERA_HEALTH_PORT=0
@@ -47,3 +51,4 @@ scripts/quickstart.sh stop
 
 echo
 echo "All checks passed."
+echo "tests: $passed passed, $failed failed"

@@ -616,24 +616,6 @@ async fn entry(c: &mut AdminClient<Channel>, out: &Printer, cmd: EntryCmd) -> an
     Ok(())
 }
 
-fn bundle_from_pb(b: &types::Bundle) -> anyhow::Result<Bundle> {
-    let td = tessera_identity::ids::parse_trust_domain(&b.trust_domain)?;
-    let mut out = Bundle::new(td);
-    for c in &b.x509_authorities {
-        out.add_x509_authority(c);
-    }
-    for k in &b.jwt_authorities {
-        out.add_jwt_authority(tessera_identity::JwtAuthority {
-            key_id: k.key_id.clone(),
-            public_key: k.public_key.clone(),
-            expires_at: k.expires_at,
-        });
-    }
-    out.sequence_number = b.sequence_number;
-    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
-    Ok(out)
-}
-
 fn render_bundle(b: &Bundle, format: BundleFormat) -> anyhow::Result<String> {
     Ok(match format {
         BundleFormat::Pem => b.x509_pem(),
@@ -644,7 +626,9 @@ fn render_bundle(b: &Bundle, format: BundleFormat) -> anyhow::Result<String> {
 async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> anyhow::Result<()> {
     match cmd {
         BundleCmd::Show { format } => {
-            let b = bundle_from_pb(&c.get_bundle(pb::GetBundleRequest {}).await?.into_inner())?;
+            let b = crate::api::convert::bundle_from_pb_unchecked(
+                &c.get_bundle(pb::GetBundleRequest {}).await?.into_inner(),
+            )?;
             let text = render_bundle(&b, format)?;
             out.print(json!({"trust_domain": b.trust_domain.to_string(), "bundle": text}), || text.clone());
         }
@@ -653,7 +637,7 @@ async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> 
             let mut rows = Vec::new();
             let mut text = String::new();
             for pbb in &bundles {
-                let b = bundle_from_pb(pbb)?;
+                let b = crate::api::convert::bundle_from_pb_unchecked(pbb)?;
                 let r = render_bundle(&b, format)?;
                 text.push_str(&format!(
                     "****************************************\n* {}\n****************************************\n{r}\n",

@@ -119,32 +119,39 @@ pub fn bundle_to_pb(b: &Bundle) -> pb::Bundle {
     }
 }
 
-/// Wire → bundle, checking every certificate and key parses.
-pub fn bundle_from_pb(b: &pb::Bundle) -> Result<Bundle, ApiError> {
-    let td = parse_trust_domain(&b.trust_domain)?;
-    let mut out = Bundle::new(td);
-    for (i, c) in b.x509_authorities.iter().enumerate() {
-        tessera_identity::x509::cert_facts(c)
-            .map_err(|e| ApiError::InvalidArgument(format!("x509 authority {i}: {e}")))?;
+/// Wire → bundle, as given (no key checks): for displaying what the server sent.
+pub fn bundle_from_pb_unchecked(b: &pb::Bundle) -> Result<Bundle, ApiError> {
+    let mut out = Bundle::new(parse_trust_domain(&b.trust_domain)?);
+    for c in &b.x509_authorities {
         out.add_x509_authority(c);
     }
     for k in &b.jwt_authorities {
-        if k.key_id.is_empty() {
-            return Err(ApiError::InvalidArgument("JWT authority without key ID".into()));
-        }
         out.add_jwt_authority(JwtAuthority {
             key_id: k.key_id.clone(),
             public_key: k.public_key.clone(),
             expires_at: k.expires_at,
         });
     }
+    out.sequence_number = b.sequence_number;
+    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
+    Ok(out)
+}
+
+/// Wire → bundle, checking every certificate and key parses.
+pub fn bundle_from_pb(b: &pb::Bundle) -> Result<Bundle, ApiError> {
+    let out = bundle_from_pb_unchecked(b)?;
+    for (i, c) in out.x509_authorities.iter().enumerate() {
+        tessera_identity::x509::cert_facts(c)
+            .map_err(|e| ApiError::InvalidArgument(format!("x509 authority {i}: {e}")))?;
+    }
+    if out.jwt_authorities.iter().any(|k| k.key_id.is_empty()) {
+        return Err(ApiError::InvalidArgument("JWT authority without key ID".into()));
+    }
     // Round-trip through the JWKS form: it validates every key the same way the bundle
     // endpoint will.
     let doc = out.to_jwks().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
     Bundle::from_jwks(out.trust_domain.clone(), doc.as_bytes())
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    out.sequence_number = b.sequence_number;
-    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
     Ok(out)
 }
 

@@ -165,18 +165,7 @@ pub fn csr_for(id: &str) -> Vec<u8> {
 }
 
 pub fn bundle_from_pb(b: &types::Bundle) -> Bundle {
-    let mut out = Bundle::new(TrustDomain::new(&b.trust_domain).unwrap());
-    for c in &b.x509_authorities {
-        out.add_x509_authority(c);
-    }
-    for k in &b.jwt_authorities {
-        out.add_jwt_authority(tessera_identity::JwtAuthority {
-            key_id: k.key_id.clone(),
-            public_key: k.public_key.clone(),
-            expires_at: k.expires_at,
-        });
-    }
-    out
+    tessera_server::api::convert::bundle_from_pb_unchecked(b).unwrap()
 }
 
 /// Verifies `chain` (leaf first) against `roots` as a SPIFFE peer with ID `id`.
