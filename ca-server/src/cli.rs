@@ -698,7 +698,8 @@ async fn x509_mint(
     let bundle_pem = tessera_identity::pem::encode_certs(r.bundle.iter().map(Vec::as_slice));
     match write {
         Some(dir) => {
-            tessera_plugins::fsutil::ensure_private_dir(&dir)
+            std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             tessera_plugins::fsutil::atomic_write(&dir.join("svid.pem"), chain_pem.as_bytes(), 0o644)?;
             tessera_plugins::fsutil::atomic_write(&dir.join("key.pem"), key.to_pem().as_bytes(), 0o600)?;

@@ -244,6 +244,12 @@ impl Config {
                 reason: "must be at least ca.default_jwt_svid_ttl".into(),
             });
         }
+        if !["error", "warn", "info", "debug", "trace"].contains(&raw.log_level.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                reason: format!("{:?}: expected error, warn, info, debug or trace", raw.log_level),
+            });
+        }
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
             return Err(ConfigError::Invalid {

@@ -108,7 +108,10 @@ async fn prepare_then_activate_keeps_both_roots_and_both_generations_verify() {
         |id: &str| admin::MintX509SvidRequest { spiffe_id: id.into(), csr: csr_for(id), ttl: 0, dns_names: vec![] };
     let old_svid = t.admin.mint_x509_svid(mint("spiffe://example.org/a")).await.unwrap().into_inner().svid.unwrap();
 
+    // Preparing twice replaces the first prepared CA, in the bundle too.
+    t.admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
     let prepared = t.admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap().into_inner();
+    assert_eq!(prepared.authorities.iter().filter(|a| a.status == "prepared").count(), 1);
     let prepared_id = prepared.authorities.iter().find(|a| a.status == "prepared").unwrap().authority_id.clone();
     let mid = t.bundle().await;
     assert_eq!(mid.x509_authorities.len(), 2, "prepared CA must be in the bundle before it signs");

@@ -558,7 +558,22 @@ impl Ca {
         };
         let authority = Arc::new(self.authority(entry.clone(), key, vec![cert.clone()])?);
         // Trusted everywhere before it signs anything: the bundle first, then the journal.
-        self.update_bundle(|b| b.add_x509_authority(&cert)).await?;
+        // A prepared authority being replaced never signed anything: its root leaves the bundle.
+        let replaced: Vec<Vec<u8>> = {
+            let s = self.state.read().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
+            s.journal
+                .x509
+                .iter()
+                .filter(|e| e.status == SlotStatus::Prepared)
+                .filter_map(|e| e.chain.last().and_then(|c| STANDARD.decode(c).ok()))
+                .collect()
+        };
+        self.update_bundle(|b| {
+            b.x509_authorities.retain(|c| !replaced.iter().any(|r| r.as_slice() == c.as_ref()));
+            b.add_x509_authority(&cert);
+            true
+        })
+        .await?;
         let journal = {
             let mut s = self.state.write().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
             s.journal.x509.retain(|e| e.status != SlotStatus::Prepared);
@@ -622,7 +637,16 @@ impl Ca {
             status: SlotStatus::Prepared,
         };
         let auth = JwtAuthority { key_id: entry.kid.clone(), public_key: spki, expires_at: entry.not_after };
-        self.update_bundle(|b| b.add_jwt_authority(auth)).await?;
+        let replaced: Vec<String> = {
+            let s = self.state.read().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
+            s.journal.jwt.iter().filter(|e| e.status == SlotStatus::Prepared).map(|e| e.kid.clone()).collect()
+        };
+        self.update_bundle(|b| {
+            b.jwt_authorities.retain(|k| !replaced.contains(&k.key_id));
+            b.add_jwt_authority(auth);
+            true
+        })
+        .await?;
         let journal = {
             let mut s = self.state.write().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
             s.journal.jwt.retain(|e| e.status != SlotStatus::Prepared);
