@@ -199,9 +199,17 @@ impl Server {
     }
 
     /// Stops every listener and task and removes the admin socket.
+    /// Open connections get 5 s to drain, then are cut.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
         let _ = std::fs::remove_file(&self.admin_socket);
         info!("Server stopped");
     }

@@ -174,3 +174,72 @@ pub fn client_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
+
+/// Verifiers that skip authentication. Only for an agent's first contact with
+/// `insecure_bootstrap = true`, which the docs mark as development-only.
+pub mod danger {
+    use super::*;
+
+    /// Accepts any server certificate; handshake signatures are still checked, so the peer
+    /// must hold the key of the certificate it shows.
+    #[derive(Debug)]
+    pub struct AcceptAnyServer {
+        algs: WebPkiSupportedAlgorithms,
+    }
+
+    impl AcceptAnyServer {
+        /// A verifier using `provider`'s signature algorithms.
+        pub fn new(provider: &CryptoProvider) -> Self {
+            Self { algs: provider.signature_verification_algorithms }
+        }
+    }
+
+    impl ServerCertVerifier for AcceptAnyServer {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    }
+
+    /// A client config that trusts any server (first contact only).
+    pub fn insecure_client_config() -> Result<rustls::ClientConfig, TlsError> {
+        let provider = provider();
+        let verifier = Arc::new(AcceptAnyServer::new(&provider));
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+}

@@ -29,3 +29,8 @@ pub mod admin {
         tonic::include_proto!("tessera.admin.v1");
     }
 }
+
+/// The SPIFFE Workload API (the spec's proto has no package).
+pub mod workload {
+    tonic::include_proto!("_");
+}

@@ -1,0 +1,305 @@
+//! The `tessera-agent` command line: `run` starts the agent; `api ...` are Workload API calls
+//! over the agent socket (as a workload would make them); `healthcheck` asks the health
+//! listener. Errors print one line and exit non-zero.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use tessera_proto::workload as wl;
+use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::config::Config;
+
+/// Tessera node agent.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-agent", version, about = "Tessera node agent: Workload API, Envoy SDS, cert files")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        /// Path to agent.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Call the Workload API as a workload.
+    #[command(subcommand)]
+    Api(ApiCmd),
+    /// Check that the agent is ready (GET /ready on its health listener).
+    Healthcheck {
+        /// The agent's health_address.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        address: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SocketArg {
+    /// The agent socket.
+    #[arg(long, env = "TESSERA_AGENT_SOCKET", default_value = "/run/tessera/agent/api.sock")]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiCmd {
+    /// Fetch SVIDs.
+    #[command(subcommand)]
+    Fetch(FetchCmd),
+    /// Validate tokens.
+    #[command(subcommand)]
+    Validate(ValidateCmd),
+    /// Stream X509-SVID updates until interrupted.
+    Watch {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FetchCmd {
+    /// Fetch this process's X509-SVIDs.
+    X509 {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Write svid.N.pem, svid.N.key (0600), bundle.N.pem and federated bundles here.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Fetch JWT-SVIDs.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Audience (repeatable).
+        #[arg(long = "audience", required = true)]
+        audience: Vec<String>,
+        /// Only this identity.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ValidateCmd {
+    /// Validate a JWT-SVID.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Expected audience.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        #[arg(long)]
+        svid: String,
+    },
+}
+
+/// Entry point for the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = match e.downcast_ref::<tonic::Status>() {
+                Some(s) => format!("{:?}: {}", s.code(), s.message()),
+                None => format!("{e:#}").replace('\n', " "),
+            };
+            eprintln!("Error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Client = SpiffeWorkloadApiClient<
+    InterceptedService<Channel, fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>>,
+>;
+
+fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut()
+        .insert(crate::workload_api::SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    Ok(req)
+}
+
+/// Connects a Workload API client (with the security header) to the agent socket.
+pub async fn workload_client(socket: &Path) -> anyhow::Result<Client> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://agent.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .with_context(|| format!("cannot connect to the agent socket {}", socket.display()))?;
+    let f: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> = add_header;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(channel, f))
+}
+
+fn when(unix: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn split_der(concat: &[u8]) -> Vec<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let mut out = Vec::new();
+    let mut rest = concat;
+    while !rest.is_empty() {
+        match x509_parser::certificate::X509Certificate::from_der(rest) {
+            Ok((r, _)) => {
+                out.push(rest[..rest.len() - r.len()].to_vec());
+                rest = r;
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn print_x509(resp: &wl::X509svidResponse) {
+    for s in &resp.svids {
+        let chain = split_der(&s.x509_svid);
+        let facts = chain.first().and_then(|c| tessera_identity::x509::cert_facts(c).ok());
+        println!("SPIFFE ID:         {}", s.spiffe_id);
+        if let Some(f) = facts {
+            println!("SVID valid after:  {}", when(f.not_before));
+            println!("SVID valid until:  {}", when(f.not_after));
+            println!("Serial:            {}", f.serial);
+        }
+        if !s.hint.is_empty() {
+            println!("Hint:              {}", s.hint);
+        }
+        println!("Intermediates:     {}", chain.len().saturating_sub(1));
+        println!("Bundle CAs:        {}", split_der(&s.bundle).len());
+        println!();
+    }
+    for td in resp.federated_bundles.keys() {
+        println!("Federated bundle:  {td}");
+    }
+}
+
+fn write_x509(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (i, s) in resp.svids.iter().enumerate() {
+        let chain = split_der(&s.x509_svid);
+        let key = tessera_identity::PrivateKey::from_pkcs8_der(s.x509_svid_key.clone());
+        tessera_plugins::fsutil::atomic_write(&dir.join(format!("svid.{i}.key")), key.to_pem().as_bytes(), 0o600)?;
+        tessera_plugins::fsutil::atomic_write(
+            &dir.join(format!("svid.{i}.pem")),
+            tessera_identity::pem::encode_certs(chain.iter().map(Vec::as_slice)).as_bytes(),
+            0o644,
+        )?;
+        let bundle = split_der(&s.bundle);
+        tessera_plugins::fsutil::atomic_write(
+            &dir.join(format!("bundle.{i}.pem")),
+            tessera_identity::pem::encode_certs(bundle.iter().map(Vec::as_slice)).as_bytes(),
+            0o644,
+        )?;
+    }
+    for (j, (_, der)) in resp.federated_bundles.iter().enumerate() {
+        let certs = split_der(der);
+        tessera_plugins::fsutil::atomic_write(
+            &dir.join(format!("federated_bundle.{j}.pem")),
+            tessera_identity::pem::encode_certs(certs.iter().map(Vec::as_slice)).as_bytes(),
+            0o644,
+        )?;
+    }
+    println!("Wrote {} SVID(s) to {}", resp.svids.len(), dir.display());
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            let agent = crate::app::Agent::start(cfg).await?;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot install SIGTERM handler")?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            agent.shutdown().await;
+            Ok(())
+        }
+        Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 { socket, write })) => {
+            let started = Instant::now();
+            let mut c = workload_client(&socket.socket).await?;
+            let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await?.into_inner();
+            let resp =
+                stream.message().await?.ok_or_else(|| anyhow!("the agent closed the stream without an answer"))?;
+            println!("Received {} svid(s) after {:.1?}\n", resp.svids.len(), started.elapsed());
+            print_x509(&resp);
+            if let Some(dir) = write {
+                write_x509(&dir, &resp)?;
+            }
+            Ok(())
+        }
+        Cmd::Api(ApiCmd::Fetch(FetchCmd::Jwt { socket, audience, spiffe_id })) => {
+            let mut c = workload_client(&socket.socket).await?;
+            let resp = c
+                .fetch_jwtsvid(wl::JwtsvidRequest { audience, spiffe_id: spiffe_id.unwrap_or_default() })
+                .await?
+                .into_inner();
+            for s in resp.svids {
+                println!("token({}):\n\t{}\n", s.spiffe_id, s.svid);
+            }
+            Ok(())
+        }
+        Cmd::Api(ApiCmd::Validate(ValidateCmd::Jwt { socket, audience, svid })) => {
+            let mut c = workload_client(&socket.socket).await?;
+            let r = c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience, svid }).await?.into_inner();
+            println!("SVID is valid.\nSPIFFE ID : {}", r.spiffe_id);
+            if let Some(claims) = r.claims {
+                let mut keys: Vec<_> = claims.fields.keys().cloned().collect();
+                keys.sort();
+                println!("Claims    : {}", keys.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Api(ApiCmd::Watch { socket }) => {
+            let mut c = workload_client(&socket.socket).await?;
+            let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await?.into_inner();
+            while let Some(resp) = stream.message().await? {
+                println!("Received {} svid(s) at {}\n", resp.svids.len(), when(tessera_identity::unix_now()));
+                print_x509(&resp);
+            }
+            bail!("the agent closed the stream")
+        }
+        Cmd::Healthcheck { address } => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(&address)
+                .await
+                .with_context(|| format!("cannot reach the agent at {address}"))?;
+            s.write_all(b"GET /ready HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").await?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await?;
+            if buf.starts_with("HTTP/1.1 200") {
+                println!("Agent is healthy.");
+                Ok(())
+            } else {
+                bail!("agent is not ready")
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Agent configuration: TOML with unknown keys refused, parsed into a validated [`Config`].
+//! docs/agent.md mirrors these doc comments.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tessera_identity::{SpiffeId, TrustDomain};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Not TOML, an unknown key, or a wrong type.
+    #[error("{0}")]
+    Toml(String),
+    /// A required key is missing.
+    #[error("missing required key `{0}`")]
+    Missing(&'static str),
+    /// A value is malformed or out of range.
+    #[error("invalid `{key}`: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: Option<String>,
+    server_address: Option<String>,
+    data_dir: Option<PathBuf>,
+    #[serde(default = "default_socket")]
+    socket_path: PathBuf,
+    trust_bundle_path: Option<PathBuf>,
+    #[serde(default)]
+    insecure_bootstrap: bool,
+    join_token: Option<String>,
+    #[serde(default = "default_health")]
+    health_address: String,
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    #[serde(default = "default_sync")]
+    sync_interval: String,
+    #[serde(default)]
+    cert_files: Vec<RawCertFiles>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertFiles {
+    dir: PathBuf,
+    spiffe_id: String,
+}
+
+fn default_socket() -> PathBuf {
+    "/run/tessera/agent/api.sock".into()
+}
+fn default_health() -> String {
+    "127.0.0.1:8082".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_sync() -> String {
+    "5s".into()
+}
+
+/// Where to write one SVID as files for proxyless gRPC and file-reading apps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFiles {
+    /// Directory for `cert-chain.pem`, `key.pem` (0600) and `root-cert.pem`.
+    pub dir: PathBuf,
+    /// Which SVID.
+    pub spiffe_id: SpiffeId,
+}
+
+/// How the agent trusts the server before it has a bundle of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bootstrap {
+    /// PEM roots to trust.
+    BundleFile(PathBuf),
+    /// Trust any server on first contact (development only; see SECURITY.md).
+    Insecure,
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our trust domain.
+    pub trust_domain: TrustDomain,
+    /// The server's Agent API, `host:port`.
+    pub server_address: String,
+    /// Where the agent keeps its SVID, key and bundle.
+    pub data_dir: PathBuf,
+    /// The Workload API + SDS socket.
+    pub socket_path: PathBuf,
+    /// First-contact trust.
+    pub bootstrap: Bootstrap,
+    /// Join token for the first attestation (not needed once the agent holds an SVID).
+    pub join_token: Option<String>,
+    /// Health and metrics listener.
+    pub health_address: SocketAddr,
+    /// Log level.
+    pub log_level: String,
+    /// How often entries and bundles are synced.
+    pub sync_interval: Duration,
+    /// SVIDs to keep written as files.
+    pub cert_files: Vec<CertFiles>,
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
+        let trust_domain = TrustDomain::new(&td_raw)
+            .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
+        let server_address = raw.server_address.ok_or(ConfigError::Missing("server_address"))?;
+        if !server_address.contains(':') {
+            return Err(ConfigError::Invalid {
+                key: "server_address",
+                reason: format!("{server_address:?}: expected host:port"),
+            });
+        }
+        let data_dir = raw.data_dir.ok_or(ConfigError::Missing("data_dir"))?;
+        let bootstrap = match (raw.trust_bundle_path, raw.insecure_bootstrap) {
+            (Some(p), false) => Bootstrap::BundleFile(p),
+            (None, true) => Bootstrap::Insecure,
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid {
+                    key: "insecure_bootstrap",
+                    reason: "set either trust_bundle_path or insecure_bootstrap, not both".into(),
+                });
+            }
+            (None, false) => return Err(ConfigError::Missing("trust_bundle_path (or insecure_bootstrap = true)")),
+        };
+        let health_address = raw.health_address.parse().map_err(|e| ConfigError::Invalid {
+            key: "health_address",
+            reason: format!("{:?}: {e}", raw.health_address),
+        })?;
+        if !["error", "warn", "info", "debug", "trace"].contains(&raw.log_level.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                reason: format!("{:?}: expected error, warn, info, debug or trace", raw.log_level),
+            });
+        }
+        let sync_interval = humantime::parse_duration(&raw.sync_interval).map_err(|e| ConfigError::Invalid {
+            key: "sync_interval",
+            reason: format!("{:?}: {e}", raw.sync_interval),
+        })?;
+        if sync_interval < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid { key: "sync_interval", reason: "must be at least 100ms".into() });
+        }
+        let cert_files = raw
+            .cert_files
+            .into_iter()
+            .map(|c| {
+                let spiffe_id = SpiffeId::new(&c.spiffe_id).map_err(|e| ConfigError::Invalid {
+                    key: "cert_files.spiffe_id",
+                    reason: format!("{:?}: {e}", c.spiffe_id),
+                })?;
+                Ok(CertFiles { dir: c.dir, spiffe_id })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(Config {
+            trust_domain,
+            server_address,
+            data_dir,
+            socket_path: raw.socket_path,
+            bootstrap,
+            join_token: raw.join_token.filter(|t| !t.is_empty()),
+            health_address,
+            log_level: raw.log_level,
+            sync_interval,
+            cert_files,
+        })
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Toml(format!("cannot read config {}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+trust_domain = "example.org"
+server_address = "127.0.0.1:8081"
+data_dir = "/var/lib/tessera/agent"
+socket_path = "/run/tessera/agent/api.sock"
+trust_bundle_path = "/etc/tessera/bootstrap.pem"
+join_token = "abc"
+health_address = "127.0.0.1:8082"
+"#;
+
+    #[test]
+    fn the_documented_contract_parses() {
+        let c = Config::from_toml(CONTRACT).unwrap();
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.bootstrap, Bootstrap::BundleFile("/etc/tessera/bootstrap.pem".into()));
+        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(c.sync_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bootstrap_needs_exactly_one_trust_source() {
+        let none = CONTRACT.replace("trust_bundle_path = \"/etc/tessera/bootstrap.pem\"\n", "");
+        assert!(Config::from_toml(&none).unwrap_err().to_string().contains("trust_bundle_path"));
+        let both = format!("{CONTRACT}insecure_bootstrap = true\n");
+        assert!(Config::from_toml(&both).unwrap_err().to_string().contains("insecure_bootstrap"));
+        let insecure = format!("{none}insecure_bootstrap = true\n");
+        assert_eq!(Config::from_toml(&insecure).unwrap().bootstrap, Bootstrap::Insecure);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_by_name() {
+        assert!(Config::from_toml(&format!("{CONTRACT}colour = 1\n")).unwrap_err().to_string().contains("colour"));
+        let bad = format!("{CONTRACT}[[cert_files]]\ndir = \"/x\"\nspiffe_id = \"nope\"\n");
+        assert!(Config::from_toml(&bad).unwrap_err().to_string().contains("cert_files.spiffe_id"));
+    }
+}

@@ -1,0 +1,23 @@
+//! Tessera's node agent, as a library that `main.rs` only wires.
+//!
+//! What it is: attestation to the server and the agent's own SVID ([`client`]), the SVID cache
+//! and rotation ([`manager`]), workload attestation ([`attestor`], [`callers`]), the SPIFFE
+//! Workload API ([`workload_api`]) and Envoy SDS ([`sds`]) on one Unix socket, cert files for
+//! proxyless gRPC ([`files`]), health ([`health`]), wiring ([`app`]) and the CLI ([`cli`]).
+//!
+//! What it is not: no CA, no storage beyond its own SVID, key and bundle files. Workload
+//! private keys are generated here and never leave the node.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod attestor;
+pub mod callers;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod files;
+pub mod health;
+pub mod manager;
+pub mod sds;
+pub mod workload_api;

@@ -1,0 +1,590 @@
+//! The SVID manager: the agent's core loop.
+//!
+//! It keeps the agent's own SVID fresh (renewal at half life), syncs the entries this agent is
+//! authorized for incrementally (by store revision, checked by digest), fetches bundles,
+//! generates each workload key here on the node (ECDSA P-256), gets the CSRs signed in
+//! batches, and rotates every SVID at half of its lifetime minus a random jitter of up to a
+//! tenth (so a thousand SVIDs issued together do not all renew in the same second). When the
+//! server is unreachable it keeps serving what it has and retries with exponential backoff.
+//!
+//! Consumers (Workload API, SDS, cert files) read [`Snapshot`]s from a `watch` channel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ring::digest::{Context, SHA256};
+use tessera_identity::{Bundle, PrivateKey, Selector, SpiffeId, TrustDomain, unix_now};
+use tessera_proto::agent::v1 as pb;
+use tessera_proto::agent::v1::agent_client::AgentClient;
+use tessera_proto::types::v1 as types;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::client::{AgentIdentity, ClientError, connect, load_state, save_bundle, save_identity, server_tls};
+use crate::config::{Bootstrap, Config};
+
+/// Most CSRs sent in one batch (the server's default limit).
+const BATCH: usize = 500;
+
+/// Agent errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Reaching the server or reading state failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server refused a call.
+    #[error("server refused {call}: {status}")]
+    Refused {
+        /// Which call.
+        call: &'static str,
+        /// The status (code and message).
+        status: String,
+    },
+    /// The agent cannot attest (no SVID and no usable join token).
+    #[error("{0}")]
+    Attestation(String),
+    /// Key or CSR generation failed.
+    #[error("key generation: {0}")]
+    Key(String),
+}
+
+fn refused(call: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
+    move |s| AgentError::Refused { call, status: format!("{:?}: {}", s.code(), s.message()) }
+}
+
+/// A registration entry as the agent holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentEntry {
+    /// Entry ID.
+    pub id: String,
+    /// The identity.
+    pub spiffe_id: SpiffeId,
+    /// Workload selectors (all must match).
+    pub selectors: Vec<Selector>,
+    /// Trust domains whose bundles the workload receives.
+    pub federates_with: Vec<TrustDomain>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Hint.
+    pub hint: String,
+    /// Unix seconds; orders a workload's identities (the oldest is `default`).
+    pub created_at: i64,
+    /// Store revision.
+    pub revision: u64,
+}
+
+impl AgentEntry {
+    fn from_pb(e: &types::Entry) -> Result<Self, String> {
+        Ok(Self {
+            id: e.id.clone(),
+            spiffe_id: SpiffeId::new(&e.spiffe_id).map_err(|x| x.to_string())?,
+            selectors: e
+                .selectors
+                .iter()
+                .map(|s| Selector::new(&s.r#type, &s.value).map_err(|x| x.to_string()))
+                .collect::<Result<_, _>>()?,
+            federates_with: e
+                .federates_with
+                .iter()
+                .map(|t| TrustDomain::new(t).map_err(|x| x.to_string()))
+                .collect::<Result<_, _>>()?,
+            dns_names: e.dns_names.clone(),
+            hint: e.hint.clone(),
+            created_at: e.created_at,
+            revision: e.revision,
+        })
+    }
+}
+
+/// A workload X509-SVID held by the agent. `Debug` omits the key.
+pub struct WorkloadSvid {
+    /// The entry it was issued for.
+    pub entry: AgentEntry,
+    /// DER chain, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The key, generated here.
+    pub key: PrivateKey,
+    /// Hex serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds: when the agent replaces it.
+    pub rotate_at: i64,
+}
+
+impl std::fmt::Debug for WorkloadSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadSvid")
+            .field("spiffe_id", &self.entry.spiffe_id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the agent can serve right now.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Every workload SVID, ordered by entry age (then ID).
+    pub svids: Vec<Arc<WorkloadSvid>>,
+    /// Our trust domain's bundle.
+    pub bundle: Arc<Bundle>,
+    /// Federated bundles by trust domain.
+    pub federated: BTreeMap<TrustDomain, Arc<Bundle>>,
+    /// Bumped on every change.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// The SVIDs whose entry selectors are all in `selectors`, oldest entry first.
+    pub fn identities(&self, selectors: &[Selector]) -> Vec<Arc<WorkloadSvid>> {
+        self.svids.iter().filter(|s| s.entry.selectors.iter().all(|want| selectors.contains(want))).cloned().collect()
+    }
+
+    /// The bundle of `td` (ours or federated).
+    pub fn bundle_for(&self, td: &TrustDomain) -> Option<&Arc<Bundle>> {
+        if td == &self.bundle.trust_domain { Some(&self.bundle) } else { self.federated.get(td) }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    /// Successful sync passes.
+    pub syncs_ok: AtomicU64,
+    /// Failed sync passes.
+    pub syncs_failed: AtomicU64,
+    /// X509-SVIDs received from the server.
+    pub svids_issued: AtomicU64,
+    /// Open SDS streams.
+    pub sds_streams: AtomicU64,
+    /// Open Workload API streams.
+    pub workload_streams: AtomicU64,
+}
+
+struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+struct Inner {
+    identity: AgentIdentity,
+    client: Option<AgentClient<Channel>>,
+    revision: u64,
+    entries: BTreeMap<String, AgentEntry>,
+    svids: BTreeMap<String, Arc<WorkloadSvid>>,
+    bundle: Arc<Bundle>,
+    federated: BTreeMap<TrustDomain, Arc<Bundle>>,
+    generation: u64,
+}
+
+/// The manager. Start it with [`Manager::start`], then spawn [`Manager::run`].
+pub struct Manager {
+    cfg: Arc<Config>,
+    inner: tokio::sync::Mutex<Inner>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    synced: AtomicBool,
+    /// Counters.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").field("server", &self.cfg.server_address).finish_non_exhaustive()
+    }
+}
+
+fn jitter(max: i64) -> i64 {
+    if max <= 0 { 0 } else { i64::try_from(rand::random::<u64>() % max.unsigned_abs()).unwrap_or(0) }
+}
+
+/// Digest of the authorized set, as the server computes it.
+fn entries_digest(entries: &BTreeMap<String, AgentEntry>) -> Vec<u8> {
+    let mut ctx = Context::new(&SHA256);
+    for (id, e) in entries {
+        ctx.update(id.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&e.revision.to_be_bytes());
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+fn bundle_from_pb(b: &types::Bundle) -> Result<Bundle, String> {
+    let mut out = Bundle::new(TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?);
+    for c in &b.x509_authorities {
+        out.add_x509_authority(c);
+    }
+    for k in &b.jwt_authorities {
+        out.add_jwt_authority(tessera_identity::JwtAuthority {
+            key_id: k.key_id.clone(),
+            public_key: k.public_key.clone(),
+            expires_at: k.expires_at,
+        });
+    }
+    out.sequence_number = b.sequence_number;
+    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
+    Ok(out)
+}
+
+async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
+    let token = cfg.join_token.as_deref().ok_or_else(|| {
+        AgentError::Attestation(format!(
+            "no agent SVID in {} and no join_token configured: generate one with `tessera-server token generate`",
+            cfg.data_dir.display()
+        ))
+    })?;
+    let tls = match &cfg.bootstrap {
+        Bootstrap::Insecure => {
+            warn!("insecure_bootstrap: trusting the server without verification for this first contact");
+            tessera_identity::tls::danger::insecure_client_config().map_err(|e| ClientError::Tls(e.to_string()))?
+        }
+        Bootstrap::BundleFile(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| ClientError::State { path: path.clone(), reason: e.to_string() })?;
+            let certs = tessera_identity::pem::decode_certs(&pem)
+                .map_err(|e| ClientError::State { path: path.clone(), reason: e.to_string() })?;
+            let mut b = Bundle::new(cfg.trust_domain.clone());
+            for c in certs {
+                b.add_x509_authority(&c);
+            }
+            server_tls(&cfg.trust_domain, &b, None)?
+        }
+    };
+    let id = tessera_identity::agent_id(&cfg.trust_domain, "join_token", token)
+        .map_err(|e| AgentError::Attestation(e.to_string()))?;
+    let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
+    let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| AgentError::Key(e.to_string()))?;
+    let mut client = connect(&cfg.server_address, tls).await?;
+    let resp = client
+        .attest_agent(pb::AttestAgentRequest {
+            data: Some(pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
+            csr,
+        })
+        .await
+        .map_err(refused("AttestAgent"))?
+        .into_inner();
+    let svid = resp.svid.ok_or_else(|| AgentError::Attestation("server sent no SVID".into()))?;
+    let bundle = bundle_from_pb(&resp.bundle.unwrap_or_default()).map_err(AgentError::Attestation)?;
+    let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
+    save_identity(&cfg.data_dir, &identity)?;
+    save_bundle(&cfg.data_dir, &bundle)?;
+    info!(agent_id = %identity.id, "Agent attested");
+    Ok((identity, bundle))
+}
+
+impl Manager {
+    /// Loads the persisted identity, or attests with the join token on first start.
+    pub async fn start(cfg: Arc<Config>) -> Result<Arc<Self>, AgentError> {
+        let (identity, bundle) = match load_state(&cfg.data_dir, &cfg.trust_domain)? {
+            Some((id, b)) if id.not_after > unix_now() => {
+                info!(agent_id = %id.id, not_after = id.not_after, "Using the persisted agent SVID");
+                (id, b)
+            }
+            Some((id, _)) => {
+                warn!(agent_id = %id.id, "The persisted agent SVID has expired: attesting again");
+                attest(&cfg).await?
+            }
+            None => attest(&cfg).await?,
+        };
+        let bundle = Arc::new(bundle);
+        let snapshot = Snapshot { svids: vec![], bundle: bundle.clone(), federated: BTreeMap::new(), generation: 0 };
+        let (tx, _) = watch::channel(Arc::new(snapshot));
+        Ok(Arc::new(Self {
+            cfg,
+            inner: tokio::sync::Mutex::new(Inner {
+                identity,
+                client: None,
+                revision: 0,
+                entries: BTreeMap::new(),
+                svids: BTreeMap::new(),
+                bundle,
+                federated: BTreeMap::new(),
+                generation: 0,
+            }),
+            tx,
+            jwt_cache: Mutex::default(),
+            synced: AtomicBool::new(false),
+            metrics: Arc::default(),
+        }))
+    }
+
+    /// The agent's SPIFFE ID.
+    pub async fn agent_id(&self) -> SpiffeId {
+        self.inner.lock().await.identity.id.clone()
+    }
+
+    /// Snapshots as they change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// True once a sync with the server has completed.
+    pub fn is_ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Syncs forever: after success every `sync_interval` (sooner when an SVID is due),
+    /// after failure with exponential backoff (1 s doubling, capped at the sync interval).
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.sync_once().await {
+                Ok(next_due) => {
+                    failures = 0;
+                    self.synced.store(true, Ordering::Relaxed);
+                    self.metrics.syncs_ok.fetch_add(1, Ordering::Relaxed);
+                    let until_due = Duration::from_secs(u64::try_from((next_due - unix_now()).max(0)).unwrap_or(0));
+                    self.cfg.sync_interval.min(until_due.max(Duration::from_millis(100)))
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, failures, "Sync with the server failed; serving cached SVIDs");
+                    self.inner.lock().await.client = None;
+                    Duration::from_secs(1u64 << failures.min(6)).min(self.cfg.sync_interval.max(Duration::from_secs(1)))
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn client(&self, inner: &mut Inner) -> Result<AgentClient<Channel>, AgentError> {
+        if let Some(c) = &inner.client {
+            return Ok(c.clone());
+        }
+        let tls = server_tls(&self.cfg.trust_domain, &inner.bundle, Some(&inner.identity))?;
+        let c = connect(&self.cfg.server_address, tls).await?;
+        inner.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One pass: renew the agent SVID, sync entries and bundles, mint what is due, publish.
+    /// Returns when the next SVID (or the agent SVID) is due, Unix seconds.
+    pub async fn sync_once(&self) -> Result<i64, AgentError> {
+        let mut inner = self.inner.lock().await;
+        let mut changed = false;
+        let now = unix_now();
+
+        if now >= inner.identity.not_after {
+            return Err(AgentError::Attestation(format!(
+                "agent SVID {} expired at {}; re-attest with a new join token (see docs/agent.md)",
+                inner.identity.id, inner.identity.not_after
+            )));
+        }
+        if now >= inner.identity.renew_at() {
+            self.renew_agent(&mut inner).await?;
+        }
+        let mut client = self.client(&mut inner).await?;
+
+        // Entries, incrementally.
+        let resp = client
+            .sync_entries(pb::SyncEntriesRequest { since_revision: inner.revision })
+            .await
+            .map_err(refused("SyncEntries"))?
+            .into_inner();
+        let mut entries = inner.entries.clone();
+        for id in &resp.removed_ids {
+            entries.remove(id);
+        }
+        for e in &resp.upserted {
+            match AgentEntry::from_pb(e) {
+                Ok(a) => {
+                    entries.insert(a.id.clone(), a);
+                }
+                Err(err) => warn!(entry_id = %e.id, error = %err, "Ignoring an entry the agent cannot parse"),
+            }
+        }
+        if entries_digest(&entries) != resp.authorized_digest {
+            debug!("Entry digest differs after the delta; doing a full sync");
+            let full = client
+                .sync_entries(pb::SyncEntriesRequest { since_revision: 0 })
+                .await
+                .map_err(refused("SyncEntries"))?
+                .into_inner();
+            entries =
+                full.upserted.iter().filter_map(|e| AgentEntry::from_pb(e).ok()).map(|e| (e.id.clone(), e)).collect();
+        }
+        if entries != inner.entries {
+            changed = true;
+        }
+        inner.revision = resp.revision;
+        // SVIDs whose entry vanished or whose identity changed are dropped at once.
+        let before = inner.svids.len();
+        inner.svids.retain(|id, svid| entries.get(id).is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id));
+        changed |= inner.svids.len() != before;
+        inner.entries = entries;
+
+        // Bundles.
+        let b = client.fetch_bundles(pb::FetchBundlesRequest {}).await.map_err(refused("FetchBundles"))?.into_inner();
+        if let Some(own) = b.bundle {
+            let own = bundle_from_pb(&own).map_err(|e| AgentError::Refused { call: "FetchBundles", status: e })?;
+            if own != *inner.bundle && !own.x509_authorities.is_empty() {
+                save_bundle(&self.cfg.data_dir, &own)?;
+                info!(sequence = own.sequence_number, roots = own.x509_authorities.len(), "Trust bundle updated");
+                inner.bundle = Arc::new(own);
+                inner.client = None; // reconnect with the new roots
+                changed = true;
+            }
+        }
+        let federated: BTreeMap<TrustDomain, Arc<Bundle>> = b
+            .federated_bundles
+            .iter()
+            .filter_map(|f| bundle_from_pb(f).ok())
+            .map(|f| (f.trust_domain.clone(), Arc::new(f)))
+            .collect();
+        if federated != inner.federated {
+            inner.federated = federated;
+            changed = true;
+        }
+
+        // Workload SVIDs that are missing, due, or whose entry changed. Entries without
+        // selectors are node aliases (SPIRE's semantics): they authorize children, and no
+        // workload can ever match them, so no SVID is minted for them.
+        let due: Vec<AgentEntry> = inner
+            .entries
+            .values()
+            .filter(|e| !e.selectors.is_empty())
+            .filter(|e| match inner.svids.get(&e.id) {
+                None => true,
+                Some(s) => s.rotate_at <= now || s.entry.revision != e.revision,
+            })
+            .cloned()
+            .collect();
+        for batch in due.chunks(BATCH) {
+            changed |= self.mint(&mut client, &mut inner, batch).await?;
+        }
+
+        if changed {
+            inner.generation += 1;
+            let mut svids: Vec<Arc<WorkloadSvid>> = inner.svids.values().cloned().collect();
+            svids.sort_by(|a, b| (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id)));
+            let snap = Snapshot {
+                svids,
+                bundle: inner.bundle.clone(),
+                federated: inner.federated.clone(),
+                generation: inner.generation,
+            };
+            self.tx.send_replace(Arc::new(snap));
+        }
+        let next =
+            inner.svids.values().map(|s| s.rotate_at).chain([inner.identity.renew_at()]).min().unwrap_or(now + 60);
+        Ok(next)
+    }
+
+    async fn mint(
+        &self,
+        client: &mut AgentClient<Channel>,
+        inner: &mut Inner,
+        batch: &[AgentEntry],
+    ) -> Result<bool, AgentError> {
+        let mut keys = HashMap::with_capacity(batch.len());
+        let mut params = Vec::with_capacity(batch.len());
+        for e in batch {
+            let key = PrivateKey::generate_ec_p256().map_err(|x| AgentError::Key(x.to_string()))?;
+            let csr = tessera_identity::csr::build_csr(&e.spiffe_id, &e.dns_names, &key)
+                .map_err(|x| AgentError::Key(x.to_string()))?;
+            params.push(pb::X509SvidParams { entry_id: e.id.clone(), csr });
+            keys.insert(e.id.clone(), (e.clone(), key));
+        }
+        let results = client
+            .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params })
+            .await
+            .map_err(refused("BatchNewX509Svid"))?
+            .into_inner()
+            .results;
+        let mut changed = false;
+        for r in results {
+            let Some((entry, key)) = keys.remove(&r.entry_id) else { continue };
+            let status = r.status.unwrap_or_default();
+            let Some(svid) = r.svid.filter(|_| status.code == 0) else {
+                warn!(entry_id = %r.entry_id, spiffe_id = %entry.spiffe_id, code = status.code, message = %status.message, "Server refused an SVID");
+                continue;
+            };
+            let Some(facts) = svid.cert_chain.first().and_then(|c| tessera_identity::x509::cert_facts(c).ok()) else {
+                warn!(entry_id = %r.entry_id, "Server sent an unreadable certificate");
+                continue;
+            };
+            // The certificate's notBefore is backdated for clock skew: count the lifetime from
+            // receipt.
+            let received = unix_now().clamp(facts.not_before, facts.not_after);
+            let life = facts.not_after - received;
+            let rotate_at = received + life / 2 - jitter(life / 10);
+            let ws = WorkloadSvid {
+                entry,
+                chain: svid.cert_chain,
+                key,
+                serial: facts.serial,
+                not_before: facts.not_before,
+                not_after: facts.not_after,
+                rotate_at,
+            };
+            debug!(spiffe_id = %ws.entry.spiffe_id, serial = %ws.serial, rotate_at, "Workload SVID issued");
+            self.metrics.svids_issued.fetch_add(1, Ordering::Relaxed);
+            inner.svids.insert(r.entry_id, Arc::new(ws));
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    async fn renew_agent(&self, inner: &mut Inner) -> Result<(), AgentError> {
+        let mut client = self.client(inner).await?;
+        let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
+        let csr = tessera_identity::csr::build_csr(&inner.identity.id, &[], &key)
+            .map_err(|e| AgentError::Key(e.to_string()))?;
+        let svid =
+            client.renew_agent(pb::RenewAgentRequest { csr }).await.map_err(refused("RenewAgent"))?.into_inner().svid;
+        let svid =
+            svid.ok_or_else(|| AgentError::Refused { call: "RenewAgent", status: "no SVID in response".into() })?;
+        let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
+        save_identity(&self.cfg.data_dir, &identity)?;
+        info!(agent_id = %identity.id, not_after = identity.not_after, "Agent SVID renewed");
+        inner.identity = identity;
+        inner.client = None;
+        Ok(())
+    }
+
+    /// A JWT-SVID for `entry` and `audience`, from the cache while it is in its first half of
+    /// life, else freshly minted by the server.
+    pub async fn jwt_svid(&self, entry: &AgentEntry, audience: &[String]) -> Result<String, tonic::Status> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (entry.id.clone(), aud.clone());
+        let now = unix_now();
+        if let Ok(cache) = self.jwt_cache.lock()
+            && let Some(c) = cache.get(&key)
+            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
+        {
+            return Ok(c.token.clone());
+        }
+        let mut client = {
+            let mut inner = self.inner.lock().await;
+            self.client(&mut inner).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        };
+        let r = client
+            .new_jwt_svid(pb::NewJwtSvidRequest { entry_id: entry.id.clone(), audience: aud })
+            .await?
+            .into_inner();
+        if let Ok(mut cache) = self.jwt_cache.lock() {
+            cache.retain(|_, c| c.expires_at > now);
+            cache.insert(key, CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at });
+        }
+        Ok(r.token)
+    }
+}

@@ -1,0 +1,314 @@
+//! Envoy SDS v3 on the agent socket: StreamSecrets (state of the world), DeltaSecrets
+//! (incremental) and FetchSecrets.
+//!
+//! Resource names follow SPIRE's and Istio's conventions: `default` (the caller's first SVID),
+//! `ROOTCA` (our bundle as a trusted CA), `ALL` (our and federated bundles as an
+//! `envoy.tls.cert_validator.spiffe` validator), a SPIFFE ID (that SVID) and
+//! `spiffe://<trust domain>` (that trust domain's bundle). A response is sent when content
+//! changes; stale nonces are ignored; a NACK is logged and the rejected version is not resent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, TypedExtensionConfig, data_source::Specifier};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
+    spiffe_cert_validator_config,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use tessera_identity::{Bundle, Selector, SpiffeId, TrustDomain};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::callers::Callers;
+use crate::manager::{Manager, Snapshot, WorkloadSvid};
+
+/// Type URL of an SDS secret.
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+const SPIFFE_VALIDATOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+
+/// The SDS service.
+#[derive(Debug, Clone)]
+pub struct Sds {
+    mgr: Arc<Manager>,
+    callers: Callers,
+}
+
+fn inline(bytes: Vec<u8>) -> Option<DataSource> {
+    Some(DataSource { specifier: Some(Specifier::InlineBytes(bytes)), ..Default::default() })
+}
+
+fn tls_secret(name: &str, s: &WorkloadSvid) -> Secret {
+    let chain = tessera_identity::pem::encode_certs(s.chain.iter().map(Vec::as_slice));
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain.into_bytes()),
+            private_key: inline(s.key.to_pem().as_bytes().to_vec()),
+            ..Default::default()
+        })),
+    }
+}
+
+fn trusted_ca_secret(name: &str, b: &Bundle) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: inline(b.x509_pem().into_bytes()),
+            ..Default::default()
+        })),
+    }
+}
+
+fn spiffe_validator_secret(name: &str, bundles: &[&Bundle]) -> Secret {
+    let cfg = SpiffeCertValidatorConfig {
+        trust_domains: bundles
+            .iter()
+            .map(|b| spiffe_cert_validator_config::TrustDomain {
+                name: b.trust_domain.to_string(),
+                trust_bundle: inline(b.x509_pem().into_bytes()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            custom_validator_config: Some(TypedExtensionConfig {
+                name: "envoy.tls.cert_validator.spiffe".into(),
+                typed_config: Some(Any { type_url: SPIFFE_VALIDATOR_TYPE.into(), value: cfg.encode_to_vec() }),
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// The secret named `name` for a caller with identities `ids`, if it exists.
+pub fn secret_for(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Option<Secret> {
+    match name {
+        "default" => ids.first().map(|s| tls_secret(name, s)),
+        "ROOTCA" => Some(trusted_ca_secret(name, &snap.bundle)),
+        "ALL" => {
+            let mut all: Vec<&Bundle> = vec![&snap.bundle];
+            all.extend(snap.federated.values().map(AsRef::as_ref));
+            Some(spiffe_validator_secret(name, &all))
+        }
+        other if other.starts_with("spiffe://") => {
+            let id = SpiffeId::new(other).ok()?;
+            if id.path().is_empty() {
+                let td: &TrustDomain = id.trust_domain();
+                snap.bundle_for(td).map(|b| trusted_ca_secret(name, b))
+            } else {
+                ids.iter().find(|s| s.entry.spiffe_id == id).map(|s| tls_secret(name, s))
+            }
+        }
+        _ => None,
+    }
+}
+
+fn to_any(s: &Secret) -> Any {
+    Any { type_url: SECRET_TYPE.into(), value: s.encode_to_vec() }
+}
+
+/// A short content hash, used as a version.
+fn version_of(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    tessera_identity::x509::hex_lower(ctx.finish().as_ref().get(..12).unwrap_or_default())
+}
+
+struct Nonces(u64);
+
+impl Nonces {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        self.0.to_string()
+    }
+}
+
+impl Sds {
+    /// An SDS service over the manager's snapshots.
+    pub fn new(mgr: Arc<Manager>, callers: Callers) -> Self {
+        Self { mgr, callers }
+    }
+}
+
+/// SotW: the resources for `names`, and their joint version.
+fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, String) {
+    let ids = snap.identities(sel);
+    let any: Vec<Any> = names.iter().filter_map(|n| secret_for(n, snap, &ids)).map(|s| to_any(&s)).collect();
+    let parts: Vec<&[u8]> = any.iter().map(|a| a.value.as_slice()).collect();
+    let version = version_of(&parts);
+    (any, version)
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let sel = self.callers.selectors(&req).await?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let mut snaps = self.mgr.subscribe();
+        let metrics = self.mgr.metrics.clone();
+        tokio::spawn(async move {
+            metrics.sds_streams.fetch_add(1, Ordering::Relaxed);
+            let mut names: Option<Vec<String>> = None;
+            let mut sent_version = String::new();
+            let mut last_nonce = String::new();
+            let mut nonces = Nonces(0);
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let Ok(Some(r)) = msg else { break };
+                        if !r.response_nonce.is_empty() && r.response_nonce != last_nonce {
+                            debug!(nonce = %r.response_nonce, "Stale SDS request ignored");
+                            continue;
+                        }
+                        if let Some(err) = &r.error_detail {
+                            warn!(version = %r.version_info, code = err.code, message = %err.message, "Envoy rejected (NACK) an SDS response");
+                        }
+                        if names.as_ref() != Some(&r.resource_names) {
+                            names = Some(r.resource_names);
+                        }
+                    }
+                    c = snaps.changed() => if c.is_err() { break },
+                }
+                let Some(n) = &names else { continue };
+                let snap = snaps.borrow_and_update().clone();
+                let (resources, version) = sotw(n, &snap, &sel);
+                if resources.is_empty() || version == sent_version {
+                    continue;
+                }
+                last_nonce = nonces.next();
+                sent_version = version.clone();
+                let resp = DiscoveryResponse {
+                    version_info: version,
+                    resources,
+                    type_url: SECRET_TYPE.into(),
+                    nonce: last_nonce.clone(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            metrics.sds_streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+        let sel = self.callers.selectors(&req).await?;
+        let r = req.into_inner();
+        let (resources, version) = sotw(&r.resource_names, &self.mgr.snapshot(), &sel);
+        Ok(Response::new(DiscoveryResponse {
+            version_info: version,
+            resources,
+            type_url: SECRET_TYPE.into(),
+            nonce: "1".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn delta_secrets(
+        &self,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let sel = self.callers.selectors(&req).await?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(8);
+        let mut snaps = self.mgr.subscribe();
+        let metrics = self.mgr.metrics.clone();
+        tokio::spawn(async move {
+            metrics.sds_streams.fetch_add(1, Ordering::Relaxed);
+            let mut subscribed: BTreeSet<String> = BTreeSet::new();
+            // What the client holds: name -> version.
+            let mut held: BTreeMap<String, String> = BTreeMap::new();
+            let mut nonces = Nonces(0);
+            let mut first = true;
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let Ok(Some(r)) = msg else { break };
+                        if let Some(err) = &r.error_detail {
+                            warn!(nonce = %r.response_nonce, code = err.code, message = %err.message, "Envoy rejected (NACK) a delta SDS response");
+                        }
+                        if first {
+                            held.extend(r.initial_resource_versions.clone());
+                            first = false;
+                        }
+                        for n in r.resource_names_subscribe {
+                            subscribed.insert(n);
+                        }
+                        for n in &r.resource_names_unsubscribe {
+                            subscribed.remove(n);
+                            held.remove(n);
+                        }
+                    }
+                    c = snaps.changed() => if c.is_err() { break },
+                }
+                let snap = snaps.borrow_and_update().clone();
+                let ids = snap.identities(&sel);
+                let mut resources = Vec::new();
+                let mut removed = Vec::new();
+                for name in &subscribed {
+                    match secret_for(name, &snap, &ids) {
+                        Some(s) => {
+                            let any = to_any(&s);
+                            let version = version_of(&[&any.value]);
+                            if held.get(name) != Some(&version) {
+                                held.insert(name.clone(), version.clone());
+                                resources.push(Resource {
+                                    name: name.clone(),
+                                    version,
+                                    resource: Some(any),
+                                    ..Default::default()
+                                });
+                            }
+                        }
+                        None => {
+                            if held.remove(name).is_some() {
+                                removed.push(name.clone());
+                            }
+                        }
+                    }
+                }
+                if resources.is_empty() && removed.is_empty() {
+                    continue;
+                }
+                let resp = DeltaDiscoveryResponse {
+                    system_version_info: snap.generation.to_string(),
+                    resources,
+                    type_url: SECRET_TYPE.into(),
+                    removed_resources: removed,
+                    nonce: nonces.next(),
+                    ..Default::default()
+                };
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            metrics.sds_streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

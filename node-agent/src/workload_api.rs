@@ -1,0 +1,248 @@
+//! The SPIFFE Workload API on the agent socket (SPIFFE Workload API spec): every call needs the
+//! `workload.spiffe.io: true` header (else InvalidArgument); a caller whose selectors match no
+//! entry gets PermissionDenied; the streaming calls push a new message on every change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tessera_identity::{Bundle, TrustDomain, unix_now};
+use tessera_proto::workload as wl;
+use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::callers::Callers;
+use crate::manager::{Manager, Snapshot, WorkloadSvid};
+
+/// The header every Workload API call must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    mgr: Arc<Manager>,
+    callers: Callers,
+}
+
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(SECURITY_HEADER) {
+        Some(v) if v == "true" => Ok(()),
+        _ => Err(Status::invalid_argument("security header missing from request")),
+    }
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued")
+}
+
+fn concat_der(b: &Bundle) -> Vec<u8> {
+    b.x509_authorities.iter().flat_map(|c| c.as_ref().iter().copied()).collect()
+}
+
+/// Trust domains whose bundles the caller's identities federate with.
+fn federated_for<'a>(snap: &'a Snapshot, ids: &[Arc<WorkloadSvid>]) -> BTreeMap<&'a TrustDomain, &'a Arc<Bundle>> {
+    let wanted: BTreeSet<&TrustDomain> = ids.iter().flat_map(|s| s.entry.federates_with.iter()).collect();
+    snap.federated.iter().filter(|(td, _)| wanted.contains(td)).collect()
+}
+
+fn x509_response(snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> wl::X509svidResponse {
+    let bundle = concat_der(&snap.bundle);
+    wl::X509svidResponse {
+        svids: ids
+            .iter()
+            .map(|s| wl::X509svid {
+                spiffe_id: s.entry.spiffe_id.to_string(),
+                x509_svid: s.chain.concat(),
+                x509_svid_key: s.key.pkcs8_der().to_vec(),
+                bundle: bundle.clone(),
+                hint: s.entry.hint.clone(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: federated_for(snap, ids)
+            .into_iter()
+            .map(|(td, b)| (td.id_string(), concat_der(b)))
+            .collect(),
+    }
+}
+
+fn x509_bundles(snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> wl::X509BundlesResponse {
+    let mut bundles: std::collections::HashMap<String, Vec<u8>> =
+        federated_for(snap, ids).into_iter().map(|(td, b)| (td.id_string(), concat_der(b))).collect();
+    bundles.insert(snap.bundle.trust_domain.id_string(), concat_der(&snap.bundle));
+    wl::X509BundlesResponse { crl: vec![], bundles }
+}
+
+/// A JWKS holding only a bundle's JWT keys (what JWT bundle parsers expect).
+fn jwt_jwks(b: &Bundle) -> Vec<u8> {
+    let mut only_jwt = Bundle::new(b.trust_domain.clone());
+    only_jwt.jwt_authorities = b.jwt_authorities.clone();
+    only_jwt.sequence_number = b.sequence_number;
+    only_jwt.to_jwks().map(String::into_bytes).unwrap_or_default()
+}
+
+fn jwt_bundles(snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> wl::JwtBundlesResponse {
+    let mut bundles: std::collections::HashMap<String, Vec<u8>> =
+        federated_for(snap, ids).into_iter().map(|(td, b)| (td.id_string(), jwt_jwks(b))).collect();
+    bundles.insert(snap.bundle.trust_domain.id_string(), jwt_jwks(&snap.bundle));
+    wl::JwtBundlesResponse { bundles }
+}
+
+impl WorkloadApi {
+    /// A service over the manager's snapshots.
+    pub fn new(mgr: Arc<Manager>, callers: Callers) -> Self {
+        Self { mgr, callers }
+    }
+
+    /// Streams `build(snapshot, identities)` on every change until the client goes away; ends
+    /// with PermissionDenied when the caller has (or comes to have) no identity.
+    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> ReceiverStream<Result<T, Status>>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(4);
+        let mut snaps = self.mgr.subscribe();
+        let metrics = self.mgr.metrics.clone();
+        tokio::spawn(async move {
+            metrics.workload_streams.fetch_add(1, Ordering::Relaxed);
+            let mut last: Option<T> = None;
+            loop {
+                let snap = snaps.borrow_and_update().clone();
+                let ids = snap.identities(&selectors);
+                if ids.is_empty() {
+                    let _ = tx.send(Err(no_identity())).await;
+                    break;
+                }
+                let msg = build(&snap, &ids);
+                if last.as_ref() != Some(&msg) {
+                    last = Some(msg.clone());
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    c = snaps.changed() => if c.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+            metrics.workload_streams.fetch_sub(1, Ordering::Relaxed);
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+type Stream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = Stream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<wl::JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        let sel = self.callers.selectors(&req).await?;
+        if self.mgr.snapshot().identities(&sel).is_empty() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.stream(sel, x509_response)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        let sel = self.callers.selectors(&req).await?;
+        if self.mgr.snapshot().identities(&sel).is_empty() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.stream(sel, x509_bundles)))
+    }
+
+    async fn fetch_jwtsvid(&self, req: Request<wl::JwtsvidRequest>) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let sel = self.callers.selectors(&req).await?;
+        let r = req.into_inner();
+        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let mut ids = self.mgr.snapshot().identities(&sel);
+        if !r.spiffe_id.is_empty() {
+            tessera_identity::SpiffeId::new(&r.spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("invalid SPIFFE ID {:?}: {e}", r.spiffe_id)))?;
+            ids.retain(|s| s.entry.spiffe_id.to_string() == r.spiffe_id);
+        }
+        if ids.is_empty() {
+            return Err(no_identity());
+        }
+        let mut svids = Vec::with_capacity(ids.len());
+        for s in &ids {
+            let token = self.mgr.jwt_svid(&s.entry, &r.audience).await?;
+            svids.push(wl::Jwtsvid {
+                spiffe_id: s.entry.spiffe_id.to_string(),
+                svid: token,
+                hint: s.entry.hint.clone(),
+            });
+        }
+        Ok(Response::new(wl::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
+        let sel = self.callers.selectors(&req).await?;
+        if self.mgr.snapshot().identities(&sel).is_empty() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.stream(sel, jwt_bundles)))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let snap = self.mgr.snapshot();
+        let v = tessera_identity::jwt::validate(&r.svid, &r.audience, unix_now(), |td| {
+            snap.bundle_for(td).map(AsRef::as_ref)
+        })
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let c = &v.claims;
+        let mut fields = BTreeMap::new();
+        let s = |v: String| prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(v)) };
+        let n = |v: i64| prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(v as f64)) };
+        fields.insert("sub".to_owned(), s(c.sub.clone()));
+        fields.insert(
+            "aud".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::ListValue(prost_types::ListValue {
+                    values: c.aud.iter().cloned().map(s).collect(),
+                })),
+            },
+        );
+        fields.insert("exp".to_owned(), n(c.exp));
+        if c.iat != 0 {
+            fields.insert("iat".to_owned(), n(c.iat));
+        }
+        Ok(Response::new(wl::ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(prost_types::Struct { fields }),
+        }))
+    }
+}

@@ -1,0 +1,389 @@
+//! The agent in-process against an in-process server: attestation, the Workload API, SDS
+//! (SotW and delta), rotation, cert files, restart, server outage. Real sockets throughout;
+//! the real-Envoy and py-spiffe tests live in the e2e crate.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use prost::Message;
+use tessera_agent::app::Agent;
+use tessera_agent::config::Config;
+use tessera_proto::admin::v1 as admin;
+use tessera_proto::admin::v1::admin_client::AdminClient;
+use tessera_proto::types::v1 as types;
+use tessera_proto::workload as wl;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    server: Option<tessera_server::app::Server>,
+    admin: AdminClient<Channel>,
+    agent: Option<Agent>,
+    agent_toml: String,
+    entry: types::Entry,
+}
+
+async fn uds_channel(path: PathBuf) -> Channel {
+    tonic::transport::Endpoint::from_static("http://agent.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+impl Env {
+    async fn start(svid_ttl: &str) -> Env {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let server_toml = format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[server]\nagent_api_address = \"127.0.0.1:0\"\nhealth_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n[ca]\nca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\"\n[key_manager]\ntype = \"memory\"\n",
+            d.join("server").display(),
+            d.join("admin.sock").display()
+        );
+        let server =
+            tessera_server::app::Server::start(tessera_server::config::Config::from_toml(&server_toml).unwrap())
+                .await
+                .unwrap();
+        let mut admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
+        let token = admin
+            .create_join_token(admin::CreateJoinTokenRequest {
+                ttl: 600,
+                spiffe_id: "spiffe://example.org/node/test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let entry = admin
+            .create_entry(admin::CreateEntryRequest {
+                entry: Some(types::Entry {
+                    spiffe_id: "spiffe://example.org/web".into(),
+                    parent_id: "spiffe://example.org/node/test".into(),
+                    selectors: vec![types::Selector { r#type: "unix".into(), value: format!("uid:{}", my_uid()) }],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bundle = admin.get_bundle(admin::GetBundleRequest {}).await.unwrap().into_inner();
+        let pem = tessera_identity::pem::encode_certs(bundle.x509_authorities.iter().map(Vec::as_slice));
+        std::fs::write(d.join("bootstrap.pem"), pem).unwrap();
+        let agent_toml = format!(
+            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"127.0.0.1:0\"\nlog_level = \"warn\"\nsync_interval = \"200ms\"\n[[cert_files]]\ndir = \"{}\"\nspiffe_id = \"spiffe://example.org/web\"\n",
+            server.agent_api_addr,
+            d.join("agent").display(),
+            d.join("agent.sock").display(),
+            d.join("bootstrap.pem").display(),
+            d.join("files").display(),
+        );
+        let cfg = Config::from_toml(&format!("join_token = \"{}\"\n{agent_toml}", token.token)).unwrap();
+        let agent = Agent::start(cfg).await.unwrap();
+        Env { dir, server: Some(server), admin, agent: Some(agent), agent_toml, entry }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    async fn workload(
+        &self,
+    ) -> tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+        tonic::service::interceptor::InterceptedService<
+            Channel,
+            fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+        >,
+    > {
+        tessera_agent::cli::workload_client(&self.socket()).await.unwrap()
+    }
+
+    async fn sds(&self) -> SecretDiscoveryServiceClient<Channel> {
+        SecretDiscoveryServiceClient::new(uds_channel(self.socket()).await)
+    }
+
+    async fn stop(mut self) {
+        if let Some(a) = self.agent.take() {
+            a.shutdown().await;
+        }
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+fn secret(any: &envoy_types::pb::google::protobuf::Any) -> Secret {
+    assert_eq!(any.type_url, tessera_agent::sds::SECRET_TYPE);
+    Secret::decode(any.value.as_slice()).unwrap()
+}
+
+fn cert_serial(s: &Secret) -> String {
+    let Some(secret::Type::TlsCertificate(t)) = &s.r#type else { panic!("not a TLS certificate: {s:?}") };
+    let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
+        t.certificate_chain.as_ref().unwrap().specifier.clone()
+    else {
+        panic!("no inline chain")
+    };
+    let certs = tessera_identity::pem::decode_certs(&pem).unwrap();
+    tessera_identity::x509::cert_facts(&certs[0]).unwrap().serial
+}
+
+#[tokio::test]
+async fn workload_gets_x509_and_jwt_svids_and_bundles_over_the_workload_api() {
+    let env = Env::start("1h").await;
+    let mut c = env.workload().await;
+    let resp = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    assert_eq!(resp.svids.len(), 1, "node alias entries must not be served to workloads");
+    let s = &resp.svids[0];
+    assert_eq!(s.spiffe_id, "spiffe://example.org/web");
+    // The Rust spiffe crate accepts the SVID and its key.
+    let svid = spiffe::X509Svid::parse_from_der(&s.x509_svid, &s.x509_svid_key).unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    let bundle =
+        spiffe::X509Bundle::parse_from_der(spiffe::TrustDomain::new("example.org").unwrap(), &s.bundle).unwrap();
+    assert_eq!(bundle.authorities().len(), 1);
+
+    let jwt = c
+        .fetch_jwtsvid(wl::JwtsvidRequest { audience: vec!["billing".into()], spiffe_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = jwt.svids[0].svid.clone();
+    let v = c
+        .validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "billing".into(), svid: token.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.spiffe_id, "spiffe://example.org/web");
+    let wrong =
+        c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "other".into(), svid: token }).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    let e = c.fetch_jwtsvid(wl::JwtsvidRequest { audience: vec![], spiffe_id: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let jb =
+        c.fetch_jwt_bundles(wl::JwtBundlesRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    let jwks = jb.bundles.get("spiffe://example.org").unwrap();
+    let parsed =
+        tessera_identity::Bundle::from_jwks(tessera_identity::TrustDomain::new("example.org").unwrap(), jwks).unwrap();
+    assert_eq!(parsed.jwt_authorities.len(), 1);
+    assert!(parsed.x509_authorities.is_empty());
+    let xb =
+        c.fetch_x509_bundles(wl::X509BundlesRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    assert!(xb.bundles.contains_key("spiffe://example.org"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn workload_api_requires_the_security_header_and_an_identity() {
+    let env = Env::start("1h").await;
+    let mut raw = tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        uds_channel(env.socket()).await,
+    );
+    let e = raw.fetch_x509svid(wl::X509svidRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("security header"), "{}", e.message());
+    let e =
+        raw.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "a".into(), svid: "x".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // Delete the entry: within the sync interval, the open stream ends with PermissionDenied
+    // and new calls are refused.
+    let mut c = env.workload().await;
+    let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    let mut admin = env.admin.clone();
+    admin.delete_entry(admin::EntryId { id: env.entry.id.clone() }).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("stream not ended after the entry was deleted");
+    assert_eq!(end.unwrap_err().code(), Code::PermissionDenied);
+    let e = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn sds_sotw_serves_named_secrets_honours_nonces_and_pushes_rotation() {
+    let env = Env::start("1h").await;
+    let mut sds = env.sds().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["default".into(), "ROOTCA".into(), "ALL".into()],
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut inbound = tokio::time::timeout(
+        Duration::from_secs(5),
+        sds.stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("stream not opened")
+    .unwrap()
+    .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("no first response")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.resources.len(), 3);
+    let secrets: Vec<Secret> = first.resources.iter().map(secret).collect();
+    assert_eq!(secrets[0].name, "default");
+    let serial1 = cert_serial(&secrets[0]);
+    assert!(matches!(secrets[1].r#type, Some(secret::Type::ValidationContext(ref v)) if v.trusted_ca.is_some()));
+    let Some(secret::Type::ValidationContext(all)) = &secrets[2].r#type else { panic!() };
+    assert_eq!(all.custom_validator_config.as_ref().unwrap().name, "envoy.tls.cert_validator.spiffe");
+    // ACK: no new response until something changes.
+    tx.send(DiscoveryRequest {
+        version_info: first.version_info.clone(),
+        resource_names: vec!["default".into(), "ROOTCA".into(), "ALL".into()],
+        response_nonce: first.nonce.clone(),
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), inbound.message()).await.is_err(),
+        "response sent after an ACK without a change"
+    );
+    // Change the entry: the agent re-mints and pushes.
+    let mut admin = env.admin.clone();
+    let mut e = env.entry.clone();
+    e.dns_names = vec!["web.internal".into()];
+    admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
+    let pushed = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("no push after rotation")
+        .unwrap()
+        .unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+    assert_ne!(cert_serial(&secret(&pushed.resources[0])), serial1);
+
+    // FetchSecrets by SPIFFE ID and by trust domain; unknown names yield nothing.
+    let r = sds
+        .fetch_secrets(DiscoveryRequest {
+            resource_names: vec!["spiffe://example.org/web".into(), "spiffe://example.org".into(), "nope".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.resources.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn sds_delta_sends_only_what_changed() {
+    let env = Env::start("1h").await;
+    let mut sds = env.sds().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        resource_names_subscribe: vec!["spiffe://example.org/web".into(), "ROOTCA".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut inbound = tokio::time::timeout(
+        Duration::from_secs(5),
+        sds.delta_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("stream not opened")
+    .unwrap()
+    .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+        .await
+        .expect("no first response")
+        .unwrap()
+        .unwrap();
+    let mut names: Vec<_> = first.resources.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, vec!["ROOTCA", "spiffe://example.org/web"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut admin = env.admin.clone();
+    let mut e = env.entry.clone();
+    e.dns_names = vec!["web.internal".into()];
+    admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
+    let delta =
+        tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("no delta push").unwrap().unwrap();
+    assert_eq!(
+        delta.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        vec!["spiffe://example.org/web"],
+        "unchanged ROOTCA resent"
+    );
+    // Entry deleted: the SVID resource is removed.
+    admin.delete_entry(admin::EntryId { id: env.entry.id.clone() }).await.unwrap();
+    let removed =
+        tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("no removal").unwrap().unwrap();
+    assert_eq!(removed.removed_resources, vec!["spiffe://example.org/web".to_owned()]);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn svids_rotate_at_half_life_and_cert_files_follow() {
+    let env = Env::start("4s").await;
+    let files = env.dir.path().join("files");
+    let serial_of_file = || {
+        let pem = std::fs::read(files.join("cert-chain.pem")).ok()?;
+        Some(tessera_identity::x509::cert_facts(&tessera_identity::pem::decode_certs(&pem).ok()?[0]).ok()?.serial)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while serial_of_file().is_none() {
+        assert!(Instant::now() < deadline, "cert files not written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(files.join("key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while seen.len() < 3 {
+        assert!(Instant::now() < deadline, "SVIDs did not rotate: {seen:?}");
+        if let Some(s) = serial_of_file() {
+            seen.insert(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn agent_restarts_from_its_persisted_svid_and_serves_cached_svids_when_the_server_is_down() {
+    let mut env = Env::start("1h").await;
+    env.agent.take().unwrap().shutdown().await;
+    use std::os::unix::fs::PermissionsExt;
+    let key = env.dir.path().join("agent/agent-key.pem");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    // No join token this time: the persisted SVID is enough.
+    env.agent = Some(Agent::start(Config::from_toml(&env.agent_toml).unwrap()).await.unwrap());
+    let mut c = env.workload().await;
+    let before = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    // Server gone: the cached SVID is still served.
+    env.server.take().unwrap().shutdown().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    assert_eq!(after.svids[0].x509_svid, before.svids[0].x509_svid);
+    env.stop().await;
+}
