@@ -28,7 +28,7 @@ target/venv/bin/lint_pkix_cert --help >/dev/null
 echo "pkilint: $(target/venv/bin/pip show pkilint | sed -n 's/^Version: //p')"
 
 step "Formatting"
-cargo fmt --all --check
+cargo fmt --check
 
 step "Build"
 cargo build --workspace --bins --locked

@@ -158,3 +158,198 @@ pub fn pkilint() -> PathBuf {
     assert!(p.exists(), "{} is missing: run scripts/test.sh, which installs pkilint into target/venv", p.display());
     p
 }
+
+/// The current process's uid (from /proc, no libc).
+pub fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A program from the project venv (`target/venv/bin`), or `$TESSERA_<NAME>` when set.
+pub fn venv_tool(name: &str) -> PathBuf {
+    let var = format!("TESSERA_{}", name.to_uppercase().replace('-', "_"));
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let p = bin_dir().parent().unwrap().join("venv/bin").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/test.sh, which installs it into target/venv", p.display());
+    p
+}
+
+/// A long-running child process killed on drop, logging to a file.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr to `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .env_remove("RUST_BACKTRACE")
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Proc { child, log }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `ready` every 25 ms for up to `secs`; fails with the log if the process dies or
+    /// time runs out.
+    pub fn wait_until(&mut self, secs: u64, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if ready() {
+                return;
+            }
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!("{what}: process exited ({s}): {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "{what}: not ready after {secs} s: {}", self.log());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection: (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return Ok((code, body.to_owned()));
+    }
+    // Chunked: size line (hex), data, CRLF; a zero size ends it.
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    Ok((code, out))
+}
+
+/// A server and an agent, both the real binaries, with a node alias for the agent.
+pub struct Mesh {
+    /// Temp dir.
+    pub dir: tempfile::TempDir,
+    /// The server.
+    pub server: ServerProc,
+    /// The agent.
+    pub agent: Option<Proc>,
+    /// The agent's socket.
+    pub socket: PathBuf,
+    /// The agent's config file.
+    pub agent_config: PathBuf,
+    /// The node alias entries hang under.
+    pub alias: String,
+}
+
+impl Mesh {
+    /// Starts a server with `ca` settings and an agent attested with a fresh join token.
+    pub fn start(ca: &str, sync_interval: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().to_owned();
+        std::fs::create_dir_all(d.join("server")).unwrap();
+        let server_cfg = server_config(&d.join("server"), ca)
+            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""));
+        let config = d.join("server.toml");
+        std::fs::write(&config, server_cfg).unwrap();
+        let mut server = ServerProc { child: None, dir: d.join("server"), socket: d.join("server/admin.sock"), config };
+        server.spawn();
+        let alias = "spiffe://example.org/node/e2e".to_owned();
+        let token: serde_json::Value =
+            serde_json::from_str(&server.cli_ok(&["token", "generate", "--spiffe-id", &alias, "--output", "json"]))
+                .unwrap();
+        std::fs::write(d.join("bootstrap.pem"), server.cli_ok(&["bundle", "show"])).unwrap();
+        let socket = d.join("agent.sock");
+        let agent_config = d.join("agent.toml");
+        let health = free_port();
+        std::fs::write(
+            &agent_config,
+            format!(
+                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{health}\"\nsync_interval = \"{sync_interval}\"\n",
+                d.join("agent").display(),
+                socket.display(),
+                d.join("bootstrap.pem").display(),
+                token["token"].as_str().unwrap(),
+            ),
+        )
+        .unwrap();
+        let mut m = Mesh { dir, server, agent: None, socket, agent_config, alias };
+        m.start_agent();
+        m
+    }
+
+    /// (Re)starts the agent binary and waits for its socket.
+    pub fn start_agent(&mut self) {
+        let mut cmd = Command::new(bin("tessera-agent"));
+        cmd.args(["run", "--config"]).arg(&self.agent_config);
+        let mut p = Proc::spawn(cmd, self.dir.path().join("agent.log"));
+        let sock = self.socket.clone();
+        p.wait_until(30, "tessera-agent", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        self.agent = Some(p);
+    }
+
+    /// Registers `spiffe_id` for this process's uid under the node alias.
+    pub fn register(&self, spiffe_id: &str, extra: &[&str]) -> String {
+        let uid = format!("unix:uid:{}", my_uid());
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            &self.alias,
+            "--selector",
+            &uid,
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&self.server.cli_ok(&args)).unwrap();
+        v["entries"][0]["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs `tessera-agent api ...` against this agent.
+    pub fn agent_cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("tessera-agent"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    }
+}
