@@ -1,41 +1,53 @@
 #!/usr/bin/env bash
 # Brings up a local Tessera on embedded defaults (sled store, disk key manager, self-signed
-# root) and shows a workload SVID being issued and verified.
+# root): a server, one agent joined with a generated join token, an entry for the current
+# user (unix:uid:<uid>), and shows this shell, as a workload, fetching its X509-SVID from the
+# agent over the SPIFFE Workload API.
 #
-#   scripts/quickstart.sh        build, start the server (if not running), mint an SVID
-#   scripts/quickstart.sh stop   stop the server (state stays in the quickstart dir)
+#   scripts/quickstart.sh        build, start server and agent (if not running), fetch an SVID
+#   scripts/quickstart.sh stop   stop both (state stays in the quickstart dir)
 #
 # Environment: QUICKSTART_DIR (default target/quickstart), TESSERA_AGENT_API_PORT (8081),
-# TESSERA_HEALTH_PORT (8080).
+# TESSERA_HEALTH_PORT (8080), TESSERA_AGENT_HEALTH_PORT (8082).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR="${QUICKSTART_DIR:-$PWD/target/quickstart}"
 AGENT_API_PORT="${TESSERA_AGENT_API_PORT:-8081}"
 HEALTH_PORT="${TESSERA_HEALTH_PORT:-8080}"
+AGENT_HEALTH_PORT="${TESSERA_AGENT_HEALTH_PORT:-8082}"
 SERVER="$PWD/target/debug/tessera-server"
+AGENT="$PWD/target/debug/tessera-agent"
 SOCK="$DIR/admin.sock"
+AGENT_SOCK="$DIR/agent.sock"
 PIDFILE="$DIR/server.pid"
+AGENT_PIDFILE="$DIR/agent.pid"
 
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() { alive "$PIDFILE"; }
 
-if [ "${1:-}" = "stop" ]; then
-  if running; then
-    pid="$(cat "$PIDFILE")"
+stop_one() { # pidfile name
+  if alive "$1"; then
+    pid="$(cat "$1")"
     kill -TERM "$pid"
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$PIDFILE"
-    echo "Tessera server stopped (state kept in $DIR)."
+    echo "Tessera $2 stopped."
   else
-    rm -f "$PIDFILE"
-    echo "Tessera server is not running."
+    echo "Tessera $2 is not running."
   fi
+  rm -f "$1"
+}
+
+if [ "${1:-}" = "stop" ]; then
+  stop_one "$AGENT_PIDFILE" agent
+  stop_one "$PIDFILE" server
+  echo "(State kept in $DIR; remove it to start from scratch.)"
   exit 0
 fi
 
 command -v openssl >/dev/null || { echo "openssl is needed (apt-get install openssl)" >&2; exit 1; }
 
-echo "==> Building tessera-server"
+echo "==> Building tessera-server and tessera-agent"
 cargo build --bins --quiet
 
 mkdir -p "$DIR"
@@ -79,25 +91,61 @@ else
 fi
 
 export TESSERA_ADMIN_SOCKET="$SOCK"
-echo "==> Minting an X509-SVID for spiffe://example.org/quickstart/web (the key is generated locally)"
-"$SERVER" x509 mint --spiffe-id spiffe://example.org/quickstart/web --ttl 1h --write "$DIR/svid"
 "$SERVER" bundle show >"$DIR/bundle.pem"
 
+if alive "$AGENT_PIDFILE"; then
+  echo "==> Agent already running (pid $(cat "$AGENT_PIDFILE"))"
+else
+  NODE_ID="spiffe://example.org/node/quickstart"
+  if [ ! -f "$DIR/agent/agent-svid.pem" ]; then
+    echo "==> Generating a join token for the agent (node alias $NODE_ID)"
+    TOKEN="$("$SERVER" token generate --spiffe-id "$NODE_ID" --output json | sed -n 's/.*"token": "\([0-9a-f]*\)".*/\1/p')"
+    cat >"$DIR/agent.toml" <<TOML
+trust_domain = "example.org"
+server_address = "127.0.0.1:$AGENT_API_PORT"
+data_dir = "$DIR/agent"
+socket_path = "$AGENT_SOCK"
+trust_bundle_path = "$DIR/bundle.pem"
+join_token = "$TOKEN"
+health_address = "127.0.0.1:$AGENT_HEALTH_PORT"
+sync_interval = "1s"
+TOML
+    echo "==> Registering spiffe://example.org/quickstart/me for unix:uid:$(id -u) (you)"
+    "$SERVER" entry create --spiffe-id spiffe://example.org/quickstart/me --parent-id "$NODE_ID" \
+      --selector "unix:uid:$(id -u)" >/dev/null
+  fi
+  echo "==> Starting tessera-agent (config $DIR/agent.toml, log $DIR/agent.log)"
+  nohup "$AGENT" run --config "$DIR/agent.toml" >>"$DIR/agent.log" 2>&1 &
+  echo $! >"$AGENT_PIDFILE"
+fi
+
+echo "==> Fetching this shell's X509-SVID over the SPIFFE Workload API"
+for _ in $(seq 1 100); do
+  if out="$("$AGENT" api fetch x509 --socket "$AGENT_SOCK" --write "$DIR/svid" 2>&1)"; then break; fi
+  alive "$AGENT_PIDFILE" || { echo "agent exited; see $DIR/agent.log" >&2; tail -5 "$DIR/agent.log" >&2; exit 1; }
+  sleep 0.2
+done
+echo "$out"
+echo "$out" | grep -q "spiffe://example.org/quickstart/me" || { echo "no SVID for spiffe://example.org/quickstart/me" >&2; exit 1; }
+
 echo "==> Verifying it with openssl against the trust bundle"
-openssl verify -CAfile "$DIR/bundle.pem" "$DIR/svid/svid.pem"
-openssl x509 -noout -ext subjectAltName -enddate -in "$DIR/svid/svid.pem"
+openssl verify -CAfile "$DIR/svid/bundle.0.pem" "$DIR/svid/svid.0.pem"
 
 cat <<MSG
 
 Tessera is running:
-  admin socket   $SOCK          (export TESSERA_ADMIN_SOCKET=$SOCK)
-  Agent API      127.0.0.1:$AGENT_API_PORT (mTLS)
-  health         http://127.0.0.1:$HEALTH_PORT/ready   /metrics
-  SVID files     $DIR/svid/{svid.pem,key.pem,bundle.pem}
+  server admin socket  $SOCK     (export TESSERA_ADMIN_SOCKET=$SOCK)
+  agent socket         $AGENT_SOCK   (SPIFFE Workload API + Envoy SDS)
+  Agent API            127.0.0.1:$AGENT_API_PORT (mTLS)
+  health               http://127.0.0.1:$HEALTH_PORT/ready (server), http://127.0.0.1:$AGENT_HEALTH_PORT/ready (agent)
+  SVID files           $DIR/svid/{svid.0.pem,svid.0.key,bundle.0.pem}
 
-Try:  $SERVER entry show
-      $SERVER token generate --spiffe-id spiffe://example.org/node/1
-      $SERVER localauthority x509 show
+Try:  $AGENT api fetch jwt --socket $AGENT_SOCK --audience my-service
+      $AGENT api watch --socket $AGENT_SOCK
+      $SERVER entry show
+Envoy: point an SDS config source at the agent socket (a cluster with
+      address.pipe.path = $AGENT_SOCK, HTTP/2) and ask for the secret
+      "spiffe://example.org/quickstart/me" (or "default") and the validation context "ALL";
+      a complete example is deploy/examples/envoy-sds.yaml.
 Stop: scripts/quickstart.sh stop
-(The node agent, Envoy SDS and the Workload API come with the agent issue; see README.)
 MSG

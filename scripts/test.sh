@@ -44,8 +44,10 @@ failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/)
 rm -f "$log"
 
 step "Quickstart (README command 1)"
-QUICKSTART_DIR="$(mktemp -d)" TESSERA_AGENT_API_PORT=0 TESSERA_HEALTH_PORT=0
-export QUICKSTART_DIR TESSERA_AGENT_API_PORT TESSERA_HEALTH_PORT
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+QUICKSTART_DIR="$(mktemp -d)"
+TESSERA_AGENT_API_PORT="$(free_port)" TESSERA_HEALTH_PORT="$(free_port)" TESSERA_AGENT_HEALTH_PORT="$(free_port)"
+export QUICKSTART_DIR TESSERA_AGENT_API_PORT TESSERA_HEALTH_PORT TESSERA_AGENT_HEALTH_PORT
 scripts/quickstart.sh
 scripts/quickstart.sh stop
 

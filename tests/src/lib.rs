@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 /// The directory holding the built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/<test> -> target/debug
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_owned();
+    // Tests run from target/<profile>/deps/<test>; binaries from target/<profile>/<bin>.
+    let parent = exe.parent().expect("exe dir");
+    let dir = if parent.ends_with("deps") { parent.parent().expect("target dir") } else { parent }.to_owned();
     assert!(
         dir.join("tessera-server").exists(),
         "{} has no tessera-server binary: run `cargo build --bins` first (scripts/test.sh does)",
