@@ -80,7 +80,9 @@ impl Agent {
         // Any local process may connect; attestation decides what it gets.
         std::fs::set_permissions(&cfg.socket_path, std::fs::Permissions::from_mode(0o777))
             .map_err(io("cannot chmod the socket".into()))?;
-        let callers = Callers::new(vec![Arc::new(UnixAttestor::default())]);
+        let snaps = manager.clone();
+        let unix = UnixAttestor::default().hashing_when(Arc::new(move || snaps.snapshot().wants_exe_hash));
+        let callers = Callers::new(vec![Arc::new(unix)]);
         let workload = SpiffeWorkloadApiServer::new(WorkloadApi::new(manager.clone(), callers.clone()))
             .max_decoding_message_size(64 * 1024);
         let sds = SecretDiscoveryServiceServer::new(Sds::new(manager.clone(), callers))

@@ -47,11 +47,21 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
     async fn attest(&self, peer: PeerCred) -> Result<Vec<Selector>, AttestError>;
 }
 
+/// Whether any entry asks for `unix:sha256`: hashing an executable (Envoy is ~100 MB) costs
+/// tens of milliseconds on first sight, so it is skipped when no entry needs it.
+pub type WantsExeHash = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// The `unix` attestor.
-#[derive(Debug)]
 pub struct UnixAttestor {
     root: PathBuf,
     hashes: Mutex<HashMap<(PathBuf, u64, i64), String>>,
+    wants_hash: WantsExeHash,
+}
+
+impl std::fmt::Debug for UnixAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixAttestor").field("root", &self.root).finish_non_exhaustive()
+    }
 }
 
 impl Default for UnixAttestor {
@@ -74,7 +84,13 @@ fn lookup_name(file: &Path, id: u32) -> Option<String> {
 impl UnixAttestor {
     /// An attestor reading `/proc` and `/etc` under `root` (tests use a fake root).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), hashes: Mutex::default() }
+        Self { root: root.into(), hashes: Mutex::default(), wants_hash: std::sync::Arc::new(|| true) }
+    }
+
+    /// Hash executables only while `wants_hash` says some entry uses `unix:sha256`.
+    pub fn hashing_when(mut self, wants_hash: WantsExeHash) -> Self {
+        self.wants_hash = wants_hash;
+        self
     }
 
     fn sha256_of(&self, exe: &Path) -> Option<String> {
@@ -127,7 +143,9 @@ impl WorkloadAttestor for UnixAttestor {
                     self.root.join(exe.strip_prefix("/").unwrap_or(&exe))
                 };
                 out.push(Selector { kind: "unix".into(), value: format!("path:{}", exe.display()) });
-                if let Some(h) = self.sha256_of(&exe_in_root) {
+                if (self.wants_hash)()
+                    && let Some(h) = self.sha256_of(&exe_in_root)
+                {
                     out.push(Selector { kind: "unix".into(), value: format!("sha256:{h}") });
                 }
             }
@@ -172,6 +190,20 @@ mod tests {
                 "unix:sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn executables_are_hashed_only_when_an_entry_needs_it() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("proc/42")).unwrap();
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::write(r.join("bin/app"), b"x").unwrap();
+        std::os::unix::fs::symlink("/bin/app", r.join("proc/42/exe")).unwrap();
+        let a = UnixAttestor::with_root(r).hashing_when(std::sync::Arc::new(|| false));
+        let sel = a.attest(PeerCred { pid: Some(42), uid: 1, gid: 1 }).await.unwrap();
+        assert!(sel.iter().any(|s| s.value == "path:/bin/app"));
+        assert!(!sel.iter().any(|s| s.value.starts_with("sha256:")));
     }
 
     #[tokio::test]

@@ -139,6 +139,9 @@ pub struct Snapshot {
     pub federated: BTreeMap<TrustDomain, Arc<Bundle>>,
     /// Bumped on every change.
     pub generation: u64,
+    /// True when some entry selects on `unix:sha256` (workload attestation then hashes
+    /// executables).
+    pub wants_exe_hash: bool,
 }
 
 impl Snapshot {
@@ -295,7 +298,7 @@ impl Manager {
             None => attest(&cfg).await?,
         };
         let bundle = Arc::new(bundle);
-        let snapshot = Snapshot { svids: vec![], bundle: bundle.clone(), federated: BTreeMap::new(), generation: 0 };
+        let snapshot = Snapshot { svids: vec![], bundle: bundle.clone(), federated: BTreeMap::new(), generation: 0, wants_exe_hash: false };
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Arc::new(Self {
             cfg,
@@ -350,6 +353,10 @@ impl Manager {
                     self.cfg.sync_interval.min(until_due.max(Duration::from_millis(100)))
                 }
                 Err(e) => {
+                    if matches!(e, AgentError::Attestation(_)) {
+                        // The agent can no longer authenticate: not ready until re-attested.
+                        self.synced.store(false, Ordering::Relaxed);
+                    }
                     failures = failures.saturating_add(1);
                     self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, failures, "Sync with the server failed; serving cached SVIDs");
@@ -474,11 +481,14 @@ impl Manager {
             inner.generation += 1;
             let mut svids: Vec<Arc<WorkloadSvid>> = inner.svids.values().cloned().collect();
             svids.sort_by(|a, b| (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id)));
+            let wants_exe_hash =
+                inner.entries.values().any(|e| e.selectors.iter().any(|s| s.kind == "unix" && s.value.starts_with("sha256:")));
             let snap = Snapshot {
                 svids,
                 bundle: inner.bundle.clone(),
                 federated: inner.federated.clone(),
                 generation: inner.generation,
+                wants_exe_hash,
             };
             self.tx.send_replace(Arc::new(snap));
         }
