@@ -306,6 +306,9 @@ fn traffic_keeps_succeeding_through_rotation_and_server_outage() {
 #[test]
 fn the_documented_envoy_example_is_a_valid_envoy_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/envoy-sds.yaml");
-    let out = Command::new(venv_tool("envoy")).args(["--mode", "validate", "--log-level", "error", "-c", example]).output().unwrap();
+    let out = Command::new(venv_tool("envoy"))
+        .args(["--mode", "validate", "--log-level", "error", "-c", example])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

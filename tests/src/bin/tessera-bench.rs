@@ -27,12 +27,16 @@ const SYNC: &str = "200ms";
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 async fn uds(path: PathBuf) -> Result<Channel> {
-    Ok(tonic::transport::Endpoint::from_static("http://agent.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await?)
+    Ok(
+        tonic::transport::Endpoint::from_static("http://agent.sock")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await?,
+    )
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -87,7 +91,11 @@ async fn main() -> Result<()> {
     let agent_pid = mesh.agent.as_ref().context("agent")?.child.id();
     let agent_health = {
         let cfg = std::fs::read_to_string(&mesh.agent_config)?;
-        cfg.lines().find(|l| l.starts_with("health_address")).and_then(|l| l.split('"').nth(1)).context("health_address")?.to_owned()
+        cfg.lines()
+            .find(|l| l.starts_with("health_address"))
+            .and_then(|l| l.split('"').nth(1))
+            .context("health_address")?
+            .to_owned()
     };
     let rss_idle = rss_kib(agent_pid)?;
     let mut adm = tessera_server::cli::connect_admin(&mesh.server.socket).await?;
@@ -140,9 +148,17 @@ async fn main() -> Result<()> {
         ms(mint),
         format!("crypto floor, 1 core: {} (ring keygen + CSR + verify + sign ×{N})", ms(floor)),
     ));
-    rows.push((format!("register {N} entries over the Admin API (sequential, each fsynced)"), ms(registering), "—".into()));
+    rows.push((
+        format!("register {N} entries over the Admin API (sequential, each fsynced)"),
+        ms(registering),
+        "—".into(),
+    ));
     let rss_1000 = rss_kib(agent_pid)?;
-    rows.push((format!("agent RSS with {N} cached SVIDs"), format!("{:.1} MiB", rss_1000 as f64 / 1024.0), format!("idle agent: {:.1} MiB", rss_idle as f64 / 1024.0)));
+    rows.push((
+        format!("agent RSS with {N} cached SVIDs"),
+        format!("{:.1} MiB", rss_1000 as f64 / 1024.0),
+        format!("idle agent: {:.1} MiB", rss_idle as f64 / 1024.0),
+    ));
 
     // First SDS answer on a new stream, 50 times.
     let mut firsts = Vec::new();
@@ -150,7 +166,12 @@ async fn main() -> Result<()> {
         let t = Instant::now();
         let mut c = SecretDiscoveryServiceClient::new(uds(mesh.socket.clone()).await?);
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(DiscoveryRequest { resource_names: vec![format!("spiffe://example.org/bench/{i}")], type_url: SECRET_TYPE.into(), ..Default::default() }).await?;
+        tx.send(DiscoveryRequest {
+            resource_names: vec![format!("spiffe://example.org/bench/{i}")],
+            type_url: SECRET_TYPE.into(),
+            ..Default::default()
+        })
+        .await?;
         let mut s = c.stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
         s.message().await?.context("no answer")?;
         firsts.push(t.elapsed());
@@ -165,7 +186,12 @@ async fn main() -> Result<()> {
     // Push after an entry change (includes the sync interval).
     let mut c = SecretDiscoveryServiceClient::new(uds(mesh.socket.clone()).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DiscoveryRequest { resource_names: vec!["spiffe://example.org/bench/0".into()], type_url: SECRET_TYPE.into(), ..Default::default() }).await?;
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["spiffe://example.org/bench/0".into()],
+        type_url: SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await?;
     let mut s = c.stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let first = s.message().await?.context("no answer")?;
     tx.send(DiscoveryRequest {
@@ -181,7 +207,11 @@ async fn main() -> Result<()> {
     let t = Instant::now();
     adm.update_entry(admin::UpdateEntryRequest { entry: Some(e0) }).await?;
     s.message().await?.context("no push")?;
-    rows.push((format!("SDS push after an entry change (server → agent sync every {SYNC} → re-mint → push)"), ms(t.elapsed()), format!("bounded by the sync interval ({SYNC})")));
+    rows.push((
+        format!("SDS push after an entry change (server → agent sync every {SYNC} → re-mint → push)"),
+        ms(t.elapsed()),
+        format!("bounded by the sync interval ({SYNC})"),
+    ));
 
     // 1,000 SDS streams on 10 connections; then a bundle change pushed to all of them.
     let mut streams = Vec::with_capacity(N);
@@ -192,7 +222,12 @@ async fn main() -> Result<()> {
             let i = conn * (N / 10) + k;
             let mut c = SecretDiscoveryServiceClient::new(ch.clone());
             let (tx, rx) = tokio::sync::mpsc::channel(2);
-            tx.send(DiscoveryRequest { resource_names: vec![format!("spiffe://example.org/bench/{i}"), "ROOTCA".into()], type_url: SECRET_TYPE.into(), ..Default::default() }).await?;
+            tx.send(DiscoveryRequest {
+                resource_names: vec![format!("spiffe://example.org/bench/{i}"), "ROOTCA".into()],
+                type_url: SECRET_TYPE.into(),
+                ..Default::default()
+            })
+            .await?;
             let mut s = c.stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
             let r = s.message().await?.context("no answer")?;
             tx.send(DiscoveryRequest {
@@ -209,7 +244,11 @@ async fn main() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_streams = rss_kib(agent_pid)?;
-    rows.push((format!("agent RSS with {N} SVIDs and {N} open SDS streams"), format!("{:.1} MiB", rss_streams as f64 / 1024.0), "target ≤ 20 MiB".into()));
+    rows.push((
+        format!("agent RSS with {N} SVIDs and {N} open SDS streams"),
+        format!("{:.1} MiB", rss_streams as f64 / 1024.0),
+        "target ≤ 20 MiB".into(),
+    ));
     let t = Instant::now();
     adm.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await?;
     let mut waits = Vec::with_capacity(N);
@@ -221,7 +260,11 @@ async fn main() -> Result<()> {
         w.await?.context("stream ended")?;
         last = t.elapsed();
     }
-    rows.push((format!("bundle change pushed to all {N} SDS streams (includes the sync interval {SYNC})"), ms(last), "target < 100 ms after the agent sees the change".into()));
+    rows.push((
+        format!("bundle change pushed to all {N} SDS streams (includes the sync interval {SYNC})"),
+        ms(last),
+        "target < 100 ms after the agent sees the change".into(),
+    ));
     drop(senders);
 
     println!("| figure | measured | reference (same run) |\n|---|---|---|");
