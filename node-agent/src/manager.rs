@@ -298,7 +298,13 @@ impl Manager {
             None => attest(&cfg).await?,
         };
         let bundle = Arc::new(bundle);
-        let snapshot = Snapshot { svids: vec![], bundle: bundle.clone(), federated: BTreeMap::new(), generation: 0, wants_exe_hash: false };
+        let snapshot = Snapshot {
+            svids: vec![],
+            bundle: bundle.clone(),
+            federated: BTreeMap::new(),
+            generation: 0,
+            wants_exe_hash: false,
+        };
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Arc::new(Self {
             cfg,
@@ -481,8 +487,10 @@ impl Manager {
             inner.generation += 1;
             let mut svids: Vec<Arc<WorkloadSvid>> = inner.svids.values().cloned().collect();
             svids.sort_by(|a, b| (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id)));
-            let wants_exe_hash =
-                inner.entries.values().any(|e| e.selectors.iter().any(|s| s.kind == "unix" && s.value.starts_with("sha256:")));
+            let wants_exe_hash = inner
+                .entries
+                .values()
+                .any(|e| e.selectors.iter().any(|s| s.kind == "unix" && s.value.starts_with("sha256:")));
             let snap = Snapshot {
                 svids,
                 bundle: inner.bundle.clone(),
