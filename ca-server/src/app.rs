@@ -192,7 +192,7 @@ impl Server {
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address"))?;
         let health = Health { ca: ca.clone(), store: store.clone(), metrics };
-        tasks.spawn(health.run(hl, shutdown_rx).instrument(info_span!("health")));
+        tasks.spawn(tessera_svc::health::serve(hl, Arc::new(health), shutdown_rx).instrument(info_span!("health")));
 
         info!(trust_domain = %cfg.trust_domain, agent_api = %agent_api_addr, health = %health_addr, admin_socket = %cfg.admin_socket.display(), "Server started");
         Ok(Self { agent_api_addr, health_addr, admin_socket: cfg.admin_socket.clone(), ca, store, shutdown, tasks })
@@ -202,14 +202,7 @@ impl Server {
     /// Open connections get 5 s to drain, then are cut.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            self.tasks.abort_all();
-            while self.tasks.join_next().await.is_some() {}
-        }
+        tessera_svc::drain(&mut self.tasks, std::time::Duration::from_secs(5)).await;
         let _ = std::fs::remove_file(&self.admin_socket);
         info!("Server stopped");
     }

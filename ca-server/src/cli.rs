@@ -295,28 +295,7 @@ enum AuditCmd {
 /// Entry point for the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {}", one_line(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn one_line(e: &anyhow::Error) -> String {
-    if let Some(s) = e.downcast_ref::<tonic::Status>() {
-        return format!("{:?}: {}", s.code(), s.message());
-    }
-    format!("{e:#}").replace('\n', " ")
+    tessera_svc::run_main(|| run(cli))
 }
 
 /// Parses a TTL: plain seconds or a humantime duration (`90s`, `10m`, `1h`).
@@ -337,14 +316,7 @@ fn opt_ttl(s: &Option<String>) -> anyhow::Result<i64> {
 
 /// Connects an Admin API client to the server's Unix socket.
 pub async fn connect_admin(socket: &Path) -> anyhow::Result<AdminClient<Channel>> {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = tessera_svc::connect::unix(socket)
         .await
         .with_context(|| format!("cannot connect to the admin socket {}", socket.display()))?;
     Ok(AdminClient::new(channel).max_decoding_message_size(16 * 1024 * 1024))

@@ -113,7 +113,8 @@ impl Agent {
             .await
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address".into()))?;
-        tasks.spawn(crate::health::run(manager.clone(), hl, shutdown_rx).instrument(info_span!("health")));
+        let probe = Arc::new(crate::health::AgentProbe(manager.clone()));
+        tasks.spawn(tessera_svc::health::serve(hl, probe, shutdown_rx).instrument(info_span!("health")));
 
         info!(agent_id = %manager.agent_id().await, socket = %cfg.socket_path.display(), health = %health_addr, "Agent started");
         Ok(Self { manager, socket_path: cfg.socket_path.clone(), health_addr, shutdown, tasks })
@@ -123,14 +124,7 @@ impl Agent {
     /// Open streams (Envoy keeps SDS streams open) get 5 s to drain, then are cut.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            self.tasks.abort_all();
-            while self.tasks.join_next().await.is_some() {}
-        }
+        tessera_svc::drain(&mut self.tasks, std::time::Duration::from_secs(5)).await;
         let _ = std::fs::remove_file(&self.socket_path);
         info!("Agent stopped");
     }

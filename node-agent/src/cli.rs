@@ -105,25 +105,7 @@ enum ValidateCmd {
 /// Entry point for the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let msg = match e.downcast_ref::<tonic::Status>() {
-                Some(s) => format!("{:?}: {}", s.code(), s.message()),
-                None => format!("{e:#}").replace('\n', " "),
-            };
-            eprintln!("Error: {msg}");
-            ExitCode::FAILURE
-        }
-    }
+    tessera_svc::run_main(|| run(cli))
 }
 
 type Client = SpiffeWorkloadApiClient<
@@ -138,14 +120,7 @@ fn add_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
 
 /// Connects a Workload API client (with the security header) to the agent socket.
 pub async fn workload_client(socket: &Path) -> anyhow::Result<Client> {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://agent.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = tessera_svc::connect::unix(socket)
         .await
         .with_context(|| format!("cannot connect to the agent socket {}", socket.display()))?;
     let f: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> = add_header;

@@ -2,12 +2,10 @@
 //! its SPIFFE ID, `spiffe://<td>/tessera/server`) and the agent's persisted identity.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use tessera_identity::tls::{Authorize, client_config};
 use tessera_identity::{Bundle, PrivateKey, SpiffeId, TrustDomain};
 use tessera_proto::agent::v1::agent_client::AgentClient;
-use tokio::net::TcpStream;
 use tonic::transport::Channel;
 
 /// Errors reaching the server or reading the agent's own files.
@@ -37,25 +35,10 @@ pub enum ClientError {
 
 /// Connects to the Agent API at `addr` (`host:port`) with `tls`.
 pub async fn connect(addr: &str, tls: rustls::ClientConfig) -> Result<AgentClient<Channel>, ClientError> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let target = addr.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://tessera-server")
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let (connector, target) = (connector.clone(), target.clone());
-            async move {
-                let tcp = TcpStream::connect(target.as_str()).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls_pki_types::ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
-            }
-        }))
-        .await
-        .map_err(|e| ClientError::Connect {
-            addr: addr.to_owned(),
-            reason: format!("{e}: {:?}", std::error::Error::source(&e)),
-        })?;
+    let channel = tessera_svc::connect::tls(addr, tls).await.map_err(|e| ClientError::Connect {
+        addr: addr.to_owned(),
+        reason: format!("{e}: {:?}", std::error::Error::source(&e)),
+    })?;
     Ok(AgentClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 

@@ -1,17 +1,9 @@
 //! Health and metrics over plain HTTP/1.1: `/live`, `/ready` (the agent has synced with the
 //! server at least once), `/metrics`.
 
-use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::manager::Manager;
 
@@ -46,41 +38,17 @@ fn metrics(mgr: &Manager) -> String {
     out
 }
 
-fn handle(mgr: &Manager, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (code, body) = if req.method() != Method::GET {
-        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".to_owned())
-    } else {
-        match req.uri().path() {
-            "/live" => (StatusCode::OK, "live\n".to_owned()),
-            "/ready" if mgr.is_ready() => (StatusCode::OK, "ready\n".to_owned()),
-            "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned()),
-            "/metrics" => (StatusCode::OK, metrics(mgr)),
-            _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-        }
-    };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = code;
-    r
-}
+/// The agent's probe: ready once a sync with the server completed.
+#[derive(Debug)]
+pub struct AgentProbe(pub Arc<Manager>);
 
-/// Serves until `shutdown` fires.
-pub async fn run(mgr: Arc<Manager>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
-            _ = shutdown.changed() => break,
-        };
-        let mgr = mgr.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let mgr = mgr.clone();
-                async move { Ok::<_, Infallible>(handle(&mgr, &req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+#[async_trait::async_trait]
+impl tessera_svc::health::Probe for AgentProbe {
+    async fn ready(&self) -> bool {
+        self.0.is_ready()
+    }
+
+    async fn metrics(&self) -> String {
+        metrics(&self.0)
     }
 }

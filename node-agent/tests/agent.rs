@@ -36,13 +36,7 @@ struct Env {
 }
 
 async fn uds_channel(path: PathBuf) -> Channel {
-    tonic::transport::Endpoint::from_static("http://agent.sock")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap()
+    tessera_svc::connect::unix(&path).await.unwrap()
 }
 
 impl Env {

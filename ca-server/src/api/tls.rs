@@ -250,24 +250,3 @@ pub fn incoming(
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
-
-/// Connects a tonic channel over TCP + rustls (`client_config` decides who the server must be
-/// and which client certificate to present). Used by agents and by in-process tests.
-pub async fn connect(
-    addr: SocketAddr,
-    client_config: rustls::ClientConfig,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
-    tonic::transport::Endpoint::from_static("http://tessera-server")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls_pki_types::ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
-        .await
-}

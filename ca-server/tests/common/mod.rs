@@ -85,7 +85,7 @@ impl TestServer {
         let roots = self.roots().await;
         let server_id = tessera_identity::server_id(&self.td()).unwrap();
         let cfg = client_config(&roots, Authorize::Id(server_id), None).unwrap();
-        let ch = tessera_server::api::tls::connect(self.server().agent_api_addr, cfg).await.unwrap();
+        let ch = tessera_svc::connect::tls(&self.server().agent_api_addr.to_string(), cfg).await.unwrap();
         AgentClient::new(ch)
     }
 
@@ -125,7 +125,7 @@ impl TestServer {
         let server_id = tessera_identity::server_id(&self.td()).unwrap();
         let chain = chain.iter().map(|c| c.clone().into()).collect();
         let cfg = client_config(&roots, Authorize::Id(server_id), Some((chain, key))).unwrap();
-        let ch = tessera_server::api::tls::connect(self.server().agent_api_addr, cfg).await.unwrap();
+        let ch = tessera_svc::connect::tls(&self.server().agent_api_addr.to_string(), cfg).await.unwrap();
         AgentClient::new(ch)
     }
 

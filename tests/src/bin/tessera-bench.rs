@@ -27,16 +27,7 @@ const SYNC: &str = "200ms";
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 async fn uds(path: PathBuf) -> Result<Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_static("http://agent.sock")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await?,
-    )
+    Ok(tessera_svc::connect::unix(&path).await?)
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -134,7 +125,7 @@ async fn main() -> Result<()> {
     })
     .await?;
     loop {
-        if metric(&agent_health, "tessera_agent_svids_cached").unwrap_or(0.0) as usize >= N + 1 {
+        if metric(&agent_health, "tessera_agent_svids_cached").unwrap_or(0.0) as usize > N {
             break;
         }
         if t0.elapsed() > Duration::from_secs(120) {

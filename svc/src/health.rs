@@ -1,0 +1,68 @@
+//! The health and metrics listener: plain HTTP/1.1, `GET /live`, `/ready`, `/metrics`;
+//! anything else 404, other methods 405, 5 s to send the request head.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What a binary reports.
+#[async_trait]
+pub trait Probe: Send + Sync + 'static {
+    /// Whether `/ready` answers 200.
+    async fn ready(&self) -> bool;
+    /// The Prometheus text for `/metrics`.
+    async fn metrics(&self) -> String;
+}
+
+async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (code, body, prometheus) = if req.method() != Method::GET {
+        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".to_owned(), false)
+    } else {
+        match req.uri().path() {
+            "/live" => (StatusCode::OK, "live\n".to_owned(), false),
+            "/ready" if probe.ready().await => (StatusCode::OK, "ready\n".to_owned(), false),
+            "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned(), false),
+            "/metrics" => (StatusCode::OK, probe.metrics().await, true),
+            _ => (StatusCode::NOT_FOUND, "not found\n".to_owned(), false),
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    if prometheus {
+        r.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"));
+    }
+    r
+}
+
+/// Serves `probe` on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
+            _ = shutdown.changed() => break,
+        };
+        let probe = probe.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let probe = probe.clone();
+                async move { Ok::<_, Infallible>(handle(probe.as_ref(), &req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "Health connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,65 @@
+//! Process plumbing shared by `tessera-server` and `tessera-agent`.
+//!
+//! What it is: the binaries' CLI entry (runtime, crypto provider, one-line errors), the
+//! health/metrics HTTP listener behind a small [`health::Probe`] trait, draining a task set on
+//! shutdown, and the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
+//! config).
+//!
+//! What it is not: nothing about identities, CAs or SVIDs; no policy. Each binary decides what
+//! "ready" means and which TLS peer it trusts.
+
+#![forbid(unsafe_code)]
+
+pub mod connect;
+pub mod health;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+/// Runs a binary's async main: installs the ring crypto provider, builds the runtime, and
+/// turns an error into one `Error: ...` line on stderr and exit code 1. A `tonic::Status`
+/// prints as `<code>: <message>`.
+pub fn run_main<F: Future<Output = anyhow::Result<()>>>(main: impl FnOnce() -> F) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = match e.downcast_ref::<tonic::Status>() {
+                Some(s) => format!("{:?}: {}", s.code(), s.message()),
+                None => format!("{e:#}").replace('\n', " "),
+            };
+            eprintln!("Error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits for every task to finish, for at most `grace`; then aborts the rest. Long-lived
+/// streams (Envoy keeps SDS streams open) would otherwise hold a shutdown forever.
+pub async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn terminated() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
