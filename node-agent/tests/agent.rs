@@ -41,11 +41,16 @@ async fn uds_channel(path: PathBuf) -> Channel {
 
 impl Env {
     async fn start(svid_ttl: &str) -> Env {
+        Self::start_with(svid_ttl, "").await
+    }
+
+    /// `server_extra` goes into the server's `[server]` section.
+    async fn start_with(svid_ttl: &str, server_extra: &str) -> Env {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let server_toml = format!(
-            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[server]\nagent_api_address = \"127.0.0.1:0\"\nhealth_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n[ca]\nca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\"\n[key_manager]\ntype = \"memory\"\n",
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[server]\nagent_api_address = \"127.0.0.1:0\"\nhealth_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n{server_extra}\n[ca]\nca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\"\n[key_manager]\ntype = \"memory\"\n",
             d.join("server").display(),
             d.join("admin.sock").display()
         );
@@ -379,5 +384,128 @@ async fn agent_restarts_from_its_persisted_svid_and_serves_cached_svids_when_the
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
     assert_eq!(after.svids[0].x509_svid, before.svids[0].x509_svid);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_rust_spiffe_crate_client_gets_x509_and_jwt_svids() {
+    let env = Env::start("1h").await;
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", env.socket().display())).await.unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/web");
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    assert!(bundles.get(&spiffe::TrustDomain::new("example.org").unwrap()).is_some());
+    let jwt = client.fetch_jwt_svid(["svc"], None).await.unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), "spiffe://example.org/web");
+    let checked = client.validate_jwt_token("svc", jwt.token()).await.unwrap();
+    assert_eq!(checked.spiffe_id().to_string(), "spiffe://example.org/web");
+    assert!(client.validate_jwt_token("other", jwt.token()).await.is_err());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_renews_its_own_svid_at_half_life() {
+    let env = Env::start_with("1h", "agent_svid_ttl = \"4s\"").await;
+    let path = env.dir.path().join("agent/agent-svid.pem");
+    let serial = || {
+        tessera_identity::x509::cert_facts(
+            &tessera_identity::pem::decode_certs(&std::fs::read(&path).unwrap()).unwrap()[0],
+        )
+        .unwrap()
+        .serial
+    };
+    let first = serial();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serial() == first {
+        assert!(Instant::now() < deadline, "agent SVID not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still serving after the renewal (the new SVID authenticates the agent).
+    let mut admin = env.admin.clone();
+    let mut e = env.entry.clone();
+    e.dns_names = vec!["after-renewal.internal".into()];
+    admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
+    let mut c = env.workload().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        let leaf = &tessera_identity::pem::decode_certs(
+            tessera_identity::pem::encode_certs([r.svids[0].x509_svid.as_slice()]).as_bytes(),
+        )
+        .unwrap()[0];
+        if x509_dns(leaf).contains(&"after-renewal.internal".to_owned()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent stopped syncing after renewing its SVID");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.stop().await;
+}
+
+fn x509_dns(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| if let GeneralName::DNSName(d) = n { Some((*d).to_owned()) } else { None })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn federated_bundles_reach_workloads_and_envoy_for_entries_that_federate() {
+    let env = Env::start("1h").await;
+    let mut admin = env.admin.clone();
+    let peer_key = rcgen::KeyPair::generate().unwrap();
+    let peer_td = tessera_identity::TrustDomain::new("peer.org").unwrap();
+    let peer_root =
+        tessera_identity::x509::ca_params(&peer_td, 0, 4_000_000_000, [1; 16]).unwrap().self_signed(&peer_key).unwrap();
+    admin
+        .set_federated_bundle(types::Bundle {
+            trust_domain: "peer.org".into(),
+            x509_authorities: vec![peer_root.der().to_vec()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut e = env.entry.clone();
+    e.federates_with = vec!["peer.org".into()];
+    admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
+    let mut c = env.workload().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resp = loop {
+        let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        if !r.federated_bundles.is_empty() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "federated bundle never reached the workload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(resp.federated_bundles.get("spiffe://peer.org").unwrap(), &peer_root.der().to_vec());
+    // SDS: "ALL" has one trust bundle per trust domain, "spiffe://peer.org" the peer's roots.
+    let mut sds = env.sds().await;
+    let r = sds
+        .fetch_secrets(DiscoveryRequest {
+            resource_names: vec!["ALL".into(), "spiffe://peer.org".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.resources.len(), 2);
+    let Some(secret::Type::ValidationContext(all)) = secret(&r.resources[0]).r#type else { panic!() };
+    let cfg = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig::decode(
+        all.custom_validator_config.unwrap().typed_config.unwrap().value.as_slice(),
+    )
+    .unwrap();
+    let mut tds: Vec<_> = cfg.trust_domains.iter().map(|t| t.name.clone()).collect();
+    tds.sort();
+    assert_eq!(tds, vec!["example.org", "peer.org"]);
     env.stop().await;
 }
