@@ -34,3 +34,17 @@ pub fn unix_now() -> i64 {
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// The Agent API's digest of an agent's authorized entry set: SHA-256 over each
+/// (entry ID, 0x00, revision as 8 big-endian bytes), in ascending ID order. The server sends
+/// it with every sync; the agent computes it over its cache to know whether a delta left it
+/// equal to the server's view. Both sides must call this one function.
+pub fn authorized_digest<'a>(entries_by_id: impl IntoIterator<Item = (&'a str, u64)>) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (id, revision) in entries_by_id {
+        ctx.update(id.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&revision.to_be_bytes());
+    }
+    ctx.finish().as_ref().to_vec()
+}

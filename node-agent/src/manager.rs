@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ring::digest::{Context, SHA256};
 use tessera_identity::{Bundle, PrivateKey, Selector, SpiffeId, TrustDomain, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_client::AgentClient;
@@ -211,13 +210,7 @@ fn jitter(max: i64) -> i64 {
 
 /// Digest of the authorized set, as the server computes it.
 fn entries_digest(entries: &BTreeMap<String, AgentEntry>) -> Vec<u8> {
-    let mut ctx = Context::new(&SHA256);
-    for (id, e) in entries {
-        ctx.update(id.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&e.revision.to_be_bytes());
-    }
-    ctx.finish().as_ref().to_vec()
+    tessera_identity::authorized_digest(entries.iter().map(|(id, e)| (id.as_str(), e.revision)))
 }
 
 fn bundle_from_pb(b: &types::Bundle) -> Result<Bundle, String> {

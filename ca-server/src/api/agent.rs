@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ring::digest::{Context, SHA256};
 use tessera_identity::{SpiffeId, agent_id, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_server::Agent;
@@ -102,16 +101,9 @@ impl AgentService {
     }
 }
 
-/// SHA-256 over the sorted (entry ID, revision) pairs: lets an agent check that its cache,
-/// after applying a delta, equals the server's view (else it asks for a full sync).
+/// The digest of the authorized set (see [`tessera_identity::authorized_digest`]).
 pub fn authorized_digest(entries: &BTreeMap<String, Entry>) -> Vec<u8> {
-    let mut ctx = Context::new(&SHA256);
-    for (id, e) in entries {
-        ctx.update(id.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&e.revision.to_be_bytes());
-    }
-    ctx.finish().as_ref().to_vec()
+    tessera_identity::authorized_digest(entries.iter().map(|(id, e)| (id.as_str(), e.revision)))
 }
 
 fn svid_pb(spiffe_id: &SpiffeId, issued: &crate::ca::IssuedX509) -> tessera_proto::types::v1::X509Svid {
