@@ -183,6 +183,38 @@ async fn workload_gets_x509_and_jwt_svids_and_bundles_over_the_workload_api() {
     let xb =
         c.fetch_x509_bundles(wl::X509BundlesRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
     assert!(xb.bundles.contains_key("spiffe://example.org"));
+
+    // A second, newer identity for the same workload: both are served, the older first, and
+    // SDS "default" stays the older one.
+    let mut admin = env.admin.clone();
+    let mut second = env.entry.clone();
+    second.id = String::new();
+    second.spiffe_id = "spiffe://example.org/web-canary".into();
+    second.hint = "canary".into();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // created_at has 1 s resolution
+    admin.create_entry(admin::CreateEntryRequest { entry: Some(second) }).await.unwrap();
+    let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let both = loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        if r.svids.len() == 2 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "second identity never arrived");
+    };
+    assert_eq!(both.svids[0].spiffe_id, "spiffe://example.org/web");
+    assert_eq!(both.svids[1].spiffe_id, "spiffe://example.org/web-canary");
+    assert_eq!(both.svids[1].hint, "canary");
+    let r = env
+        .sds()
+        .await
+        .fetch_secrets(DiscoveryRequest { resource_names: vec!["default".into()], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let default_serial = cert_serial(&secret(&r.resources[0]));
+    let web_serial = tessera_identity::x509::cert_facts(&both.svids[0].x509_svid).map(|f| f.serial).unwrap_or_default();
+    assert_eq!(default_serial, web_serial, "default is not the oldest identity");
     env.stop().await;
 }
 
@@ -260,6 +292,34 @@ async fn sds_sotw_serves_named_secrets_honours_nonces_and_pushes_rotation() {
     assert!(
         tokio::time::timeout(Duration::from_millis(600), inbound.message()).await.is_err(),
         "response sent after an ACK without a change"
+    );
+    // A NACK of the same version is logged, not answered with the same version again; a
+    // stale nonce is ignored.
+    tx.send(DiscoveryRequest {
+        version_info: String::new(),
+        resource_names: vec!["default".into(), "ROOTCA".into(), "ALL".into()],
+        response_nonce: first.nonce.clone(),
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        error_detail: Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: "rejected for the test".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["ROOTCA".into()],
+        response_nonce: "stale".into(),
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(600), inbound.message()).await.is_err(),
+        "rejected version resent, or stale request answered"
     );
     // Change the entry: the agent re-mints and pushes.
     let mut admin = env.admin.clone();
