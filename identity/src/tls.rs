@@ -39,11 +39,7 @@ impl Authorize {
 
 /// The SPIFFE ID in a leaf certificate, if it has exactly one URI SAN that is one.
 pub fn leaf_spiffe_id(leaf: &[u8]) -> Option<SpiffeId> {
-    let facts = crate::x509::cert_facts(leaf).ok()?;
-    match facts.uris.as_slice() {
-        [one] => SpiffeId::new(one).ok(),
-        _ => None,
-    }
+    crate::x509::cert_facts(leaf).ok()?.spiffe_id()
 }
 
 /// Verifies a server's X509-SVID against trust anchors and an expected SPIFFE ID. The TLS

@@ -149,6 +149,16 @@ pub struct CertFacts {
     pub spki: Vec<u8>,
 }
 
+impl CertFacts {
+    /// The SPIFFE ID, when the certificate has exactly one URI SAN and it is one.
+    pub fn spiffe_id(&self) -> Option<SpiffeId> {
+        match self.uris.as_slice() {
+            [one] => SpiffeId::new(one).ok(),
+            _ => None,
+        }
+    }
+}
+
 /// Reads [`CertFacts`] from DER.
 pub fn cert_facts(der: &[u8]) -> Result<CertFacts, ProfileError> {
     let (rest, cert) = X509Certificate::from_der(der).map_err(|e| ProfileError::Malformed(e.to_string()))?;

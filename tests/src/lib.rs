@@ -99,13 +99,7 @@ impl ServerProc {
 
     /// Runs the CLI against this server's socket.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("tessera-server"))
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap()
+        run_cli("tessera-server", &self.socket, args)
     }
 
     /// Runs the CLI and returns stdout, failing the test on a non-zero exit.
@@ -142,6 +136,11 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs one of our binaries with `args` and `--socket socket`.
+fn run_cli(binary: &str, socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin(binary)).args(args).arg("--socket").arg(socket).env_remove("RUST_BACKTRACE").output().unwrap()
 }
 
 /// Runs a command and returns its output.
@@ -345,12 +344,6 @@ impl Mesh {
 
     /// Runs `tessera-agent api ...` against this agent.
     pub fn agent_cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("tessera-agent"))
-            .args(args)
-            .arg("--socket")
-            .arg(&self.socket)
-            .env_remove("RUST_BACKTRACE")
-            .output()
-            .unwrap()
+        run_cli("tessera-agent", &self.socket, args)
     }
 }

@@ -46,8 +46,9 @@ impl AgentService {
             ApiError::Unauthenticated("this call requires the agent's SVID as TLS client certificate".into())
         })?;
         let leaf = certs.first().ok_or_else(|| ApiError::Unauthenticated("no client certificate".into()))?;
-        let id = tessera_identity::tls::leaf_spiffe_id(leaf)
-            .ok_or_else(|| ApiError::Unauthenticated("client certificate has no SPIFFE ID".into()))?;
+        let facts = tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
+        let id =
+            facts.spiffe_id().ok_or_else(|| ApiError::Unauthenticated("client certificate has no SPIFFE ID".into()))?;
         if !tessera_identity::ids::is_agent_id(&id, self.issuance.ca.trust_domain()) {
             return Err(ApiError::PermissionDenied(format!("{id} is not an agent of this trust domain")));
         }
@@ -57,9 +58,7 @@ impl AgentService {
         if record.banned {
             return Err(ApiError::PermissionDenied(format!("agent {id} is banned")));
         }
-        let serial =
-            tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?.serial;
-        if serial != record.serial && serial != record.previous_serial {
+        if facts.serial != record.serial && facts.serial != record.previous_serial {
             return Err(ApiError::PermissionDenied(format!("agent {id} presented an SVID that is no longer current")));
         }
         Ok(Caller { id, record })
