@@ -21,7 +21,9 @@ use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
 use crate::ca::Ca;
-use crate::config::{Config, KeyManagerKind, StoreKind};
+use crate::config::{Config, KeyManagerKind, ServingProfile, StoreKind};
+use crate::federation::Federation;
+use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -48,6 +50,12 @@ pub enum StartError {
     /// The CA cannot start.
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
+    /// Federation cannot start (a bootstrap bundle, the bundle endpoint's certificate).
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationError),
+    /// The bundle endpoint's certificate or TLS settings are unusable.
+    #[error("bundle endpoint: {0}")]
+    BundleEndpoint(String),
     /// Another server holds the admin socket.
     #[error("admin socket {0} is in use by another server")]
     SocketInUse(PathBuf),
@@ -67,6 +75,10 @@ pub struct Server {
     pub health_addr: SocketAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// Where the SPIFFE bundle endpoint listens, when configured.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
+    /// The keeper of federated bundles.
+    pub federation: Arc<Federation>,
     /// The CA.
     pub ca: Arc<Ca>,
     /// The store.
@@ -133,6 +145,7 @@ impl Server {
         // Agent API: TCP + rustls, then tonic.
         let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);
         let tls = AgentTls::new(&ca, server_svid_ttl)?;
+        let server_identity = tls.identity();
         tasks.spawn(
             tls.clone()
                 .run_rotation(ca.clone(), server_svid_ttl, shutdown_rx.clone())
@@ -163,10 +176,37 @@ impl Server {
             .instrument(info_span!("agent_api")),
         );
 
+        // Federation: peers' bundles on their schedule, and our bundle endpoint.
+        let federation = Arc::new(Federation::new(cfg.trust_domain.clone(), store.clone()));
+        federation.apply_config(&cfg.federation.trust_domains).await?;
+        tasks.spawn(federation.clone().run(shutdown_rx.clone()).instrument(info_span!("federation")));
+        let bundle_endpoint_addr = match &cfg.federation.bundle_endpoint {
+            None => None,
+            Some(ep) => {
+                let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match &ep.profile {
+                    ServingProfile::HttpsSpiffe => server_identity,
+                    ServingProfile::HttpsWeb { cert_file, key_file } => Arc::new(
+                        FileCert::load(cert_file.clone(), key_file.clone()).map_err(StartError::BundleEndpoint)?,
+                    ),
+                };
+                let tls_cfg = endpoint::tls_config(resolver).map_err(StartError::BundleEndpoint)?;
+                let l = TcpListener::bind(ep.address)
+                    .await
+                    .map_err(io(format!("cannot bind bundle endpoint on {}", ep.address)))?;
+                let a = l.local_addr().map_err(io("bundle endpoint address"))?;
+                tasks.spawn(
+                    endpoint::serve(l, tls_cfg, ca.clone(), ep.refresh_hint, shutdown_rx.clone())
+                        .instrument(info_span!("bundle_endpoint")),
+                );
+                info!(address = %a, "Bundle endpoint listening");
+                Some(a)
+            }
+        };
+
         // Admin API: local Unix socket only.
         let (uds, owner) = bind_admin_socket(&cfg.admin_socket).await?;
         let admin = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone()))
+            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone(), federation.clone()))
                 .max_decoding_message_size(4 * 1024 * 1024),
             admin_peer_check(owner),
         );
@@ -195,7 +235,17 @@ impl Server {
         tasks.spawn(tessera_svc::health::serve(hl, Arc::new(health), shutdown_rx).instrument(info_span!("health")));
 
         info!(trust_domain = %cfg.trust_domain, agent_api = %agent_api_addr, health = %health_addr, admin_socket = %cfg.admin_socket.display(), "Server started");
-        Ok(Self { agent_api_addr, health_addr, admin_socket: cfg.admin_socket.clone(), ca, store, shutdown, tasks })
+        Ok(Self {
+            agent_api_addr,
+            health_addr,
+            admin_socket: cfg.admin_socket.clone(),
+            bundle_endpoint_addr,
+            federation,
+            ca,
+            store,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Stops every listener and task and removes the admin socket.

@@ -53,6 +53,9 @@ enum Cmd {
     /// Our bundle and federated bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Federation relationships with other trust domains.
+    #[command(subcommand)]
+    Federation(FederationCmd),
     /// Mint X509-SVIDs.
     #[command(subcommand)]
     X509(X509Cmd),
@@ -197,6 +200,62 @@ enum BundleCmd {
         /// The trust domain.
         #[arg(long)]
         id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RelationshipArgs {
+    /// The peer trust domain.
+    #[arg(long, alias = "id")]
+    trust_domain: String,
+    /// The peer's bundle endpoint, `https://host[:port][/path]`.
+    #[arg(long)]
+    bundle_endpoint_url: String,
+    /// https_spiffe or https_web.
+    #[arg(long, default_value = "https_spiffe")]
+    profile: String,
+    /// https_spiffe: the endpoint's SPIFFE ID.
+    #[arg(long)]
+    endpoint_spiffe_id: Option<String>,
+    /// https_web: PEM trust anchors for the endpoint (default: the system CA bundle).
+    #[arg(long)]
+    ca_bundle_path: Option<PathBuf>,
+    /// Honour an empty key set from the peer (the spec's "revoke all").
+    #[arg(long)]
+    allow_empty_bundle: bool,
+    /// The peer's bundle to start from (https_spiffe needs one unless already stored).
+    #[arg(long)]
+    bundle_path: Option<PathBuf>,
+    /// pem or spiffe.
+    #[arg(long, value_enum, default_value = "pem")]
+    bundle_format: BundleFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum FederationCmd {
+    /// Create a relationship (and store its bootstrap bundle).
+    Create(RelationshipArgs),
+    /// Replace a relationship's settings.
+    Update(RelationshipArgs),
+    /// Show one relationship and its refresh status.
+    Show {
+        /// The peer trust domain.
+        #[arg(long, alias = "id")]
+        trust_domain: String,
+    },
+    /// List relationships.
+    List,
+    /// Delete a relationship (its bundle stays until `bundle delete`).
+    Delete {
+        /// The peer trust domain.
+        #[arg(long, alias = "id")]
+        trust_domain: String,
+    },
+    /// Fetch the peer's bundle now.
+    Refresh {
+        /// The peer trust domain.
+        #[arg(long, alias = "id")]
+        trust_domain: String,
     },
 }
 
@@ -352,6 +411,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Entry(cmd) => entry(&mut c, &out, cmd).await,
         Cmd::Bundle(cmd) => bundle(&mut c, &out, cmd).await,
+        Cmd::Federation(cmd) => federation(&mut c, &out, cmd).await,
         Cmd::X509(X509Cmd::Mint { spiffe_id, ttl, dns, write }) => {
             x509_mint(&mut c, &out, spiffe_id, ttl, dns, write).await
         }
@@ -595,6 +655,145 @@ fn render_bundle(b: &Bundle, format: BundleFormat) -> anyhow::Result<String> {
     })
 }
 
+/// Reads a bundle file (stdin when `path` is `None`) in `format`.
+fn read_bundle(td: tessera_identity::TrustDomain, path: Option<&Path>, format: BundleFormat) -> anyhow::Result<Bundle> {
+    let data = match path {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+            v
+        }
+    };
+    Ok(match format {
+        BundleFormat::Spiffe => Bundle::from_jwks(td, &data)?,
+        BundleFormat::Pem => {
+            let mut b = Bundle::new(td);
+            for cert in tessera_identity::pem::decode_certs(&data)? {
+                b.add_x509_authority(&cert);
+            }
+            b
+        }
+    })
+}
+
+fn relationship_json(r: &pb::FederationRelationship) -> Value {
+    json!({
+        "trust_domain": r.trust_domain,
+        "bundle_endpoint_url": r.bundle_endpoint_url,
+        "profile": r.profile,
+        "endpoint_spiffe_id": r.endpoint_spiffe_id,
+        "ca_bundle_path": r.ca_bundle_path,
+        "allow_empty_bundle": r.allow_empty_bundle,
+        "bundle_sequence": r.bundle_sequence,
+        "last_refresh": r.last_refresh,
+        "next_refresh": r.next_refresh,
+        "last_error": r.last_error,
+    })
+}
+
+fn relationship_text(r: &pb::FederationRelationship) -> String {
+    let mut s = format!(
+        "Trust domain              : {}\nBundle endpoint URL       : {}\nBundle endpoint profile   : {}\n",
+        r.trust_domain, r.bundle_endpoint_url, r.profile
+    );
+    if !r.endpoint_spiffe_id.is_empty() {
+        s.push_str(&format!("Endpoint SPIFFE ID        : {}\n", r.endpoint_spiffe_id));
+    }
+    if !r.ca_bundle_path.is_empty() {
+        s.push_str(&format!("CA bundle path            : {}\n", r.ca_bundle_path));
+    }
+    s.push_str(&format!("Bundle sequence           : {}\n", r.bundle_sequence));
+    let when = |t: i64| if t == 0 { "never".to_owned() } else { t.to_string() };
+    s.push_str(&format!(
+        "Last refresh              : {}\nNext refresh              : {}\n",
+        when(r.last_refresh),
+        when(r.next_refresh)
+    ));
+    if !r.last_error.is_empty() {
+        s.push_str(&format!("Last error                : {}\n", r.last_error));
+    }
+    s
+}
+
+async fn federation(c: &mut AdminClient<Channel>, out: &Printer, cmd: FederationCmd) -> anyhow::Result<()> {
+    let set_req = |a: RelationshipArgs| -> anyhow::Result<pb::SetFederationRelationshipRequest> {
+        let td = tessera_identity::ids::parse_trust_domain(&a.trust_domain)?;
+        let bootstrap = match &a.bundle_path {
+            Some(p) => Some(crate::api::convert::bundle_to_pb(&read_bundle(td, Some(p), a.bundle_format)?)),
+            None => None,
+        };
+        Ok(pb::SetFederationRelationshipRequest {
+            relationship: Some(pb::FederationRelationship {
+                trust_domain: a.trust_domain,
+                bundle_endpoint_url: a.bundle_endpoint_url,
+                profile: a.profile,
+                endpoint_spiffe_id: a.endpoint_spiffe_id.unwrap_or_default(),
+                ca_bundle_path: a.ca_bundle_path.map(|p| p.display().to_string()).unwrap_or_default(),
+                allow_empty_bundle: a.allow_empty_bundle,
+                ..Default::default()
+            }),
+            bootstrap_bundle: bootstrap,
+        })
+    };
+    match cmd {
+        FederationCmd::Create(a) => {
+            let r = c.create_federation_relationship(set_req(a)?).await?.into_inner();
+            out.print(relationship_json(&r), || format!("Federation relationship created\n{}", relationship_text(&r)));
+        }
+        FederationCmd::Update(a) => {
+            let r = c.update_federation_relationship(set_req(a)?).await?.into_inner();
+            out.print(relationship_json(&r), || format!("Federation relationship updated\n{}", relationship_text(&r)));
+        }
+        FederationCmd::Show { trust_domain } => {
+            let r = c.get_federation_relationship(pb::TrustDomainRequest { trust_domain }).await?.into_inner();
+            out.print(relationship_json(&r), || relationship_text(&r));
+        }
+        FederationCmd::List => {
+            let rs = c
+                .list_federation_relationships(pb::ListFederationRelationshipsRequest {})
+                .await?
+                .into_inner()
+                .relationships;
+            out.print(json!({"relationships": rs.iter().map(relationship_json).collect::<Vec<_>>()}), || {
+                let mut s =
+                    format!("Found {} federation relationship{}\n", rs.len(), if rs.len() == 1 { "" } else { "s" });
+                for r in &rs {
+                    s.push('\n');
+                    s.push_str(&relationship_text(r));
+                }
+                s
+            });
+        }
+        FederationCmd::Delete { trust_domain } => {
+            let r = c.delete_federation_relationship(pb::TrustDomainRequest { trust_domain }).await?.into_inner();
+            out.print(json!({"deleted": r.trust_domain}), || {
+                format!(
+                    "Federation relationship with {} deleted (its bundle stays until `bundle delete`)\n",
+                    r.trust_domain
+                )
+            });
+        }
+        FederationCmd::Refresh { trust_domain } => {
+            let r = c
+                .refresh_federated_bundle(pb::TrustDomainRequest { trust_domain: trust_domain.clone() })
+                .await?
+                .into_inner();
+            out.print(
+                json!({"trust_domain": trust_domain, "updated": r.updated, "sequence_number": r.sequence_number}),
+                || {
+                    if r.updated {
+                        format!("Bundle of {trust_domain} updated to sequence {}\n", r.sequence_number)
+                    } else {
+                        format!("Bundle of {trust_domain} unchanged (sequence {})\n", r.sequence_number)
+                    }
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> anyhow::Result<()> {
     match cmd {
         BundleCmd::Show { format } => {
@@ -621,24 +820,7 @@ async fn bundle(c: &mut AdminClient<Channel>, out: &Printer, cmd: BundleCmd) -> 
         }
         BundleCmd::Set { id, path, format } => {
             let td = tessera_identity::ids::parse_trust_domain(&id)?;
-            let data = match &path {
-                Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
-                None => {
-                    let mut v = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
-                    v
-                }
-            };
-            let b = match format {
-                BundleFormat::Spiffe => Bundle::from_jwks(td, &data)?,
-                BundleFormat::Pem => {
-                    let mut b = Bundle::new(td);
-                    for cert in tessera_identity::pem::decode_certs(&data)? {
-                        b.add_x509_authority(&cert);
-                    }
-                    b
-                }
-            };
+            let b = read_bundle(td, path.as_deref(), format)?;
             let set = c.set_federated_bundle(crate::api::convert::bundle_to_pb(&b)).await?.into_inner();
             out.print(json!({"trust_domain": set.trust_domain}), || format!("Bundle set for {}\n", set.trust_domain));
         }

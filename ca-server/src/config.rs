@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_identity::{KeyType, TrustDomain};
+use tessera_identity::{KeyType, SpiffeId, TrustDomain};
+
+use crate::store::{EndpointProfile, FederationRelationship};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,50 @@ struct RawConfig {
     key_manager: RawPlugin,
     #[serde(default = "default_store")]
     store: RawPlugin,
+    #[serde(default)]
+    federation: RawFederation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    bundle_endpoint: Option<RawBundleEndpoint>,
+    #[serde(default)]
+    trust_domains: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundleEndpoint {
+    address: String,
+    #[serde(default = "default_profile")]
+    profile: String,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    #[serde(default = "default_refresh_hint")]
+    refresh_hint: String,
+}
+
+fn default_profile() -> String {
+    "https_spiffe".into()
+}
+
+fn default_refresh_hint() -> String {
+    "5m".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    trust_domain: String,
+    bundle_endpoint_url: String,
+    #[serde(default = "default_profile")]
+    profile: String,
+    endpoint_spiffe_id: Option<String>,
+    bootstrap_bundle_path: Option<PathBuf>,
+    ca_bundle_path: Option<PathBuf>,
+    #[serde(default)]
+    allow_empty_bundle: bool,
 }
 
 fn default_log_level() -> String {
@@ -144,6 +190,49 @@ pub enum StoreKind {
     Sled,
 }
 
+/// How our bundle endpoint authenticates itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServingProfile {
+    /// With the server's own X509-SVID (`spiffe://<td>/tessera/server`).
+    HttpsSpiffe,
+    /// With a Web PKI certificate from files, reloaded when they change.
+    HttpsWeb {
+        /// Certificate chain, PEM.
+        cert_file: PathBuf,
+        /// Its private key, PEM (PKCS#8, SEC1 or PKCS#1).
+        key_file: PathBuf,
+    },
+}
+
+/// `[federation.bundle_endpoint]`.
+#[derive(Debug, Clone)]
+pub struct BundleEndpointConfig {
+    /// Listen address.
+    pub address: SocketAddr,
+    /// How it authenticates.
+    pub profile: ServingProfile,
+    /// `spiffe_refresh_hint` in the served document.
+    pub refresh_hint: Duration,
+}
+
+/// One `[[federation.trust_domains]]`.
+#[derive(Debug, Clone)]
+pub struct ConfiguredPeer {
+    /// The relationship, written to the store at start (config wins over the Admin API).
+    pub relationship: FederationRelationship,
+    /// The peer's bundle to start from (SPIFFE JWKS or PEM), used while none is stored.
+    pub bootstrap_bundle_path: Option<PathBuf>,
+}
+
+/// `[federation]`.
+#[derive(Debug, Clone, Default)]
+pub struct FederationConfig {
+    /// Our bundle endpoint, when served.
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// Peers from the config file.
+    pub trust_domains: Vec<ConfiguredPeer>,
+}
+
 /// CA settings.
 #[derive(Debug, Clone)]
 pub struct CaConfig {
@@ -192,6 +281,8 @@ pub struct Config {
     pub key_manager: KeyManagerKind,
     /// Store.
     pub store: StoreKind,
+    /// Federation.
+    pub federation: FederationConfig,
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -204,6 +295,86 @@ fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
 
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })
+}
+
+fn federation(own: &TrustDomain, raw: RawFederation) -> Result<FederationConfig, ConfigError> {
+    let bundle_endpoint = match raw.bundle_endpoint {
+        None => None,
+        Some(e) => {
+            let profile = match (e.profile.as_str(), e.cert_file, e.key_file) {
+                ("https_spiffe", None, None) => ServingProfile::HttpsSpiffe,
+                ("https_spiffe", _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: "federation.bundle_endpoint.cert_file",
+                        reason: "cert_file and key_file belong to profile \"https_web\"; https_spiffe serves the server's SVID".into(),
+                    });
+                }
+                ("https_web", Some(cert_file), Some(key_file)) => ServingProfile::HttpsWeb { cert_file, key_file },
+                ("https_web", _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: "federation.bundle_endpoint.cert_file",
+                        reason: "profile \"https_web\" needs cert_file and key_file".into(),
+                    });
+                }
+                (other, _, _) => {
+                    return Err(ConfigError::Invalid {
+                        key: "federation.bundle_endpoint.profile",
+                        reason: format!("{other:?}: expected \"https_spiffe\" or \"https_web\""),
+                    });
+                }
+            };
+            Some(BundleEndpointConfig {
+                address: addr("federation.bundle_endpoint.address", &e.address)?,
+                profile,
+                refresh_hint: dur("federation.bundle_endpoint.refresh_hint", &e.refresh_hint)?,
+            })
+        }
+    };
+    let mut trust_domains: Vec<ConfiguredPeer> = Vec::new();
+    for p in raw.trust_domains {
+        let invalid =
+            |key, reason: String| ConfigError::Invalid { key, reason: format!("{}: {reason}", p.trust_domain) };
+        let td = TrustDomain::new(&p.trust_domain)
+            .map_err(|e| invalid("federation.trust_domains.trust_domain", e.to_string()))?;
+        if trust_domains.iter().any(|c| c.relationship.trust_domain == td) {
+            return Err(invalid("federation.trust_domains.trust_domain", "listed twice".into()));
+        }
+        let profile = match (p.profile.as_str(), p.endpoint_spiffe_id) {
+            ("https_spiffe", Some(id)) => EndpointProfile::HttpsSpiffe {
+                endpoint_spiffe_id: SpiffeId::new(&id)
+                    .map_err(|e| invalid("federation.trust_domains.endpoint_spiffe_id", format!("{id:?}: {e}")))?,
+            },
+            ("https_spiffe", None) => {
+                return Err(invalid(
+                    "federation.trust_domains.endpoint_spiffe_id",
+                    "profile \"https_spiffe\" needs endpoint_spiffe_id".into(),
+                ));
+            }
+            ("https_web", None) => EndpointProfile::HttpsWeb { ca_bundle_path: p.ca_bundle_path.clone() },
+            ("https_web", Some(_)) => {
+                return Err(invalid(
+                    "federation.trust_domains.endpoint_spiffe_id",
+                    "belongs to profile \"https_spiffe\" only".into(),
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(
+                    "federation.trust_domains.profile",
+                    format!("{other:?}: expected \"https_spiffe\" or \"https_web\""),
+                ));
+            }
+        };
+        let relationship = FederationRelationship {
+            trust_domain: td,
+            bundle_endpoint_url: p.bundle_endpoint_url.clone(),
+            profile,
+            allow_empty_bundle: p.allow_empty_bundle,
+        };
+        crate::federation::check_relationship(own, &relationship)
+            .map_err(|e| invalid("federation.trust_domains", e.to_string()))?;
+        trust_domains.push(ConfiguredPeer { relationship, bootstrap_bundle_path: p.bootstrap_bundle_path });
+    }
+    Ok(FederationConfig { bundle_endpoint, trust_domains })
 }
 
 impl Config {
@@ -250,6 +421,7 @@ impl Config {
                 reason: format!("{:?}: expected error, warn, info, debug or trace", raw.log_level),
             });
         }
+        let federation = federation(&trust_domain, raw.federation)?;
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
             return Err(ConfigError::Invalid {
@@ -299,6 +471,7 @@ impl Config {
                     });
                 }
             },
+            federation,
         })
     }
 
@@ -373,5 +546,62 @@ type = "sled"
         assert!(err.to_string().contains("ca.ca_ttl"), "{err}");
         let err = Config::from_toml(&CONTRACT.replace("ec-p256", "dsa")).unwrap_err();
         assert!(err.to_string().contains("ca.key_type"), "{err}");
+    }
+
+    const FEDERATION: &str = r#"
+[federation.bundle_endpoint]
+address = "0.0.0.0:8443"
+profile = "https_spiffe"
+refresh_hint = "5m"
+[[federation.trust_domains]]
+trust_domain = "b.example"
+bundle_endpoint_url = "https://b.example:8443"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://b.example/tessera/server"
+bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
+"#;
+
+    #[test]
+    fn the_documented_federation_contract_parses() {
+        let c = Config::from_toml(&format!("{CONTRACT}{FEDERATION}")).unwrap();
+        let ep = c.federation.bundle_endpoint.unwrap();
+        assert_eq!(
+            (ep.address.port(), ep.profile, ep.refresh_hint),
+            (8443, ServingProfile::HttpsSpiffe, Duration::from_secs(300))
+        );
+        let p = &c.federation.trust_domains[0];
+        assert_eq!(p.relationship.trust_domain.as_str(), "b.example");
+        assert_eq!(
+            p.relationship.profile,
+            EndpointProfile::HttpsSpiffe {
+                endpoint_spiffe_id: SpiffeId::new("spiffe://b.example/tessera/server").unwrap()
+            }
+        );
+        assert_eq!(p.bootstrap_bundle_path.as_deref(), Some(std::path::Path::new("/etc/tessera/b-bundle.json")));
+    }
+
+    #[test]
+    fn federation_mistakes_name_their_key() {
+        for (from, to, key) in [
+            (
+                "profile = \"https_spiffe\"\nrefresh",
+                "profile = \"https_web\"\nrefresh",
+                "federation.bundle_endpoint.cert_file",
+            ),
+            (
+                "refresh_hint = \"5m\"",
+                "refresh_hint = \"5m\"\ncert_file = \"/x\"",
+                "federation.bundle_endpoint.cert_file",
+            ),
+            ("profile = \"https_spiffe\"\nendpoint", "profile = \"https_web\"\nendpoint", "endpoint_spiffe_id"),
+            ("endpoint_spiffe_id = \"spiffe://b.example/tessera/server\"", "", "endpoint_spiffe_id"),
+            ("https://b.example:8443", "http://b.example", "must use https"),
+            ("trust_domain = \"b.example\"", "trust_domain = \"example.org\"", "own trust domain"),
+            ("refresh_hint = \"5m\"", "refresh_hint = \"5m\"\ncolour = 1", "colour"),
+        ] {
+            let text = format!("{CONTRACT}{}", FEDERATION.replacen(from, to, 1));
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{from:?} -> {to:?}: {err}");
+        }
     }
 }

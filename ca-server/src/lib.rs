@@ -2,7 +2,8 @@
 //!
 //! What it is: configuration ([`config`]), the CA core ([`ca`]: where a CSR becomes a
 //! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
-//! API on a local socket), health and metrics ([`health`]), process wiring ([`app`]) and the
+//! API on a local socket), federation ([`federation`]: our bundle endpoint and peers'
+//! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
 //! admin CLI ([`cli`]).
 //!
 //! What it is not: no plugin implementations (they live in `tessera-plugins`), no agent logic,
@@ -15,6 +16,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod federation;
 pub mod health;
 pub mod metrics;
 pub mod store;

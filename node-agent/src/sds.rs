@@ -2,7 +2,7 @@
 //! (incremental) and FetchSecrets.
 //!
 //! Resource names follow SPIRE's and Istio's conventions: `default` (the caller's first SVID),
-//! `ROOTCA` (our bundle as a trusted CA), `ALL` (our and federated bundles as an
+//! `ROOTCA` (our bundle as a trusted CA), `ALL` (our bundle and those the caller federates with, as an
 //! `envoy.tls.cert_validator.spiffe` validator), a SPIFFE ID (that SVID) and
 //! `spiffe://<trust domain>` (that trust domain's bundle). A response is sent when content
 //! changes; stale nonces are ignored; a NACK is logged and the rejected version is not resent.
@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::callers::Callers;
 use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::workload_api::federated_for;
 
 /// Type URL of an SDS secret.
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -99,15 +100,20 @@ pub fn secret_for(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Opt
         "default" => ids.first().map(|s| tls_secret(name, s)),
         "ROOTCA" => Some(trusted_ca_secret(name, &snap.bundle)),
         "ALL" => {
+            // Ours, and those of the trust domains the caller's entries federate with.
             let mut all: Vec<&Bundle> = vec![&snap.bundle];
-            all.extend(snap.federated.values().map(AsRef::as_ref));
+            all.extend(federated_for(snap, ids).into_values().map(AsRef::as_ref));
             Some(spiffe_validator_secret(name, &all))
         }
         other if other.starts_with("spiffe://") => {
             let id = SpiffeId::new(other).ok()?;
             if id.path().is_empty() {
                 let td: &TrustDomain = id.trust_domain();
-                snap.bundle_for(td).map(|b| trusted_ca_secret(name, b))
+                if td == &snap.bundle.trust_domain {
+                    Some(trusted_ca_secret(name, &snap.bundle))
+                } else {
+                    federated_for(snap, ids).get(td).map(|b| trusted_ca_secret(name, b))
+                }
             } else {
                 ids.iter().find(|s| s.entry.spiffe_id == id).map(|s| tls_secret(name, s))
             }

@@ -42,7 +42,10 @@ fn concat_der(b: &Bundle) -> Vec<u8> {
 }
 
 /// Trust domains whose bundles the caller's identities federate with.
-fn federated_for<'a>(snap: &'a Snapshot, ids: &[Arc<WorkloadSvid>]) -> BTreeMap<&'a TrustDomain, &'a Arc<Bundle>> {
+pub(crate) fn federated_for<'a>(
+    snap: &'a Snapshot,
+    ids: &[Arc<WorkloadSvid>],
+) -> BTreeMap<&'a TrustDomain, &'a Arc<Bundle>> {
     let wanted: BTreeSet<&TrustDomain> = ids.iter().flat_map(|s| s.entry.federates_with.iter()).collect();
     snap.federated.iter().filter(|(td, _)| wanted.contains(td)).collect()
 }

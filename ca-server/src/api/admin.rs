@@ -12,16 +12,21 @@ use tessera_proto::types::v1 as types;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
-use super::convert::{agent_to_pb, bundle_from_pb, bundle_to_pb, entry_from_pb, entry_to_pb, selector_from_pb};
+use super::convert::{
+    agent_to_pb, bundle_from_pb, bundle_to_pb, entry_from_pb, entry_to_pb, federation_from_pb, federation_to_pb,
+    selector_from_pb,
+};
 use super::{ApiError, Issuance, X509Request};
 use crate::config::Config;
-use crate::store::{AuditKind, JoinToken, verify_audit};
+use crate::federation::{Federation, Refreshed};
+use crate::store::{AuditKind, FederationRelationship, JoinToken, verify_audit};
 
 /// The Admin API service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
     issuance: Issuance,
     cfg: Arc<Config>,
+    federation: Arc<Federation>,
 }
 
 /// 128 random bits as 32 hex characters.
@@ -45,8 +50,47 @@ fn ttl_arg(field: &str, secs: i64, max: Duration) -> Result<Option<Duration>, Ap
 
 impl AdminService {
     /// A service over the shared issuance path.
-    pub fn new(issuance: Issuance, cfg: Arc<Config>) -> Self {
-        Self { issuance, cfg }
+    pub fn new(issuance: Issuance, cfg: Arc<Config>, federation: Arc<Federation>) -> Self {
+        Self { issuance, cfg, federation }
+    }
+
+    async fn relationship_pb(&self, rel: &FederationRelationship) -> Result<pb::FederationRelationship, ApiError> {
+        let seq = self.issuance.store.get_bundle(&rel.trust_domain).await?.map_or(0, |b| b.sequence_number);
+        Ok(federation_to_pb(rel, &self.federation.status(&rel.trust_domain), seq))
+    }
+
+    /// Create (`create = true`) or update a relationship, storing the bootstrap bundle first.
+    async fn set_relationship(
+        &self,
+        r: pb::SetFederationRelationshipRequest,
+        create: bool,
+    ) -> Result<pb::FederationRelationship, ApiError> {
+        let own = self.issuance.ca.trust_domain();
+        let rel = federation_from_pb(
+            own,
+            r.relationship.as_ref().ok_or_else(|| ApiError::InvalidArgument("relationship is required".into()))?,
+        )?;
+        let td = &rel.trust_domain;
+        let exists = self.issuance.store.get_federation(td).await?.is_some();
+        match (create, exists) {
+            (true, true) => return Err(ApiError::AlreadyExists(format!("a relationship with {td} exists"))),
+            (false, false) => return Err(ApiError::NotFound(format!("no federation relationship with {td}"))),
+            _ => {}
+        }
+        if let Some(b) = &r.bootstrap_bundle {
+            let b = bundle_from_pb(b)?;
+            if &b.trust_domain != td {
+                return Err(ApiError::InvalidArgument(format!("bootstrap bundle is for {}, not {td}", b.trust_domain)));
+            }
+            if b.is_empty() {
+                return Err(ApiError::InvalidArgument("bootstrap bundle has no keys".into()));
+            }
+            self.issuance.store.put_bundle(&b).await?;
+        }
+        self.issuance.store.put_federation(&rel).await?;
+        self.federation.relationships_changed(td);
+        info!(trust_domain = %td, url = %rel.bundle_endpoint_url, profile = rel.profile.name(), created = create, "Federation relationship set");
+        self.relationship_pb(&rel).await
     }
 
     fn authorities(&self) -> pb::X509AuthorityState {
@@ -252,6 +296,78 @@ impl Admin for AdminService {
             return Err(ApiError::NotFound(format!("no federated bundle for {td}")).into());
         }
         Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
+    }
+
+    #[instrument(skip_all, name = "CreateFederationRelationship")]
+    async fn create_federation_relationship(
+        &self,
+        req: Request<pb::SetFederationRelationshipRequest>,
+    ) -> R<pb::FederationRelationship> {
+        Ok(Response::new(self.set_relationship(req.into_inner(), true).await?))
+    }
+
+    #[instrument(skip_all, name = "UpdateFederationRelationship")]
+    async fn update_federation_relationship(
+        &self,
+        req: Request<pb::SetFederationRelationshipRequest>,
+    ) -> R<pb::FederationRelationship> {
+        Ok(Response::new(self.set_relationship(req.into_inner(), false).await?))
+    }
+
+    async fn get_federation_relationship(&self, req: Request<pb::TrustDomainRequest>) -> R<pb::FederationRelationship> {
+        let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
+        let rel = self
+            .issuance
+            .store
+            .get_federation(&td)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("no federation relationship with {td}")))?;
+        Ok(Response::new(self.relationship_pb(&rel).await?))
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        _req: Request<pb::ListFederationRelationshipsRequest>,
+    ) -> R<pb::ListFederationRelationshipsResponse> {
+        let mut relationships = Vec::new();
+        for rel in self.issuance.store.list_federations().await.map_err(ApiError::from)? {
+            relationships.push(self.relationship_pb(&rel).await?);
+        }
+        Ok(Response::new(pb::ListFederationRelationshipsResponse { relationships }))
+    }
+
+    #[instrument(skip_all, name = "DeleteFederationRelationship")]
+    async fn delete_federation_relationship(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> R<pb::FederationRelationship> {
+        let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
+        let rel = self
+            .issuance
+            .store
+            .get_federation(&td)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("no federation relationship with {td}")))?;
+        let out = self.relationship_pb(&rel).await?;
+        self.issuance.store.delete_federation(&td).await.map_err(ApiError::from)?;
+        self.federation.relationships_changed(&td);
+        info!(trust_domain = %td, "Federation relationship deleted; its bundle stays until `bundle delete`");
+        Ok(Response::new(out))
+    }
+
+    #[instrument(skip_all, name = "RefreshFederatedBundle")]
+    async fn refresh_federated_bundle(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> R<pb::RefreshFederatedBundleResponse> {
+        let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
+        let (updated, sequence_number) = match self.federation.refresh(&td).await.map_err(ApiError::from)? {
+            Refreshed::Updated(s) => (true, s),
+            Refreshed::Unchanged(s) => (false, s),
+        };
+        Ok(Response::new(pb::RefreshFederatedBundleResponse { updated, sequence_number }))
     }
 
     #[instrument(skip_all, name = "MintX509Svid")]

@@ -3,11 +3,12 @@
 
 use tessera_identity::ids::{parse_member_id, parse_spiffe_id, parse_trust_domain};
 use tessera_identity::{Bundle, JwtAuthority, Selector, TrustDomain};
+use tessera_proto::admin::v1 as admin_pb;
 use tessera_proto::types::v1 as pb;
 
 use super::ApiError;
 use crate::config::CaConfig;
-use crate::store::{AgentRecord, Entry};
+use crate::store::{AgentRecord, EndpointProfile, Entry, FederationRelationship};
 
 /// Store entry → wire.
 pub fn entry_to_pb(e: &Entry) -> pb::Entry {
@@ -166,5 +167,62 @@ pub fn agent_to_pb(a: &AgentRecord) -> tessera_proto::admin::v1::Agent {
         selectors: a.selectors.iter().map(selector_to_pb).collect(),
         attested_at: a.attested_at,
         renewed_at: a.renewed_at,
+    }
+}
+
+/// A relationship from the Admin API, checked.
+pub fn federation_from_pb(
+    own: &TrustDomain,
+    r: &admin_pb::FederationRelationship,
+) -> Result<FederationRelationship, ApiError> {
+    let trust_domain = parse_trust_domain(&r.trust_domain)?;
+    let profile = match (r.profile.as_str(), r.endpoint_spiffe_id.as_str()) {
+        ("https_spiffe", "") => {
+            return Err(ApiError::InvalidArgument("profile https_spiffe needs endpoint_spiffe_id".into()));
+        }
+        ("https_spiffe", id) => EndpointProfile::HttpsSpiffe { endpoint_spiffe_id: parse_spiffe_id(id)? },
+        ("https_web", "") => EndpointProfile::HttpsWeb {
+            ca_bundle_path: (!r.ca_bundle_path.is_empty()).then(|| r.ca_bundle_path.clone().into()),
+        },
+        ("https_web", _) => {
+            return Err(ApiError::InvalidArgument("endpoint_spiffe_id belongs to profile https_spiffe only".into()));
+        }
+        (other, _) => {
+            return Err(ApiError::InvalidArgument(format!("profile {other:?}: expected https_spiffe or https_web")));
+        }
+    };
+    let rel = FederationRelationship {
+        trust_domain,
+        bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+        profile,
+        allow_empty_bundle: r.allow_empty_bundle,
+    };
+    crate::federation::check_relationship(own, &rel)?;
+    Ok(rel)
+}
+
+/// A relationship and its status for the Admin API.
+pub fn federation_to_pb(
+    r: &FederationRelationship,
+    status: &crate::federation::PeerStatus,
+    sequence: u64,
+) -> admin_pb::FederationRelationship {
+    let (endpoint_spiffe_id, ca_bundle_path) = match &r.profile {
+        EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => (endpoint_spiffe_id.to_string(), String::new()),
+        EndpointProfile::HttpsWeb { ca_bundle_path } => {
+            (String::new(), ca_bundle_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+        }
+    };
+    admin_pb::FederationRelationship {
+        trust_domain: r.trust_domain.to_string(),
+        bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+        profile: r.profile.name().into(),
+        endpoint_spiffe_id,
+        ca_bundle_path,
+        allow_empty_bundle: r.allow_empty_bundle,
+        bundle_sequence: sequence,
+        last_refresh: status.last_success,
+        next_refresh: status.next_refresh,
+        last_error: status.last_error.clone().unwrap_or_default(),
     }
 }

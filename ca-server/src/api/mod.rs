@@ -127,6 +127,19 @@ impl From<CsrError> for ApiError {
     }
 }
 
+impl From<crate::federation::FederationError> for ApiError {
+    fn from(e: crate::federation::FederationError) -> Self {
+        use crate::federation::FederationError as F;
+        match e {
+            F::NotFound(_) => ApiError::NotFound(e.to_string()),
+            F::Invalid(_) | F::Bootstrap { .. } => ApiError::InvalidArgument(e.to_string()),
+            F::Fetch { .. } => ApiError::Unavailable(e.to_string()),
+            F::Refused { .. } => ApiError::FailedPrecondition(e.to_string()),
+            F::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<tessera_identity::IdError> for ApiError {
     fn from(e: tessera_identity::IdError) -> Self {
         ApiError::InvalidArgument(e.to_string())

@@ -115,6 +115,12 @@ impl AgentTls {
         }
     }
 
+    /// The server's rotating SVID, for other listeners that present it (the bundle endpoint's
+    /// `https_spiffe` profile).
+    pub fn identity(&self) -> Arc<ServerIdentity> {
+        self.identity.clone()
+    }
+
     fn acceptor(&self) -> Option<TlsAcceptor> {
         self.config.read().ok()?.clone().map(TlsAcceptor::from)
     }

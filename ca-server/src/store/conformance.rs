@@ -125,11 +125,23 @@ async fn bundles_and_journal(s: &dyn Store) {
     let rel = FederationRelationship {
         trust_domain: td.clone(),
         bundle_endpoint_url: "https://peer.org:8443".into(),
-        profile: "https_spiffe".into(),
-        endpoint_spiffe_id: Some("spiffe://peer.org/tessera/server".into()),
+        profile: EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: SpiffeId::new("spiffe://peer.org/tessera/server").unwrap(),
+        },
+        allow_empty_bundle: false,
     };
     s.put_federation(&rel).await.unwrap();
-    assert_eq!(s.list_federations().await.unwrap(), vec![rel]);
+    assert_eq!(s.list_federations().await.unwrap(), vec![rel.clone()]);
+    // A put replaces, and both profiles round-trip.
+    let web = FederationRelationship {
+        profile: EndpointProfile::HttpsWeb { ca_bundle_path: Some("/etc/peer-ca.pem".into()) },
+        allow_empty_bundle: true,
+        ..rel
+    };
+    s.put_federation(&web).await.unwrap();
+    assert_eq!(s.get_federation(&td).await.unwrap(), Some(web));
+    assert_eq!(s.list_federations().await.unwrap().len(), 1);
+    assert_eq!(s.get_federation(&TrustDomain::new("other.org").unwrap()).await.unwrap(), None);
     assert!(s.delete_federation(&td).await.unwrap());
 
     assert!(s.load_journal("server-1").await.unwrap().is_none());

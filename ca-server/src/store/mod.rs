@@ -15,8 +15,8 @@ pub mod sled;
 
 pub use audit::{AuditEvent, AuditKind, AuditRecord, AuditVerdict};
 pub use records::{
-    AgentRecord, CaJournal, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry, SlotStatus,
-    X509CaEntry,
+    AgentRecord, CaJournal, EndpointProfile, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry,
+    SlotStatus, X509CaEntry,
 };
 
 /// Store errors.
@@ -103,6 +103,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn list_federations(&self) -> Result<Vec<FederationRelationship>>;
     /// Deletes a relationship; false when absent.
     async fn delete_federation(&self, td: &TrustDomain) -> Result<bool>;
+
+    /// The relationship with `td`, if any.
+    async fn get_federation(&self, td: &TrustDomain) -> Result<Option<FederationRelationship>> {
+        Ok(self.list_federations().await?.into_iter().find(|r| &r.trust_domain == td))
+    }
 
     // --- CA journal (one per server instance) ---
 

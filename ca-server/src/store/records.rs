@@ -92,19 +92,51 @@ impl std::fmt::Debug for JoinToken {
     }
 }
 
-/// A federation relationship with another trust domain.
+/// How a peer's bundle endpoint authenticates itself (SPIFFE Federation spec §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "profile", rename_all = "snake_case")]
+pub enum EndpointProfile {
+    /// Web PKI: the endpoint's certificate chains to a public (or given) CA and names the host.
+    HttpsWeb {
+        /// PEM trust anchors for the endpoint; the system's CA bundle when absent.
+        #[serde(default)]
+        ca_bundle_path: Option<std::path::PathBuf>,
+    },
+    /// SPIFFE authentication: the endpoint presents this X509-SVID, chaining to the peer's
+    /// bundle we already hold (at first, the bootstrap bundle).
+    HttpsSpiffe {
+        /// The endpoint's SPIFFE ID.
+        #[serde(with = "serde_str")]
+        endpoint_spiffe_id: SpiffeId,
+    },
+}
+
+impl EndpointProfile {
+    /// `https_web` or `https_spiffe`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EndpointProfile::HttpsWeb { .. } => "https_web",
+            EndpointProfile::HttpsSpiffe { .. } => "https_spiffe",
+        }
+    }
+}
+
+/// A federation relationship with another trust domain: where its bundle is served and how
+/// that endpoint is authenticated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FederationRelationship {
     /// The peer.
     #[serde(with = "serde_str")]
     pub trust_domain: TrustDomain,
-    /// Where its bundle is served.
+    /// Where its bundle is served (`https://host[:port]/path`).
     pub bundle_endpoint_url: String,
-    /// `https_web` or `https_spiffe`.
-    pub profile: String,
-    /// For `https_spiffe`: the endpoint's SPIFFE ID.
+    /// How the endpoint is authenticated.
+    #[serde(flatten)]
+    pub profile: EndpointProfile,
+    /// Honour a document with an empty key set (the spec's "revoke everything"). Off by
+    /// default: an empty document is refused and the stored bundle stays.
     #[serde(default)]
-    pub endpoint_spiffe_id: Option<String>,
+    pub allow_empty_bundle: bool,
 }
 
 /// Lifecycle of a CA slot.

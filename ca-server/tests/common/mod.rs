@@ -26,9 +26,14 @@ pub struct TestServer {
 
 /// Server config for tests; `extra_ca` replaces the `[ca]` body when not empty.
 pub fn config_text(dir: &std::path::Path, extra_ca: &str) -> String {
+    config_text_for(TD, dir, extra_ca)
+}
+
+/// The same for trust domain `td`.
+pub fn config_text_for(td: &str, dir: &std::path::Path, extra_ca: &str) -> String {
     format!(
         r#"
-trust_domain = "{TD}"
+trust_domain = "{td}"
 data_dir = "{data}"
 log_level = "warn"
 [server]
@@ -52,9 +57,19 @@ impl TestServer {
     }
 
     pub async fn start_with(extra_ca: &str) -> Self {
+        Self::start_full(TD, extra_ca, "").await
+    }
+
+    /// A server for `td` with `extra_ca` as the `[ca]` body and `tail` appended to the config.
+    pub async fn start_full(td: &str, extra_ca: &str, tail: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::from_toml(&config_text(dir.path(), extra_ca)).unwrap();
+        let text = format!(
+            "{}\n{}",
+            config_text_for(td, dir.path(), extra_ca),
+            tail.replace("$DIR", &dir.path().display().to_string())
+        );
+        let cfg = Config::from_toml(&text).unwrap();
         let server = Server::start(cfg).await.unwrap();
         let admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
         Self { server: Some(server), dir, admin }
@@ -65,7 +80,7 @@ impl TestServer {
     }
 
     pub fn td(&self) -> TrustDomain {
-        TrustDomain::new(TD).unwrap()
+        self.server().ca.trust_domain().clone()
     }
 
     pub fn socket(&self) -> PathBuf {
