@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod envoy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -42,8 +44,13 @@ pub struct ServerProc {
 
 /// A server config for `dir`: loopback, ephemeral ports, disk key manager.
 pub fn server_config(dir: &Path, ca: &str) -> String {
+    server_config_for("example.org", dir, ca)
+}
+
+/// The same for trust domain `td`.
+pub fn server_config_for(td: &str, dir: &Path, ca: &str) -> String {
     format!(
-        r#"trust_domain = "example.org"
+        r#"trust_domain = "{td}"
 data_dir = "{data}"
 log_level = "info"
 [server]
@@ -65,8 +72,13 @@ type = "sled"
 impl ServerProc {
     /// Writes the config and starts the server; returns once the admin socket answers.
     pub fn start(dir: &Path, ca: &str) -> Self {
+        Self::start_in(dir, "example.org", ca, "")
+    }
+
+    /// The same in trust domain `td`, with `extra` appended to the config.
+    pub fn start_in(dir: &Path, td: &str, ca: &str, extra: &str) -> Self {
         let config = dir.join("server.toml");
-        std::fs::write(&config, server_config(dir, ca)).unwrap();
+        std::fs::write(&config, server_config_for(td, dir, ca) + extra).unwrap();
         let mut p = ServerProc { child: None, dir: dir.to_owned(), socket: dir.join("admin.sock"), config };
         p.spawn();
         p
@@ -278,17 +290,23 @@ pub struct Mesh {
 impl Mesh {
     /// Starts a server with `ca` settings and an agent attested with a fresh join token.
     pub fn start(ca: &str, sync_interval: &str) -> Self {
+        Self::start_in("example.org", ca, sync_interval, "")
+    }
+
+    /// The same in trust domain `td`, with `server_extra` appended to the server config.
+    pub fn start_in(td: &str, ca: &str, sync_interval: &str, server_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let d = dir.path().to_owned();
         std::fs::create_dir_all(d.join("server")).unwrap();
-        let server_cfg = server_config(&d.join("server"), ca)
-            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""));
+        let server_cfg = server_config_for(td, &d.join("server"), ca)
+            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""))
+            + server_extra;
         let config = d.join("server.toml");
         std::fs::write(&config, server_cfg).unwrap();
         let mut server = ServerProc { child: None, dir: d.join("server"), socket: d.join("server/admin.sock"), config };
         server.spawn();
-        let alias = "spiffe://example.org/node/e2e".to_owned();
+        let alias = format!("spiffe://{td}/node/e2e");
         let token: serde_json::Value =
             serde_json::from_str(&server.cli_ok(&["token", "generate", "--spiffe-id", &alias, "--output", "json"]))
                 .unwrap();
@@ -299,7 +317,7 @@ impl Mesh {
         std::fs::write(
             &agent_config,
             format!(
-                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{health}\"\nsync_interval = \"{sync_interval}\"\n",
+                "trust_domain = \"{td}\"\nserver_address = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{health}\"\nsync_interval = \"{sync_interval}\"\n",
                 d.join("agent").display(),
                 socket.display(),
                 d.join("bootstrap.pem").display(),
@@ -324,7 +342,11 @@ impl Mesh {
 
     /// Registers `spiffe_id` for this process's uid under the node alias.
     pub fn register(&self, spiffe_id: &str, extra: &[&str]) -> String {
-        let uid = format!("unix:uid:{}", my_uid());
+        self.register_with(spiffe_id, &format!("unix:uid:{}", my_uid()), extra)
+    }
+
+    /// Registers `spiffe_id` with one `selector` under the node alias.
+    pub fn register_with(&self, spiffe_id: &str, selector: &str, extra: &[&str]) -> String {
         let mut args = vec![
             "entry",
             "create",
@@ -333,7 +355,7 @@ impl Mesh {
             "--parent-id",
             &self.alias,
             "--selector",
-            &uid,
+            selector,
             "--output",
             "json",
         ];
