@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tessera_plugins::{DiskKeyManager, KeyManager, MemoryKeyManager};
+use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 use tessera_proto::admin::v1::admin_server::AdminServer;
 use tessera_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -21,7 +21,7 @@ use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
 use crate::ca::Ca;
-use crate::config::{Config, KeyManagerKind, ServingProfile, StoreKind};
+use crate::config::{Config, KeyManagerKind, ServingProfile, StoreKind, UpstreamConfig};
 use crate::federation::Federation;
 use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
@@ -130,7 +130,13 @@ impl Server {
             KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(cfg.data_dir.join("keys"))?),
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
         };
-        let ca = Ca::start(cfg.trust_domain.clone(), cfg.ca.clone(), "default", km, store.clone()).await?;
+        let upstream: Option<Arc<dyn UpstreamAuthority>> = match &cfg.upstream_authority {
+            None => None,
+            Some(UpstreamConfig::Disk(files)) => Some(Arc::new(
+                DiskUpstream::new(files.clone()).map_err(|e| StartError::Ca(crate::ca::CaError::Upstream(e)))?,
+            )),
+        };
+        let ca = Ca::start(cfg.trust_domain.clone(), cfg.ca.clone(), "default", km, upstream, store.clone()).await?;
         let metrics = Arc::new(Metrics::default());
         let issuance = Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tessera_identity::{KeyType, SpiffeId, TrustDomain};
 
+use tessera_plugins::upstream::disk::DiskFiles;
+
 use crate::store::{EndpointProfile, FederationRelationship};
 
 /// Why a configuration was refused.
@@ -51,6 +53,19 @@ struct RawConfig {
     store: RawPlugin,
     #[serde(default)]
     federation: RawFederation,
+    upstream_authority: Option<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(rename = "type")]
+    kind: String,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    chain_file: Option<PathBuf>,
+    bundle_file: Option<PathBuf>,
+    cacerts_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +205,13 @@ pub enum StoreKind {
     Sled,
 }
 
+/// `[upstream_authority]`: who signs our X.509 CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamConfig {
+    /// CA certificate and key files (or Istio's `cacerts` directory).
+    Disk(DiskFiles),
+}
+
 /// How our bundle endpoint authenticates itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServingProfile {
@@ -283,6 +305,8 @@ pub struct Config {
     pub store: StoreKind,
     /// Federation.
     pub federation: FederationConfig,
+    /// The upstream authority; `None`: our CA is a self-signed root.
+    pub upstream_authority: Option<UpstreamConfig>,
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -295,6 +319,34 @@ fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
 
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })
+}
+
+fn upstream(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+    match u.kind.as_str() {
+        "disk" => {
+            let files = match (u.cacerts_dir, u.cert_file, u.key_file) {
+                (Some(dir), None, None) if u.chain_file.is_none() && u.bundle_file.is_none() => DiskFiles::istio_cacerts(&dir),
+                (None, Some(cert_file), Some(key_file)) => {
+                    DiskFiles { cert_file, key_file, chain_file: u.chain_file, bundle_file: u.bundle_file }
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "upstream_authority.cert_file",
+                        reason: "type \"disk\" takes cert_file and key_file (with optional chain_file and bundle_file), or cacerts_dir alone".into(),
+                    });
+                }
+            };
+            Ok(UpstreamConfig::Disk(files))
+        }
+        "vault" | "tessera" | "external" => Err(ConfigError::Invalid {
+            key: "upstream_authority.type",
+            reason: format!("{:?} is not built yet in this release; \"disk\" is", u.kind),
+        }),
+        other => Err(ConfigError::Invalid {
+            key: "upstream_authority.type",
+            reason: format!("{other:?}: expected \"disk\", \"vault\", \"tessera\" or \"external\""),
+        }),
+    }
 }
 
 fn federation(own: &TrustDomain, raw: RawFederation) -> Result<FederationConfig, ConfigError> {
@@ -422,6 +474,7 @@ impl Config {
             });
         }
         let federation = federation(&trust_domain, raw.federation)?;
+        let upstream_authority = raw.upstream_authority.map(upstream).transpose()?;
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
             return Err(ConfigError::Invalid {
@@ -472,6 +525,7 @@ impl Config {
                 }
             },
             federation,
+            upstream_authority,
         })
     }
 

@@ -116,6 +116,7 @@ impl From<CaError> for ApiError {
             CaError::InvalidState(m) => ApiError::FailedPrecondition(m),
             CaError::Store(s) => s.into(),
             CaError::Profile(p) => ApiError::InvalidArgument(p.to_string()),
+            CaError::Upstream(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

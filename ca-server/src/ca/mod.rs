@@ -19,7 +19,7 @@ use tessera_identity::csr::CheckedCsr;
 use tessera_identity::jwt::{Claims, mint_es256};
 use tessera_identity::x509::{LeafSpec, ca_params, cert_facts, leaf_params, random_serial};
 use tessera_identity::{Bundle, JwtAuthority, KeyType, PrivateKey, SpiffeId, TrustDomain, unix_now};
-use tessera_plugins::{CaKey, KeyManager, KeyManagerError};
+use tessera_plugins::{CaKey, KeyManager, KeyManagerError, MintedX509Ca, UpstreamAuthority};
 use tokio::sync::{Mutex, watch};
 use tracing::{info, warn};
 
@@ -54,6 +54,9 @@ pub enum CaError {
     /// The operation does not fit the authority's state.
     #[error("{0}")]
     InvalidState(String),
+    /// The upstream authority failed or returned something unusable.
+    #[error(transparent)]
+    Upstream(#[from] tessera_plugins::UpstreamError),
 }
 
 /// An rcgen signing key backed by a key manager key.
@@ -150,6 +153,7 @@ pub struct Ca {
     cfg: CaConfig,
     instance: String,
     km: Arc<dyn KeyManager>,
+    upstream: Option<Arc<dyn UpstreamAuthority>>,
     store: Arc<dyn Store>,
     state: RwLock<State>,
     ops: Mutex<()>,
@@ -170,6 +174,38 @@ fn other_slot(id: Option<&str>, a: &'static str, b: &'static str) -> &'static st
     if id == Some(a) { b } else { a }
 }
 
+/// The roots (last chain element) the given journal entries end under.
+fn roots_in_use<'a>(entries: impl Iterator<Item = &'a X509CaEntry>) -> Vec<Vec<u8>> {
+    entries.filter_map(|e| e.chain.last().and_then(|c| STANDARD.decode(c).ok())).collect()
+}
+
+/// Checks an upstream's answer and returns our journal chain: our CA certificate (which must
+/// hold our key and be a CA), the intermediates, and the root the chain ends under.
+fn upstream_chain(minted: &MintedX509Ca, our_spki: &[u8]) -> Result<Vec<Vec<u8>>, CaError> {
+    let bad = |m: String| CaError::InvalidState(format!("upstream answer: {m}"));
+    let ours = minted.chain.first().ok_or_else(|| bad("no CA certificate".into()))?;
+    let facts = cert_facts(ours)?;
+    if facts.spki != our_spki {
+        return Err(bad("the CA certificate does not hold our key".into()));
+    }
+    if !facts.is_ca {
+        return Err(bad("the certificate is not a CA".into()));
+    }
+    let last = minted.chain.last().unwrap_or(ours);
+    let (_, last_cert) = x509_parser::parse_x509_certificate(last).map_err(|e| bad(e.to_string()))?;
+    let root = minted
+        .roots
+        .iter()
+        .find(|r| {
+            x509_parser::parse_x509_certificate(r)
+                .is_ok_and(|(_, rc)| rc.subject().as_raw() == last_cert.issuer().as_raw())
+        })
+        .ok_or_else(|| bad("no upstream root issued the chain".into()))?;
+    let mut chain = minted.chain.clone();
+    chain.push(root.clone());
+    Ok(chain)
+}
+
 impl Ca {
     /// Loads the journal, restores the authorities whose keys are still in the key manager,
     /// makes sure one X.509 CA and one JWT key are active, and publishes the bundle.
@@ -178,6 +214,7 @@ impl Ca {
         cfg: CaConfig,
         instance: &str,
         km: Arc<dyn KeyManager>,
+        upstream: Option<Arc<dyn UpstreamAuthority>>,
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, CaError> {
         let bundle = match store.get_bundle(&td).await? {
@@ -194,6 +231,7 @@ impl Ca {
             cfg,
             instance: instance.to_owned(),
             km,
+            upstream,
             store,
             state: RwLock::new(State::default()),
             ops: Mutex::new(()),
@@ -464,6 +502,16 @@ impl Ca {
     pub async fn rotate_once(&self) -> Result<(), CaError> {
         let _g = self.ops.lock().await;
         let now = unix_now();
+        // New upstream roots are published as soon as the upstream shows them.
+        if let Some(up) = &self.upstream {
+            match up.roots().await {
+                Ok(roots) => {
+                    self.update_bundle(|b| roots.iter().fold(false, |changed, r| b.add_x509_authority(r) || changed))
+                        .await?
+                }
+                Err(e) => warn!(error = %e, "Cannot read the upstream roots"),
+            }
+        }
         let (x_active, x_prepared, j_active, j_prepared) = {
             let s = self.state.read().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
             (
@@ -542,35 +590,62 @@ impl Ca {
         let not_after = now.saturating_add(secs(self.cfg.ca_ttl));
         let params = ca_params(&self.td, now - BACKDATE_SECS, not_after, random_serial()?)?;
         let signer = KeySigner { key: key.clone(), alg: self.cfg.key_type.signature_algorithm() };
-        let cert = tokio::task::spawn_blocking(move || params.self_signed(&signer).map(|c| c.der().to_vec()))
-            .await
-            .map_err(|e| CaError::Signing(e.to_string()))?
-            .map_err(|e| CaError::Signing(e.to_string()))?;
+        // `chain`: our CA certificate first, the root it ends under last (one element when
+        // self-signed). `roots`: what joins the bundle.
+        let (chain, roots) = match &self.upstream {
+            None => {
+                let cert = tokio::task::spawn_blocking(move || params.self_signed(&signer).map(|c| c.der().to_vec()))
+                    .await
+                    .map_err(|e| CaError::Signing(e.to_string()))?
+                    .map_err(|e| CaError::Signing(e.to_string()))?;
+                (vec![cert.clone()], vec![cert])
+            }
+            Some(up) => {
+                // A CSR carries only the subject and the trust domain ID; the upstream sets the
+                // CA profile and lifetime.
+                let mut req = rcgen::CertificateParams::default();
+                req.distinguished_name = params.distinguished_name.clone();
+                req.subject_alt_names = params.subject_alt_names.clone();
+                let csr = tokio::task::spawn_blocking(move || req.serialize_request(&signer).map(|c| c.der().to_vec()))
+                    .await
+                    .map_err(|e| CaError::Signing(e.to_string()))?
+                    .map_err(|e| CaError::Signing(e.to_string()))?;
+                let minted = up.mint_x509_ca(&csr, self.cfg.ca_ttl).await?;
+                let chain = upstream_chain(&minted, &spki_of(key.as_ref()))?;
+                (chain, minted.roots)
+            }
+        };
+        let cert = chain.first().cloned().ok_or_else(|| CaError::InvalidState("empty CA chain".into()))?;
         let facts = cert_facts(&cert)?;
         let entry = X509CaEntry {
             key_id: slot.to_owned(),
             authority_id: facts.subject_key_id.clone().unwrap_or_else(|| facts.serial.clone()),
-            chain: vec![STANDARD.encode(&cert)],
+            chain: chain.iter().map(|c| STANDARD.encode(c)).collect(),
             issued_at: now,
-            not_after,
+            not_after: facts.not_after.min(not_after),
             status: SlotStatus::Prepared,
             tainted: false,
         };
-        let authority = Arc::new(self.authority(entry.clone(), key, vec![cert.clone()])?);
+        let authority = Arc::new(self.authority(entry.clone(), key, chain)?);
         // Trusted everywhere before it signs anything: the bundle first, then the journal.
-        // A prepared authority being replaced never signed anything: its root leaves the bundle.
+        // A prepared authority being replaced never signed anything: its root leaves the bundle
+        // unless another authority (or the upstream) still ends under it.
         let replaced: Vec<Vec<u8>> = {
             let s = self.state.read().map_err(|_| CaError::InvalidState("CA state poisoned".into()))?;
+            let keep = roots_in_use(s.journal.x509.iter().filter(|e| e.status != SlotStatus::Prepared));
             s.journal
                 .x509
                 .iter()
                 .filter(|e| e.status == SlotStatus::Prepared)
                 .filter_map(|e| e.chain.last().and_then(|c| STANDARD.decode(c).ok()))
+                .filter(|r| !keep.contains(r) && !roots.contains(r))
                 .collect()
         };
         self.update_bundle(|b| {
             b.x509_authorities.retain(|c| !replaced.iter().any(|r| r.as_slice() == c.as_ref()));
-            b.add_x509_authority(&cert);
+            for r in &roots {
+                b.add_x509_authority(r);
+            }
             true
         })
         .await?;
@@ -704,6 +779,10 @@ impl Ca {
             }
             s.journal.x509.retain(|e| !(e.status == SlotStatus::Old && e.not_after <= now));
             s.journal.jwt.retain(|e| !(e.status == SlotStatus::Old && e.not_after <= now));
+            // A root shared with a remaining authority (one upstream root, several
+            // intermediates) stays.
+            let keep = roots_in_use(s.journal.x509.iter());
+            let certs: Vec<Vec<u8>> = certs.into_iter().filter(|c| !keep.contains(c)).collect();
             (certs, kids, s.journal.clone())
         };
         self.update_bundle(|b| {
