@@ -325,7 +325,9 @@ fn upstream(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
     match u.kind.as_str() {
         "disk" => {
             let files = match (u.cacerts_dir, u.cert_file, u.key_file) {
-                (Some(dir), None, None) if u.chain_file.is_none() && u.bundle_file.is_none() => DiskFiles::istio_cacerts(&dir),
+                (Some(dir), None, None) if u.chain_file.is_none() && u.bundle_file.is_none() => {
+                    DiskFiles::istio_cacerts(&dir)
+                }
                 (None, Some(cert_file), Some(key_file)) => {
                     DiskFiles { cert_file, key_file, chain_file: u.chain_file, bundle_file: u.bundle_file }
                 }
@@ -474,6 +476,19 @@ impl Config {
             });
         }
         let federation = federation(&trust_domain, raw.federation)?;
+        // A prepared CA is in the bundle for a third of the CA TTL before it signs; peers
+        // fetch at a quarter of the hint, so the hint must leave them several tries.
+        if let Some(ep) = &federation.bundle_endpoint
+            && ep.refresh_hint > ca_ttl / 6
+        {
+            return Err(ConfigError::Invalid {
+                key: "federation.bundle_endpoint.refresh_hint",
+                reason: format!(
+                    "must be at most a sixth of ca.ca_ttl ({}), so peers fetch a prepared CA before it signs",
+                    humantime::format_duration(ca_ttl / 6)
+                ),
+            });
+        }
         let upstream_authority = raw.upstream_authority.map(upstream).transpose()?;
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
@@ -652,6 +667,7 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
             ("https://b.example:8443", "http://b.example", "must use https"),
             ("trust_domain = \"b.example\"", "trust_domain = \"example.org\"", "own trust domain"),
             ("refresh_hint = \"5m\"", "refresh_hint = \"5m\"\ncolour = 1", "colour"),
+            ("refresh_hint = \"5m\"", "refresh_hint = \"5h\"", "federation.bundle_endpoint.refresh_hint"),
         ] {
             let text = format!("{CONTRACT}{}", FEDERATION.replacen(from, to, 1));
             let err = Config::from_toml(&text).unwrap_err().to_string();

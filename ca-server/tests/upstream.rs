@@ -66,7 +66,7 @@ async fn svids_chain_to_the_disk_upstream_root_through_our_intermediate() {
     let inter = tessera_identity::x509::cert_facts(&chain[1]).unwrap();
     assert!(inter.is_ca);
     assert!(inter.uris.contains(&"spiffe://example.org".to_owned()));
-    verify_chain(&chain, &[root.clone()], "spiffe://example.org/web").unwrap();
+    verify_chain(&chain, std::slice::from_ref(&root), "spiffe://example.org/web").unwrap();
     // Without the intermediate the leaf does not verify: the chain really goes through it.
     assert!(verify_chain(&chain[..1], &[root], "spiffe://example.org/web").is_err());
     s.stop().await;
@@ -93,7 +93,7 @@ async fn istio_cacerts_layout_with_an_intermediate_and_a_root_reload() {
     let chain = mint(&mut s, "spiffe://example.org/web").await;
     assert_eq!(chain.len(), 3, "leaf, our intermediate, Istio's intermediate");
     assert_eq!(chain[2], istio_ca);
-    verify_chain(&chain, &[root.clone()], "spiffe://example.org/web").unwrap();
+    verify_chain(&chain, std::slice::from_ref(&root), "spiffe://example.org/web").unwrap();
 
     // The operator adds a second root to root-cert.pem: it reaches the bundle on the next
     // rotation check, before anything is signed under it.

@@ -27,7 +27,7 @@ use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 /// GETs `/` from a bundle endpoint with SPIFFE authentication of `endpoint_id`.
 fn fetch_bundle_doc(port: u16, roots_pem: &str, endpoint_id: &str) -> String {
     let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
-        tessera_identity::pem::decode_certs(roots_pem.as_bytes()).unwrap().into_iter().map(Into::into).collect();
+        tessera_identity::pem::decode_certs(roots_pem.as_bytes()).unwrap();
     let mut cfg =
         tessera_identity::tls::client_config(&roots, Authorize::Id(SpiffeId::new(endpoint_id).unwrap()), None).unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -350,4 +350,106 @@ fn envoys_in_two_federated_clusters_talk_over_mtls_and_survive_a_ca_rotation() {
         s["bundle_sequence"] == json!(b_seq)
     });
     drop((a1, a2, b1, b2));
+}
+
+#[test]
+fn one_trust_domain_across_two_clusters_under_a_shared_root() {
+    // The organisation's root, kept outside both clusters; each cluster's server gets its own
+    // intermediate from it through the disk upstream.
+    let shared = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "Example Org Root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let root = p.self_signed(&key).unwrap();
+    let (root_pem, key_pem) = (shared.path().join("root.pem"), shared.path().join("root.key"));
+    std::fs::write(&root_pem, root.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let upstream = format!(
+        "[upstream_authority]\ntype = \"disk\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        root_pem.display(),
+        key_pem.display()
+    );
+    let ca = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
+    let c1 = Mesh::start_in("example.org", ca, "1s", &upstream);
+    let c2 = Mesh::start_in("example.org", ca, "1s", &upstream);
+    // Both clusters publish only the shared root.
+    for c in [&c1, &c2] {
+        let b = tessera_identity::pem::decode_certs(c.server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].as_ref(), root.der().as_ref());
+    }
+    // An SVID from cluster 1 verifies with openssl against the root through the intermediate,
+    // and the two clusters' intermediates differ.
+    let inter = |c: &Mesh, name: &str| {
+        let out = c.dir.path().join(name);
+        c.server.cli_ok(&[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/probe",
+            "--write",
+            out.to_str().unwrap(),
+        ]);
+        let chain = tessera_identity::pem::decode_certs(&std::fs::read(out.join("svid.pem")).unwrap()).unwrap();
+        assert_eq!(chain.len(), 2, "leaf and the cluster's intermediate");
+        std::fs::write(out.join("inter.pem"), tessera_identity::pem::encode("CERTIFICATE", &chain[1])).unwrap();
+        std::fs::write(out.join("leaf.pem"), tessera_identity::pem::encode("CERTIFICATE", &chain[0])).unwrap();
+        (out, chain[1].to_vec())
+    };
+    let (out1, i1) = inter(&c1, "mint1");
+    let (_, i2) = inter(&c2, "mint2");
+    assert_ne!(i1, i2);
+    let v = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&root_pem)
+        .arg("-untrusted")
+        .arg(out1.join("inter.pem"))
+        .arg(out1.join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+
+    c1.register("spiffe://example.org/front", &[]);
+    c2.register("spiffe://example.org/back", &[]);
+    let d = c1.dir.path().to_owned();
+    let (b_admin, b_port, f_admin, f_port) = (free_port(), free_port(), free_port(), free_port());
+    let back = start_envoy_binary(
+        &envoy_binary(),
+        &d,
+        "c2-back",
+        &back_config(b_admin, b_port, &c2.socket, "GRPC", "spiffe://example.org/back", "spiffe://example.org/front"),
+        b_admin,
+    );
+    let front = start_envoy_binary(
+        &envoy_binary(),
+        &d,
+        "c1-front",
+        &tessera_e2e::envoy::front_config(
+            f_admin,
+            f_port,
+            b_port,
+            &c1.socket,
+            "GRPC",
+            "spiffe://example.org/front",
+            "spiffe://example.org/back",
+        ),
+        f_admin,
+    );
+    for _ in 0..5 {
+        let (code, body) = http_get(&format!("127.0.0.1:{f_port}"), "/").unwrap();
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "hello from back"),
+            "front: {}\nback: {}",
+            front.proc.log(),
+            back.proc.log()
+        );
+    }
 }

@@ -506,8 +506,14 @@ impl Ca {
         if let Some(up) = &self.upstream {
             match up.roots().await {
                 Ok(roots) => {
-                    self.update_bundle(|b| roots.iter().fold(false, |changed, r| b.add_x509_authority(r) || changed))
-                        .await?
+                    self.update_bundle(|b| {
+                        let mut changed = false;
+                        for r in &roots {
+                            changed |= b.add_x509_authority(r);
+                        }
+                        changed
+                    })
+                    .await?
                 }
                 Err(e) => warn!(error = %e, "Cannot read the upstream roots"),
             }

@@ -86,7 +86,8 @@ fn stamp(files: &DiskFiles) -> Vec<Option<(SystemTime, u64)>> {
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
     let pem = std::fs::read(path).map_err(|e| config_err(format!("cannot read {}: {e}", path.display())))?;
-    let certs = tessera_identity::pem::decode_certs(&pem).map_err(|e| config_err(format!("{}: {e}", path.display())))?;
+    let certs =
+        tessera_identity::pem::decode_certs(&pem).map_err(|e| config_err(format!("{}: {e}", path.display())))?;
     if certs.is_empty() {
         return Err(config_err(format!("{} holds no certificate", path.display())));
     }
@@ -113,11 +114,7 @@ fn load(files: &DiskFiles) -> Result<Loaded, UpstreamError> {
         .map_err(|e| config_err(format!("cannot read {}: {e}", files.key_file.display())))?;
     let key = KeyPair::from_pem(&key_pem).map_err(|e| config_err(format!("{}: {e}", files.key_file.display())))?;
     if rcgen::PublicKeyData::subject_public_key_info(&key) != ca_cert.public_key().raw {
-        return Err(config_err(format!(
-            "{} does not match {}",
-            files.key_file.display(),
-            files.cert_file.display()
-        )));
+        return Err(config_err(format!("{} does not match {}", files.key_file.display(), files.cert_file.display())));
     }
     let roots: Vec<Vec<u8>> = match &files.bundle_file {
         Some(p) => read_certs(p)?.into_iter().map(|c| c.to_vec()).collect(),
@@ -206,8 +203,8 @@ impl UpstreamAuthority for DiskUpstream {
         let signing = |reason: String| UpstreamError::Signing { upstream: NAME, reason };
         let serial = tessera_identity::x509::random_serial().map_err(|e| signing(e.to_string()))?;
         // Our CA profile, whatever else the CSR asked for.
-        let params = tessera_identity::x509::ca_params(&td, now - 10, not_after, serial)
-            .map_err(|e| signing(e.to_string()))?;
+        let params =
+            tessera_identity::x509::ca_params(&td, now - 10, not_after, serial).map_err(|e| signing(e.to_string()))?;
         let cert = params.signed_by(&req.public_key, &l.issuer).map_err(|e| signing(e.to_string()))?;
         let mut chain = vec![cert.der().to_vec()];
         chain.extend(l.chain.iter().cloned());
