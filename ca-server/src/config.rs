@@ -674,4 +674,27 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
             assert!(err.contains(key), "{from:?} -> {to:?}: {err}");
         }
     }
+
+    #[test]
+    fn the_deploy_example_parses_with_and_without_its_optional_sections() {
+        let text = include_str!("../../deploy/server.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert!(c.federation.bundle_endpoint.is_none() && c.upstream_authority.is_none());
+        // Uncomment the optional sections: `# [section]` and `# key = value` lines.
+        let on: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .fold(String::new(), |acc, l| acc + l + "\n");
+        let c = Config::from_toml(&on).unwrap();
+        assert_eq!(c.federation.trust_domains.len(), 1);
+        assert!(c.federation.bundle_endpoint.is_some());
+        assert!(matches!(c.upstream_authority, Some(UpstreamConfig::Disk(_))));
+    }
 }
