@@ -7,6 +7,7 @@ fn main() -> io::Result<()> {
         "proto/tessera/types/v1/types.proto",
         "proto/tessera/agent/v1/agent.proto",
         "proto/tessera/admin/v1/admin.proto",
+        "proto/tessera/plugin/v1/upstream.proto",
         "proto/spiffe/workload.proto",
     ];
     for f in &files {

@@ -7,7 +7,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 use tessera_proto::admin::v1::admin_server::AdminServer;
 use tessera_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -21,7 +20,8 @@ use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
 use crate::ca::Ca;
-use crate::config::{Config, KeyManagerKind, ServingProfile, StoreKind, UpstreamConfig};
+use crate::catalog::Catalog;
+use crate::config::{Config, ServingProfile, StoreKind};
 use crate::federation::Federation;
 use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
@@ -53,6 +53,9 @@ pub enum StartError {
     /// Federation cannot start (a bootstrap bundle, the bundle endpoint's certificate).
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
+    /// The key manager cannot be opened (HSM module, token, PIN).
+    #[error("key manager: {0}")]
+    KeyManagerConfig(String),
     /// The bundle endpoint's certificate or TLS settings are unusable.
     #[error("bundle endpoint: {0}")]
     BundleEndpoint(String),
@@ -126,17 +129,16 @@ impl Server {
         let store: Arc<dyn Store> = match cfg.store {
             StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("store"))?),
         };
-        let km: Arc<dyn KeyManager> = match cfg.key_manager {
-            KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(cfg.data_dir.join("keys"))?),
-            KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
-        };
-        let upstream: Option<Arc<dyn UpstreamAuthority>> = match &cfg.upstream_authority {
-            None => None,
-            Some(UpstreamConfig::Disk(files)) => Some(Arc::new(
-                DiskUpstream::new(files.clone()).map_err(|e| StartError::Ca(crate::ca::CaError::Upstream(e)))?,
-            )),
-        };
-        let ca = Ca::start(cfg.trust_domain.clone(), cfg.ca.clone(), "default", km, upstream, store.clone()).await?;
+        let catalog = Catalog::build(&cfg).await?;
+        let ca = Ca::start(
+            cfg.trust_domain.clone(),
+            cfg.ca.clone(),
+            "default",
+            catalog.key_manager.clone(),
+            catalog.upstream.clone(),
+            store.clone(),
+        )
+        .await?;
         let metrics = Arc::new(Metrics::default());
         let issuance = Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -147,6 +149,10 @@ impl Server {
                 .run_rotation(cfg.rotation_check_interval, shutdown_rx.clone())
                 .instrument(info_span!("ca_rotation")),
         );
+        if let Some(ext) = catalog.external.clone() {
+            let rx = shutdown_rx.clone();
+            tasks.spawn(async move { ext.supervise(rx).await }.instrument(info_span!("upstream_plugin")));
+        }
 
         // Agent API: TCP + rustls, then tonic.
         let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);

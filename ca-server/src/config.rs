@@ -48,7 +48,7 @@ struct RawConfig {
     #[serde(default)]
     ca: RawCa,
     #[serde(default = "default_key_manager")]
-    key_manager: RawPlugin,
+    key_manager: RawKeyManager,
     #[serde(default = "default_store")]
     store: RawPlugin,
     #[serde(default)]
@@ -66,6 +66,11 @@ struct RawUpstream {
     chain_file: Option<PathBuf>,
     bundle_file: Option<PathBuf>,
     cacerts_dir: Option<PathBuf>,
+    command: Option<PathBuf>,
+    args: Option<Vec<String>>,
+    checksum: Option<String>,
+    call_timeout: Option<String>,
+    plugin_config: Option<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,8 +186,90 @@ impl RawPlugin {
     }
 }
 
-fn default_key_manager() -> RawPlugin {
-    RawPlugin::named("disk")
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyManager {
+    #[serde(rename = "type")]
+    kind: String,
+    module_path: Option<PathBuf>,
+    token_label: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    key_label_prefix: Option<String>,
+}
+
+fn default_key_manager() -> RawKeyManager {
+    RawKeyManager {
+        kind: "disk".into(),
+        module_path: None,
+        token_label: None,
+        pin_file: None,
+        pin_env: None,
+        key_label_prefix: None,
+    }
+}
+
+/// Where the HSM's user PIN comes from (read at start, never stored in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// A file whose content (trailing newline removed) is the PIN.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+}
+
+/// `[key_manager] type = "pkcs11"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module.
+    pub module_path: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The user PIN's source.
+    pub pin: PinSource,
+    /// Key labels are `<prefix><slot>`.
+    pub key_label_prefix: String,
+}
+
+fn key_manager(k: RawKeyManager) -> Result<KeyManagerKind, ConfigError> {
+    let pkcs11_keys = k.module_path.is_some()
+        || k.token_label.is_some()
+        || k.pin_file.is_some()
+        || k.pin_env.is_some()
+        || k.key_label_prefix.is_some();
+    match k.kind.as_str() {
+        "disk" | "memory" if pkcs11_keys => Err(ConfigError::Invalid {
+            key: "key_manager.module_path",
+            reason: format!(
+                "module_path, token_label, pin_file, pin_env and key_label_prefix belong to type \"pkcs11\", not {:?}",
+                k.kind
+            ),
+        }),
+        "disk" => Ok(KeyManagerKind::Disk),
+        "memory" => Ok(KeyManagerKind::Memory),
+        "pkcs11" => {
+            let pin = match (k.pin_file, k.pin_env) {
+                (Some(f), None) => PinSource::File(f),
+                (None, Some(e)) => PinSource::Env(e),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: "key_manager.pin_file",
+                        reason: "type \"pkcs11\" needs exactly one of pin_file and pin_env".into(),
+                    });
+                }
+            };
+            Ok(KeyManagerKind::Pkcs11(Pkcs11Settings {
+                module_path: k.module_path.ok_or(ConfigError::Missing("key_manager.module_path"))?,
+                token_label: k.token_label.ok_or(ConfigError::Missing("key_manager.token_label"))?,
+                pin,
+                key_label_prefix: k.key_label_prefix.unwrap_or_else(|| "tessera-".into()),
+            }))
+        }
+        other => Err(ConfigError::Invalid {
+            key: "key_manager.type",
+            reason: format!("{other:?}: expected \"disk\", \"memory\" or \"pkcs11\""),
+        }),
+    }
 }
 
 fn default_store() -> RawPlugin {
@@ -190,12 +277,14 @@ fn default_store() -> RawPlugin {
 }
 
 /// Which key manager holds the CA keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyManagerKind {
     /// Files under `<data_dir>/keys`, 0600.
     Disk,
     /// Process memory; a restart makes a new CA.
     Memory,
+    /// An HSM over PKCS#11: keys made and used in the token.
+    Pkcs11(Pkcs11Settings),
 }
 
 /// Which store backend.
@@ -210,6 +299,8 @@ pub enum StoreKind {
 pub enum UpstreamConfig {
     /// CA certificate and key files (or Istio's `cacerts` directory).
     Disk(DiskFiles),
+    /// A plugin process speaking `tessera.plugin.v1`.
+    External(crate::external::ExternalSettings),
 }
 
 /// How our bundle endpoint authenticates itself.
@@ -321,8 +412,53 @@ fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })
 }
 
-fn upstream(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig, ConfigError> {
+    let external_keys = u.command.is_some()
+        || u.args.is_some()
+        || u.checksum.is_some()
+        || u.call_timeout.is_some()
+        || u.plugin_config.is_some();
+    let disk_keys = u.cert_file.is_some()
+        || u.key_file.is_some()
+        || u.chain_file.is_some()
+        || u.bundle_file.is_some()
+        || u.cacerts_dir.is_some();
     match u.kind.as_str() {
+        "disk" if external_keys => Err(ConfigError::Invalid {
+            key: "upstream_authority.command",
+            reason: "command, args, checksum, call_timeout and plugin_config belong to type \"external\"".into(),
+        }),
+        "external" if disk_keys => Err(ConfigError::Invalid {
+            key: "upstream_authority.cert_file",
+            reason: "cert_file, key_file, chain_file, bundle_file and cacerts_dir belong to type \"disk\"".into(),
+        }),
+        "external" => {
+            let command = u.command.ok_or(ConfigError::Missing("upstream_authority.command"))?;
+            let checksum = match u.checksum {
+                Some(c) => {
+                    let c = c.trim().to_ascii_lowercase();
+                    let c = c.strip_prefix("sha256:").unwrap_or(&c).to_owned();
+                    if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(ConfigError::Invalid {
+                            key: "upstream_authority.checksum",
+                            reason: "must be the SHA-256 of the executable, 64 hex digits".into(),
+                        });
+                    }
+                    Some(c)
+                }
+                None => None,
+            };
+            let plugin_config_json = serde_json::to_string(&u.plugin_config.unwrap_or_default())
+                .map_err(|e| ConfigError::Invalid { key: "upstream_authority.plugin_config", reason: e.to_string() })?;
+            Ok(UpstreamConfig::External(crate::external::ExternalSettings {
+                command,
+                args: u.args.unwrap_or_default(),
+                checksum,
+                plugin_config_json,
+                call_timeout: dur("upstream_authority.call_timeout", u.call_timeout.as_deref().unwrap_or("30s"))?,
+                socket: data_dir.join("plugins").join("upstream.sock"),
+            }))
+        }
         "disk" => {
             let files = match (u.cacerts_dir, u.cert_file, u.key_file) {
                 (Some(dir), None, None) if u.chain_file.is_none() && u.bundle_file.is_none() => {
@@ -340,7 +476,7 @@ fn upstream(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
             };
             Ok(UpstreamConfig::Disk(files))
         }
-        "vault" | "tessera" | "external" => Err(ConfigError::Invalid {
+        "vault" | "tessera" => Err(ConfigError::Invalid {
             key: "upstream_authority.type",
             reason: format!("{:?} is not built yet in this release; \"disk\" is", u.kind),
         }),
@@ -489,7 +625,7 @@ impl Config {
                 ),
             });
         }
-        let upstream_authority = raw.upstream_authority.map(upstream).transpose()?;
+        let upstream_authority = raw.upstream_authority.map(|u| upstream(u, &data_dir)).transpose()?;
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
             return Err(ConfigError::Invalid {
@@ -520,16 +656,7 @@ impl Config {
                 max_x509_svid_ttl,
                 max_jwt_svid_ttl,
             },
-            key_manager: match raw.key_manager.kind.as_str() {
-                "disk" => KeyManagerKind::Disk,
-                "memory" => KeyManagerKind::Memory,
-                other => {
-                    return Err(ConfigError::Invalid {
-                        key: "key_manager.type",
-                        reason: format!("{other:?}: expected \"disk\" or \"memory\""),
-                    });
-                }
-            },
+            key_manager: key_manager(raw.key_manager)?,
             store: match raw.store.kind.as_str() {
                 "sled" => StoreKind::Sled,
                 other => {

@@ -25,11 +25,29 @@ impl tessera_svc::health::Probe for Health {
         self.ca.is_ready() && self.store.get_bundle(self.ca.trust_domain()).await.is_ok()
     }
 
+    /// The upstream plugin's state, when it runs out of process: the CA keeps signing while
+    /// it restarts, so this informs and does not fail readiness.
+    async fn detail(&self) -> String {
+        match self.ca.upstream_health() {
+            Some(p) if p.up => {
+                format!("upstream plugin {:?}: up (pid {}, restarts: {})\n", p.name, p.pid.unwrap_or(0), p.restarts)
+            }
+            Some(p) => format!(
+                "upstream plugin {:?}: DOWN, restarting (restarts: {}; last error: {})\n",
+                p.name,
+                p.restarts,
+                p.last_error.unwrap_or_default()
+            ),
+            None => String::new(),
+        }
+    }
+
     async fn metrics(&self) -> String {
         let g = Gauges {
             ready: self.ready().await,
             ca_expiry: self.ca.active_x509_not_after().unwrap_or(0),
             bundle_sequence: self.ca.bundle().sequence_number,
+            plugin: self.ca.upstream_health(),
         };
         self.metrics.render(&g)
     }

@@ -1,6 +1,7 @@
 //! Tessera's CA server, as a library that `main.rs` only wires.
 //!
-//! What it is: configuration ([`config`]), the CA core ([`ca`]: where a CSR becomes a
+//! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]; plugin
+//! processes are hosted by [`external`]), the CA core ([`ca`]: where a CSR becomes a
 //! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
 //! API on a local socket), federation ([`federation`]: our bundle endpoint and peers'
 //! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
@@ -14,8 +15,10 @@
 pub mod api;
 pub mod app;
 pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod external;
 pub mod federation;
 pub mod health;
 pub mod metrics;

@@ -58,6 +58,8 @@ pub struct Gauges {
     pub ca_expiry: i64,
     /// Our bundle's sequence number.
     pub bundle_sequence: u64,
+    /// The out-of-process upstream plugin, when there is one.
+    pub plugin: Option<tessera_plugins::upstream::PluginHealth>,
 }
 
 impl Metrics {
@@ -82,6 +84,18 @@ impl Metrics {
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        if let Some(p) = &g.plugin {
+            let _ = writeln!(
+                out,
+                "# HELP tessera_server_plugin_up 1 when the external plugin answers its health checks.\n# TYPE tessera_server_plugin_up gauge\ntessera_server_plugin_up{{kind=\"upstream_authority\"}} {}",
+                i64::from(p.up)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP tessera_server_plugin_restarts_total Restarts of the external plugin.\n# TYPE tessera_server_plugin_restarts_total counter\ntessera_server_plugin_restarts_total{{kind=\"upstream_authority\"}} {}",
+                p.restarts
+            );
         }
         out
     }

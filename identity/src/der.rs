@@ -1,5 +1,7 @@
-//! The few DER encodings this crate writes or reads by hand: ECDSA signatures (DER <-> JOSE
-//! fixed r||s) and SubjectPublicKeyInfo for keys that arrive as JWKs.
+//! The few DER encodings Tessera writes or reads by hand: ECDSA signatures (DER <-> fixed
+//! r||s, as JOSE and PKCS#11 give them), SubjectPublicKeyInfo for keys that arrive as JWKs,
+//! and the pieces an HSM returns (an RSA public key from modulus and exponent, an EC point in
+//! an OCTET STRING).
 
 /// Reads a DER length at `buf[*pos]`, advancing `pos`.
 fn read_len(buf: &[u8], pos: &mut usize) -> Option<usize> {
@@ -55,6 +57,40 @@ pub(crate) fn ecdsa_der_to_fixed(sig: &[u8], scalar_len: usize) -> Option<Vec<u8
         out.get_mut(start..start + int.len())?.copy_from_slice(int);
     }
     Some(out)
+}
+
+/// A fixed-width `r || s` ECDSA signature (PKCS#11 `CKM_ECDSA`, JOSE) as the DER
+/// `ECDSA-Sig-Value` X.509 carries. `None` for an empty or odd-length input.
+pub fn ecdsa_fixed_to_der(sig: &[u8]) -> Option<Vec<u8>> {
+    if sig.is_empty() || !sig.len().is_multiple_of(2) {
+        return None;
+    }
+    let (r, s) = sig.split_at(sig.len() / 2);
+    let mut ints = Vec::with_capacity(sig.len() + 6);
+    write_uint(&mut ints, r);
+    write_uint(&mut ints, s);
+    let mut out = Vec::with_capacity(ints.len() + 3);
+    write_tlv(&mut out, 0x30, &ints);
+    Some(out)
+}
+
+/// `RSAPublicKey ::= SEQUENCE { modulus, publicExponent }` from big-endian integers: the
+/// subjectPublicKey bits of an RSA certificate.
+pub fn rsa_public_key(n: &[u8], e: &[u8]) -> Vec<u8> {
+    let mut ints = Vec::with_capacity(n.len() + e.len() + 8);
+    write_uint(&mut ints, n);
+    write_uint(&mut ints, e);
+    let mut out = Vec::with_capacity(ints.len() + 4);
+    write_tlv(&mut out, 0x30, &ints);
+    out
+}
+
+/// The contents of a DER OCTET STRING, such as PKCS#11's `CKA_EC_POINT` (PKCS#11 v2.40
+/// §2.3.3: "DER-encoding of ANSI X9.62 ECPoint value Q").
+pub fn unwrap_octet_string(der: &[u8]) -> Option<&[u8]> {
+    let mut pos = 0;
+    let v = read_tlv(der, &mut pos, 0x04)?;
+    (pos == der.len()).then_some(v)
 }
 
 fn strip_leading_zeros(mut b: &[u8]) -> &[u8] {
@@ -117,17 +153,30 @@ pub(crate) fn ec_spki(point: &[u8], p384: bool) -> Vec<u8> {
 
 /// SubjectPublicKeyInfo for an RSA key from its big-endian modulus and exponent.
 pub(crate) fn rsa_spki(n: &[u8], e: &[u8]) -> Vec<u8> {
-    let mut ints = Vec::with_capacity(n.len() + e.len() + 8);
-    write_uint(&mut ints, n);
-    write_uint(&mut ints, e);
-    let mut rsa_key = Vec::with_capacity(ints.len() + 4);
-    write_tlv(&mut rsa_key, 0x30, &ints);
-    spki(RSA_ALG, &rsa_key)
+    spki(RSA_ALG, &rsa_public_key(n, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_width_signatures_round_trip_through_der() {
+        let fixed = [0x80, 0, 0, 0xff, 0, 0, 0, 1];
+        let der = ecdsa_fixed_to_der(&fixed).unwrap();
+        // r gets a sign pad, s loses its leading zeros.
+        assert_eq!(der, vec![0x30, 0x0a, 0x02, 0x05, 0x00, 0x80, 0, 0, 0xff, 0x02, 0x01, 0x01]);
+        assert_eq!(ecdsa_der_to_fixed(&der, 4).unwrap(), fixed.to_vec());
+        assert!(ecdsa_fixed_to_der(&[1, 2, 3]).is_none());
+        assert!(ecdsa_fixed_to_der(&[]).is_none());
+    }
+
+    #[test]
+    fn ec_points_are_unwrapped_from_octet_strings() {
+        let point = [0x04, 1, 2, 3, 4];
+        assert_eq!(unwrap_octet_string(&[0x04, 0x05, 0x04, 1, 2, 3, 4]).unwrap(), &point);
+        assert!(unwrap_octet_string(&[0x04, 0x09, 0x04]).is_none(), "truncated input accepted");
+    }
 
     #[test]
     fn ecdsa_der_signature_converts_to_fixed_width() {

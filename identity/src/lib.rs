@@ -13,7 +13,7 @@
 
 pub mod bundle;
 pub mod csr;
-mod der;
+pub mod der;
 pub mod ids;
 pub mod jwt;
 pub mod keys;

@@ -2,7 +2,8 @@
 //!
 //! This crate has no logic: it is the `.proto` files under `proto/` and the code generated
 //! from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
-//! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket.
+//! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket; the plugin
+//! protocol (`tessera.plugin.v1`) between the server and external plugin processes.
 
 #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -27,6 +28,14 @@ pub mod admin {
     /// Version 1.
     pub mod v1 {
         tonic::include_proto!("tessera.admin.v1");
+    }
+}
+
+/// The external plugin protocol (served by plugin processes on a Unix socket).
+pub mod plugin {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("tessera.plugin.v1");
     }
 }
 

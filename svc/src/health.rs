@@ -20,6 +20,10 @@ pub trait Probe: Send + Sync + 'static {
     async fn ready(&self) -> bool;
     /// The Prometheus text for `/metrics`.
     async fn metrics(&self) -> String;
+    /// Extra lines for the `/ready` body (component states); empty by default.
+    async fn detail(&self) -> String {
+        String::new()
+    }
 }
 
 async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -28,8 +32,8 @@ async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Byt
     } else {
         match req.uri().path() {
             "/live" => (StatusCode::OK, "live\n".to_owned(), false),
-            "/ready" if probe.ready().await => (StatusCode::OK, "ready\n".to_owned(), false),
-            "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned(), false),
+            "/ready" if probe.ready().await => (StatusCode::OK, format!("ready\n{}", probe.detail().await), false),
+            "/ready" => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}", probe.detail().await), false),
             "/metrics" => (StatusCode::OK, probe.metrics().await, true),
             _ => (StatusCode::NOT_FOUND, "not found\n".to_owned(), false),
         }

@@ -77,8 +77,13 @@ impl ServerProc {
 
     /// The same in trust domain `td`, with `extra` appended to the config.
     pub fn start_in(dir: &Path, td: &str, ca: &str, extra: &str) -> Self {
+        Self::start_text(dir, &(server_config_for(td, dir, ca) + extra))
+    }
+
+    /// Starts a server with exactly `text` as its config.
+    pub fn start_text(dir: &Path, text: &str) -> Self {
         let config = dir.join("server.toml");
-        std::fs::write(&config, server_config_for(td, dir, ca) + extra).unwrap();
+        std::fs::write(&config, text).unwrap();
         let mut p = ServerProc { child: None, dir: dir.to_owned(), socket: dir.join("admin.sock"), config };
         p.spawn();
         p

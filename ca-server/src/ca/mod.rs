@@ -326,6 +326,11 @@ impl Ca {
         Ok(X509Authority { entry, chain_tail, issuer })
     }
 
+    /// The out-of-process upstream plugin's state, if there is one.
+    pub fn upstream_health(&self) -> Option<tessera_plugins::upstream::PluginHealth> {
+        self.upstream.as_ref().and_then(|u| u.health())
+    }
+
     /// Our trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.td

@@ -63,4 +63,25 @@ pub trait UpstreamAuthority: Send + Sync + std::fmt::Debug {
 
     /// The current upstream roots (DER).
     async fn roots(&self) -> Result<Vec<Vec<u8>>, UpstreamError>;
+
+    /// For plugins that run as a separate process: whether it is up, for `/ready` and
+    /// `/metrics`. In-process plugins return `None`.
+    fn health(&self) -> Option<PluginHealth> {
+        None
+    }
+}
+
+/// The state of an out-of-process plugin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginHealth {
+    /// The name the plugin reported.
+    pub name: String,
+    /// Answering its health checks.
+    pub up: bool,
+    /// Restarts since the server started.
+    pub restarts: u64,
+    /// The process ID, while running.
+    pub pid: Option<u32>,
+    /// The last failure.
+    pub last_error: Option<String>,
 }

@@ -1,0 +1,70 @@
+//! The plugin catalog: builds exactly one key manager and at most one upstream authority from
+//! the configuration, so the CA core only ever sees the `KeyManager` and `UpstreamAuthority`
+//! traits and never names a concrete plugin.
+
+use std::sync::Arc;
+
+use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
+
+use crate::app::StartError;
+use crate::config::{Config, KeyManagerKind, PinSource, Pkcs11Settings, UpstreamConfig};
+use crate::external::ExternalUpstream;
+
+/// The plugins one server runs.
+#[derive(Debug)]
+pub struct Catalog {
+    /// Holds the CA keys.
+    pub key_manager: Arc<dyn KeyManager>,
+    /// Signs our CA, when configured.
+    pub upstream: Option<Arc<dyn UpstreamAuthority>>,
+    /// The same upstream when it is an external process, for its supervisor task.
+    pub external: Option<Arc<ExternalUpstream>>,
+}
+
+impl Catalog {
+    /// Builds the plugins named by `cfg`; fails when one cannot start.
+    pub async fn build(cfg: &Config) -> Result<Self, StartError> {
+        let key_manager: Arc<dyn KeyManager> = match &cfg.key_manager {
+            KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(cfg.data_dir.join("keys"))?),
+            KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
+            KeyManagerKind::Pkcs11(p) => Arc::new(open_pkcs11(p)?),
+        };
+        let upstream_err = |e| StartError::Ca(crate::ca::CaError::Upstream(e));
+        let (upstream, external): (Option<Arc<dyn UpstreamAuthority>>, _) = match &cfg.upstream_authority {
+            None => (None, None),
+            Some(UpstreamConfig::Disk(files)) => {
+                (Some(Arc::new(DiskUpstream::new(files.clone()).map_err(upstream_err)?)), None)
+            }
+            Some(UpstreamConfig::External(settings)) => {
+                let ext = Arc::new(
+                    ExternalUpstream::start(settings.clone(), cfg.trust_domain.as_str()).await.map_err(upstream_err)?,
+                );
+                (Some(ext.clone() as Arc<dyn UpstreamAuthority>), Some(ext))
+            }
+        };
+        Ok(Self { key_manager, upstream, external })
+    }
+}
+
+/// Reads the PIN from its source and opens the token.
+fn open_pkcs11(p: &Pkcs11Settings) -> Result<tessera_plugin_pkcs11::Pkcs11KeyManager, StartError> {
+    let pin = match &p.pin {
+        PinSource::File(f) => std::fs::read_to_string(f)
+            .map_err(|source| StartError::Io {
+                what: format!("cannot read key_manager.pin_file {}", f.display()),
+                source,
+            })?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        PinSource::Env(v) => std::env::var(v).map_err(|_| {
+            StartError::KeyManagerConfig(format!("environment variable {v} (key_manager.pin_env) is not set"))
+        })?,
+    };
+    tessera_plugin_pkcs11::Pkcs11KeyManager::open(&tessera_plugin_pkcs11::Pkcs11Config {
+        module_path: p.module_path.clone(),
+        token_label: p.token_label.clone(),
+        pin,
+        key_label_prefix: p.key_label_prefix.clone(),
+    })
+    .map_err(|e| StartError::KeyManagerConfig(e.to_string()))
+}

@@ -1,0 +1,315 @@
+//! The host side of external plugins (`tessera.plugin.v1`): an upstream authority served by
+//! another process on a Unix socket. The server checks the executable's SHA-256 before every
+//! start, starts it with `TESSERA_PLUGIN_SOCKET`, waits for the socket, checks `Info`, sends
+//! `Configure`, and then supervises it: a health check (`Info`) every 2 s, and a restart with
+//! backoff (1 s doubling to 30 s) when the process exits or stops answering. Every call has a
+//! deadline. While the plugin is down the CA keeps signing with its current intermediate;
+//! only preparing a new one waits for the plugin.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tessera_plugins::upstream::PluginHealth;
+use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
+use tessera_proto::plugin::v1 as pb;
+use tessera_proto::plugin::v1::upstream_authority_client::UpstreamAuthorityClient;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+const NAME: &str = "external";
+const PROTOCOL_VERSION: u32 = 1;
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How to run the plugin (`[upstream_authority] type = "external"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalSettings {
+    /// The executable.
+    pub command: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Expected SHA-256 of the executable, lower-case hex; checked before every start.
+    pub checksum: Option<String>,
+    /// `[upstream_authority.plugin_config]` as JSON.
+    pub plugin_config_json: String,
+    /// Deadline of each call.
+    pub call_timeout: Duration,
+    /// The socket the plugin serves on.
+    pub socket: PathBuf,
+}
+
+struct Running {
+    child: Child,
+    client: UpstreamAuthorityClient<Channel>,
+    name: String,
+}
+
+/// An upstream authority in another process.
+pub struct ExternalUpstream {
+    settings: ExternalSettings,
+    trust_domain: String,
+    running: tokio::sync::Mutex<Option<Running>>,
+    health: Mutex<PluginHealth>,
+    roots: Arc<Mutex<Vec<Vec<u8>>>>,
+    follower: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl std::fmt::Debug for ExternalUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalUpstream").field("command", &self.settings.command).finish_non_exhaustive()
+    }
+}
+
+fn cfg_err(reason: impl Into<String>) -> UpstreamError {
+    UpstreamError::Config { upstream: NAME, reason: reason.into() }
+}
+
+fn call_err(reason: impl Into<String>) -> UpstreamError {
+    UpstreamError::Signing { upstream: NAME, reason: reason.into() }
+}
+
+impl ExternalUpstream {
+    /// Starts the plugin once (so a broken plugin stops the server's start with a clear
+    /// error); [`ExternalUpstream::supervise`] keeps it running afterwards.
+    pub async fn start(settings: ExternalSettings, trust_domain: &str) -> Result<Self, UpstreamError> {
+        let me = Self {
+            settings,
+            trust_domain: trust_domain.to_owned(),
+            running: tokio::sync::Mutex::new(None),
+            health: Mutex::new(PluginHealth::default()),
+            roots: Arc::new(Mutex::new(Vec::new())),
+            follower: Mutex::new(None),
+        };
+        let r = me.spawn().await?;
+        me.set_health(|h| {
+            h.up = true;
+            h.name.clone_from(&r.name);
+            h.pid = r.child.id();
+        });
+        *me.running.lock().await = Some(r);
+        Ok(me)
+    }
+
+    fn set_health(&self, f: impl FnOnce(&mut PluginHealth)) {
+        if let Ok(mut h) = self.health.lock() {
+            f(&mut h);
+        }
+    }
+
+    fn verify_checksum(&self) -> Result<(), UpstreamError> {
+        let Some(want) = &self.settings.checksum else { return Ok(()) };
+        let bytes = std::fs::read(&self.settings.command)
+            .map_err(|e| cfg_err(format!("cannot read {}: {e}", self.settings.command.display())))?;
+        let got = tessera_identity::x509::hex_lower(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        if &got != want {
+            return Err(cfg_err(format!(
+                "{} has SHA-256 {got}, not the configured checksum {want}; refusing to run it",
+                self.settings.command.display()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn spawn(&self) -> Result<Running, UpstreamError> {
+        self.verify_checksum()?;
+        let sock = &self.settings.socket;
+        if let Some(dir) = sock.parent() {
+            tessera_plugins::fsutil::ensure_private_dir(dir)
+                .map_err(|e| cfg_err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let _ = std::fs::remove_file(sock);
+        let mut child = Command::new(&self.settings.command)
+            .args(&self.settings.args)
+            .env("TESSERA_PLUGIN_SOCKET", sock)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| cfg_err(format!("cannot start {}: {e}", self.settings.command.display())))?;
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let channel = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(cfg_err(format!("plugin exited during start ({status})")));
+            }
+            if sock.exists()
+                && let Ok(ch) = tessera_svc::connect::unix(sock).await
+            {
+                break ch;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.kill().await;
+                return Err(cfg_err(format!(
+                    "plugin did not serve {} within {}s",
+                    sock.display(),
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let mut client = UpstreamAuthorityClient::new(channel);
+        let t = self.settings.call_timeout;
+        let info = tokio::time::timeout(t, client.info(pb::InfoRequest {}))
+            .await
+            .map_err(|_| cfg_err("Info timed out"))?
+            .map_err(|e| cfg_err(format!("Info: {}", e.message())))?
+            .into_inner();
+        if info.protocol_version != PROTOCOL_VERSION {
+            let _ = child.kill().await;
+            return Err(cfg_err(format!(
+                "plugin {:?} speaks protocol version {}, this server speaks {PROTOCOL_VERSION}",
+                info.name, info.protocol_version
+            )));
+        }
+        tokio::time::timeout(
+            t,
+            client.configure(pb::ConfigureRequest {
+                config_json: self.settings.plugin_config_json.clone(),
+                trust_domain: self.trust_domain.clone(),
+            }),
+        )
+        .await
+        .map_err(|_| cfg_err("Configure timed out"))?
+        .map_err(|e| cfg_err(format!("plugin {:?} refused its configuration: {}", info.name, e.message())))?;
+        info!(plugin = %info.name, pid = child.id(), "External plugin started");
+        Ok(Running { child, client, name: info.name })
+    }
+
+    async fn client(&self) -> Result<UpstreamAuthorityClient<Channel>, UpstreamError> {
+        match self.running.lock().await.as_ref() {
+            Some(r) => Ok(r.client.clone()),
+            None => Err(call_err("the plugin is down; the server is restarting it")),
+        }
+    }
+
+    /// Health-checks the plugin and restarts it with backoff until shutdown.
+    pub async fn supervise(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                _ = shutdown.changed() => break,
+            }
+            let problem = {
+                let mut guard = self.running.lock().await;
+                match guard.as_mut() {
+                    None => Some("not running".to_owned()),
+                    Some(r) => match r.child.try_wait() {
+                        Ok(Some(status)) => Some(format!("exited ({status})")),
+                        _ => {
+                            let mut c = r.client.clone();
+                            match tokio::time::timeout(HEALTH_INTERVAL, c.info(pb::InfoRequest {})).await {
+                                Ok(Ok(_)) => None,
+                                Ok(Err(e)) => Some(format!("health check failed: {}", e.message())),
+                                Err(_) => Some("health check timed out".to_owned()),
+                            }
+                        }
+                    },
+                }
+            };
+            let Some(problem) = problem else {
+                backoff = Duration::from_secs(1);
+                continue;
+            };
+            warn!(problem = %problem, "External plugin is down; restarting it");
+            self.set_health(|h| {
+                h.up = false;
+                h.last_error = Some(problem.clone());
+            });
+            if let Some(mut old) = self.running.lock().await.take() {
+                let _ = old.child.kill().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match self.spawn().await {
+                Ok(r) => {
+                    self.set_health(|h| {
+                        h.up = true;
+                        h.restarts += 1;
+                        h.pid = r.child.id();
+                        h.name.clone_from(&r.name);
+                    });
+                    *self.running.lock().await = Some(r);
+                }
+                Err(e) => {
+                    warn!(error = %e, "External plugin restart failed");
+                    self.set_health(|h| h.last_error = Some(e.to_string()));
+                }
+            }
+        }
+        if let Some(mut r) = self.running.lock().await.take() {
+            let _ = r.child.kill().await;
+        }
+    }
+}
+
+#[async_trait]
+impl UpstreamAuthority for ExternalUpstream {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn mint_x509_ca(&self, csr: &[u8], ttl: Duration) -> Result<MintedX509Ca, UpstreamError> {
+        let mut c = self.client().await?;
+        let t = self.settings.call_timeout;
+        let req = pb::MintX509CaRequest {
+            csr: csr.to_vec(),
+            preferred_ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+        };
+        let mut stream = tokio::time::timeout(t, c.mint_x509_ca_and_subscribe(req))
+            .await
+            .map_err(|_| call_err("MintX509CaAndSubscribe timed out"))?
+            .map_err(|e| call_err(e.message().to_owned()))?
+            .into_inner();
+        let first = tokio::time::timeout(t, stream.message())
+            .await
+            .map_err(|_| call_err("no answer to MintX509CaAndSubscribe in time"))?
+            .map_err(|e| call_err(e.message().to_owned()))?
+            .ok_or_else(|| call_err("the plugin closed the stream without an answer"))?;
+        if first.x509_ca_chain.is_empty() || first.upstream_x509_roots.is_empty() {
+            return Err(call_err("the first answer must carry the CA chain and the upstream roots"));
+        }
+        if let Ok(mut r) = self.roots.lock() {
+            r.clone_from(&first.upstream_x509_roots);
+        }
+        // Later messages are root updates; the CA reads them through `roots()` on its
+        // rotation tick. A newer subscription replaces this one.
+        let roots = self.roots.clone();
+        let follower = tokio::spawn(async move {
+            while let Ok(Some(m)) = stream.message().await {
+                if m.upstream_x509_roots.is_empty() {
+                    continue;
+                }
+                info!(roots = m.upstream_x509_roots.len(), "Upstream roots updated by the plugin");
+                if let Ok(mut r) = roots.lock() {
+                    *r = m.upstream_x509_roots;
+                }
+            }
+        });
+        if let Ok(mut f) = self.follower.lock()
+            && let Some(old) = f.replace(follower.abort_handle())
+        {
+            old.abort();
+        }
+        Ok(MintedX509Ca { chain: first.x509_ca_chain, roots: first.upstream_x509_roots })
+    }
+
+    async fn roots(&self) -> Result<Vec<Vec<u8>>, UpstreamError> {
+        let r = self.roots.lock().map_err(|_| call_err("state poisoned"))?.clone();
+        if r.is_empty() {
+            return Err(call_err("no upstream roots known yet"));
+        }
+        Ok(r)
+    }
+
+    fn health(&self) -> Option<PluginHealth> {
+        self.health.lock().ok().map(|h| h.clone())
+    }
+}
