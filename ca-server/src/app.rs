@@ -53,6 +53,9 @@ pub enum StartError {
     /// Federation cannot start (a bootstrap bundle, the bundle endpoint's certificate).
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
+    /// A secret named in the config (PIN, token) cannot be read.
+    #[error("{0}")]
+    Secret(String),
     /// The key manager cannot be opened (HSM module, token, PIN).
     #[error("key manager: {0}")]
     KeyManagerConfig(String),

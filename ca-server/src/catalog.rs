@@ -7,7 +7,9 @@ use std::sync::Arc;
 use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 
 use crate::app::StartError;
-use crate::config::{Config, KeyManagerKind, PinSource, Pkcs11Settings, UpstreamConfig};
+use tessera_plugin_vault::{VaultAuth, VaultConfig, VaultUpstream};
+
+use crate::config::{Config, KeyManagerKind, PinSource, Pkcs11Settings, UpstreamConfig, VaultAuthSettings};
 use crate::external::ExternalUpstream;
 
 /// The plugins one server runs.
@@ -35,6 +37,27 @@ impl Catalog {
             Some(UpstreamConfig::Disk(files)) => {
                 (Some(Arc::new(DiskUpstream::new(files.clone()).map_err(upstream_err)?)), None)
             }
+            Some(UpstreamConfig::Vault(v)) => {
+                let auth = match &v.auth {
+                    VaultAuthSettings::Token(src) => VaultAuth::Token(read_secret(src, "Vault token")?),
+                    VaultAuthSettings::AppRole { mount, role_id, secret_id } => VaultAuth::AppRole {
+                        mount: mount.clone(),
+                        role_id: role_id.clone(),
+                        secret_id: read_secret(secret_id, "AppRole secret ID")?,
+                    },
+                };
+                let up = VaultUpstream::new(VaultConfig {
+                    address: v.address.clone(),
+                    pki_mount: v.pki_mount.clone(),
+                    issuer_ref: v.issuer_ref.clone(),
+                    namespace: v.namespace.clone(),
+                    ca_cert_file: v.ca_cert_file.clone(),
+                    auth,
+                    timeout: std::time::Duration::from_secs(30),
+                })
+                .map_err(upstream_err)?;
+                (Some(Arc::new(up)), None)
+            }
             Some(UpstreamConfig::External(settings)) => {
                 let ext = Arc::new(
                     ExternalUpstream::start(settings.clone(), cfg.trust_domain.as_str()).await.map_err(upstream_err)?,
@@ -46,20 +69,21 @@ impl Catalog {
     }
 }
 
+/// Reads a secret (PIN, token) from a file (trailing newline removed) or the environment.
+fn read_secret(src: &PinSource, what: &str) -> Result<String, StartError> {
+    match src {
+        PinSource::File(f) => Ok(std::fs::read_to_string(f)
+            .map_err(|source| StartError::Io { what: format!("cannot read the {what} file {}", f.display()), source })?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned()),
+        PinSource::Env(v) => std::env::var(v)
+            .map_err(|_| StartError::Secret(format!("environment variable {v} (the {what}) is not set"))),
+    }
+}
+
 /// Reads the PIN from its source and opens the token.
 fn open_pkcs11(p: &Pkcs11Settings) -> Result<tessera_plugin_pkcs11::Pkcs11KeyManager, StartError> {
-    let pin = match &p.pin {
-        PinSource::File(f) => std::fs::read_to_string(f)
-            .map_err(|source| StartError::Io {
-                what: format!("cannot read key_manager.pin_file {}", f.display()),
-                source,
-            })?
-            .trim_end_matches(['\r', '\n'])
-            .to_owned(),
-        PinSource::Env(v) => std::env::var(v).map_err(|_| {
-            StartError::KeyManagerConfig(format!("environment variable {v} (key_manager.pin_env) is not set"))
-        })?,
-    };
+    let pin = read_secret(&p.pin, "HSM PIN")?;
     tessera_plugin_pkcs11::Pkcs11KeyManager::open(&tessera_plugin_pkcs11::Pkcs11Config {
         module_path: p.module_path.clone(),
         token_label: p.token_label.clone(),

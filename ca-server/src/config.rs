@@ -71,6 +71,18 @@ struct RawUpstream {
     checksum: Option<String>,
     call_timeout: Option<String>,
     plugin_config: Option<toml::Table>,
+    address: Option<String>,
+    pki_mount: Option<String>,
+    issuer_ref: Option<String>,
+    namespace: Option<String>,
+    ca_cert_file: Option<PathBuf>,
+    auth_method: Option<String>,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
+    approle_mount: Option<String>,
+    approle_role_id: Option<String>,
+    approle_secret_id_file: Option<PathBuf>,
+    approle_secret_id_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +313,95 @@ pub enum UpstreamConfig {
     Disk(DiskFiles),
     /// A plugin process speaking `tessera.plugin.v1`.
     External(crate::external::ExternalSettings),
+    /// Vault or OpenBao's PKI engine.
+    Vault(VaultSettings),
+}
+
+/// `[upstream_authority] type = "vault"`; secrets are named by source and read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultSettings {
+    /// `http(s)://host:port`.
+    pub address: String,
+    /// The PKI mount.
+    pub pki_mount: String,
+    /// Sign with this issuer instead of the default.
+    pub issuer_ref: Option<String>,
+    /// Vault namespace.
+    pub namespace: Option<String>,
+    /// PEM trust anchors for Vault's certificate.
+    pub ca_cert_file: Option<PathBuf>,
+    /// How to log in.
+    pub auth: VaultAuthSettings,
+}
+
+/// Vault login, with secrets by source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuthSettings {
+    /// A token from a file or the environment.
+    Token(PinSource),
+    /// AppRole: role ID inline (not a secret), secret ID from a file or the environment.
+    AppRole {
+        /// Auth mount.
+        mount: String,
+        /// Role ID.
+        role_id: String,
+        /// Secret ID source.
+        secret_id: PinSource,
+    },
+}
+
+fn secret_source(
+    file: Option<PathBuf>,
+    env: Option<String>,
+    key: &'static str,
+    what: &str,
+) -> Result<PinSource, ConfigError> {
+    match (file, env) {
+        (Some(f), None) => Ok(PinSource::File(f)),
+        (None, Some(e)) => Ok(PinSource::Env(e)),
+        _ => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{what} needs exactly one of a file and an environment variable"),
+        }),
+    }
+}
+
+fn vault(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+    let address = u.address.ok_or(ConfigError::Missing("upstream_authority.address"))?;
+    tessera_svc::http::Url::parse(&address)
+        .map_err(|reason| ConfigError::Invalid { key: "upstream_authority.address", reason })?;
+    let auth = match u.auth_method.as_deref().unwrap_or("token") {
+        "token" => VaultAuthSettings::Token(secret_source(
+            u.token_file,
+            u.token_env,
+            "upstream_authority.token_file",
+            "auth_method \"token\" (token_file or token_env)",
+        )?),
+        "approle" => VaultAuthSettings::AppRole {
+            mount: u.approle_mount.unwrap_or_else(|| "approle".into()),
+            role_id: u.approle_role_id.ok_or(ConfigError::Missing("upstream_authority.approle_role_id"))?,
+            secret_id: secret_source(
+                u.approle_secret_id_file,
+                u.approle_secret_id_env,
+                "upstream_authority.approle_secret_id_file",
+                "auth_method \"approle\" (approle_secret_id_file or approle_secret_id_env)",
+            )?,
+        },
+        other => {
+            return Err(ConfigError::Invalid {
+                key: "upstream_authority.auth_method",
+                reason: format!("{other:?}: expected \"token\" or \"approle\""),
+            });
+        }
+    };
+    Ok(UpstreamConfig::Vault(VaultSettings {
+        address,
+        pki_mount: u.pki_mount.unwrap_or_else(|| "pki".into()),
+        issuer_ref: u.issuer_ref,
+        namespace: u.namespace,
+        ca_cert_file: u.ca_cert_file,
+        auth,
+    }))
 }
 
 /// How our bundle endpoint authenticates itself.
@@ -418,6 +519,27 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
         || u.checksum.is_some()
         || u.call_timeout.is_some()
         || u.plugin_config.is_some();
+    let vault_keys = u.address.is_some()
+        || u.pki_mount.is_some()
+        || u.issuer_ref.is_some()
+        || u.namespace.is_some()
+        || u.ca_cert_file.is_some()
+        || u.auth_method.is_some()
+        || u.token_file.is_some()
+        || u.token_env.is_some()
+        || u.approle_mount.is_some()
+        || u.approle_role_id.is_some()
+        || u.approle_secret_id_file.is_some()
+        || u.approle_secret_id_env.is_some();
+    if vault_keys && u.kind != "vault" {
+        return Err(ConfigError::Invalid {
+            key: "upstream_authority.address",
+            reason: format!(
+                "address, pki_mount, auth_method and the other Vault keys belong to type \"vault\", not {:?}",
+                u.kind
+            ),
+        });
+    }
     let disk_keys = u.cert_file.is_some()
         || u.key_file.is_some()
         || u.chain_file.is_some()
@@ -476,7 +598,14 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
             };
             Ok(UpstreamConfig::Disk(files))
         }
-        "vault" | "tessera" => Err(ConfigError::Invalid {
+        "vault" if external_keys || disk_keys => Err(ConfigError::Invalid {
+            key: "upstream_authority.type",
+            reason:
+                "type \"vault\" takes address, pki_mount, issuer_ref, namespace, ca_cert_file and the auth keys only"
+                    .into(),
+        }),
+        "vault" => vault(u),
+        "tessera" => Err(ConfigError::Invalid {
             key: "upstream_authority.type",
             reason: format!("{:?} is not built yet in this release; \"disk\" is", u.kind),
         }),

@@ -2,8 +2,8 @@
 //!
 //! What it is: the binaries' CLI entry (runtime, crypto provider, one-line errors), the
 //! health/metrics HTTP listener behind a small [`health::Probe`] trait, draining a task set on
-//! shutdown, and the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
-//! config).
+//! shutdown, the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
+//! config), and a one-shot HTTP/1.1 client for control-plane calls ([`http`]).
 //!
 //! What it is not: nothing about identities, CAs or SVIDs; no policy. Each binary decides what
 //! "ready" means and which TLS peer it trusts.
@@ -12,6 +12,7 @@
 
 pub mod connect;
 pub mod health;
+pub mod http;
 
 use std::future::Future;
 use std::process::ExitCode;

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::{Proc, http_get, venv_tool};
@@ -184,4 +185,28 @@ pub fn counter_sum(envoy: &Envoy, suffix: &str) -> u64 {
         .filter(|(k, _)| k.ends_with(suffix))
         .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
         .sum()
+}
+
+/// Certificates in Envoy's SPIFFE validator for trust domain `td` (admin `/config_dump`).
+pub fn validator_certs(envoy: &Envoy, td: &str) -> usize {
+    fn walk(v: &Value, td: &str, best: &mut usize) {
+        match v {
+            Value::Object(m) => {
+                if m.get("name").and_then(Value::as_str) == Some(td)
+                    && let Some(b) = m.get("trust_bundle").and_then(|t| t.get("inline_bytes")).and_then(Value::as_str)
+                {
+                    let pem = base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default();
+                    *best = (*best).max(String::from_utf8_lossy(&pem).matches("BEGIN CERTIFICATE").count());
+                }
+                m.values().for_each(|x| walk(x, td, best));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(x, td, best)),
+            _ => {}
+        }
+    }
+    let (_, body) = http_get(&envoy.admin, "/config_dump?resource=dynamic_active_secrets").unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let mut n = 0;
+    walk(&v, td, &mut n);
+    n
 }

@@ -251,10 +251,31 @@ impl Drop for Proc {
 
 /// One HTTP/1.1 GET over a fresh connection: (status, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_call(addr, "GET", path, &[], "")
+}
+
+/// One HTTP/1.1 request over a fresh connection, with extra headers and a JSON body (none
+/// when empty): (status, body).
+pub fn http_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes())?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -300,13 +321,18 @@ impl Mesh {
 
     /// The same in trust domain `td`, with `server_extra` appended to the server config.
     pub fn start_in(td: &str, ca: &str, sync_interval: &str, server_extra: &str) -> Self {
+        Self::start_custom(td, ca, sync_interval, |t| t + server_extra)
+    }
+
+    /// The same, with the server config text passed through `edit`.
+    pub fn start_custom(td: &str, ca: &str, sync_interval: &str, edit: impl FnOnce(String) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let d = dir.path().to_owned();
         std::fs::create_dir_all(d.join("server")).unwrap();
         let server_cfg = server_config_for(td, &d.join("server"), ca)
-            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""))
-            + server_extra;
+            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""));
+        let server_cfg = edit(server_cfg);
         let config = d.join("server.toml");
         std::fs::write(&config, server_cfg).unwrap();
         let mut server = ServerProc { child: None, dir: d.join("server"), socket: d.join("server/admin.sock"), config };

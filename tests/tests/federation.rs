@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 use tessera_e2e::envoy::{
-    Envoy, agent_cluster, back_config, counter_sum, envoy_binary, hcm, listener, mtls_cluster, served_serials,
-    start_envoy_binary,
+    agent_cluster, back_config, counter_sum, envoy_binary, hcm, listener, mtls_cluster, served_serials,
+    start_envoy_binary, validator_certs,
 };
 use tessera_e2e::{Mesh, ServerProc, free_port, http_get, venv_tool};
 use tessera_identity::tls::Authorize;
@@ -113,30 +113,6 @@ fn bundle_document_parses_with_py_spiffe_and_the_spiffe_crate_and_imports_go_spi
         (original["jwt_key_ids"].clone(), original["x509_authorities"].clone()),
         (py["jwt_key_ids"].clone(), py["x509_authorities"].clone())
     );
-}
-
-/// Certificates in Envoy's SPIFFE validator for trust domain `td` (admin `/config_dump`).
-fn validator_certs(envoy: &Envoy, td: &str) -> usize {
-    fn walk(v: &Value, td: &str, best: &mut usize) {
-        match v {
-            Value::Object(m) => {
-                if m.get("name").and_then(Value::as_str) == Some(td)
-                    && let Some(b) = m.get("trust_bundle").and_then(|t| t.get("inline_bytes")).and_then(Value::as_str)
-                {
-                    let pem = base64::engine::general_purpose::STANDARD.decode(b).unwrap_or_default();
-                    *best = (*best).max(String::from_utf8_lossy(&pem).matches("BEGIN CERTIFICATE").count());
-                }
-                m.values().for_each(|x| walk(x, td, best));
-            }
-            Value::Array(a) => a.iter().for_each(|x| walk(x, td, best)),
-            _ => {}
-        }
-    }
-    let (_, body) = http_get(&envoy.admin, "/config_dump?resource=dynamic_active_secrets").unwrap();
-    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-    let mut n = 0;
-    walk(&v, td, &mut n);
-    n
 }
 
 fn wait(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {

