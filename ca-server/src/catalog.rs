@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 
 use crate::app::StartError;
+use tessera_plugin_nested::{NestedConfig, NestedUpstream};
 use tessera_plugin_vault::{VaultAuth, VaultConfig, VaultUpstream};
 
 use crate::config::{Config, KeyManagerKind, PinSource, Pkcs11Settings, UpstreamConfig, VaultAuthSettings};
@@ -55,6 +56,19 @@ impl Catalog {
                     auth,
                     timeout: std::time::Duration::from_secs(30),
                 })
+                .map_err(upstream_err)?;
+                (Some(Arc::new(up)), None)
+            }
+            Some(UpstreamConfig::Tessera(t)) => {
+                let up = NestedUpstream::new(NestedConfig {
+                    trust_domain: cfg.trust_domain.clone(),
+                    server_address: t.server_address.clone(),
+                    trust_bundle_path: t.trust_bundle_path.clone(),
+                    join_token: t.join_token.clone(),
+                    state_dir: t.state_dir.clone(),
+                    timeout: std::time::Duration::from_secs(30),
+                })
+                .await
                 .map_err(upstream_err)?;
                 (Some(Arc::new(up)), None)
             }

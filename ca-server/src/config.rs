@@ -83,6 +83,9 @@ struct RawUpstream {
     approle_role_id: Option<String>,
     approle_secret_id_file: Option<PathBuf>,
     approle_secret_id_env: Option<String>,
+    server_address: Option<String>,
+    trust_bundle_path: Option<PathBuf>,
+    join_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +318,21 @@ pub enum UpstreamConfig {
     External(crate::external::ExternalSettings),
     /// Vault or OpenBao's PKI engine.
     Vault(VaultSettings),
+    /// A parent Tessera server of the same trust domain.
+    Tessera(TesseraUpstreamSettings),
+}
+
+/// `[upstream_authority] type = "tessera"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TesseraUpstreamSettings {
+    /// The parent's Agent API, `host:port`.
+    pub server_address: String,
+    /// The parent's bundle (PEM) for the first contact.
+    pub trust_bundle_path: PathBuf,
+    /// A join token from the parent, for the first contact.
+    pub join_token: Option<String>,
+    /// `<data_dir>/upstream`: our agent SVID and key toward the parent.
+    pub state_dir: PathBuf,
 }
 
 /// `[upstream_authority] type = "vault"`; secrets are named by source and read at start.
@@ -531,6 +549,16 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
         || u.approle_role_id.is_some()
         || u.approle_secret_id_file.is_some()
         || u.approle_secret_id_env.is_some();
+    let tessera_keys = u.server_address.is_some() || u.trust_bundle_path.is_some() || u.join_token.is_some();
+    if tessera_keys && u.kind != "tessera" {
+        return Err(ConfigError::Invalid {
+            key: "upstream_authority.server_address",
+            reason: format!(
+                "server_address, trust_bundle_path and join_token belong to type \"tessera\", not {:?}",
+                u.kind
+            ),
+        });
+    }
     if vault_keys && u.kind != "vault" {
         return Err(ConfigError::Invalid {
             key: "upstream_authority.address",
@@ -605,10 +633,18 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
                     .into(),
         }),
         "vault" => vault(u),
-        "tessera" => Err(ConfigError::Invalid {
+        "tessera" if external_keys || disk_keys => Err(ConfigError::Invalid {
             key: "upstream_authority.type",
-            reason: format!("{:?} is not built yet in this release; \"disk\" is", u.kind),
+            reason: "type \"tessera\" takes server_address, trust_bundle_path and join_token only".into(),
         }),
+        "tessera" => Ok(UpstreamConfig::Tessera(TesseraUpstreamSettings {
+            server_address: u.server_address.ok_or(ConfigError::Missing("upstream_authority.server_address"))?,
+            trust_bundle_path: u
+                .trust_bundle_path
+                .ok_or(ConfigError::Missing("upstream_authority.trust_bundle_path"))?,
+            join_token: u.join_token,
+            state_dir: data_dir.join("upstream"),
+        })),
         other => Err(ConfigError::Invalid {
             key: "upstream_authority.type",
             reason: format!("{other:?}: expected \"disk\", \"vault\", \"tessera\" or \"external\""),

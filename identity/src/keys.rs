@@ -97,6 +97,14 @@ impl PrivateKey {
         Self { der: Zeroizing::new(der) }
     }
 
+    /// Reads a `PRIVATE KEY` (PKCS#8) PEM block. The error never shows key bytes.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
+        use rustls_pki_types::pem::PemObject;
+        let der =
+            rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|e| KeyError::Rejected(e.to_string()))?;
+        Ok(Self::from_pkcs8_der(der.secret_pkcs8_der().to_vec()))
+    }
+
     /// Generates an ECDSA P-256 key: the workload and agent key type.
     pub fn generate_ec_p256() -> Result<Self, KeyError> {
         let rng = SystemRandom::new();

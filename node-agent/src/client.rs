@@ -103,11 +103,7 @@ pub fn load_state(dir: &Path, td: &TrustDomain) -> Result<Option<(AgentIdentity,
     let chain = tessera_identity::pem::decode_certs(&chain_pem).map_err(|e| state_err(&svid_path, e))?;
     let key_path = dir.join(KEY_FILE);
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key_path).map_err(|e| state_err(&key_path, e))?);
-    let key = {
-        use rustls_pki_types::pem::PemObject;
-        rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(&key_pem).map_err(|e| state_err(&key_path, e))?
-    };
-    let key = PrivateKey::from_pkcs8_der(key.secret_pkcs8_der().to_vec());
+    let key = PrivateKey::from_pem(&key_pem).map_err(|e| state_err(&key_path, e))?;
     let mut identity = AgentIdentity::new(chain.into_iter().map(|c| c.to_vec()).collect(), key)
         .map_err(|e| state_err(&svid_path, e))?;
     // Loaded from disk: we do not know when it arrived; assume its notBefore (renew early).

@@ -2,6 +2,8 @@
 //! JWT-SVID minting and bundles. Every call but `AttestAgent` requires the caller's agent SVID
 //! as TLS client certificate; the server signs only for entries the calling agent is
 //! authorized for (entries parented to it, or to one of its node aliases, transitively).
+//! `MintDownstreamX509Ca` serves a downstream Tessera server (nested upstream) that runs with
+//! an agent identity and a `downstream` entry.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use tessera_identity::{SpiffeId, agent_id, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_server::Agent;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
@@ -322,5 +325,73 @@ impl Agent for AgentService {
             bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())),
             federated_bundles: federated,
         }))
+    }
+
+    type MintDownstreamX509CaStream = ReceiverStream<Result<pb::MintDownstreamX509CaResponse, Status>>;
+
+    #[instrument(skip_all, name = "MintDownstreamX509Ca")]
+    async fn mint_downstream_x509_ca(
+        &self,
+        req: Request<pb::MintDownstreamX509CaRequest>,
+    ) -> Result<Response<Self::MintDownstreamX509CaStream>, Status> {
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let authorized = self.authorized(&caller.id).await?;
+        let Some(entry) = authorized.values().find(|e| e.downstream) else {
+            let e = ApiError::PermissionDenied(format!(
+                "agent {} has no downstream entry; create one with `entry create --downstream`",
+                caller.id
+            ));
+            self.issuance.deny(&caller.id, &caller.id.to_string(), &e).await;
+            return Err(e.into());
+        };
+        let ttl = Duration::from_secs(u64::try_from(r.preferred_ttl_seconds).unwrap_or(0).max(60));
+        let ca = self.issuance.ca.clone();
+        let signed = tokio::task::spawn_blocking(move || ca.sign_downstream_ca(&r.csr, ttl))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::from);
+        let issued = match signed {
+            Ok(i) => i,
+            Err(e) => {
+                self.issuance.deny(&entry.spiffe_id, &caller.id.to_string(), &e).await;
+                return Err(e.into());
+            }
+        };
+        self.issuance
+            .audit(
+                AuditKind::CaIssued,
+                &entry.spiffe_id,
+                &issued.serial,
+                issued.not_after,
+                &caller.id.to_string(),
+                "downstream CA",
+            )
+            .await?;
+        info!(downstream = %entry.spiffe_id, agent = %caller.id, serial = %issued.serial, "Signed a downstream CA");
+        let roots = |b: &tessera_identity::Bundle| b.x509_authorities.iter().map(|c| c.to_vec()).collect::<Vec<_>>();
+        let mut bundle_rx = self.issuance.ca.subscribe_bundle();
+        let mut last = roots(&bundle_rx.borrow_and_update());
+        let first = pb::MintDownstreamX509CaResponse { x509_ca_chain: issued.chain, upstream_x509_roots: last.clone() };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(Ok(first)).await.map_err(|_| Status::cancelled("the downstream server went away"))?;
+        // Root updates: our X.509 authorities whenever the bundle changes.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = bundle_rx.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+                let now = roots(&bundle_rx.borrow_and_update());
+                if now != last {
+                    last.clone_from(&now);
+                    let m = pb::MintDownstreamX509CaResponse { x509_ca_chain: vec![], upstream_x509_roots: now };
+                    if tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -384,6 +384,38 @@ impl Ca {
         self.sign_leaf(id, dns_names, csr.public_key(), csr.is_rsa(), ttl)
     }
 
+    /// Signs a downstream server's CA (nested upstream): the CSR's only URI SAN must be our
+    /// trust domain ID; the certificate gets our CA profile, lives at most `ttl` and never
+    /// past our active CA. The chain is the new CA, then our chain without the root.
+    pub fn sign_downstream_ca(&self, csr_der: &[u8], ttl: Duration) -> Result<IssuedX509, CaError> {
+        let bad = |m: String| CaError::Profile(tessera_identity::x509::ProfileError::Malformed(m));
+        let req = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| bad(format!("downstream CSR: {e}")))?;
+        match req.params.subject_alt_names.as_slice() {
+            [rcgen::SanType::URI(u)] if u.as_str() == self.td.id_string() => {}
+            _ => {
+                return Err(bad(format!(
+                    "a downstream CA CSR must carry exactly one URI SAN, {}",
+                    self.td.id_string()
+                )));
+            }
+        }
+        let auth = self.active_x509()?;
+        let now = unix_now();
+        let not_after = now.saturating_add(secs(ttl)).min(auth.entry.not_after);
+        if not_after <= now + 60 {
+            return Err(CaError::NoActiveAuthority("unexpired X.509"));
+        }
+        let serial = random_serial()?;
+        let cert = ca_params(&self.td, now - BACKDATE_SECS, not_after, serial)?
+            .signed_by(&req.public_key, &auth.issuer)
+            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let mut chain = Vec::with_capacity(1 + auth.chain_tail.len());
+        chain.push(cert.der().to_vec());
+        chain.extend(auth.chain_tail.iter().cloned());
+        Ok(IssuedX509 { chain, serial: tessera_identity::x509::hex_lower(&serial), not_after })
+    }
+
     /// Issues an SVID for a key this process holds (the server's own TLS identity).
     pub fn issue_own_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<(IssuedX509, PrivateKey), CaError> {
         let key = PrivateKey::generate_ec_p256().map_err(|e| CaError::Signing(e.to_string()))?;
