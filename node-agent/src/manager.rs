@@ -430,6 +430,29 @@ impl Manager {
             changed = true;
         }
         inner.revision = resp.revision;
+        // SVIDs signed by a tainted authority are due now, and so is our own.
+        let mut force: std::collections::HashSet<String> = std::collections::HashSet::new();
+        if !resp.tainted_authority_ids.is_empty() {
+            let tainted = |chain: &[Vec<u8>]| {
+                chain
+                    .first()
+                    .and_then(|c| tessera_identity::x509::cert_facts(c).ok())
+                    .and_then(|f| f.authority_key_id)
+                    .is_some_and(|aki| resp.tainted_authority_ids.contains(&aki))
+            };
+            for (id, svid) in &inner.svids {
+                if tainted(&svid.chain) {
+                    warn!(spiffe_id = %svid.entry.spiffe_id, serial = %svid.serial, "SVID signed by a tainted authority; replacing it now");
+                    force.insert(id.clone());
+                }
+            }
+            if tainted(&inner.identity.chain) {
+                warn!("Agent SVID signed by a tainted authority; renewing it now");
+                self.renew_agent(&mut inner).await?;
+                inner.client = None;
+                client = self.client(&mut inner).await?;
+            }
+        }
         // SVIDs whose entry vanished or whose identity changed are dropped at once.
         let before = inner.svids.len();
         inner.svids.retain(|id, svid| entries.get(id).is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id));
@@ -468,7 +491,7 @@ impl Manager {
             .filter(|e| !e.selectors.is_empty())
             .filter(|e| match inner.svids.get(&e.id) {
                 None => true,
-                Some(s) => s.rotate_at <= now || s.entry.revision != e.revision,
+                Some(s) => s.rotate_at <= now || s.entry.revision != e.revision || force.contains(&e.id),
             })
             .cloned()
             .collect();

@@ -569,3 +569,47 @@ async fn federated_bundles_reach_workloads_and_envoy_for_entries_that_federate()
     assert_eq!(tds, vec!["example.org", "peer.org"]);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn tainting_an_authority_replaces_everything_it_signed_at_once() {
+    // 1 h SVIDs: without the taint, nothing would rotate during this test.
+    let env = Env::start("1h").await;
+    let mut admin = env.admin.clone();
+    let mut c = env.workload().await;
+    let aki = |der: &[u8]| tessera_identity::x509::cert_facts(der).unwrap().authority_key_id.unwrap();
+    let first = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    let old_svid = first.svids[0].x509_svid.clone();
+    let old_authority = aki(&old_svid);
+    let agents = admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agent_serial = agents[0].serial.clone();
+
+    admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
+    admin.activate_x509_authority(admin::ActivateX509AuthorityRequest { authority_id: String::new() }).await.unwrap();
+    // Activation alone does not replace valid SVIDs.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    assert_eq!(r.svids[0].x509_svid, old_svid);
+
+    admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: old_authority.clone() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replaced = loop {
+        let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        if r.svids[0].x509_svid != old_svid {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the workload SVID was not replaced after the taint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(aki(&replaced.svids[0].x509_svid), old_authority, "the replacement is signed by the tainted CA");
+    // The agent's own SVID was renewed too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let agents = admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+        if agents[0].serial != agent_serial {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent SVID was not renewed after the taint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.stop().await;
+}

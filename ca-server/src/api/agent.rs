@@ -212,6 +212,7 @@ impl Agent for AgentService {
             upserted: vec![],
             removed_ids: changes.deleted,
             authorized_digest: authorized_digest(&authorized),
+            tainted_authority_ids: self.issuance.ca.tainted_authority_ids(),
         };
         if since == 0 {
             resp.upserted = authorized.values().map(entry_to_pb).collect();

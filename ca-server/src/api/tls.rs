@@ -47,10 +47,12 @@ impl ServerIdentity {
     fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, CaError> {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
         let now = unix_now();
+        let tainted = ca.tainted_authority_ids();
         if let Ok(cur) = self.current.read()
-            && let Some((_, issued, not_after)) = cur.as_ref()
+            && let Some((ck, issued, not_after)) = cur.as_ref()
             && now < issued + (not_after - issued) / 2
             && *not_after <= ca_not_after
+            && !issued_by_any(ck, &tainted)
         {
             return Ok(false);
         }
@@ -65,6 +67,17 @@ impl ServerIdentity {
         info!(serial = %svid.serial, not_after = svid.not_after, "Server SVID issued");
         Ok(true)
     }
+}
+
+/// True when the leaf of `ck` was signed by one of the authorities in `ids` (by AKI).
+fn issued_by_any(ck: &CertifiedKey, ids: &[String]) -> bool {
+    !ids.is_empty()
+        && ck
+            .cert
+            .first()
+            .and_then(|c| tessera_identity::x509::cert_facts(c).ok())
+            .and_then(|f| f.authority_key_id)
+            .is_some_and(|aki| ids.contains(&aki))
 }
 
 /// The Agent API's TLS configuration, rebuilt when the bundle changes.

@@ -507,7 +507,16 @@ impl Ca {
         self.activate_x509_locked(expected).await
     }
 
-    /// Marks an old X.509 authority as tainted.
+    /// Subject key IDs of the tainted X.509 authorities (agents replace what they signed).
+    pub fn tainted_authority_ids(&self) -> Vec<String> {
+        self.state
+            .read()
+            .map(|s| s.journal.x509.iter().filter(|e| e.tainted).map(|e| e.authority_id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks an old X.509 authority as tainted: agents replace every SVID it signed at their
+    /// next sync, and the server replaces its own TLS certificate.
     pub async fn taint_x509(&self, authority_id: &str) -> Result<(), CaError> {
         let _g = self.ops.lock().await;
         let journal = {
