@@ -989,4 +989,56 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
         assert!(c.federation.bundle_endpoint.is_some());
         assert!(matches!(c.upstream_authority, Some(UpstreamConfig::Disk(_))));
     }
+
+    #[test]
+    fn every_plugin_type_parses_and_misplaced_keys_are_refused() {
+        let with = |section: &str| CONTRACT.replace("[key_manager]\ntype = \"disk\"\n", section);
+        let c = Config::from_toml(&with(
+            "[key_manager]\ntype = \"pkcs11\"\nmodule_path = \"/m.so\"\ntoken_label = \"t\"\npin_env = \"PIN\"\n",
+        ))
+        .unwrap();
+        assert!(
+            matches!(&c.key_manager, KeyManagerKind::Pkcs11(p) if p.pin == PinSource::Env("PIN".into()) && p.key_label_prefix == "tessera-")
+        );
+        for (section, key) in [
+            ("[key_manager]\ntype = \"pkcs11\"\nmodule_path = \"/m.so\"\ntoken_label = \"t\"\n", "pin_file"),
+            ("[key_manager]\ntype = \"disk\"\ntoken_label = \"t\"\n", "key_manager.module_path"),
+            ("[key_manager]\ntype = \"hsm\"\n", "key_manager.type"),
+        ] {
+            let err = Config::from_toml(&with(section)).unwrap_err().to_string();
+            assert!(err.contains(key), "{section}: {err}");
+        }
+        let up = |body: &str| Config::from_toml(&format!("{CONTRACT}[upstream_authority]\n{body}\n"));
+        assert!(matches!(
+            up("type = \"vault\"\naddress = \"http://127.0.0.1:8200\"\ntoken_env = \"T\"").unwrap().upstream_authority,
+            Some(UpstreamConfig::Vault(v)) if v.pki_mount == "pki" && v.auth == VaultAuthSettings::Token(PinSource::Env("T".into()))
+        ));
+        assert!(matches!(
+            up("type = \"tessera\"\nserver_address = \"p:8081\"\ntrust_bundle_path = \"/b.pem\"").unwrap().upstream_authority,
+            Some(UpstreamConfig::Tessera(t)) if t.state_dir.ends_with("upstream")
+        ));
+        assert!(matches!(
+            up("type = \"external\"\ncommand = \"/bin/p\"\nchecksum = \"sha256:ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789\"\n[upstream_authority.plugin_config]\nurl = \"x\"").unwrap().upstream_authority,
+            Some(UpstreamConfig::External(e)) if e.plugin_config_json == r#"{"url":"x"}"# && e.checksum.as_deref().is_some_and(|c| c.len() == 64 && !c.contains(':'))
+        ));
+        for (body, key) in [
+            (
+                "type = \"vault\"\naddress = \"http://v\"\ntoken_env = \"T\"\ncert_file = \"/c\"",
+                "upstream_authority.type",
+            ),
+            (
+                "type = \"disk\"\ncert_file = \"/c\"\nkey_file = \"/k\"\naddress = \"http://v\"",
+                "upstream_authority.address",
+            ),
+            ("type = \"vault\"\naddress = \"ftp://v\"\ntoken_env = \"T\"", "upstream_authority.address"),
+            ("type = \"vault\"\naddress = \"http://v\"\nauth_method = \"approle\"", "approle_role_id"),
+            ("type = \"external\"\ncommand = \"/p\"\nchecksum = \"abc\"", "upstream_authority.checksum"),
+            ("type = \"external\"", "upstream_authority.command"),
+            ("type = \"tessera\"\nserver_address = \"p:1\"", "upstream_authority.trust_bundle_path"),
+            ("type = \"acme\"", "upstream_authority.type"),
+        ] {
+            let err = up(body).unwrap_err().to_string();
+            assert!(err.contains(key), "{body}: {err}");
+        }
+    }
 }
