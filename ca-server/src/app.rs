@@ -170,7 +170,7 @@ impl Server {
             .await
             .map_err(io(format!("cannot bind Agent API on {}", cfg.agent_api_address)))?;
         let agent_api_addr = listener.local_addr().map_err(io("agent api address"))?;
-        let agent = AgentServer::new(AgentService::new(issuance.clone(), cfg.clone()))
+        let agent = AgentServer::new(AgentService::new(issuance.clone(), cfg.clone(), catalog.node_attestors.clone()))
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();

@@ -1,16 +1,20 @@
-//! The plugin catalog: builds exactly one key manager and at most one upstream authority from
-//! the configuration, so the CA core only ever sees the `KeyManager` and `UpstreamAuthority`
-//! traits and never names a concrete plugin.
+//! The plugin catalog: builds exactly one key manager, at most one upstream authority and the
+//! named node attestors from the configuration, so the CA core and the APIs only ever see the
+//! `KeyManager`, `UpstreamAuthority` and `NodeAttestor` traits and never name a concrete
+//! plugin.
 
 use std::sync::Arc;
 
 use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 
 use crate::app::StartError;
+use crate::attest::{JoinTokenAttestor, NodeAttestor};
 use tessera_plugin_nested::{NestedConfig, NestedUpstream};
 use tessera_plugin_vault::{VaultAuth, VaultConfig, VaultUpstream};
 
-use crate::config::{Config, KeyManagerKind, PinSource, Pkcs11Settings, UpstreamConfig, VaultAuthSettings};
+use crate::config::{
+    Config, KeyManagerKind, NodeAttestorKind, PinSource, Pkcs11Settings, UpstreamConfig, VaultAuthSettings,
+};
 use crate::external::ExternalUpstream;
 
 /// The plugins one server runs.
@@ -22,6 +26,8 @@ pub struct Catalog {
     pub upstream: Option<Arc<dyn UpstreamAuthority>>,
     /// The same upstream when it is an external process, for its supervisor task.
     pub external: Option<Arc<ExternalUpstream>>,
+    /// The node attestors `AttestAgent` accepts.
+    pub node_attestors: Vec<Arc<dyn NodeAttestor>>,
 }
 
 impl Catalog {
@@ -41,6 +47,11 @@ impl Catalog {
             Some(UpstreamConfig::Vault(v)) => {
                 let auth = match &v.auth {
                     VaultAuthSettings::Token(src) => VaultAuth::Token(read_secret(src, "Vault token")?),
+                    VaultAuthSettings::Kubernetes { mount, role, token_path } => VaultAuth::Kubernetes {
+                        mount: mount.clone(),
+                        role: role.clone(),
+                        token_path: token_path.clone(),
+                    },
                     VaultAuthSettings::AppRole { mount, role_id, secret_id } => VaultAuth::AppRole {
                         mount: mount.clone(),
                         role_id: role_id.clone(),
@@ -79,7 +90,14 @@ impl Catalog {
                 (Some(ext.clone() as Arc<dyn UpstreamAuthority>), Some(ext))
             }
         };
-        Ok(Self { key_manager, upstream, external })
+        let node_attestors = cfg
+            .node_attestors
+            .iter()
+            .map(|a| match a {
+                NodeAttestorKind::JoinToken => Arc::new(JoinTokenAttestor) as Arc<dyn NodeAttestor>,
+            })
+            .collect();
+        Ok(Self { key_manager, upstream, external, node_attestors })
     }
 }
 

@@ -54,6 +54,7 @@ struct RawConfig {
     #[serde(default)]
     federation: RawFederation,
     upstream_authority: Option<RawUpstream>,
+    node_attestor: Option<Vec<RawPlugin>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +87,9 @@ struct RawUpstream {
     server_address: Option<String>,
     trust_bundle_path: Option<PathBuf>,
     join_token: Option<String>,
+    k8s_mount: Option<String>,
+    k8s_role: Option<String>,
+    k8s_token_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -302,6 +306,13 @@ pub enum KeyManagerKind {
     Pkcs11(Pkcs11Settings),
 }
 
+/// A node attestor the server accepts (`[[node_attestor]] type = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAttestorKind {
+    /// One-use join tokens.
+    JoinToken,
+}
+
 /// Which store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
@@ -357,6 +368,15 @@ pub struct VaultSettings {
 pub enum VaultAuthSettings {
     /// A token from a file or the environment.
     Token(PinSource),
+    /// Kubernetes: a service account token file, read at every login.
+    Kubernetes {
+        /// Auth mount.
+        mount: String,
+        /// Vault role.
+        role: String,
+        /// Token file.
+        token_path: PathBuf,
+    },
     /// AppRole: role ID inline (not a secret), secret ID from a file or the environment.
     AppRole {
         /// Auth mount.
@@ -405,10 +425,17 @@ fn vault(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
                 "auth_method \"approle\" (approle_secret_id_file or approle_secret_id_env)",
             )?,
         },
+        "kubernetes" => VaultAuthSettings::Kubernetes {
+            mount: u.k8s_mount.unwrap_or_else(|| "kubernetes".into()),
+            role: u.k8s_role.ok_or(ConfigError::Missing("upstream_authority.k8s_role"))?,
+            token_path: u
+                .k8s_token_path
+                .unwrap_or_else(|| "/var/run/secrets/kubernetes.io/serviceaccount/token".into()),
+        },
         other => {
             return Err(ConfigError::Invalid {
                 key: "upstream_authority.auth_method",
-                reason: format!("{other:?}: expected \"token\" or \"approle\""),
+                reason: format!("{other:?}: expected \"token\", \"approle\" or \"kubernetes\""),
             });
         }
     };
@@ -517,6 +544,8 @@ pub struct Config {
     pub federation: FederationConfig,
     /// The upstream authority; `None`: our CA is a self-signed root.
     pub upstream_authority: Option<UpstreamConfig>,
+    /// Node attestors, each at most once; `join_token` when the config names none.
+    pub node_attestors: Vec<NodeAttestorKind>,
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -548,7 +577,10 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
         || u.approle_mount.is_some()
         || u.approle_role_id.is_some()
         || u.approle_secret_id_file.is_some()
-        || u.approle_secret_id_env.is_some();
+        || u.approle_secret_id_env.is_some()
+        || u.k8s_mount.is_some()
+        || u.k8s_role.is_some()
+        || u.k8s_token_path.is_some();
     let tessera_keys = u.server_address.is_some() || u.trust_bundle_path.is_some() || u.join_token.is_some();
     if tessera_keys && u.kind != "tessera" {
         return Err(ConfigError::Invalid {
@@ -791,6 +823,25 @@ impl Config {
             });
         }
         let upstream_authority = raw.upstream_authority.map(|u| upstream(u, &data_dir)).transpose()?;
+        let mut node_attestors = Vec::new();
+        for a in raw.node_attestor.unwrap_or_else(|| vec![RawPlugin::named("join_token")]) {
+            let kind = match a.kind.as_str() {
+                "join_token" => NodeAttestorKind::JoinToken,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "node_attestor.type",
+                        reason: format!("{other:?}: expected \"join_token\" (k8s_psat comes with Kubernetes support)"),
+                    });
+                }
+            };
+            if node_attestors.contains(&kind) {
+                return Err(ConfigError::Invalid {
+                    key: "node_attestor.type",
+                    reason: format!("{:?} is listed twice", a.kind),
+                });
+            }
+            node_attestors.push(kind);
+        }
         let s = raw.server;
         if !(4096..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
             return Err(ConfigError::Invalid {
@@ -833,6 +884,7 @@ impl Config {
             },
             federation,
             upstream_authority,
+            node_attestors,
         })
     }
 
@@ -1040,5 +1092,17 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
             let err = up(body).unwrap_err().to_string();
             assert!(err.contains(key), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn node_attestors_default_to_join_token_and_unknown_ones_are_refused() {
+        assert_eq!(Config::from_toml(CONTRACT).unwrap().node_attestors, vec![NodeAttestorKind::JoinToken]);
+        let c = Config::from_toml(&format!("{CONTRACT}[[node_attestor]]\ntype = \"join_token\"\n")).unwrap();
+        assert_eq!(c.node_attestors, vec![NodeAttestorKind::JoinToken]);
+        let err = Config::from_toml(&format!("{CONTRACT}[[node_attestor]]\ntype = \"tpm\"\n")).unwrap_err();
+        assert!(err.to_string().contains("node_attestor.type"), "{err}");
+        let twice =
+            format!("{CONTRACT}[[node_attestor]]\ntype = \"join_token\"\n[[node_attestor]]\ntype = \"join_token\"\n");
+        assert!(Config::from_toml(&twice).unwrap_err().to_string().contains("twice"));
     }
 }

@@ -1,7 +1,7 @@
 //! Tessera's CA server, as a library that `main.rs` only wires.
 //!
 //! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]; plugin
-//! processes are hosted by [`external`]), the CA core ([`ca`]: where a CSR becomes a
+//! processes are hosted by [`external`]; node attestors in [`attest`]), the CA core ([`ca`]: where a CSR becomes a
 //! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
 //! API on a local socket), federation ([`federation`]: our bundle endpoint and peers'
 //! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod app;
+pub mod attest;
 pub mod ca;
 pub mod catalog;
 pub mod cli;

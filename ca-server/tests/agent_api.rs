@@ -347,3 +347,18 @@ async fn renewal_rotates_the_agent_svid_and_eviction_and_ban_lock_the_agent_out(
     assert!(e.message().contains("banned"), "{}", e.message());
     t.stop().await;
 }
+
+#[tokio::test]
+async fn attestation_types_the_server_does_not_run_are_refused_and_consume_nothing() {
+    let mut t = TestServer::start().await;
+    let token = t.join_token(None).await;
+    let mut anon = t.anonymous_channel().await;
+    let mut req = attest_req(&token.token, csr_for(&token.agent_id));
+    req.data.as_mut().unwrap().r#type = "tpm".into();
+    let err = anon.attest_agent(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("\"tpm\"") && err.message().contains("accepts: join_token"), "{}", err.message());
+    // The token was not spent: it still attests.
+    anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap();
+    t.stop().await;
+}

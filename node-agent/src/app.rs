@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::attestor::UnixAttestor;
+use crate::attestor::{UnixAttestor, WorkloadAttestor};
 use crate::callers::Callers;
-use crate::config::Config;
+use crate::config::{Config, WorkloadAttestorKind};
 use crate::manager::{AgentError, Manager};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
@@ -80,9 +80,18 @@ impl Agent {
         // Any local process may connect; attestation decides what it gets.
         std::fs::set_permissions(&cfg.socket_path, std::fs::Permissions::from_mode(0o777))
             .map_err(io("cannot chmod the socket".into()))?;
-        let snaps = manager.clone();
-        let unix = UnixAttestor::default().hashing_when(Arc::new(move || snaps.snapshot().wants_exe_hash));
-        let callers = Callers::new(vec![Arc::new(unix)]);
+        let attestors: Vec<Arc<dyn WorkloadAttestor>> = cfg
+            .workload_attestors
+            .iter()
+            .map(|a| match a {
+                WorkloadAttestorKind::Unix => {
+                    let snaps = manager.clone();
+                    Arc::new(UnixAttestor::default().hashing_when(Arc::new(move || snaps.snapshot().wants_exe_hash)))
+                        as Arc<dyn WorkloadAttestor>
+                }
+            })
+            .collect();
+        let callers = Callers::new(attestors);
         let workload = SpiffeWorkloadApiServer::new(WorkloadApi::new(manager.clone(), callers.clone()))
             .max_decoding_message_size(64 * 1024);
         let sds = SecretDiscoveryServiceServer::new(Sds::new(manager.clone(), callers))

@@ -48,6 +48,21 @@ struct RawConfig {
     sync_interval: String,
     #[serde(default)]
     cert_files: Vec<RawCertFiles>,
+    workload_attestor: Option<Vec<RawAttestor>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestor {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// A workload attestor (`[[workload_attestor]] type = "…"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadAttestorKind {
+    /// The caller's uid, gid, user, group, executable path and SHA-256, from the kernel.
+    Unix,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +126,8 @@ pub struct Config {
     pub sync_interval: Duration,
     /// SVIDs to keep written as files.
     pub cert_files: Vec<CertFiles>,
+    /// Workload attestors, in order; `unix` when the config names none.
+    pub workload_attestors: Vec<WorkloadAttestorKind>,
 }
 
 impl Config {
@@ -168,6 +185,25 @@ impl Config {
                 Ok(CertFiles { dir: c.dir, spiffe_id })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let mut workload_attestors = Vec::new();
+        for a in raw.workload_attestor.unwrap_or_else(|| vec![RawAttestor { kind: "unix".into() }]) {
+            let kind = match a.kind.as_str() {
+                "unix" => WorkloadAttestorKind::Unix,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "workload_attestor.type",
+                        reason: format!("{other:?}: expected \"unix\" (k8s comes with Kubernetes support)"),
+                    });
+                }
+            };
+            if workload_attestors.contains(&kind) {
+                return Err(ConfigError::Invalid {
+                    key: "workload_attestor.type",
+                    reason: format!("{:?} is listed twice", a.kind),
+                });
+            }
+            workload_attestors.push(kind);
+        }
         Ok(Config {
             trust_domain,
             server_address,
@@ -179,6 +215,7 @@ impl Config {
             log_level: raw.log_level,
             sync_interval,
             cert_files,
+            workload_attestors,
         })
     }
 
@@ -211,6 +248,15 @@ health_address = "127.0.0.1:8082"
         assert_eq!(c.bootstrap, Bootstrap::BundleFile("/etc/tessera/bootstrap.pem".into()));
         assert_eq!(c.join_token.as_deref(), Some("abc"));
         assert_eq!(c.sync_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn workload_attestors_default_to_unix_and_unknown_ones_are_refused() {
+        assert_eq!(Config::from_toml(CONTRACT).unwrap().workload_attestors, vec![WorkloadAttestorKind::Unix]);
+        let k8s = format!("{CONTRACT}[[workload_attestor]]\ntype = \"k8s\"\n");
+        assert!(Config::from_toml(&k8s).unwrap_err().to_string().contains("workload_attestor.type"));
+        let extra = format!("{CONTRACT}[[workload_attestor]]\ntype = \"unix\"\ncolour = 1\n");
+        assert!(Config::from_toml(&extra).unwrap_err().to_string().contains("colour"));
     }
 
     #[test]

@@ -254,3 +254,168 @@ fn openbao_root_rotation_under_envoy_traffic_loses_no_request() {
     assert!(ok > 20, "too little traffic: {ok}");
     eprintln!("OpenBao root rotation: {ok} requests, 0 failed");
 }
+
+/// A FAKE Kubernetes API server (there is no real one on this machine): it answers only
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`, in the real TokenReview JSON shape,
+/// authenticating exactly one service account token.
+struct FakeKubernetes {
+    addr: String,
+    reviews: Arc<AtomicU32>,
+}
+
+impl FakeKubernetes {
+    fn start(valid_token: String) -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let reviews = Arc::new(AtomicU32::new(0));
+        let counter = reviews.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                use std::io::{Read, Write};
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, len) = loop {
+                    let Ok(n) = s.read(&mut chunk) else { break (0, 0) };
+                    if n == 0 {
+                        break (0, 0);
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let body: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+                let (code, reply) = if head.starts_with("POST /apis/authentication.k8s.io/v1/tokenreviews") {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let ok = body["spec"]["token"].as_str() == Some(valid_token.as_str());
+                    let mut status = json!({"authenticated": ok});
+                    if ok {
+                        // As the API server does: the requested audiences the token is valid
+                        // for (the token's own audience, which OpenBao requests).
+                        status["audiences"] = body["spec"]["audiences"].clone();
+                        status["user"] = json!({
+                            "username": "system:serviceaccount:tessera-system:tessera",
+                            "uid": "4c6fa9a8-0f5e-4b65-9d41-5d0b1c2a3e4f",
+                            "groups": ["system:serviceaccounts", "system:serviceaccounts:tessera-system", "system:authenticated"]
+                        });
+                    }
+                    (
+                        200,
+                        json!({
+                            "kind": "TokenReview",
+                            "apiVersion": "authentication.k8s.io/v1",
+                            "metadata": {"creationTimestamp": null},
+                            "spec": body["spec"].clone(),
+                            "status": status
+                        }),
+                    )
+                } else {
+                    (404, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}))
+                };
+                let text = reply.to_string();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        Self { addr, reviews }
+    }
+}
+
+/// A service account token as Kubernetes projects it (the signature is not checked by
+/// OpenBao: the TokenReview is).
+fn service_account_jwt() -> String {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let header = b64(json!({"alg": "RS256", "kid": "fake"}));
+    let claims = b64(json!({
+        "aud": ["https://kubernetes.default.svc.cluster.local"],
+        "exp": 4_000_000_000u64,
+        "iat": 1_700_000_000u64,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "kubernetes.io": {
+            "namespace": "tessera-system",
+            "serviceaccount": {"name": "tessera", "uid": "4c6fa9a8-0f5e-4b65-9d41-5d0b1c2a3e4f"}
+        },
+        "nbf": 1_700_000_000u64,
+        "sub": "system:serviceaccount:tessera-system:tessera"
+    }));
+    format!("{header}.{claims}.ZmFrZS1zaWduYXR1cmU")
+}
+
+#[test]
+fn openbao_kubernetes_auth_goes_through_tokenreview() {
+    let dir = tempfile::tempdir().unwrap();
+    let bao = Bao::start(dir.path());
+    let root = bao.pki();
+    let jwt = service_account_jwt();
+    let k8s = FakeKubernetes::start(jwt.clone());
+    bao.api("POST", "sys/auth/kubernetes", json!({"type": "kubernetes"}));
+    bao.api(
+        "POST",
+        "auth/kubernetes/config",
+        // The fake speaks plain HTTP; OpenBao still wants a CA certificate on file.
+        json!({
+            "kubernetes_host": format!("http://{}", k8s.addr),
+            "disable_local_ca_jwt": true,
+            "kubernetes_ca_cert": rcgen::generate_simple_self_signed(vec!["kubernetes".to_owned()]).unwrap().cert.pem()
+        }),
+    );
+    bao.api(
+        "PUT",
+        "sys/policies/acl/tessera",
+        json!({"policy": "path \"pki/*\" { capabilities = [\"create\", \"update\", \"read\", \"list\"] }"}),
+    );
+    bao.api(
+        "POST",
+        "auth/kubernetes/role/tessera",
+        json!({
+            "bound_service_account_names": ["tessera"],
+            "bound_service_account_namespaces": ["tessera-system"],
+            "token_policies": ["tessera"],
+            "token_ttl": "60s"
+        }),
+    );
+    let token_path = dir.path().join("sa-token");
+    std::fs::write(&token_path, &jwt).unwrap();
+    let text = format!(
+        "{}[upstream_authority]\ntype = \"vault\"\naddress = \"http://{}\"\nauth_method = \"kubernetes\"\nk8s_role = \"tessera\"\nk8s_token_path = \"{}\"\n",
+        server_config(dir.path(), "ca_ttl = \"24h\""),
+        bao.addr,
+        token_path.display()
+    );
+    let server = ServerProc::start_text(dir.path(), &text);
+    assert!(k8s.reviews.load(Ordering::Relaxed) >= 1, "OpenBao never asked the (fake) Kubernetes API");
+    assert!(server.log().contains("Logged in to Vault with Kubernetes"), "{}", server.log());
+    let out = dir.path().join("svid");
+    server.cli_ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/k8s", "--write", out.to_str().unwrap()]);
+    std::fs::write(dir.path().join("root.pem"), &root).unwrap();
+    assert!(openssl_verify(&dir.path().join("root.pem"), &out.join("svid.pem")));
+
+    // Another service account's token is refused by the TokenReview, and the start fails.
+    let d2 = tempfile::tempdir().unwrap();
+    let other = d2.path().join("sa-token");
+    std::fs::write(&other, service_account_jwt().replace(".ZmFrZS1zaWduYXR1cmU", ".b3RoZXI")).unwrap();
+    let bad = d2.path().join("bad.toml");
+    std::fs::write(&bad, text.replace(&dir.path().display().to_string(), &d2.path().display().to_string())).unwrap();
+    let out = Command::new(tessera_e2e::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Kubernetes login failed"), "{err}");
+}

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_identity::{SpiffeId, agent_id, unix_now};
+use tessera_identity::{SpiffeId, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_server::Agent;
 use tokio_stream::wrappers::ReceiverStream;
@@ -18,6 +18,7 @@ use tracing::{info, instrument};
 
 use super::convert::{bundle_to_pb, entry_to_pb};
 use super::{ApiError, Issuance, X509Request};
+use crate::attest::NodeAttestor;
 use crate::config::Config;
 use crate::store::{AgentRecord, AuditKind, Entry};
 
@@ -29,6 +30,7 @@ const MAX_ALIAS_DEPTH: usize = 8;
 pub struct AgentService {
     issuance: Issuance,
     cfg: Arc<Config>,
+    attestors: Arc<Vec<Arc<dyn NodeAttestor>>>,
 }
 
 /// An authenticated calling agent.
@@ -39,8 +41,8 @@ struct Caller {
 
 impl AgentService {
     /// A service over the shared issuance path.
-    pub fn new(issuance: Issuance, cfg: Arc<Config>) -> Self {
-        Self { issuance, cfg }
+    pub fn new(issuance: Issuance, cfg: Arc<Config>, attestors: Vec<Arc<dyn NodeAttestor>>) -> Self {
+        Self { issuance, cfg, attestors: Arc::new(attestors) }
     }
 
     /// Authenticates the caller from its TLS client certificate and the agent record.
@@ -125,21 +127,17 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::AttestAgentResponse>, Status> {
         let r = req.into_inner();
         let data = r.data.ok_or_else(|| ApiError::InvalidArgument("attestation data is required".into()))?;
-        if data.r#type != "join_token" {
-            return Err(ApiError::InvalidArgument(format!(
-                "unsupported attestation type {:?} (supported: join_token)",
-                data.r#type
+        let attestor = self.attestors.iter().find(|a| a.kind() == data.r#type).ok_or_else(|| {
+            let known: Vec<&str> = self.attestors.iter().map(|a| a.kind()).collect();
+            ApiError::InvalidArgument(format!(
+                "unsupported attestation type {:?} (this server accepts: {})",
+                data.r#type,
+                known.join(", ")
             ))
-            .into());
-        }
-        let token =
-            String::from_utf8(data.payload).map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
-        if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err(ApiError::InvalidArgument("join token is malformed".into()).into());
-        }
+        })?;
         let td = self.issuance.ca.trust_domain();
-        let id = agent_id(td, "join_token", &token).map_err(ApiError::from)?;
-        // Check the CSR before consuming the token: bad input must change nothing.
+        let id = attestor.identify(td, &data.payload)?;
+        // Check the CSR before consuming anything: bad input must change nothing.
         tessera_identity::csr::CheckedCsr::from_der(&r.csr)
             .and_then(|c| c.check_names(&id, &[]))
             .map_err(ApiError::from)?;
@@ -151,25 +149,23 @@ impl Agent for AgentService {
             return Err(e.into());
         }
         let now = unix_now();
-        let Some(jt) = self.issuance.store.take_join_token(&token).await.map_err(ApiError::from)? else {
-            let e = ApiError::PermissionDenied("join token does not exist or has already been used".into());
-            self.issuance.metrics.attestations.failed(&e);
-            return Err(e.into());
+        let selectors = match attestor.verify(self.issuance.store.as_ref(), &data.payload).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.issuance.metrics.attestations.failed(&e);
+                self.issuance.deny(&id, "attestor", &e).await;
+                return Err(e.into());
+            }
         };
-        if jt.expires_at <= now {
-            let e = ApiError::PermissionDenied("join token has expired".into());
-            self.issuance.metrics.attestations.failed(&e);
-            return Err(e.into());
-        }
         let issued = self.sign_agent_svid(&id, r.csr, "attestor", AuditKind::AgentAttested).await?;
         let record = AgentRecord {
             spiffe_id: id.clone(),
-            attestation_type: "join_token".into(),
+            attestation_type: attestor.kind().into(),
             serial: issued.serial.clone(),
             previous_serial: String::new(),
             expires_at: issued.not_after,
             banned: false,
-            selectors: vec![],
+            selectors,
             attested_at: now,
             renewed_at: 0,
         };

@@ -5,11 +5,12 @@
 //! `<mount>/issuer/<ref>/sign-intermediate`) with our CSR and `use_csr_values`; the roots are
 //! the self-signed issuers of the mount (`LIST <mount>/issuers`, `GET <mount>/issuer/<id>/json`),
 //! so a root added with `<mount>/root/rotate/...` reaches our bundle at the next rotation
-//! check, before Vault's default issuer is switched to it. Authentication: a token, or an
-//! AppRole login; tokens with a lease are renewed (`auth/token/renew-self`) at two thirds of
-//! their lease and logged in again when renewal fails.
+//! check, before Vault's default issuer is switched to it. Authentication: a token, an
+//! AppRole login, or a Kubernetes login with a service account token; tokens with a lease
+//! are renewed (`auth/token/renew-self`) at two thirds of their lease and logged in again
+//! when renewal fails.
 //!
-//! What it is not: no Kubernetes auth yet, no Vault agent integration, no response wrapping.
+//! What it is not: no Vault agent integration, no response wrapping.
 //! The HTTP client is `tessera_svc::http` over rustls with ring: one TLS stack in the
 //! process.
 
@@ -34,6 +35,16 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 pub enum VaultAuth {
     /// A token (`X-Vault-Token`).
     Token(String),
+    /// Kubernetes login at `auth/<mount>/login` with a service account token, read from
+    /// `token_path` at every login (projected tokens rotate).
+    Kubernetes {
+        /// The auth mount, usually `kubernetes`.
+        mount: String,
+        /// The Vault role.
+        role: String,
+        /// The service account token file.
+        token_path: PathBuf,
+    },
     /// AppRole login at `auth/<mount>/login`.
     AppRole {
         /// The auth mount, usually `approle`.
@@ -49,6 +60,12 @@ impl fmt::Debug for VaultAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VaultAuth::Token(_) => f.write_str("Token(<redacted>)"),
+            VaultAuth::Kubernetes { mount, role, token_path } => f
+                .debug_struct("Kubernetes")
+                .field("mount", mount)
+                .field("role", role)
+                .field("token_path", token_path)
+                .finish(),
             VaultAuth::AppRole { mount, role_id, .. } => f
                 .debug_struct("AppRole")
                 .field("mount", mount)
@@ -186,27 +203,34 @@ impl VaultUpstream {
                 })
             }
             VaultAuth::AppRole { mount, role_id, secret_id } => {
-                let v = self
-                    .call(
-                        "POST",
-                        &format!("auth/{mount}/login"),
-                        Some(json!({"role_id": role_id, "secret_id": secret_id})),
-                        None,
-                    )
-                    .await
-                    .map_err(|e| cfg_err(format!("AppRole login failed: {e}")))?;
-                let auth = &v["auth"];
-                let value = auth["client_token"].as_str().ok_or_else(|| cfg_err("AppRole login returned no token"))?;
-                let lease = auth["lease_duration"].as_u64().unwrap_or(0);
-                tracing::info!(lease_seconds = lease, "Logged in to Vault with AppRole");
-                Ok(Token {
-                    value: value.to_owned(),
-                    lease: (lease > 0).then(|| Duration::from_secs(lease)),
-                    obtained: Instant::now(),
-                    renewable: auth["renewable"].as_bool().unwrap_or(false),
-                })
+                self.login_at(mount, json!({"role_id": role_id, "secret_id": secret_id}), "AppRole").await
+            }
+            VaultAuth::Kubernetes { mount, role, token_path } => {
+                let jwt = std::fs::read_to_string(token_path).map_err(|e| {
+                    cfg_err(format!("cannot read the service account token {}: {e}", token_path.display()))
+                })?;
+                self.login_at(mount, json!({"role": role, "jwt": jwt.trim()}), "Kubernetes").await
             }
         }
+    }
+
+    /// `POST auth/<mount>/login` with `body`; the answer's client token and lease.
+    async fn login_at(&self, mount: &str, body: Value, method: &str) -> Result<Token, UpstreamError> {
+        let v = self
+            .call("POST", &format!("auth/{mount}/login"), Some(body), None)
+            .await
+            .map_err(|e| cfg_err(format!("{method} login failed: {e}")))?;
+        let auth = &v["auth"];
+        let value =
+            auth["client_token"].as_str().ok_or_else(|| cfg_err(format!("{method} login returned no token")))?;
+        let lease = auth["lease_duration"].as_u64().unwrap_or(0);
+        tracing::info!(lease_seconds = lease, "Logged in to Vault with {method}");
+        Ok(Token {
+            value: value.to_owned(),
+            lease: (lease > 0).then(|| Duration::from_secs(lease)),
+            obtained: Instant::now(),
+            renewable: auth["renewable"].as_bool().unwrap_or(false),
+        })
     }
 
     /// A usable token: renewed at two thirds of its lease, or a fresh login.
