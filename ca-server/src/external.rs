@@ -8,11 +8,11 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tessera_plugins::upstream::PluginHealth;
+use tessera_plugins::upstream::{PluginHealth, RootCache};
 use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
 use tessera_proto::plugin::v1 as pb;
 use tessera_proto::plugin::v1::upstream_authority_client::UpstreamAuthorityClient;
@@ -56,8 +56,7 @@ pub struct ExternalUpstream {
     trust_domain: String,
     running: tokio::sync::Mutex<Option<Running>>,
     health: Mutex<PluginHealth>,
-    roots: Arc<Mutex<Vec<Vec<u8>>>>,
-    follower: Mutex<Option<tokio::task::AbortHandle>>,
+    roots: RootCache,
 }
 
 impl std::fmt::Debug for ExternalUpstream {
@@ -83,8 +82,7 @@ impl ExternalUpstream {
             trust_domain: trust_domain.to_owned(),
             running: tokio::sync::Mutex::new(None),
             health: Mutex::new(PluginHealth::default()),
-            roots: Arc::new(Mutex::new(Vec::new())),
-            follower: Mutex::new(None),
+            roots: RootCache::default(),
         };
         let r = me.spawn().await?;
         me.set_health(|h| {
@@ -276,33 +274,22 @@ impl UpstreamAuthority for ExternalUpstream {
         if first.x509_ca_chain.is_empty() || first.upstream_x509_roots.is_empty() {
             return Err(call_err("the first answer must carry the CA chain and the upstream roots"));
         }
-        if let Ok(mut r) = self.roots.lock() {
-            r.clone_from(&first.upstream_x509_roots);
-        }
+        self.roots.set(first.upstream_x509_roots.clone());
         // Later messages are root updates; the CA reads them through `roots()` on its
         // rotation tick. A newer subscription replaces this one.
-        let roots = self.roots.clone();
-        let follower = tokio::spawn(async move {
+        let sink = self.roots.sink();
+        self.roots.follow(async move {
             while let Ok(Some(m)) = stream.message().await {
-                if m.upstream_x509_roots.is_empty() {
-                    continue;
-                }
-                info!(roots = m.upstream_x509_roots.len(), "Upstream roots updated by the plugin");
-                if let Ok(mut r) = roots.lock() {
-                    *r = m.upstream_x509_roots;
+                if sink.set(m.upstream_x509_roots) {
+                    info!(roots = sink.get().len(), "Upstream roots updated by the plugin");
                 }
             }
         });
-        if let Ok(mut f) = self.follower.lock()
-            && let Some(old) = f.replace(follower.abort_handle())
-        {
-            old.abort();
-        }
         Ok(MintedX509Ca { chain: first.x509_ca_chain, roots: first.upstream_x509_roots })
     }
 
     async fn roots(&self) -> Result<Vec<Vec<u8>>, UpstreamError> {
-        let r = self.roots.lock().map_err(|_| call_err("state poisoned"))?.clone();
+        let r = self.roots.get();
         if r.is_empty() {
             return Err(call_err("no upstream roots known yet"));
         }

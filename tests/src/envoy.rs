@@ -210,3 +210,29 @@ pub fn validator_certs(envoy: &Envoy, td: &str) -> usize {
     walk(&v, td, &mut n);
     n
 }
+
+/// A front Envoy (plain HTTP in on `front_addr`) calling a back Envoy over SPIFFE mTLS,
+/// each taking its SVID and validation context from its agent socket over SotW SDS.
+pub struct EnvoyPair {
+    /// The caller.
+    pub front: Envoy,
+    /// The backend (answers 200 "hello from back").
+    pub back: Envoy,
+    /// Where to send requests.
+    pub front_addr: String,
+}
+
+/// Starts a back Envoy (identity `back_id`, socket `back_socket`) and a front Envoy
+/// (`front_id`, `front_socket`) in `dir`.
+pub fn envoy_pair(dir: &Path, front_socket: &Path, front_id: &str, back_socket: &Path, back_id: &str) -> EnvoyPair {
+    use crate::free_port;
+    let (b_admin, b_port, f_admin, f_port) = (free_port(), free_port(), free_port(), free_port());
+    let back = start_envoy(dir, "back", &back_config(b_admin, b_port, back_socket, "GRPC", back_id, front_id), b_admin);
+    let front = start_envoy(
+        dir,
+        "front",
+        &front_config(f_admin, f_port, b_port, front_socket, "GRPC", front_id, back_id),
+        f_admin,
+    );
+    EnvoyPair { front, back, front_addr: format!("127.0.0.1:{f_port}") }
+}

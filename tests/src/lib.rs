@@ -400,3 +400,75 @@ impl Mesh {
         run_cli("tessera-agent", &self.socket, args)
     }
 }
+
+/// Continuous HTTP GETs of `/` against `addr` (every 20 ms, a new connection each) in a
+/// thread, counting answers 200 and everything else.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl Traffic {
+    /// Starts sending.
+    pub fn start(addr: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, addr) = (stop.clone(), addr.to_owned());
+        let handle = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match http_get(&addr, "/") {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops and returns (successes, the failures as text).
+    pub fn finish(self) -> (u32, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+
+    /// Stops and fails the test on any failed request or too little traffic; returns the count.
+    pub fn assert_no_failures(self, what: &str) -> u32 {
+        let (ok, failed) = self.finish();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} requests failed: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > 20, "{what}: too little traffic ({ok} requests)");
+        eprintln!("{what}: {ok} requests, 0 failed");
+        ok
+    }
+}
+
+/// Polls `ok` every 200 ms for up to `secs`; fails with `what` and `context()` on timeout.
+pub fn wait_for(secs: u64, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}: not after {secs} s\n{}", context());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `openssl verify -CAfile root -untrusted chain chain`: the chain's first certificate
+/// verifies to `root` through the chain's other certificates.
+pub fn openssl_verify(root: &Path, chain: &Path) -> bool {
+    Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(root)
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(chain)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}

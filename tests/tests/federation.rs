@@ -11,8 +11,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -20,7 +19,7 @@ use tessera_e2e::envoy::{
     agent_cluster, back_config, counter_sum, envoy_binary, hcm, listener, mtls_cluster, served_serials,
     start_envoy_binary, validator_certs,
 };
-use tessera_e2e::{Mesh, ServerProc, free_port, http_get, venv_tool};
+use tessera_e2e::{Mesh, ServerProc, Traffic, free_port, http_get, venv_tool, wait_for};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 
@@ -115,12 +114,8 @@ fn bundle_document_parses_with_py_spiffe_and_the_spiffe_crate_and_imports_go_spi
     );
 }
 
-fn wait(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not after {secs} s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait(secs: u64, what: &str, ok: impl FnMut() -> bool) {
+    wait_for(secs, what, ok, String::new)
 }
 
 fn federate(from: &Mesh, peer_td: &str, peer_port: u16, peer: &Mesh) {
@@ -251,25 +246,7 @@ fn envoys_in_two_federated_clusters_talk_over_mtls_and_survive_a_ca_rotation() {
     assert_eq!(counter_sum(&a1, "ssl.fail_verify_error"), 0);
 
     // B rotates its CA under continuous A → B traffic.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let traffic = {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), a1_addr.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(&addr, "/") {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        errors.push(format!("{other:?}"));
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            errors
-        })
-    };
+    let traffic = Traffic::start(&a1_addr);
     let old_serials = served_serials(&b1, "spiffe://b.example/back");
     b.server.cli_ok(&["localauthority", "x509", "prepare"]);
     // The prepared CA reaches A's server (bundle endpoint), A's agent and A's Envoy before
@@ -281,18 +258,7 @@ fn envoys_in_two_federated_clusters_talk_over_mtls_and_survive_a_ca_rotation() {
         !s.is_empty() && s.iter().all(|x| !old_serials.contains(x))
     });
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let errors = traffic.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed during B's CA rotation: {:?}",
-        ok + failed,
-        &errors[..errors.len().min(5)]
-    );
-    assert!(ok > 20, "too little traffic: {ok}");
-    eprintln!("federated CA rotation: {ok} requests, 0 failed");
+    traffic.assert_no_failures("federated CA rotation");
     let (code, _) = http_get(&a1_addr, "/").unwrap();
     assert_eq!(code, 200);
 

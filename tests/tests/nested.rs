@@ -8,26 +8,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use tessera_e2e::envoy::{back_config, front_config, served_serials, start_envoy, validator_certs};
-use tessera_e2e::{Mesh, ServerProc, bin, free_port, http_get, server_config};
-
-fn openssl_verify(root_pem: &Path, chain: &Path) -> bool {
-    Command::new("openssl")
-        .args(["verify", "-CAfile"])
-        .arg(root_pem)
-        .arg("-untrusted")
-        .arg(chain)
-        .arg(chain)
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
+use tessera_e2e::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
+use tessera_e2e::{Mesh, ServerProc, Traffic, bin, free_port, http_get, openssl_verify, server_config, wait_for};
 
 /// A join token on the parent; with `downstream`, also a downstream entry for its agent.
 fn token(parent: &ServerProc, downstream: bool) -> String {
@@ -107,55 +92,13 @@ fn a_child_server_gets_its_intermediate_from_a_parent_and_follows_its_root_rotat
     child.register("spiffe://example.org/front", &[]);
     child.register("spiffe://example.org/back", &[]);
     let d = child.dir.path().to_owned();
-    let (b_admin, b_port, f_admin, f_port) = (free_port(), free_port(), free_port(), free_port());
-    let back = start_envoy(
-        &d,
-        "back",
-        &back_config(b_admin, b_port, &child.socket, "GRPC", "spiffe://example.org/back", "spiffe://example.org/front"),
-        b_admin,
-    );
-    let front = start_envoy(
-        &d,
-        "front",
-        &front_config(
-            f_admin,
-            f_port,
-            b_port,
-            &child.socket,
-            "GRPC",
-            "spiffe://example.org/front",
-            "spiffe://example.org/back",
-        ),
-        f_admin,
-    );
-    let front_addr = format!("127.0.0.1:{f_port}");
+    let EnvoyPair { front, back, front_addr } =
+        envoy_pair(&d, &child.socket, "spiffe://example.org/front", &child.socket, "spiffe://example.org/back");
     assert_eq!(http_get(&front_addr, "/").unwrap().0, 200, "front: {}\nback: {}", front.proc.log(), back.proc.log());
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let traffic = {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), front_addr.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(&addr, "/") {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        errors.push(format!("{other:?}"));
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            errors
-        })
-    };
+    let traffic = Traffic::start(&front_addr);
     let wait = |secs: u64, what: &str, ok: &mut dyn FnMut() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !ok() {
-            assert!(Instant::now() < deadline, "{what}: not after {secs} s\nchild: {}", child.server.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for(secs, what, ok, || format!("child: {}", child.server.log()))
     };
 
     // The parent prepares a new root: it reaches the child's Envoys through the stream.
@@ -183,10 +126,5 @@ fn a_child_server_gets_its_intermediate_from_a_parent_and_follows_its_root_rotat
         !now.is_empty() && now.iter().all(|s| !old.contains(s))
     });
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let errors = traffic.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 20, "too little traffic: {ok}");
-    eprintln!("parent Tessera root rotation: {ok} requests, 0 failed");
+    traffic.assert_no_failures("parent Tessera root rotation");
 }

@@ -9,12 +9,14 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_e2e::envoy::{back_config, front_config, served_serials, start_envoy, validator_certs};
-use tessera_e2e::{Mesh, Proc, ServerProc, free_port, http_call, http_get, server_config, venv_tool};
+use tessera_e2e::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
+use tessera_e2e::{
+    Mesh, Proc, ServerProc, Traffic, free_port, http_call, http_get, openssl_verify, server_config, venv_tool, wait_for,
+};
 
 /// `bao server -dev` on a free port, root token `root`.
 struct Bao {
@@ -73,19 +75,6 @@ impl Bao {
         let secret = self.api("POST", "auth/approle/role/tessera/secret-id", json!({}));
         (role["data"]["role_id"].as_str().unwrap().to_owned(), secret["data"]["secret_id"].as_str().unwrap().to_owned())
     }
-}
-
-fn openssl_verify(root_pem: &Path, chain: &Path) -> bool {
-    Command::new("openssl")
-        .args(["verify", "-CAfile"])
-        .arg(root_pem)
-        .arg("-untrusted")
-        .arg(chain)
-        .arg(chain)
-        .output()
-        .unwrap()
-        .status
-        .success()
 }
 
 #[test]
@@ -155,50 +144,12 @@ fn openbao_root_rotation_under_envoy_traffic_loses_no_request() {
     mesh.register("spiffe://example.org/front", &[]);
     mesh.register("spiffe://example.org/back", &[]);
     let d = mesh.dir.path().to_owned();
-    let (b_admin, b_port, f_admin, f_port) = (free_port(), free_port(), free_port(), free_port());
-    let back = start_envoy(
-        &d,
-        "back",
-        &back_config(b_admin, b_port, &mesh.socket, "GRPC", "spiffe://example.org/back", "spiffe://example.org/front"),
-        b_admin,
-    );
-    let front = start_envoy(
-        &d,
-        "front",
-        &front_config(
-            f_admin,
-            f_port,
-            b_port,
-            &mesh.socket,
-            "GRPC",
-            "spiffe://example.org/front",
-            "spiffe://example.org/back",
-        ),
-        f_admin,
-    );
-    let front_addr = format!("127.0.0.1:{f_port}");
+    let EnvoyPair { front, back, front_addr } =
+        envoy_pair(&d, &mesh.socket, "spiffe://example.org/front", &mesh.socket, "spiffe://example.org/back");
     assert_eq!(http_get(&front_addr, "/").unwrap().0, 200, "front: {}\nback: {}", front.proc.log(), back.proc.log());
     assert_eq!(validator_certs(&front, "example.org"), 1);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-    let traffic = {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), front_addr.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match http_get(&addr, "/") {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        errors.push(format!("{other:?}"));
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            errors
-        })
-    };
+    let traffic = Traffic::start(&front_addr);
 
     // A new root in OpenBao, not yet the default issuer: it reaches Envoy's validation
     // context through Tessera's bundle before anything is signed under it.
@@ -208,12 +159,8 @@ fn openbao_root_rotation_under_envoy_traffic_loses_no_request() {
         json!({"common_name": "OpenBao Root 2", "issuer_name": "root-2", "key_type": "ec", "ttl": "8760h"}),
     );
     let root2 = v["data"]["certificate"].as_str().unwrap().to_owned();
-    let wait = |secs: u64, what: &str, mut ok: Box<dyn FnMut() -> bool + '_>| {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !ok() {
-            assert!(Instant::now() < deadline, "{what}: not after {secs} s\nserver: {}", mesh.server.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let wait = |secs: u64, what: &str, ok: Box<dyn FnMut() -> bool + '_>| {
+        wait_for(secs, what, ok, || format!("server: {}", mesh.server.log()))
     };
     wait(
         30,
@@ -247,12 +194,7 @@ fn openbao_root_rotation_under_envoy_traffic_loses_no_request() {
         }),
     );
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let errors = traffic.join().unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(failed, 0, "{failed} of {} requests failed: {:?}", ok + failed, &errors[..errors.len().min(5)]);
-    assert!(ok > 20, "too little traffic: {ok}");
-    eprintln!("OpenBao root rotation: {ok} requests, 0 failed");
+    traffic.assert_no_failures("OpenBao root rotation");
 }
 
 /// A FAKE Kubernetes API server (there is no real one on this machine): it answers only

@@ -54,6 +54,14 @@ impl AdminService {
         Self { issuance, cfg, federation }
     }
 
+    async fn relationship(&self, td: &tessera_identity::TrustDomain) -> Result<FederationRelationship, ApiError> {
+        self.issuance
+            .store
+            .get_federation(td)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no federation relationship with {td}")))
+    }
+
     async fn relationship_pb(&self, rel: &FederationRelationship) -> Result<pb::FederationRelationship, ApiError> {
         let seq = self.issuance.store.get_bundle(&rel.trust_domain).await?.map_or(0, |b| b.sequence_number);
         Ok(federation_to_pb(rel, &self.federation.status(&rel.trust_domain), seq))
@@ -316,13 +324,7 @@ impl Admin for AdminService {
 
     async fn get_federation_relationship(&self, req: Request<pb::TrustDomainRequest>) -> R<pb::FederationRelationship> {
         let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
-        let rel = self
-            .issuance
-            .store
-            .get_federation(&td)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound(format!("no federation relationship with {td}")))?;
+        let rel = self.relationship(&td).await?;
         Ok(Response::new(self.relationship_pb(&rel).await?))
     }
 
@@ -343,13 +345,7 @@ impl Admin for AdminService {
         req: Request<pb::TrustDomainRequest>,
     ) -> R<pb::FederationRelationship> {
         let td = parse_trust_domain(&req.into_inner().trust_domain).map_err(ApiError::from)?;
-        let rel = self
-            .issuance
-            .store
-            .get_federation(&td)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound(format!("no federation relationship with {td}")))?;
+        let rel = self.relationship(&td).await?;
         let out = self.relationship_pb(&rel).await?;
         self.issuance.store.delete_federation(&td).await.map_err(ApiError::from)?;
         self.federation.relationships_changed(&td);

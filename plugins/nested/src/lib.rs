@@ -14,13 +14,13 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
 use tessera_identity::tls::Authorize;
 use tessera_identity::{PrivateKey, SpiffeId, TrustDomain, unix_now};
+use tessera_plugins::upstream::RootCache;
 use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_client::AgentClient;
@@ -67,8 +67,7 @@ pub struct NestedUpstream {
     cfg: NestedConfig,
     identity: tokio::sync::Mutex<Identity>,
     /// The parent's X.509 roots: TLS trust toward the parent and our upstream roots.
-    roots: Arc<Mutex<Vec<Vec<u8>>>>,
-    follower: Mutex<Option<tokio::task::AbortHandle>>,
+    roots: RootCache,
 }
 
 impl std::fmt::Debug for NestedUpstream {
@@ -124,12 +123,9 @@ impl NestedUpstream {
         } else {
             Self::attest(&cfg).await?
         };
-        Ok(Self {
-            cfg,
-            identity: tokio::sync::Mutex::new(ident),
-            roots: Arc::new(Mutex::new(roots)),
-            follower: Mutex::new(None),
-        })
+        let cache = RootCache::default();
+        cache.set(roots);
+        Ok(Self { cfg, identity: tokio::sync::Mutex::new(ident), roots: cache })
     }
 
     async fn attest(cfg: &NestedConfig) -> Result<(Identity, Vec<Vec<u8>>), UpstreamError> {
@@ -179,7 +175,7 @@ impl NestedUpstream {
 
     /// A client authenticated with our agent SVID, renewed first when past half life.
     async fn fresh_client(&self) -> Result<AgentClient<Channel>, UpstreamError> {
-        let roots = self.roots.lock().map_err(|_| call_err("state poisoned"))?.clone();
+        let roots = self.roots.get();
         let mut ident = self.identity.lock().await;
         let mut c = connect(&self.cfg, &roots, Some(&ident)).await?;
         if unix_now() >= ident.issued_at + (ident.not_after - ident.issued_at) / 2 {
@@ -199,6 +195,15 @@ impl NestedUpstream {
             c = connect(&self.cfg, &roots, Some(&ident)).await?;
         }
         Ok(c)
+    }
+}
+
+/// Keeps the parent's latest roots on disk (trust for the next start); a failure is logged.
+fn save_roots(dir: &Path, roots: &[Vec<u8>]) {
+    tracing::info!(roots = roots.len(), "The parent's roots changed");
+    let pem = tessera_identity::pem::encode_certs(roots.iter().map(Vec::as_slice));
+    if let Err(e) = write(dir, "parent-bundle.pem", pem.as_bytes(), 0o644) {
+        tracing::warn!(error = %e, "Cannot save the parent's bundle");
     }
 }
 
@@ -260,30 +265,15 @@ impl UpstreamAuthority for NestedUpstream {
         if first.x509_ca_chain.is_empty() || first.upstream_x509_roots.is_empty() {
             return Err(call_err("the parent's answer lacks the CA chain or its roots"));
         }
-        if let Ok(mut r) = self.roots.lock() {
-            r.clone_from(&first.upstream_x509_roots);
-        }
-        let (roots, dir) = (self.roots.clone(), self.cfg.state_dir.clone());
-        let follower = tokio::spawn(async move {
+        self.roots.set(first.upstream_x509_roots.clone());
+        let (sink, dir) = (self.roots.sink(), self.cfg.state_dir.clone());
+        self.roots.follow(async move {
             while let Ok(Some(m)) = stream.message().await {
-                if m.upstream_x509_roots.is_empty() {
-                    continue;
-                }
-                tracing::info!(roots = m.upstream_x509_roots.len(), "The parent's roots changed");
-                let pem = tessera_identity::pem::encode_certs(m.upstream_x509_roots.iter().map(Vec::as_slice));
-                if let Err(e) = write(&dir, "parent-bundle.pem", pem.as_bytes(), 0o644) {
-                    tracing::warn!(error = %e, "Cannot save the parent's bundle");
-                }
-                if let Ok(mut r) = roots.lock() {
-                    *r = m.upstream_x509_roots;
+                if sink.set(m.upstream_x509_roots) {
+                    save_roots(&dir, &sink.get());
                 }
             }
         });
-        if let Ok(mut f) = self.follower.lock()
-            && let Some(old) = f.replace(follower.abort_handle())
-        {
-            old.abort();
-        }
         Ok(MintedX509Ca { chain: first.x509_ca_chain, roots: first.upstream_x509_roots })
     }
 
@@ -291,24 +281,17 @@ impl UpstreamAuthority for NestedUpstream {
     /// (after a restart the CA is restored, not minted) fetched with `FetchBundles`, which
     /// also keeps our agent SVID toward the parent renewed.
     async fn roots(&self) -> Result<Vec<Vec<u8>>, UpstreamError> {
-        let streaming = self.follower.lock().ok().and_then(|f| f.as_ref().map(|h| !h.is_finished())).unwrap_or(false);
-        if !streaming {
+        if !self.roots.following() {
             match self.fetch_roots().await {
                 Ok(r) if !r.is_empty() => {
-                    let changed = self.roots.lock().map(|cur| *cur != r).unwrap_or(false);
-                    if changed {
-                        tracing::info!(roots = r.len(), "The parent's roots changed");
-                        let pem = tessera_identity::pem::encode_certs(r.iter().map(Vec::as_slice));
-                        write(&self.cfg.state_dir, "parent-bundle.pem", pem.as_bytes(), 0o644)?;
-                    }
-                    if let Ok(mut cur) = self.roots.lock() {
-                        *cur = r;
+                    if self.roots.set(r) {
+                        save_roots(&self.cfg.state_dir, &self.roots.get());
                     }
                 }
                 Ok(_) => tracing::warn!("The parent sent an empty bundle; keeping its previous roots"),
                 Err(e) => tracing::warn!(error = %e, "Cannot fetch the parent's roots; keeping the previous ones"),
             }
         }
-        Ok(self.roots.lock().map_err(|_| call_err("state poisoned"))?.clone())
+        Ok(self.roots.get())
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod disk;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,4 +85,70 @@ pub struct PluginHealth {
     pub pid: Option<u32>,
     /// The last failure.
     pub last_error: Option<String>,
+}
+
+/// The upstream roots an out-of-band plugin (external process, parent Tessera) last
+/// reported, and the one task that follows its updates: a newer subscription replaces the
+/// previous one.
+#[derive(Debug, Default)]
+pub struct RootCache {
+    roots: RootSink,
+    follower: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// Where a follower task writes root updates.
+#[derive(Debug, Clone, Default)]
+pub struct RootSink(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl RootSink {
+    /// Replaces the roots; true when they changed. An empty set is ignored.
+    pub fn set(&self, roots: Vec<Vec<u8>>) -> bool {
+        if roots.is_empty() {
+            return false;
+        }
+        match self.0.lock() {
+            Ok(mut cur) if *cur != roots => {
+                *cur = roots;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The current roots.
+    pub fn get(&self) -> Vec<Vec<u8>> {
+        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl RootCache {
+    /// The current roots.
+    pub fn get(&self) -> Vec<Vec<u8>> {
+        self.roots.get()
+    }
+
+    /// Replaces the roots; true when they changed.
+    pub fn set(&self, roots: Vec<Vec<u8>>) -> bool {
+        self.roots.set(roots)
+    }
+
+    /// A handle for a follower task.
+    pub fn sink(&self) -> RootSink {
+        self.roots.clone()
+    }
+
+    /// Runs `task` as the follower, stopping the previous one.
+    pub fn follow(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        if let Ok(mut f) = self.follower.lock()
+            && let Some(old) = f.replace(handle)
+        {
+            old.abort();
+        }
+    }
+
+    /// True while a follower task runs.
+    pub fn following(&self) -> bool {
+        self.follower.lock().ok().and_then(|f| f.as_ref().map(|h| !h.is_finished())).unwrap_or(false)
+    }
 }
