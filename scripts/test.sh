@@ -16,6 +16,7 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v softhsm2-util >/dev/null || missing+=(softhsm2)      # PKCS#11 key manager tests
 command -v pkcs11-tool >/dev/null || missing+=(opensc)          # lists the HSM's objects
 command -v cfssl >/dev/null || missing+=(golang-cfssl)          # a CA behind the external plugin
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)  # the PostgreSQL store
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

@@ -27,6 +27,7 @@ use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sled::SledStore;
 
 /// Errors starting the server.
@@ -129,14 +130,17 @@ impl Server {
         let cfg = Arc::new(cfg);
         tessera_plugins::fsutil::ensure_private_dir(&cfg.data_dir)
             .map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
-        let store: Arc<dyn Store> = match cfg.store {
+        let store: Arc<dyn Store> = match &cfg.store {
             StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("store"))?),
+            StoreKind::Postgres { connection_string, max_connections } => {
+                Arc::new(PostgresStore::open(connection_string, *max_connections).await?)
+            }
         };
         let catalog = Catalog::build(&cfg).await?;
         let ca = Ca::start(
             cfg.trust_domain.clone(),
             cfg.ca.clone(),
-            "default",
+            &cfg.instance_id,
             catalog.key_manager.clone(),
             catalog.upstream.clone(),
             store.clone(),

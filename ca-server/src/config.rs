@@ -50,7 +50,7 @@ struct RawConfig {
     #[serde(default = "default_key_manager")]
     key_manager: RawKeyManager,
     #[serde(default = "default_store")]
-    store: RawPlugin,
+    store: RawStore,
     #[serde(default)]
     federation: RawFederation,
     upstream_authority: Option<RawUpstream>,
@@ -149,6 +149,7 @@ struct RawServer {
     rotation_check_interval: String,
     max_message_bytes: usize,
     max_batch_size: usize,
+    instance_id: String,
 }
 
 impl Default for RawServer {
@@ -162,6 +163,7 @@ impl Default for RawServer {
             rotation_check_interval: "10s".into(),
             max_message_bytes: 1024 * 1024,
             max_batch_size: 500,
+            instance_id: "default".into(),
         }
     }
 }
@@ -250,6 +252,28 @@ pub struct Pkcs11Settings {
     pub key_label_prefix: String,
 }
 
+fn store(s: RawStore) -> Result<StoreKind, ConfigError> {
+    match (s.kind.as_str(), s.connection_string) {
+        ("sled", None) if s.max_connections.is_none() => Ok(StoreKind::Sled),
+        ("sled", _) => Err(ConfigError::Invalid {
+            key: "store.connection_string",
+            reason: "connection_string and max_connections belong to type \"postgres\"".into(),
+        }),
+        ("postgres", Some(connection_string)) => {
+            let max_connections = s.max_connections.unwrap_or(8);
+            if !(1..=256).contains(&max_connections) {
+                return Err(ConfigError::Invalid { key: "store.max_connections", reason: "must be 1 to 256".into() });
+            }
+            Ok(StoreKind::Postgres { connection_string, max_connections })
+        }
+        ("postgres", None) => Err(ConfigError::Missing("store.connection_string")),
+        (other, _) => Err(ConfigError::Invalid {
+            key: "store.type",
+            reason: format!("{other:?}: expected \"sled\" or \"postgres\""),
+        }),
+    }
+}
+
 fn key_manager(k: RawKeyManager) -> Result<KeyManagerKind, ConfigError> {
     let pkcs11_keys = k.module_path.is_some()
         || k.token_label.is_some()
@@ -291,8 +315,17 @@ fn key_manager(k: RawKeyManager) -> Result<KeyManagerKind, ConfigError> {
     }
 }
 
-fn default_store() -> RawPlugin {
-    RawPlugin::named("sled")
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(rename = "type")]
+    kind: String,
+    connection_string: Option<String>,
+    max_connections: Option<usize>,
+}
+
+fn default_store() -> RawStore {
+    RawStore { kind: "sled".into(), connection_string: None, max_connections: None }
 }
 
 /// Which key manager holds the CA keys.
@@ -314,10 +347,30 @@ pub enum NodeAttestorKind {
 }
 
 /// Which store backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreKind {
     /// sled under `<data_dir>/store`.
     Sled,
+    /// PostgreSQL, shared by several server replicas.
+    Postgres {
+        /// libpq connection string or `postgres://` URL (may hold a password: never shown).
+        connection_string: String,
+        /// Connections in the pool.
+        max_connections: usize,
+    },
+}
+
+impl std::fmt::Debug for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKind::Sled => f.write_str("Sled"),
+            StoreKind::Postgres { max_connections, .. } => f
+                .debug_struct("Postgres")
+                .field("connection_string", &"<redacted>")
+                .field("max_connections", max_connections)
+                .finish(),
+        }
+    }
 }
 
 /// `[upstream_authority]`: who signs our X.509 CA.
@@ -534,6 +587,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Most CSRs in one batch.
     pub max_batch_size: usize,
+    /// This replica's name: keys its CA journal in a shared store.
+    pub instance_id: String,
     /// CA settings.
     pub ca: CaConfig,
     /// Key manager.
@@ -849,6 +904,22 @@ impl Config {
                 reason: "must be 4096 to 67108864".into(),
             });
         }
+        let id_ok = !s.instance_id.is_empty()
+            && s.instance_id.len() <= 64
+            && s.instance_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(ConfigError::Invalid {
+                key: "server.instance_id",
+                reason: "1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
+            });
+        }
+        if matches!(raw.store.kind.as_str(), "postgres") && s.instance_id == "default" {
+            return Err(ConfigError::Invalid {
+                key: "server.instance_id",
+                reason: "with a postgres store, give each replica its own instance_id (its CA journal is keyed by it)"
+                    .into(),
+            });
+        }
         if !(1..=10_000).contains(&s.max_batch_size) {
             return Err(ConfigError::Invalid { key: "server.max_batch_size", reason: "must be 1 to 10000".into() });
         }
@@ -864,6 +935,7 @@ impl Config {
             rotation_check_interval: dur("server.rotation_check_interval", &s.rotation_check_interval)?,
             max_message_bytes: s.max_message_bytes,
             max_batch_size: s.max_batch_size,
+            instance_id: s.instance_id,
             ca: CaConfig {
                 key_type,
                 ca_ttl,
@@ -873,15 +945,7 @@ impl Config {
                 max_jwt_svid_ttl,
             },
             key_manager: key_manager(raw.key_manager)?,
-            store: match raw.store.kind.as_str() {
-                "sled" => StoreKind::Sled,
-                other => {
-                    return Err(ConfigError::Invalid {
-                        key: "store.type",
-                        reason: format!("{other:?}: expected \"sled\""),
-                    });
-                }
-            },
+            store: store(raw.store)?,
             federation,
             upstream_authority,
             node_attestors,

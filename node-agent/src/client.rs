@@ -42,6 +42,29 @@ pub async fn connect(addr: &str, tls: rustls::ClientConfig) -> Result<AgentClien
     Ok(AgentClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
+/// Connects to the first server replica that answers, trying `servers` in order from index
+/// `start`; returns the client and the index that answered.
+pub async fn connect_any(
+    servers: &[String],
+    start: usize,
+    tls: rustls::ClientConfig,
+) -> Result<(AgentClient<Channel>, usize), ClientError> {
+    let n = servers.len();
+    let mut last = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        let Some(addr) = servers.get(i) else { continue };
+        match connect(addr, tls.clone()).await {
+            Ok(c) => return Ok((c, i)),
+            Err(e) => {
+                tracing::debug!(server = %addr, error = %e, "Server replica unreachable; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Connect { addr: String::new(), reason: "no server address".into() }))
+}
+
 /// TLS to the server, trusting `bundle`'s roots and presenting `identity` when given.
 pub fn server_tls(
     td: &TrustDomain,

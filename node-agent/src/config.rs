@@ -33,6 +33,7 @@ pub enum ConfigError {
 struct RawConfig {
     trust_domain: Option<String>,
     server_address: Option<String>,
+    server_addresses: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     #[serde(default = "default_socket")]
     socket_path: PathBuf,
@@ -108,8 +109,10 @@ pub enum Bootstrap {
 pub struct Config {
     /// Our trust domain.
     pub trust_domain: TrustDomain,
-    /// The server's Agent API, `host:port`.
+    /// The server's Agent API, `host:port` (the first of `servers`).
     pub server_address: String,
+    /// Every server replica's Agent API, tried in order from the last one that answered.
+    pub servers: Vec<String>,
     /// Where the agent keeps its SVID, key and bundle.
     pub data_dir: PathBuf,
     /// The Workload API + SDS socket.
@@ -138,13 +141,26 @@ impl Config {
         let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
         let trust_domain = TrustDomain::new(&td_raw)
             .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
-        let server_address = raw.server_address.ok_or(ConfigError::Missing("server_address"))?;
-        if !server_address.contains(':') {
-            return Err(ConfigError::Invalid {
-                key: "server_address",
-                reason: format!("{server_address:?}: expected host:port"),
-            });
+        let servers = match (raw.server_address, raw.server_addresses) {
+            (Some(one), None) => vec![one],
+            (None, Some(many)) if !many.is_empty() => many,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "server_addresses",
+                    reason: "set server_address or server_addresses, not both".into(),
+                });
+            }
+            _ => return Err(ConfigError::Missing("server_address")),
+        };
+        for a in &servers {
+            if !a.contains(':') {
+                return Err(ConfigError::Invalid {
+                    key: "server_address",
+                    reason: format!("{a:?}: expected host:port"),
+                });
+            }
         }
+        let server_address = servers.first().cloned().unwrap_or_default();
         let data_dir = raw.data_dir.ok_or(ConfigError::Missing("data_dir"))?;
         let bootstrap = match (raw.trust_bundle_path, raw.insecure_bootstrap) {
             (Some(p), false) => Bootstrap::BundleFile(p),
@@ -207,6 +223,7 @@ impl Config {
         Ok(Config {
             trust_domain,
             server_address,
+            servers,
             data_dir,
             socket_path: raw.socket_path,
             bootstrap,

@@ -10,7 +10,7 @@
 //! Consumers (Workload API, SDS, cert files) read [`Snapshot`]s from a `watch` channel.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::client::{AgentIdentity, ClientError, connect, load_state, save_bundle, save_identity, server_tls};
+use crate::client::{AgentIdentity, ClientError, connect_any, load_state, save_bundle, save_identity, server_tls};
 use crate::config::{Bootstrap, Config};
 
 /// Most CSRs sent in one batch (the server's default limit).
@@ -194,6 +194,8 @@ pub struct Manager {
     tx: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
     synced: AtomicBool,
+    /// Index in `cfg.servers` of the replica to try first.
+    current: AtomicUsize,
     /// Counters.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -258,7 +260,7 @@ async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
         .map_err(|e| AgentError::Attestation(e.to_string()))?;
     let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| AgentError::Key(e.to_string()))?;
-    let mut client = connect(&cfg.server_address, tls).await?;
+    let (mut client, _) = connect_any(&cfg.servers, 0, tls).await?;
     let resp = client
         .attest_agent(pb::AttestAgentRequest {
             data: Some(pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
@@ -314,6 +316,7 @@ impl Manager {
             tx,
             jwt_cache: Mutex::default(),
             synced: AtomicBool::new(false),
+            current: AtomicUsize::new(0),
             metrics: Arc::default(),
         }))
     }
@@ -360,6 +363,9 @@ impl Manager {
                     self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, failures, "Sync with the server failed; serving cached SVIDs");
                     self.inner.lock().await.client = None;
+                    // Next time, start with the next replica.
+                    let n = self.cfg.servers.len().max(1);
+                    let _ = self.current.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
                     Duration::from_secs(1u64 << failures.min(6)).min(self.cfg.sync_interval.max(Duration::from_secs(1)))
                 }
             };
@@ -375,7 +381,8 @@ impl Manager {
             return Ok(c.clone());
         }
         let tls = server_tls(&self.cfg.trust_domain, &inner.bundle, Some(&inner.identity))?;
-        let c = connect(&self.cfg.server_address, tls).await?;
+        let (c, i) = connect_any(&self.cfg.servers, self.current.load(Ordering::Relaxed), tls).await?;
+        self.current.store(i, Ordering::Relaxed);
         inner.client = Some(c.clone());
         Ok(c)
     }

@@ -21,7 +21,7 @@ use tessera_identity::x509::{LeafSpec, ca_params, cert_facts, leaf_params, rando
 use tessera_identity::{Bundle, JwtAuthority, KeyType, PrivateKey, SpiffeId, TrustDomain, unix_now};
 use tessera_plugins::{CaKey, KeyManager, KeyManagerError, MintedX509Ca, UpstreamAuthority};
 use tokio::sync::{Mutex, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::CaConfig;
 use crate::store::{AuditEvent, AuditKind, CaJournal, JwtKeyEntry, SlotStatus, Store, StoreError, X509CaEntry};
@@ -548,6 +548,7 @@ impl Ca {
     pub async fn rotate_once(&self) -> Result<(), CaError> {
         let _g = self.ops.lock().await;
         let now = unix_now();
+        self.refresh_bundle_from_store().await?;
         // New upstream roots are published as soon as the upstream shows them.
         if let Some(up) = &self.upstream {
             match up.roots().await {
@@ -770,7 +771,7 @@ impl Ca {
         };
         self.update_bundle(|b| {
             b.jwt_authorities.retain(|k| !replaced.contains(&k.key_id));
-            b.add_jwt_authority(auth);
+            b.add_jwt_authority(auth.clone());
             true
         })
         .await?;
@@ -849,16 +850,41 @@ impl Ca {
         Ok(())
     }
 
-    /// Applies `change` to our bundle; when it reports a change, bumps the sequence number,
-    /// stores the bundle durably and publishes it.
-    async fn update_bundle(&self, change: impl FnOnce(&mut Bundle) -> bool) -> Result<(), CaError> {
-        let mut b = (*self.bundle()).clone();
-        if !change(&mut b) {
-            return Ok(());
+    /// Applies `change` to the stored bundle of our trust domain; when it reports a change,
+    /// bumps the sequence number and stores it with a compare-and-set on the sequence (server
+    /// replicas sharing a store each add their own CAs), retrying on a concurrent write, then
+    /// publishes it.
+    async fn update_bundle(&self, mut change: impl FnMut(&mut Bundle) -> bool) -> Result<(), CaError> {
+        for _ in 0..16 {
+            let stored = self.store.get_bundle(&self.td).await?;
+            let expected = stored.as_ref().map(|b| b.sequence_number);
+            let mut b = stored.unwrap_or_else(|| (*self.bundle()).clone());
+            if !change(&mut b) {
+                self.publish_if_newer(b);
+                return Ok(());
+            }
+            b.sequence_number += 1;
+            if self.store.compare_and_put_bundle(&b, expected).await? {
+                self.bundle_tx.send_replace(Arc::new(b));
+                return Ok(());
+            }
+            debug!("Bundle changed concurrently (another replica); retrying");
         }
-        b.sequence_number += 1;
-        self.store.put_bundle(&b).await?;
-        self.bundle_tx.send_replace(Arc::new(b));
+        Err(CaError::InvalidState("the bundle kept changing under concurrent writers; try again".into()))
+    }
+
+    fn publish_if_newer(&self, b: Bundle) {
+        if b.sequence_number > self.bundle().sequence_number {
+            info!(sequence = b.sequence_number, roots = b.x509_authorities.len(), "Bundle updated by another replica");
+            self.bundle_tx.send_replace(Arc::new(b));
+        }
+    }
+
+    /// Picks up bundle changes written by other replicas sharing the store.
+    async fn refresh_bundle_from_store(&self) -> Result<(), CaError> {
+        if let Some(b) = self.store.get_bundle(&self.td).await? {
+            self.publish_if_newer(b);
+        }
         Ok(())
     }
 

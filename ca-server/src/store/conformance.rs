@@ -121,6 +121,16 @@ async fn bundles_and_journal(s: &dyn Store) {
     assert_eq!(s.list_bundles().await.unwrap().len(), 1);
     assert!(s.delete_bundle(&td).await.unwrap());
     assert!(!s.delete_bundle(&td).await.unwrap());
+    // Compare-and-set on the sequence: a stale writer loses, and nothing changes.
+    assert!(s.compare_and_put_bundle(&b, None).await.unwrap());
+    assert!(!s.compare_and_put_bundle(&b, None).await.unwrap(), "created twice");
+    let mut next = b.clone();
+    next.sequence_number = 4;
+    assert!(!s.compare_and_put_bundle(&next, Some(2)).await.unwrap(), "stale sequence accepted");
+    assert_eq!(s.get_bundle(&td).await.unwrap().unwrap(), b);
+    assert!(s.compare_and_put_bundle(&next, Some(3)).await.unwrap());
+    assert_eq!(s.get_bundle(&td).await.unwrap().unwrap().sequence_number, 4);
+    assert!(s.delete_bundle(&td).await.unwrap());
 
     let rel = FederationRelationship {
         trust_domain: td.clone(),

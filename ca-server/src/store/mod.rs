@@ -10,6 +10,7 @@ use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 
 pub mod audit;
 pub mod conformance;
+pub mod postgres;
 pub mod records;
 pub mod sled;
 
@@ -90,6 +91,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>>;
     /// Creates or replaces a bundle.
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()>;
+    /// Stores `bundle` only if the stored one has sequence `expected` (`None`: none is
+    /// stored). False when another writer got there first.
+    async fn compare_and_put_bundle(&self, bundle: &Bundle, expected: Option<u64>) -> Result<bool>;
     /// Deletes a bundle; false when absent.
     async fn delete_bundle(&self, td: &TrustDomain) -> Result<bool>;
     /// All bundles.

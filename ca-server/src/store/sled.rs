@@ -39,6 +39,7 @@ pub struct SledStore {
     journal: sled::Tree,
     audit: sled::Tree,
     entry_lock: Mutex<()>,
+    bundle_lock: Mutex<()>,
     audit_lock: Mutex<()>,
 }
 
@@ -95,6 +96,7 @@ impl SledStore {
             audit: t("audit")?,
             db,
             entry_lock: Mutex::new(()),
+            bundle_lock: Mutex::new(()),
             audit_lock: Mutex::new(()),
         })
     }
@@ -288,6 +290,16 @@ impl Store for SledStore {
 
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()> {
         self.put_json(&self.bundles, bundle.trust_domain.as_str().as_bytes(), &StoredBundle::from(bundle)).await
+    }
+
+    async fn compare_and_put_bundle(&self, bundle: &Bundle, expected: Option<u64>) -> Result<bool> {
+        let _g = self.bundle_lock.lock().await;
+        let current = self.get_bundle(&bundle.trust_domain).await?.map(|b| b.sequence_number);
+        if current != expected {
+            return Ok(false);
+        }
+        self.put_bundle(bundle).await?;
+        Ok(true)
     }
 
     async fn delete_bundle(&self, td: &TrustDomain) -> Result<bool> {
