@@ -1169,4 +1169,25 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
             format!("{CONTRACT}[[node_attestor]]\ntype = \"join_token\"\n[[node_attestor]]\ntype = \"join_token\"\n");
         assert!(Config::from_toml(&twice).unwrap_err().to_string().contains("twice"));
     }
+
+    #[test]
+    fn a_postgres_store_needs_a_connection_string_and_an_instance_id() {
+        let pg = |server_extra: &str, store: &str| {
+            Config::from_toml(
+                &CONTRACT
+                    .replace("[server]\n", &format!("[server]\n{server_extra}"))
+                    .replace("[store]\ntype = \"sled\"", &format!("[store]\ntype = \"postgres\"\n{store}")),
+            )
+        };
+        let c = pg("instance_id = \"a\"\n", "connection_string = \"host=db password=s3cret\"").unwrap();
+        assert!(matches!(&c.store, StoreKind::Postgres { max_connections: 8, .. }));
+        assert_eq!(c.instance_id, "a");
+        assert!(!format!("{c:?}").contains("s3cret"), "the connection string shows in Debug");
+        let err = pg("", "connection_string = \"host=db\"").unwrap_err().to_string();
+        assert!(err.contains("server.instance_id"), "{err}");
+        let err = pg("instance_id = \"a\"\n", "").unwrap_err().to_string();
+        assert!(err.contains("store.connection_string"), "{err}");
+        let err = pg("instance_id = \"a b\"\n", "connection_string = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("server.instance_id"), "{err}");
+    }
 }

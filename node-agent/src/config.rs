@@ -277,6 +277,21 @@ health_address = "127.0.0.1:8082"
     }
 
     #[test]
+    fn several_server_addresses_are_accepted_instead_of_one() {
+        let many = CONTRACT.replace(
+            "server_address = \"127.0.0.1:8081\"",
+            "server_addresses = [\"10.0.0.1:8081\", \"10.0.0.2:8081\"]",
+        );
+        let c = Config::from_toml(&many).unwrap();
+        assert_eq!(c.servers, vec!["10.0.0.1:8081".to_owned(), "10.0.0.2:8081".to_owned()]);
+        assert_eq!(c.server_address, "10.0.0.1:8081");
+        let both = format!("{CONTRACT}server_addresses = [\"10.0.0.2:8081\"]\n");
+        assert!(Config::from_toml(&both).unwrap_err().to_string().contains("not both"));
+        let bad = many.replace("10.0.0.2:8081", "nohost");
+        assert!(Config::from_toml(&bad).unwrap_err().to_string().contains("host:port"));
+    }
+
+    #[test]
     fn bootstrap_needs_exactly_one_trust_source() {
         let none = CONTRACT.replace("trust_bundle_path = \"/etc/tessera/bootstrap.pem\"\n", "");
         assert!(Config::from_toml(&none).unwrap_err().to_string().contains("trust_bundle_path"));
