@@ -1,0 +1,329 @@
+//! `tessera-bench-server`: the server's signing throughput and latency at 1, 16 and 64
+//! concurrent clients, next to cfssl (`cfssl serve`, ECDSA P-256 CA, the same CSR pool, the
+//! same concurrency and the same load-generator design: one connection per client, requests
+//! back to back) and to the crypto limit (ring's P-256 CSR verify + certificate signature
+//! rate on one core × the cores), all measured in the same run. Also the cold start of the
+//! server and the agent to ready. Prints a Markdown table.
+//!
+//! Run: `cargo build --release --bins && target/release/tessera-bench-server`.
+//!
+//! Each Tessera request is an Agent API `BatchNewX509Svid` with one CSR over mTLS: CSR check,
+//! signature, and a durable (fsynced) audit record before the answer. Each cfssl request is a
+//! `POST /api/v1/cfssl/sign` with the same CSR (cfssl keeps no audit log).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tessera_e2e::{Mesh, Proc, free_port};
+use tessera_identity::tls::Authorize;
+use tessera_identity::{PrivateKey, SpiffeId};
+use tessera_proto::admin::v1 as admin;
+use tessera_proto::agent::v1 as agent;
+use tessera_proto::agent::v1::agent_client::AgentClient;
+use tessera_proto::types::v1 as types;
+
+const POOL: usize = 256;
+const LEVELS: [usize; 3] = [1, 16, 64];
+const RUN: Duration = Duration::from_secs(4);
+
+struct Stats {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
+    lat.sort();
+    let pick = |q: f64| lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1))).copied();
+    Stats {
+        rate: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50: pick(0.50).unwrap_or_default(),
+        p99: pick(0.99).unwrap_or_default(),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// ring's rate of CSR verify + leaf signature on one core, per second.
+fn crypto_rate(csrs: &[Vec<u8>], id: &SpiffeId) -> Result<f64> {
+    let ca_key = PrivateKey::generate_ec_p256()?.to_rcgen()?;
+    let issuer = rcgen::Issuer::new(tessera_identity::x509::ca_params(id.trust_domain(), 0, 7200, [2; 16])?, &ca_key);
+    let start = Instant::now();
+    let mut n = 0usize;
+    while start.elapsed() < Duration::from_secs(2) {
+        let csr = tessera_identity::csr::CheckedCsr::from_der(&csrs[n % csrs.len()])?;
+        let spec = tessera_identity::x509::LeafSpec {
+            spiffe_id: id,
+            dns_names: &[],
+            rsa_key: false,
+            not_before: 0,
+            not_after: 3600,
+            issuer_not_after: 7200,
+            serial: [1; 16],
+        };
+        tessera_identity::x509::leaf_params(&spec)?.signed_by(csr.public_key(), &issuer)?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Runs `clients` loops for RUN; each loop calls `one(client index, request index)`.
+async fn load<F, Fut>(clients: usize, one: F) -> Result<Stats>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let one = Arc::new(one);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let one = one.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = c;
+            while start.elapsed() < RUN {
+                let t = Instant::now();
+                one(c, i).await?;
+                lat.push(t.elapsed());
+                i += clients;
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(stats(all, start.elapsed()))
+}
+
+/// A cfssl CA (ECDSA P-256, made by cfssl) served by `cfssl serve`.
+fn start_cfssl(dir: &Path) -> Result<(Proc, u16)> {
+    std::fs::write(dir.join("ca-csr.json"), r#"{"CN": "bench root", "key": {"algo": "ecdsa", "size": 256}}"#)?;
+    let out = Command::new("cfssl").args(["gencert", "-initca"]).arg(dir.join("ca-csr.json")).output()?;
+    if !out.status.success() {
+        bail!("cfssl gencert: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    std::fs::write(dir.join("ca.pem"), v["cert"].as_str().context("cert")?)?;
+    std::fs::write(dir.join("ca-key.pem"), v["key"].as_str().context("key")?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"signing": {"default": {"expiry": "1h", "usages": ["digital signature", "key encipherment", "server auth", "client auth"]}}}"#,
+    )?;
+    let port = free_port();
+    let mut cmd = Command::new("cfssl");
+    cmd.args(["serve", "-address", "127.0.0.1", "-port", &port.to_string(), "-loglevel", "5"])
+        .arg(format!("-ca={}", dir.join("ca.pem").display()))
+        .arg(format!("-ca-key={}", dir.join("ca-key.pem").display()))
+        .arg(format!("-config={}", dir.join("config.json").display()));
+    let mut p = Proc::spawn(cmd, dir.join("cfssl.log"));
+    p.wait_until(30, "cfssl serve", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    Ok((p, port))
+}
+
+type CfsslConn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn cfssl_conn(port: u16) -> Result<CfsslConn> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+async fn cfssl_sign(conn: &tokio::sync::Mutex<CfsslConn>, port: u16, body: Bytes) -> Result<()> {
+    let mut c = conn.lock().await;
+    c.ready().await?;
+    let req = hyper::Request::post("/api/v1/cfssl/sign")
+        .header(hyper::header::HOST, format!("127.0.0.1:{port}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))?;
+    let resp = c.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if status != 200 || !bytes.windows(15).any(|w| w == b"\"success\":true") {
+        bail!("cfssl: {status} {}", String::from_utf8_lossy(&bytes));
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let id = SpiffeId::new("spiffe://example.org/bench/w")?;
+
+    // The CSR pool, shared by Tessera, cfssl and the crypto limit.
+    let mut csrs = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        let key = PrivateKey::generate_ec_p256()?;
+        csrs.push(tessera_identity::csr::build_csr(&id, &[], &key)?);
+    }
+    let per_core = {
+        let (c, i) = (csrs.clone(), id.clone());
+        tokio::task::spawn_blocking(move || crypto_rate(&c, &i)).await??
+    };
+    let limit = per_core * cores as f64;
+
+    // Cold starts.
+    let t = Instant::now();
+    let mut mesh = Mesh::start("ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"", "5s");
+    let mesh_ready = t.elapsed();
+    mesh.server.stop();
+    let t = Instant::now();
+    mesh.server.spawn();
+    let server_restart = t.elapsed();
+    let agent_restart = {
+        drop(mesh.agent.take());
+        let t = Instant::now();
+        mesh.start_agent();
+        t.elapsed()
+    };
+
+    // A bench agent attested in-process, and an entry it may sign for.
+    let mut adm = tessera_server::cli::connect_admin(&mesh.server.socket).await?;
+    let token =
+        adm.create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() }).await?.into_inner();
+    let agent_id = SpiffeId::new(&token.agent_id)?;
+    let agent_key = PrivateKey::generate_ec_p256()?;
+    let roots: Vec<rustls::pki_types::CertificateDer<'static>> = adm
+        .get_bundle(admin::GetBundleRequest {})
+        .await?
+        .into_inner()
+        .x509_authorities
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    let server_id = tessera_identity::server_id(id.trust_domain())?;
+    let addr = {
+        let cfg = std::fs::read_to_string(&mesh.agent_config)?;
+        cfg.lines()
+            .find(|l| l.starts_with("server_address"))
+            .and_then(|l| l.split('"').nth(1))
+            .context("server_address")?
+            .to_owned()
+    };
+    let anon = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id.clone()), None)?;
+    let mut c = AgentClient::new(tessera_svc::connect::tls(&addr, anon).await?);
+    let svid = c
+        .attest_agent(agent::AttestAgentRequest {
+            data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
+            csr: tessera_identity::csr::build_csr(&agent_id, &[], &agent_key)?,
+        })
+        .await?
+        .into_inner()
+        .svid
+        .context("svid")?;
+    let entry = adm
+        .create_entry(admin::CreateEntryRequest {
+            entry: Some(types::Entry {
+                spiffe_id: id.to_string(),
+                parent_id: agent_id.to_string(),
+                selectors: vec![types::Selector { r#type: "unix".into(), value: "uid:4242".into() }],
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = svid.cert_chain.into_iter().map(Into::into).collect();
+    let csrs = Arc::new(csrs);
+
+    let cfssl_dir = tempfile::tempdir()?;
+    let (_cfssl, port) = start_cfssl(cfssl_dir.path())?;
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        csrs.iter()
+            .map(|c| {
+                let pem = tessera_identity::pem::encode("CERTIFICATE REQUEST", c);
+                Bytes::from(serde_json::json!({ "certificate_request": pem }).to_string())
+            })
+            .collect(),
+    );
+
+    let mut rows = Vec::new();
+    for clients in LEVELS {
+        // Tessera: one mTLS channel per client.
+        let mut chans = Vec::new();
+        for _ in 0..clients {
+            let tls = tessera_identity::tls::client_config(
+                &roots,
+                Authorize::Id(server_id.clone()),
+                Some((chain.clone(), &agent_key)),
+            )?;
+            chans.push(AgentClient::new(tessera_svc::connect::tls(&addr, tls).await?));
+        }
+        let chans = Arc::new(chans);
+        let (cs, eid) = (csrs.clone(), entry.id.clone());
+        let tessera = load(clients, move |c, i| {
+            let (mut client, csr, eid) = (chans[c].clone(), cs[i % cs.len()].clone(), eid.clone());
+            async move {
+                let r = client
+                    .batch_new_x509_svid(agent::BatchNewX509SvidRequest {
+                        params: vec![agent::X509SvidParams { entry_id: eid, csr }],
+                    })
+                    .await?
+                    .into_inner();
+                match r.results.first().and_then(|x| x.status.as_ref()) {
+                    Some(s) if s.code == 0 => Ok(()),
+                    other => bail!("signing failed: {other:?}"),
+                }
+            }
+        })
+        .await?;
+
+        // cfssl: one keep-alive HTTP/1.1 connection per client.
+        let mut conns = Vec::new();
+        for _ in 0..clients {
+            conns.push(tokio::sync::Mutex::new(cfssl_conn(port).await?));
+        }
+        let conns = Arc::new(conns);
+        let b = bodies.clone();
+        let cfssl = load(clients, move |c, i| {
+            let (conns, body) = (conns.clone(), b[i % b.len()].clone());
+            async move { cfssl_sign(&conns[c], port, body).await }
+        })
+        .await?;
+        rows.push((clients, tessera, cfssl));
+    }
+
+    println!("## Server signing, {} cores, release build, {RUN:?} per level\n", cores);
+    println!(
+        "crypto limit: {:.0}/s ({:.0}/s per core × {cores}: ring P-256 CSR verify + certificate signature)\n",
+        limit, per_core
+    );
+    println!(
+        "| clients | Tessera (Agent API, durable audit) | cfssl serve | Tessera ÷ cfssl | Tessera ÷ crypto limit |"
+    );
+    println!("|---|---|---|---|---|");
+    for (c, t, f) in &rows {
+        println!(
+            "| {c} | {:.0}/s, p50 {}, p99 {} | {:.0}/s, p50 {}, p99 {} | {:.2}× | {:.0} % |",
+            t.rate,
+            ms(t.p50),
+            ms(t.p99),
+            f.rate,
+            ms(f.p50),
+            ms(f.p99),
+            t.rate / f.rate,
+            100.0 * t.rate / limit
+        );
+    }
+    println!();
+    println!("| cold start | measured |");
+    println!("|---|---|");
+    println!(
+        "| server + agent from nothing to the agent's socket answering (fresh data dirs, join token) | {} |",
+        ms(mesh_ready)
+    );
+    println!("| server restart to healthy (existing store and keys) | {} |", ms(server_restart));
+    println!("| agent restart to socket ready (persisted SVID, no token) | {} |", ms(agent_restart));
+    Ok(())
+}
