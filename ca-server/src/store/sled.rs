@@ -40,6 +40,9 @@ pub struct SledStore {
     audit: sled::Tree,
     entry_lock: Mutex<()>,
     bundle_lock: Mutex<()>,
+    /// Writes made so far, and the count covered by the last completed flush.
+    writes: std::sync::atomic::AtomicU64,
+    flushed: Mutex<u64>,
     audit_lock: Mutex<()>,
 }
 
@@ -97,12 +100,25 @@ impl SledStore {
             db,
             entry_lock: Mutex::new(()),
             bundle_lock: Mutex::new(()),
+            writes: std::sync::atomic::AtomicU64::new(0),
+            flushed: Mutex::new(0),
             audit_lock: Mutex::new(()),
         })
     }
 
+    /// Makes every write done before this call durable (fsync), with group commit:
+    /// concurrent callers share one flush. A caller returns only after a flush that started
+    /// after its own write completed.
     async fn durable(&self) -> Result<()> {
-        self.db.flush_async().await.map(|_| ()).map_err(backend)
+        let mine = self.writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= mine {
+            return Ok(());
+        }
+        let target = self.writes.load(std::sync::atomic::Ordering::SeqCst);
+        self.db.flush_async().await.map_err(backend)?;
+        *flushed = target;
+        Ok(())
     }
 
     async fn put_json<T: Serialize + Sync>(&self, tree: &sled::Tree, key: &[u8], v: &T) -> Result<()> {
@@ -337,13 +353,18 @@ impl Store for SledStore {
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord> {
-        let _g = self.audit_lock.lock().await;
-        let last = match self.audit.last().map_err(backend)? {
-            Some((k, v)) => Some(dec::<AuditRecord>(&k, &v)?),
-            None => None,
+        // The chain is extended under the lock; the flush is shared with concurrent appends
+        // (group commit), and the record is acknowledged only once it is durable.
+        let rec = {
+            let _g = self.audit_lock.lock().await;
+            let last = match self.audit.last().map_err(backend)? {
+                Some((k, v)) => Some(dec::<AuditRecord>(&k, &v)?),
+                None => None,
+            };
+            let rec = audit::chain(last.as_ref(), event);
+            self.audit.insert(rec.seq.to_be_bytes(), enc(&rec)?).map_err(backend)?;
+            rec
         };
-        let rec = audit::chain(last.as_ref(), event);
-        self.audit.insert(rec.seq.to_be_bytes(), enc(&rec)?).map_err(backend)?;
         self.durable().await?;
         Ok(rec)
     }

@@ -150,7 +150,8 @@ async fn cfssl_sign(conn: &tokio::sync::Mutex<CfsslConn>, port: u16, body: Bytes
     let resp = c.send_request(req).await?;
     let status = resp.status();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    if status != 200 || !bytes.windows(15).any(|w| w == b"\"success\":true") {
+    let ok = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v["success"] == true);
+    if status != 200 || !ok {
         bail!("cfssl: {status} {}", String::from_utf8_lossy(&bytes));
     }
     Ok(())
