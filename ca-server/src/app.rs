@@ -132,8 +132,14 @@ impl Server {
             .map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
         let store: Arc<dyn Store> = match &cfg.store {
             StoreKind::Sled => Arc::new(SledStore::open(&cfg.data_dir.join("store"))?),
-            StoreKind::Postgres { connection_string, max_connections } => {
-                Arc::new(PostgresStore::open(connection_string, *max_connections).await?)
+            StoreKind::Postgres { connection_string, max_connections, tls_ca_file } => {
+                let ca = match tls_ca_file {
+                    Some(f) => {
+                        Some(std::fs::read(f).map_err(io(format!("cannot read store.tls_ca_file {}", f.display())))?)
+                    }
+                    None => None,
+                };
+                Arc::new(PostgresStore::open_with_tls(connection_string, *max_connections, ca.as_deref()).await?)
             }
         };
         let catalog = Catalog::build(&cfg).await?;

@@ -254,17 +254,17 @@ pub struct Pkcs11Settings {
 
 fn store(s: RawStore) -> Result<StoreKind, ConfigError> {
     match (s.kind.as_str(), s.connection_string) {
-        ("sled", None) if s.max_connections.is_none() => Ok(StoreKind::Sled),
+        ("sled", None) if s.max_connections.is_none() && s.tls_ca_file.is_none() => Ok(StoreKind::Sled),
         ("sled", _) => Err(ConfigError::Invalid {
             key: "store.connection_string",
-            reason: "connection_string and max_connections belong to type \"postgres\"".into(),
+            reason: "connection_string, max_connections and tls_ca_file belong to type \"postgres\"".into(),
         }),
         ("postgres", Some(connection_string)) => {
             let max_connections = s.max_connections.unwrap_or(8);
             if !(1..=256).contains(&max_connections) {
                 return Err(ConfigError::Invalid { key: "store.max_connections", reason: "must be 1 to 256".into() });
             }
-            Ok(StoreKind::Postgres { connection_string, max_connections })
+            Ok(StoreKind::Postgres { connection_string, max_connections, tls_ca_file: s.tls_ca_file })
         }
         ("postgres", None) => Err(ConfigError::Missing("store.connection_string")),
         (other, _) => Err(ConfigError::Invalid {
@@ -322,10 +322,11 @@ struct RawStore {
     kind: String,
     connection_string: Option<String>,
     max_connections: Option<usize>,
+    tls_ca_file: Option<PathBuf>,
 }
 
 fn default_store() -> RawStore {
-    RawStore { kind: "sled".into(), connection_string: None, max_connections: None }
+    RawStore { kind: "sled".into(), connection_string: None, max_connections: None, tls_ca_file: None }
 }
 
 /// Which key manager holds the CA keys.
@@ -357,6 +358,8 @@ pub enum StoreKind {
         connection_string: String,
         /// Connections in the pool.
         max_connections: usize,
+        /// PEM trust anchors: connect over TLS and verify the server against them.
+        tls_ca_file: Option<PathBuf>,
     },
 }
 
@@ -364,10 +367,11 @@ impl std::fmt::Debug for StoreKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreKind::Sled => f.write_str("Sled"),
-            StoreKind::Postgres { max_connections, .. } => f
+            StoreKind::Postgres { max_connections, tls_ca_file, .. } => f
                 .debug_struct("Postgres")
                 .field("connection_string", &"<redacted>")
                 .field("max_connections", max_connections)
+                .field("tls_ca_file", tls_ca_file)
                 .finish(),
         }
     }
@@ -1180,7 +1184,9 @@ bootstrap_bundle_path = "/etc/tessera/b-bundle.json"
             )
         };
         let c = pg("instance_id = \"a\"\n", "connection_string = \"host=db password=s3cret\"").unwrap();
-        assert!(matches!(&c.store, StoreKind::Postgres { max_connections: 8, .. }));
+        assert!(matches!(&c.store, StoreKind::Postgres { max_connections: 8, tls_ca_file: None, .. }));
+        let c = pg("instance_id = \"a\"\n", "connection_string = \"x\"\ntls_ca_file = \"/ca.pem\"").unwrap();
+        assert!(matches!(&c.store, StoreKind::Postgres { tls_ca_file: Some(p), .. } if p.ends_with("ca.pem")));
         assert_eq!(c.instance_id, "a");
         assert!(!format!("{c:?}").contains("s3cret"), "the connection string shows in Debug");
         let err = pg("", "connection_string = \"host=db\"").unwrap_err().to_string();

@@ -16,6 +16,8 @@ pub struct TestPostgres {
     _dir: tempfile::TempDir,
     /// `127.0.0.1:<port>`.
     pub port: u16,
+    /// With TLS on: the CA (PEM) that issued the server's certificate (for `127.0.0.1`).
+    pub ca_pem: Option<String>,
 }
 
 /// Where Debian puts the server binaries (`/usr/lib/postgresql/<major>/bin`).
@@ -44,8 +46,35 @@ fn as_pg_user(program: &Path) -> Command {
 impl TestPostgres {
     /// initdb + postgres; returns once it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The same with TLS on (`ssl=on`), its certificate issued by a fresh test CA.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
+        let ca_pem = tls.then(|| {
+            use std::os::unix::fs::PermissionsExt;
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::default();
+            ca.distinguished_name.push(rcgen::DnType::CommonName, "test database CA");
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let ca_cert = ca.self_signed(&ca_key).unwrap();
+            let issuer = rcgen::Issuer::new(ca, ca_key);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.path().join("server.crt"), cert.pem()).unwrap();
+            std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+            std::fs::set_permissions(dir.path().join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+            ca_cert.pem()
+        });
         if my_uid() == 0 {
             let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
             assert!(ok.success(), "cannot chown the PostgreSQL temp dir to postgres");
@@ -69,6 +98,12 @@ impl TestPostgres {
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
             .arg(dir.path())
             .args(["-c", "fsync=on", "-c", "max_connections=200"]);
+        if tls {
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", dir.path().join("server.crt").display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", dir.path().join("server.key").display()));
+        }
         let log = std::env::temp_dir().join(format!("tessera-pg-{port}.log"));
         let mut proc = Proc::spawn(cmd, log);
         let ready = || {
@@ -78,7 +113,7 @@ impl TestPostgres {
                 .is_ok_and(|o| o.status.success())
         };
         proc.wait_until(60, "postgres", ready);
-        Self { _proc: proc, _dir: dir, port }
+        Self { _proc: proc, _dir: dir, port, ca_pem }
     }
 
     /// A new database and the connection string for it.

@@ -96,3 +96,21 @@ async fn postgres_passes_the_store_conformance_suite_and_holds_up_between_replic
     let dbg = format!("{:?}", PostgresStore::open(&format!("{url} password=hunter2"), 1).await.unwrap());
     assert!(!dbg.contains("hunter2"), "{dbg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_verifies_the_server_and_can_be_required() {
+    let pg = tokio::task::spawn_blocking(TestPostgres::start_tls).await.unwrap();
+    let ca = pg.ca_pem.clone().unwrap();
+    let url = format!("{} sslmode=require", pg.database("tls"));
+    let s = PostgresStore::open_with_tls(&url, 2, Some(ca.as_bytes())).await.unwrap();
+    s.create_join_token(&JoinToken { token: "t".into(), expires_at: 1 }).await.unwrap();
+    // The session really is encrypted.
+    let ssl = pg.psql("tls", "SELECT count(*) FROM pg_stat_ssl WHERE ssl");
+    assert!(ssl.trim().parse::<u32>().unwrap() >= 2, "no TLS sessions: {ssl}");
+    // Another CA: the server is not trusted.
+    let other = rcgen::CertificateParams::default().self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem();
+    let err = PostgresStore::open_with_tls(&url, 1, Some(other.as_bytes())).await.unwrap_err().to_string();
+    assert!(err.contains("postgres"), "{err}");
+    // sslmode=require without TLS settings is refused rather than sent in the clear.
+    assert!(PostgresStore::open(&url, 1).await.is_err());
+}

@@ -8,8 +8,11 @@
 //! drawing their revision, so commit order equals revision order and an incremental sync
 //! never skips a change; audit appends take another, so the hash chain has one tail.
 //!
-//! What it is not: no TLS to the database yet (use a local socket or a trusted network), no
-//! read replicas.
+//! TLS to the database is optional: with trust anchors configured, connections use
+//! tokio-rustls (ring, like the rest of Tessera) and verify the server's certificate and host
+//! name; put `sslmode=require` in the connection string to refuse a server without TLS.
+//!
+//! What it is not: no client-certificate authentication to the database, no read replicas.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,18 +86,105 @@ fn natural_key(e: &Entry) -> String {
 /// A few connections, each used by one caller at a time (transactions need that).
 struct Pool {
     url: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
     conns: Vec<Arc<Mutex<Client>>>,
     next: AtomicUsize,
 }
 
-async fn connect(url: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(backend)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "PostgreSQL connection ended");
+async fn connect(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Client> {
+    let client = match tls {
+        None => {
+            let (client, conn) = tokio_postgres::connect(url, NoTls).await.map_err(backend)?;
+            tokio::spawn(drive(conn));
+            client
         }
-    });
+        Some(cfg) => {
+            let (client, conn) = tokio_postgres::connect(url, tls::MakeRustls(cfg.clone())).await.map_err(backend)?;
+            tokio::spawn(drive(conn));
+            client
+        }
+    };
     Ok(client)
+}
+
+async fn drive<F: std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>>(conn: F) {
+    if let Err(e) = conn.await {
+        tracing::warn!(error = %e, "PostgreSQL connection ended");
+    }
+}
+
+/// tokio-postgres over tokio-rustls.
+mod tls {
+    use std::future::Future;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+    /// Makes a TLS connector per connection, for the host being connected to.
+    #[derive(Clone)]
+    pub struct MakeRustls(pub Arc<rustls::ClientConfig>);
+
+    impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MakeTlsConnect<S> for MakeRustls {
+        type Stream = Stream<S>;
+        type TlsConnect = Connect;
+        type Error = io::Error;
+
+        fn make_tls_connect(&mut self, domain: &str) -> io::Result<Connect> {
+            let name = ServerName::try_from(domain.to_owned()).map_err(io::Error::other)?;
+            Ok(Connect { cfg: self.0.clone(), name })
+        }
+    }
+
+    /// One TLS handshake.
+    pub struct Connect {
+        cfg: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsConnect<S> for Connect {
+        type Stream = Stream<S>;
+        type Error = io::Error;
+        type Future = Pin<Box<dyn Future<Output = io::Result<Stream<S>>> + Send>>;
+
+        fn connect(self, stream: S) -> Self::Future {
+            Box::pin(async move {
+                let s = tokio_rustls::TlsConnector::from(self.cfg).connect(self.name, stream).await?;
+                Ok(Stream(s))
+            })
+        }
+    }
+
+    /// A TLS connection to PostgreSQL.
+    pub struct Stream<S>(tokio_rustls::client::TlsStream<S>);
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream for Stream<S> {
+        fn channel_binding(&self) -> ChannelBinding {
+            ChannelBinding::none()
+        }
+    }
 }
 
 impl Pool {
@@ -122,7 +212,7 @@ impl Pool {
             }
         };
         if g.is_closed() {
-            *g = connect(&self.url).await?;
+            *g = connect(&self.url, self.tls.as_ref()).await?;
         }
         Ok(g)
     }
@@ -144,11 +234,33 @@ impl PostgresStore {
     /// Connects `connections` times to `url` (a libpq connection string or URL) and applies
     /// the migrations this version knows.
     pub async fn open(url: &str, connections: usize) -> Result<Self> {
+        Self::open_with_tls(url, connections, None).await
+    }
+
+    /// The same, over TLS verified against `ca_pem` (PEM trust anchors) when given.
+    pub async fn open_with_tls(url: &str, connections: usize, ca_pem: Option<&[u8]>) -> Result<Self> {
+        let tls = match ca_pem {
+            None => None,
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in tessera_identity::pem::decode_certs(pem)
+                    .map_err(|e| StoreError::Backend(format!("database CA file: {e}")))?
+                {
+                    roots.add(c).map_err(|e| StoreError::Backend(format!("database CA file: {e}")))?;
+                }
+                let cfg = rustls::ClientConfig::builder_with_provider(tessera_identity::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(Arc::new(cfg))
+            }
+        };
         let mut conns = Vec::new();
         for _ in 0..connections.max(1) {
-            conns.push(Arc::new(Mutex::new(connect(url).await?)));
+            conns.push(Arc::new(Mutex::new(connect(url, tls.as_ref()).await?)));
         }
-        let store = Self { pool: Pool { url: url.to_owned(), conns, next: AtomicUsize::new(0) } };
+        let store = Self { pool: Pool { url: url.to_owned(), tls, conns, next: AtomicUsize::new(0) } };
         store.migrate().await?;
         Ok(store)
     }
