@@ -90,8 +90,32 @@ impl ExternalUpstream {
             h.name.clone_from(&r.name);
             h.pid = r.child.id();
         });
+        me.subscribe_roots(&r).await;
         *me.running.lock().await = Some(r);
         Ok(me)
+    }
+
+    /// Follows the plugin's roots with `SubscribeRoots` (when it offers it).
+    async fn subscribe_roots(&self, r: &Running) {
+        let mut c = r.client.clone();
+        match tokio::time::timeout(self.settings.call_timeout, c.subscribe_roots(pb::SubscribeRootsRequest {})).await {
+            Ok(Ok(resp)) => {
+                let mut stream = resp.into_inner();
+                let sink = self.roots.sink();
+                self.roots.follow(async move {
+                    while let Ok(Some(m)) = stream.message().await {
+                        if sink.set(m.upstream_x509_roots) {
+                            info!(roots = sink.get().len(), "Upstream roots updated by the plugin");
+                        }
+                    }
+                });
+            }
+            Ok(Err(e)) if e.code() == tonic::Code::Unimplemented => {
+                info!("The plugin does not offer SubscribeRoots; root updates come with each mint");
+            }
+            Ok(Err(e)) => warn!(error = %e.message(), "SubscribeRoots failed"),
+            Err(_) => warn!("SubscribeRoots timed out"),
+        }
     }
 
     fn set_health(&self, f: impl FnOnce(&mut PluginHealth)) {
@@ -234,6 +258,7 @@ impl ExternalUpstream {
                         h.pid = r.child.id();
                         h.name.clone_from(&r.name);
                     });
+                    self.subscribe_roots(&r).await;
                     *self.running.lock().await = Some(r);
                 }
                 Err(e) => {

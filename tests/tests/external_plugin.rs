@@ -15,6 +15,11 @@ use tessera_e2e::{Proc, ServerProc, bin, free_port, http_get, server_config};
 
 /// A cfssl CA made by cfssl itself, served by `cfssl serve` with a profile that issues CAs.
 fn start_cfssl(dir: &Path) -> (Proc, u16, String) {
+    start_cfssl_at(dir, free_port())
+}
+
+/// The same on `port`, with a fresh CA.
+fn start_cfssl_at(dir: &Path, port: u16) -> (Proc, u16, String) {
     std::fs::write(dir.join("ca-csr.json"), r#"{"CN": "Corp cfssl Root", "key": {"algo": "ecdsa", "size": 256}}"#)
         .unwrap();
     let out = Command::new("cfssl")
@@ -34,7 +39,6 @@ fn start_cfssl(dir: &Path) -> (Proc, u16, String) {
             "ca_constraint": {"is_ca": true, "max_path_len": 0, "max_path_len_zero": true}}}}}"#,
     )
     .unwrap();
-    let port = free_port();
     let mut cmd = Command::new("cfssl");
     cmd.args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
         .arg(format!("-ca={}", dir.join("ca.pem").display()))
@@ -64,15 +68,16 @@ fn metric(health: &str, name: &str) -> Option<u64> {
 #[test]
 fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_dies() {
     let dir = tempfile::tempdir().unwrap();
-    let (_cfssl, port, cfssl_root) = start_cfssl(dir.path());
+    let (cfssl, port, cfssl_root) = start_cfssl(dir.path());
     let plugin = bin("tessera-upstream-cfssl");
     let health_port = free_port();
     let health = format!("127.0.0.1:{health_port}");
     let base = server_config(dir.path(), "ca_ttl = \"24h\"")
-        .replace("health_address = \"127.0.0.1:0\"", &format!("health_address = \"{health}\""));
+        .replace("health_address = \"127.0.0.1:0\"", &format!("health_address = \"{health}\""))
+        .replace("[server]\n", "[server]\nrotation_check_interval = \"1s\"\n");
     let upstream = |checksum: &str| {
         format!(
-            "{base}[upstream_authority]\ntype = \"external\"\ncommand = \"{}\"\nchecksum = \"{checksum}\"\ncall_timeout = \"10s\"\n[upstream_authority.plugin_config]\nurl = \"http://127.0.0.1:{port}\"\nprofile = \"intermediate\"\n",
+            "{base}[upstream_authority]\ntype = \"external\"\ncommand = \"{}\"\nchecksum = \"{checksum}\"\ncall_timeout = \"10s\"\n[upstream_authority.plugin_config]\nurl = \"http://127.0.0.1:{port}\"\nprofile = \"intermediate\"\npoll_seconds = 1\n",
             plugin.display()
         )
     };
@@ -128,9 +133,27 @@ fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_die
         assert!(Instant::now() < deadline, "plugin not restarted: {}", server.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The restarted plugin signs the next CA.
+    // cfssl gets a new root: the restarted plugin's SubscribeRoots stream carries it into our
+    // bundle before anything is signed under it.
+    drop(cfssl);
+    let new_dir = dir.path().join("cfssl2");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let (_cfssl2, _, new_root) = start_cfssl_at(&new_dir, port);
+    let new_der = tessera_identity::pem::decode_certs(new_root.as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = tessera_identity::pem::decode_certs(server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
+        if b.contains(&new_der[0]) {
+            assert!(b.contains(&cfssl_der[0]), "the old root left the bundle too early");
+            break;
+        }
+        assert!(Instant::now() < deadline, "cfssl's new root never reached the bundle: {}", server.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The restarted plugin signs the next CA, now under cfssl's new root.
     server.cli_ok(&["localauthority", "x509", "prepare"]);
     server.cli_ok(&["localauthority", "x509", "activate"]);
+    std::fs::copy(new_dir.join("ca.pem"), dir.path().join("ca.pem")).unwrap();
     assert_eq!(verify("svid3"), 2);
     assert!(server.log().contains("External plugin is down"), "{}", server.log());
 }

@@ -120,36 +120,56 @@ impl UpstreamAuthority for Cfssl {
                 .map_err(Status::unavailable)?;
         let ours = pem_to_der(signed["certificate"].as_str().unwrap_or_default()).map_err(Status::internal)?;
         let ca = root(&s).await.map_err(Status::unavailable)?;
-        let (tx, rx) = mpsc::channel(4);
         let first = pb::MintX509CaResponse { x509_ca_chain: vec![ours], upstream_x509_roots: vec![ca.clone()] };
-        tx.send(Ok(first)).await.map_err(|_| Status::cancelled("client went away"))?;
-        // Root updates: poll cfssl's CA and send the new set when it changes.
-        tokio::spawn(async move {
-            let mut current = ca;
-            loop {
-                tokio::time::sleep(s.poll).await;
-                if tx.is_closed() {
-                    break;
-                }
-                match root(&s).await {
-                    Ok(now) if now != current => {
-                        // The previous root stays trusted while our CAs under it are valid.
-                        let update = pb::MintX509CaResponse {
-                            x509_ca_chain: vec![],
-                            upstream_x509_roots: vec![now.clone(), current.clone()],
-                        };
-                        if tx.send(Ok(update)).await.is_err() {
-                            break;
-                        }
-                        current = now;
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("tessera-upstream-cfssl: polling cfssl's CA: {e}"),
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(follow_roots(s, ca, first).await?))
     }
+
+    type SubscribeRootsStream = ReceiverStream<Result<pb::MintX509CaResponse, Status>>;
+
+    async fn subscribe_roots(
+        &self,
+        _r: Request<pb::SubscribeRootsRequest>,
+    ) -> Result<Response<Self::SubscribeRootsStream>, Status> {
+        let s = self.settings.read().await.clone().ok_or_else(|| Status::failed_precondition("not configured"))?;
+        let ca = root(&s).await.map_err(Status::unavailable)?;
+        let first = pb::MintX509CaResponse { x509_ca_chain: vec![], upstream_x509_roots: vec![ca.clone()] };
+        Ok(Response::new(follow_roots(s, ca, first).await?))
+    }
+}
+
+/// Sends `first`, then polls cfssl's CA and sends the new root set whenever it changes.
+async fn follow_roots(
+    s: Settings,
+    ca: Vec<u8>,
+    first: pb::MintX509CaResponse,
+) -> Result<ReceiverStream<Result<pb::MintX509CaResponse, Status>>, Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(Ok(first)).await.map_err(|_| Status::cancelled("client went away"))?;
+    tokio::spawn(async move {
+        let mut current = ca;
+        loop {
+            tokio::time::sleep(s.poll).await;
+            if tx.is_closed() {
+                break;
+            }
+            match root(&s).await {
+                Ok(now) if now != current => {
+                    // The previous root stays trusted while our CAs under it are valid.
+                    let update = pb::MintX509CaResponse {
+                        x509_ca_chain: vec![],
+                        upstream_x509_roots: vec![now.clone(), current.clone()],
+                    };
+                    if tx.send(Ok(update)).await.is_err() {
+                        break;
+                    }
+                    current = now;
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("tessera-upstream-cfssl: polling cfssl's CA: {e}"),
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
 }
 
 #[tokio::main(flavor = "current_thread")]
