@@ -349,6 +349,38 @@ enum AgentCmd {
 enum AuditCmd {
     /// Verify the hash chain; reports the first broken link.
     Verify,
+    /// List audit records, oldest first, filtered by SPIFFE ID, caller and time.
+    Show {
+        /// Only records about this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only records made for this caller (an agent ID, `admin`, `attestor`).
+        #[arg(long)]
+        caller: Option<String>,
+        /// Not before: a duration ago (`1h`, `30m`) or Unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Not after: a duration ago or Unix seconds.
+        #[arg(long)]
+        until: Option<String>,
+        /// Start at this sequence number (paging).
+        #[arg(long, default_value_t = 0)]
+        from_seq: u64,
+        /// At most this many records (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// Unix milliseconds for `--since`/`--until`: a duration ago, or Unix seconds.
+fn when_ms(s: &Option<String>) -> anyhow::Result<i64> {
+    let Some(s) = s else { return Ok(0) };
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs.saturating_mul(1000));
+    }
+    let ago =
+        humantime::parse_duration(s).map_err(|e| anyhow!("{s:?} is neither a duration (1h) nor Unix seconds: {e}"))?;
+    Ok((unix_now() - i64::try_from(ago.as_secs()).unwrap_or(i64::MAX)).saturating_mul(1000))
 }
 
 /// Entry point for the binary.
@@ -478,6 +510,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         )
                     })
                     .collect()
+            });
+            Ok(())
+        }
+        Cmd::Audit(AuditCmd::Show { spiffe_id, caller, since, until, from_seq, limit }) => {
+            let r = c
+                .list_audit(pb::ListAuditRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    caller: caller.unwrap_or_default(),
+                    since_ms: when_ms(&since)?,
+                    until_ms: when_ms(&until)?,
+                    from_seq,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            let rows: Vec<Value> = r
+                .records
+                .iter()
+                .map(|a| {
+                    json!({"seq": a.seq, "at_ms": a.at_ms, "kind": a.kind, "spiffe_id": a.spiffe_id, "serial": a.serial,
+                           "not_after": a.not_after, "caller": a.caller, "detail": a.detail, "hash": a.hash})
+                })
+                .collect();
+            out.print(json!({"records": rows, "next_seq": r.next_seq}), || {
+                let mut s = String::new();
+                for a in &r.records {
+                    s.push_str(&format!(
+                        "{:>6}  {}  {:<14}  {}  serial={}  caller={}{}\n",
+                        a.seq,
+                        a.at_ms / 1000,
+                        a.kind,
+                        a.spiffe_id,
+                        if a.serial.is_empty() { "-" } else { &a.serial },
+                        a.caller,
+                        if a.detail.is_empty() { String::new() } else { format!("  ({})", a.detail) }
+                    ));
+                }
+                if r.next_seq != 0 {
+                    s.push_str(&format!("More: --from-seq {}\n", r.next_seq));
+                }
+                s
             });
             Ok(())
         }

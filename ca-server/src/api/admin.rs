@@ -462,4 +462,53 @@ impl Admin for AdminService {
             head: v.head,
         }))
     }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> R<pb::ListAuditResponse> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n => usize::try_from(n).unwrap_or(1000).min(1000),
+        };
+        let matches = |rec: &crate::store::AuditRecord| {
+            let e = &rec.event;
+            (r.spiffe_id.is_empty() || e.spiffe_id == r.spiffe_id)
+                && (r.caller.is_empty() || e.caller == r.caller)
+                && (r.since_ms == 0 || e.at_ms >= r.since_ms)
+                && (r.until_ms == 0 || e.at_ms <= r.until_ms)
+        };
+        // A scan of the chain from `from_seq`, a page at a time: O(records read).
+        let mut records = Vec::new();
+        let mut next = r.from_seq.max(1);
+        let mut next_seq = 0;
+        'scan: loop {
+            let page = self.issuance.store.audit_range(next, 1024).await.map_err(ApiError::from)?;
+            let Some(last) = page.last() else { break };
+            next = last.seq + 1;
+            for rec in &page {
+                if !matches(rec) {
+                    continue;
+                }
+                if records.len() == limit {
+                    next_seq = rec.seq;
+                    break 'scan;
+                }
+                let kind = serde_json::to_value(rec.event.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                records.push(pb::AuditEntry {
+                    seq: rec.seq,
+                    at_ms: rec.event.at_ms,
+                    kind,
+                    spiffe_id: rec.event.spiffe_id.clone(),
+                    serial: rec.event.serial.clone(),
+                    not_after: rec.event.not_after,
+                    caller: rec.event.caller.clone(),
+                    detail: rec.event.detail.clone(),
+                    hash: rec.hash.clone(),
+                });
+            }
+        }
+        Ok(Response::new(pb::ListAuditResponse { records, next_seq }))
+    }
 }
