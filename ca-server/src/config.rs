@@ -150,6 +150,8 @@ struct RawServer {
     max_message_bytes: usize,
     max_batch_size: usize,
     instance_id: String,
+    rate_limit_svids_per_second: f64,
+    rate_limit_attestations_per_minute: f64,
 }
 
 impl Default for RawServer {
@@ -164,6 +166,8 @@ impl Default for RawServer {
             max_message_bytes: 1024 * 1024,
             max_batch_size: 500,
             instance_id: "default".into(),
+            rate_limit_svids_per_second: 1000.0,
+            rate_limit_attestations_per_minute: 60.0,
         }
     }
 }
@@ -593,6 +597,10 @@ pub struct Config {
     pub max_batch_size: usize,
     /// This replica's name: keys its CA journal in a shared store.
     pub instance_id: String,
+    /// SVIDs (X.509 and JWT) one agent may have signed per second; 0 = unlimited.
+    pub rate_limit_svids_per_second: f64,
+    /// Attestation attempts per minute from one IP address; 0 = unlimited.
+    pub rate_limit_attestations_per_minute: f64,
     /// CA settings.
     pub ca: CaConfig,
     /// Key manager.
@@ -924,6 +932,14 @@ impl Config {
                     .into(),
             });
         }
+        for (key, v) in [
+            ("server.rate_limit_svids_per_second", s.rate_limit_svids_per_second),
+            ("server.rate_limit_attestations_per_minute", s.rate_limit_attestations_per_minute),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(ConfigError::Invalid { key, reason: "must be 0 (unlimited) or a positive number".into() });
+            }
+        }
         if !(1..=10_000).contains(&s.max_batch_size) {
             return Err(ConfigError::Invalid { key: "server.max_batch_size", reason: "must be 1 to 10000".into() });
         }
@@ -940,6 +956,8 @@ impl Config {
             max_message_bytes: s.max_message_bytes,
             max_batch_size: s.max_batch_size,
             instance_id: s.instance_id,
+            rate_limit_svids_per_second: s.rate_limit_svids_per_second,
+            rate_limit_attestations_per_minute: s.rate_limit_attestations_per_minute,
             ca: CaConfig {
                 key_type,
                 ca_ttl,

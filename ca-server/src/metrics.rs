@@ -47,6 +47,10 @@ pub struct Metrics {
     pub jwt_issued: ResultCounter,
     /// Agent attestations.
     pub attestations: ResultCounter,
+    /// Signing calls refused by the per-agent rate limit.
+    pub rate_limited_svids: std::sync::atomic::AtomicU64,
+    /// Attestations refused by the per-IP rate limit.
+    pub rate_limited_attestations: std::sync::atomic::AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -85,6 +89,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP tessera_server_rate_limited_total Agent API calls refused by a rate limit.\n# TYPE tessera_server_rate_limited_total counter\ntessera_server_rate_limited_total{{limit=\"svids_per_agent\"}} {}\ntessera_server_rate_limited_total{{limit=\"attestations_per_ip\"}} {}",
+            self.rate_limited_svids.load(Ordering::Relaxed),
+            self.rate_limited_attestations.load(Ordering::Relaxed)
+        );
         if let Some(p) = &g.plugin {
             let _ = writeln!(
                 out,

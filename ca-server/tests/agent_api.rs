@@ -362,3 +362,51 @@ async fn attestation_types_the_server_does_not_run_are_refused_and_consume_nothi
     anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap();
     t.stop().await;
 }
+
+#[tokio::test]
+async fn signing_and_attestation_are_rate_limited_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "").replace(
+        "[server]\n",
+        "[server]\nrate_limit_svids_per_second = 2\nrate_limit_attestations_per_minute = 3\nmax_batch_size = 2\n",
+    );
+    let mut t = TestServer::start_text(dir, &text).await;
+    let mut a = t.attested_agent().await;
+    let e = t.create_entry("spiffe://example.org/limited", &a.id.to_string()).await;
+    let batch = |n: usize| agent::BatchNewX509SvidRequest {
+        params: (0..n)
+            .map(|_| agent::X509SvidParams { entry_id: e.id.clone(), csr: csr_for("spiffe://example.org/limited") })
+            .collect(),
+    };
+    // The burst is one batch (2); the next call inside the same second is refused whole.
+    a.client.batch_new_x509_svid(batch(2)).await.unwrap();
+    let err = a.client.batch_new_x509_svid(batch(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("rate limit"), "{}", err.message());
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    a.client.batch_new_x509_svid(batch(1)).await.unwrap();
+
+    // Attestation: 3 a minute from one IP (one used above); then refused, token untouched.
+    t.attested_agent().await;
+    t.attested_agent().await;
+    let token = t.join_token(None).await;
+    let mut anon = t.anonymous_channel().await;
+    let err = anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let (_, metrics) = tokio::task::spawn_blocking({
+        let addr = t.server().health_addr;
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            ((), out)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(metrics.contains("tessera_server_rate_limited_total{limit=\"svids_per_agent\"} 1"), "{metrics}");
+    assert!(metrics.contains("tessera_server_rate_limited_total{limit=\"attestations_per_ip\"} 1"), "{metrics}");
+    t.stop().await;
+}

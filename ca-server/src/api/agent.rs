@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::convert::{bundle_to_pb, entry_to_pb};
+use super::limits::RateLimiter;
 use super::{ApiError, Issuance, X509Request};
 use crate::attest::NodeAttestor;
 use crate::config::Config;
@@ -31,6 +32,8 @@ pub struct AgentService {
     issuance: Issuance,
     cfg: Arc<Config>,
     attestors: Arc<Vec<Arc<dyn NodeAttestor>>>,
+    svid_limit: Arc<RateLimiter<SpiffeId>>,
+    attest_limit: Arc<RateLimiter<std::net::IpAddr>>,
 }
 
 /// An authenticated calling agent.
@@ -42,7 +45,32 @@ struct Caller {
 impl AgentService {
     /// A service over the shared issuance path.
     pub fn new(issuance: Issuance, cfg: Arc<Config>, attestors: Vec<Arc<dyn NodeAttestor>>) -> Self {
-        Self { issuance, cfg, attestors: Arc::new(attestors) }
+        // A second's worth of SVIDs, and never less than one full batch, may come at once.
+        let svid_rate = cfg.rate_limit_svids_per_second;
+        let svid_limit = RateLimiter::new(svid_rate, svid_rate.max(cfg.max_batch_size as f64));
+        let attest_rate = cfg.rate_limit_attestations_per_minute / 60.0;
+        let attest_limit = RateLimiter::new(attest_rate, cfg.rate_limit_attestations_per_minute.max(1.0));
+        Self {
+            issuance,
+            cfg,
+            attestors: Arc::new(attestors),
+            svid_limit: Arc::new(svid_limit),
+            attest_limit: Arc::new(attest_limit),
+        }
+    }
+
+    /// Spends `n` SVIDs of the caller's signing budget, or refuses the call.
+    async fn spend_svids(&self, caller: &SpiffeId, n: usize) -> Result<(), ApiError> {
+        if self.svid_limit.check(caller, n as f64) {
+            return Ok(());
+        }
+        self.issuance.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let e = ApiError::ResourceExhausted(format!(
+            "agent {caller} is over its signing rate limit ({} SVIDs/s); retry later",
+            self.cfg.rate_limit_svids_per_second
+        ));
+        self.issuance.deny(caller, &caller.to_string(), &e).await;
+        Err(e)
     }
 
     /// Authenticates the caller from its TLS client certificate and the agent record.
@@ -125,6 +153,18 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::AttestAgentRequest>,
     ) -> Result<Response<pb::AttestAgentResponse>, Status> {
+        let ip = req.extensions().get::<super::tls::PeerCerts>().and_then(|p| p.1);
+        if let Some(ip) = ip
+            && !self.attest_limit.check(&ip, 1.0)
+        {
+            self.issuance.metrics.rate_limited_attestations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.issuance.metrics.attestations.failed(&ApiError::ResourceExhausted(String::new()));
+            return Err(ApiError::ResourceExhausted(format!(
+                "too many attestation attempts from {ip} ({}/min); retry later",
+                self.cfg.rate_limit_attestations_per_minute
+            ))
+            .into());
+        }
         let r = req.into_inner();
         let data = r.data.ok_or_else(|| ApiError::InvalidArgument("attestation data is required".into()))?;
         let attestor = self.attestors.iter().find(|a| a.kind() == data.r#type).ok_or_else(|| {
@@ -241,6 +281,7 @@ impl Agent for AgentService {
             ))
             .into());
         }
+        self.spend_svids(&caller.id, params.len()).await?;
         let authorized = self.authorized(&caller.id).await?;
         let caller_s = caller.id.to_string();
         let mut results = Vec::with_capacity(params.len());
@@ -289,6 +330,7 @@ impl Agent for AgentService {
         req: Request<pb::NewJwtSvidRequest>,
     ) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
         let caller = self.caller(&req).await?;
+        self.spend_svids(&caller.id, 1).await?;
         let r = req.into_inner();
         let authorized = self.authorized(&caller.id).await?;
         let entry = authorized.get(&r.entry_id).ok_or_else(|| {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent;
 pub mod convert;
+pub mod limits;
 pub mod tls;
 
 use std::sync::Arc;

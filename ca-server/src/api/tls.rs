@@ -161,10 +161,10 @@ impl AgentTls {
     }
 }
 
-/// The peer certificates of an Agent API connection, available to handlers as a request
-/// extension.
+/// The peer of an Agent API connection, available to handlers as a request extension: its
+/// certificates and its IP address.
 #[derive(Debug, Clone)]
-pub struct PeerCerts(pub Option<Arc<Vec<CertificateDer<'static>>>>);
+pub struct PeerCerts(pub Option<Arc<Vec<CertificateDer<'static>>>>, pub Option<std::net::IpAddr>);
 
 /// An accepted Agent API connection: TLS over TCP, exposing the client's certificates.
 #[derive(Debug)]
@@ -179,6 +179,7 @@ impl tonic::transport::server::Connected for AgentConn {
                 .1
                 .peer_certificates()
                 .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+            self.0.get_ref().0.peer_addr().ok().map(|a| a.ip()),
         )
     }
 }

@@ -62,14 +62,19 @@ impl TestServer {
 
     /// A server for `td` with `extra_ca` as the `[ca]` body and `tail` appended to the config.
     pub async fn start_full(td: &str, extra_ca: &str, tail: &str) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "{}\n{}",
             config_text_for(td, dir.path(), extra_ca),
             tail.replace("$DIR", &dir.path().display().to_string())
         );
-        let cfg = Config::from_toml(&text).unwrap();
+        Self::start_text(dir, &text).await
+    }
+
+    /// A server with exactly `text` as its config, its files in `dir`.
+    pub async fn start_text(dir: tempfile::TempDir, text: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cfg = Config::from_toml(text).unwrap();
         let server = Server::start(cfg).await.unwrap();
         let admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
         Self { server: Some(server), dir, admin }
