@@ -471,9 +471,7 @@ impl Store for PostgresStore {
     async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>> {
         let stored: Option<StoredBundle> =
             self.get_body("SELECT body FROM bundles WHERE trust_domain = $1", td.as_str()).await?;
-        stored
-            .map(|s| s.into_bundle().map_err(|reason| StoreError::Corrupt { key: td.to_string(), reason }))
-            .transpose()
+        stored.map(StoredBundle::decode).transpose()
     }
 
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()> {
@@ -513,13 +511,7 @@ impl Store for PostgresStore {
 
     async fn list_bundles(&self) -> Result<Vec<Bundle>> {
         let stored: Vec<StoredBundle> = self.all_bodies("SELECT body FROM bundles ORDER BY trust_domain").await?;
-        stored
-            .into_iter()
-            .map(|s| {
-                let td = s.trust_domain.to_string();
-                s.into_bundle().map_err(|reason| StoreError::Corrupt { key: td, reason })
-            })
-            .collect()
+        stored.into_iter().map(StoredBundle::decode).collect()
     }
 
     async fn put_federation(&self, rel: &FederationRelationship) -> Result<()> {

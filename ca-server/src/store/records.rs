@@ -248,6 +248,12 @@ impl From<&tessera_identity::Bundle> for StoredBundle {
 }
 
 impl StoredBundle {
+    /// The bundle, or `Corrupt` naming its trust domain.
+    pub(crate) fn decode(self) -> Result<tessera_identity::Bundle, super::StoreError> {
+        let td = self.trust_domain.to_string();
+        self.into_bundle().map_err(|reason| super::StoreError::Corrupt { key: td, reason })
+    }
+
     pub(crate) fn into_bundle(self) -> Result<tessera_identity::Bundle, String> {
         use base64::Engine;
         let e = base64::engine::general_purpose::STANDARD;

@@ -301,7 +301,7 @@ impl Store for SledStore {
     async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>> {
         let key = td.as_str().as_bytes();
         let Some(stored) = Self::get_json::<StoredBundle>(&self.bundles, key)? else { return Ok(None) };
-        stored.into_bundle().map(Some).map_err(|reason| StoreError::Corrupt { key: td.to_string(), reason })
+        stored.decode().map(Some)
     }
 
     async fn put_bundle(&self, bundle: &Bundle) -> Result<()> {
@@ -323,13 +323,7 @@ impl Store for SledStore {
     }
 
     async fn list_bundles(&self) -> Result<Vec<Bundle>> {
-        Self::all_json::<StoredBundle>(&self.bundles)?
-            .into_iter()
-            .map(|s| {
-                let td = s.trust_domain.to_string();
-                s.into_bundle().map_err(|reason| StoreError::Corrupt { key: td, reason })
-            })
-            .collect()
+        Self::all_json::<StoredBundle>(&self.bundles)?.into_iter().map(StoredBundle::decode).collect()
     }
 
     async fn put_federation(&self, rel: &FederationRelationship) -> Result<()> {
