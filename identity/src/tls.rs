@@ -171,6 +171,24 @@ pub fn client_config(
     Ok(cfg)
 }
 
+/// Where Debian (and most distributions) keep the system's Web PKI trust anchors.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A Web PKI client config (host name checked, no client certificate) trusting the PEM
+/// certificates in `ca_pem`, for control-plane peers: bundle endpoints (`https_web`), Vault,
+/// PostgreSQL.
+pub fn web_client_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in crate::pem::decode_certs(ca_pem).map_err(|e| TlsError::BadRoot(e.to_string()))? {
+        roots.add(c).map_err(|e| TlsError::BadRoot(e.to_string()))?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Verifiers that skip authentication. Only for an agent's first contact with
 /// `insecure_bootstrap = true`, which the docs mark as development-only.
 pub mod danger {

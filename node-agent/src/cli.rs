@@ -208,12 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
             let agent = crate::app::Agent::start(cfg).await?;
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("cannot install SIGTERM handler")?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
             agent.shutdown().await;
             Ok(())
         }

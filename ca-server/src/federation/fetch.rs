@@ -5,14 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use tessera_identity::SpiffeId;
-use tessera_identity::tls::Authorize;
+use tessera_identity::tls::{Authorize, SYSTEM_CA_FILE, web_client_config};
 use tessera_svc::http::{Request, Url};
-
-/// The system CA bundle used for `https_web` peers without their own `ca_bundle_path`.
-const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// A bundle endpoint URL: `https` only.
 pub fn parse_url(url: &str) -> Result<Url, String> {
@@ -48,15 +44,7 @@ fn tls_config(trust: Trust) -> Result<rustls::ClientConfig, String> {
         Trust::Web { ca_file } => {
             let path = ca_file.unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
             let pem = std::fs::read(&path).map_err(|e| format!("cannot read CA bundle {}: {e}", path.display()))?;
-            let mut roots = RootCertStore::empty();
-            for c in tessera_identity::pem::decode_certs(&pem).map_err(|e| format!("{}: {e}", path.display()))? {
-                roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
-            }
-            rustls::ClientConfig::builder_with_provider(tessera_identity::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth()
+            web_client_config(&pem).map_err(|e| format!("{}: {e}", path.display()))?
         }
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -241,20 +241,10 @@ impl PostgresStore {
     pub async fn open_with_tls(url: &str, connections: usize, ca_pem: Option<&[u8]>) -> Result<Self> {
         let tls = match ca_pem {
             None => None,
-            Some(pem) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in tessera_identity::pem::decode_certs(pem)
-                    .map_err(|e| StoreError::Backend(format!("database CA file: {e}")))?
-                {
-                    roots.add(c).map_err(|e| StoreError::Backend(format!("database CA file: {e}")))?;
-                }
-                let cfg = rustls::ClientConfig::builder_with_provider(tessera_identity::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| StoreError::Backend(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                Some(Arc::new(cfg))
-            }
+            Some(pem) => Some(Arc::new(
+                tessera_identity::tls::web_client_config(pem)
+                    .map_err(|e| StoreError::Backend(format!("database CA file: {e}")))?,
+            )),
         };
         let mut conns = Vec::new();
         for _ in 0..connections.max(1) {

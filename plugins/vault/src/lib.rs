@@ -141,18 +141,9 @@ impl VaultUpstream {
     pub fn new(cfg: VaultConfig) -> Result<Self, UpstreamError> {
         let base = Url::parse(&cfg.address).map_err(cfg_err)?;
         let tls = if base.tls {
-            let path = cfg.ca_cert_file.clone().unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+            let path = cfg.ca_cert_file.clone().unwrap_or_else(|| tessera_identity::tls::SYSTEM_CA_FILE.into());
             let pem = std::fs::read(&path).map_err(|e| cfg_err(format!("cannot read {}: {e}", path.display())))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in tessera_identity::pem::decode_certs(&pem).map_err(|e| cfg_err(e.to_string()))? {
-                roots.add(c).map_err(|e| cfg_err(e.to_string()))?;
-            }
-            let c = rustls::ClientConfig::builder_with_provider(tessera_identity::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| cfg_err(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            Some(Arc::new(c))
+            Some(Arc::new(tessera_identity::tls::web_client_config(&pem).map_err(|e| cfg_err(e.to_string()))?))
         } else {
             None
         };
