@@ -277,3 +277,23 @@ async fn audit_records_are_listed_by_spiffe_id_caller_time_and_page() {
     assert!(all.records.len() >= 3);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn only_software_ec_ca_keys_sign_on_the_async_worker() {
+    let ec = TestServer::start().await;
+    assert!(ec.server().ca.signs_inline(), "a software P-256 CA should sign inline");
+    ec.stop().await;
+    let mut rsa =
+        TestServer::start_with("key_type = \"rsa-2048\"\nca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"").await;
+    assert!(!rsa.server().ca.signs_inline(), "an RSA CA must sign on the blocking pool");
+    // And it still signs.
+    let id = "spiffe://example.org/rsa-signed";
+    let r = rsa
+        .admin
+        .mint_x509_svid(admin::MintX509SvidRequest { spiffe_id: id.into(), csr: csr_for(id), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    verify_chain(&r.svid.unwrap().cert_chain, &r.bundle, id).unwrap();
+    rsa.stop().await;
+}

@@ -50,6 +50,11 @@ pub trait CaKey: Send + Sync + fmt::Debug {
     fn public_key_raw(&self) -> &[u8];
     /// Signs `msg` as X.509 expects: DER ECDSA, or RSA PKCS#1 v1.5 with SHA-256.
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyManagerError>;
+    /// True when `sign` waits on something outside the process (an HSM round trip): callers
+    /// must not run it on an async worker. Software keys answer false.
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 /// Holds the CA's keys.

@@ -86,6 +86,9 @@ struct X509Authority {
     /// Certificates that follow a leaf in an SVID chain (empty for a self-signed CA).
     chain_tail: Vec<Vec<u8>>,
     issuer: Issuer<'static, KeySigner>,
+    /// Signing takes microseconds in this process (a software EC key): cheaper on an async
+    /// worker than a hop to the blocking pool. False for RSA and for HSM keys.
+    quick: bool,
 }
 
 struct JwtSigner {
@@ -318,12 +321,13 @@ impl Ca {
         chain: Vec<Vec<u8>>,
     ) -> Result<X509Authority, CaError> {
         let alg = key.key_type().signature_algorithm();
+        let quick = !key.blocks() && !key.key_type().is_rsa();
         let cert = chain.first().ok_or_else(|| CaError::InvalidState("authority without certificate".into()))?;
         let issuer = Issuer::from_ca_cert_der(&cert.as_slice().into(), KeySigner { key, alg })
             .map_err(|e| CaError::Signing(e.to_string()))?;
         // Self-signed: nothing follows the leaf. Upstream-signed: our CA and its intermediates.
         let chain_tail = if chain.len() > 1 { chain[..chain.len() - 1].to_vec() } else { Vec::new() };
-        Ok(X509Authority { entry, chain_tail, issuer })
+        Ok(X509Authority { entry, chain_tail, issuer, quick })
     }
 
     /// The out-of-process upstream plugin's state, if there is one.
@@ -364,6 +368,12 @@ impl Ca {
     }
 
     /// The active X.509 CA's notAfter, Unix seconds.
+    /// True when the active X.509 CA signs quickly in process (a software EC key), so one
+    /// CSR may be checked and signed on an async worker; otherwise use the blocking pool.
+    pub fn signs_inline(&self) -> bool {
+        self.active_x509().is_ok_and(|a| a.quick)
+    }
+
     pub fn active_x509_not_after(&self) -> Option<i64> {
         self.state.read().ok()?.x509_active.as_ref().map(|a| a.entry.not_after)
     }

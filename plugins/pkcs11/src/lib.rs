@@ -303,6 +303,10 @@ impl CaKey for Pkcs11Key {
         &self.public_raw
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyManagerError> {
         let fail = |e: String| {
             tracing::warn!(slot = %self.id, error = %e, "HSM signature failed");

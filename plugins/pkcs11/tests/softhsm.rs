@@ -64,6 +64,7 @@ async fn keys_stay_in_the_token_across_reopen_and_a_wrong_pin_is_refused() {
     assert!(Pkcs11KeyManager::open(&missing).unwrap_err().to_string().contains("no token labelled"));
     let km = Pkcs11KeyManager::open(&t.config()).unwrap();
     let key = km.generate_key("x509-CA-A", KeyType::EcP384).await.unwrap();
+    assert!(key.blocks(), "an HSM key must be signed with off the async workers");
     let sig = key.sign(b"hello").unwrap();
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_ASN1, key.public_key_raw())
         .verify(b"hello", &sig)
