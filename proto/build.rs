@@ -9,6 +9,7 @@ fn main() -> io::Result<()> {
         "proto/tessera/admin/v1/admin.proto",
         "proto/tessera/plugin/v1/upstream.proto",
         "proto/spiffe/workload.proto",
+        "proto/istio/v1/auth/ca.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tessera_proto::admin::v1::admin_server::AdminServer;
 use tessera_proto::agent::v1::agent_server::AgentServer;
+use tessera_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,6 +26,7 @@ use crate::config::{Config, ServingProfile, StoreKind};
 use crate::federation::Federation;
 use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
+use crate::istio::IstioCa;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
@@ -63,6 +65,9 @@ pub enum StartError {
     /// The bundle endpoint's certificate or TLS settings are unusable.
     #[error("bundle endpoint: {0}")]
     BundleEndpoint(String),
+    /// The Istio CA API cannot start (a cluster's kubeconfig or JWKS).
+    #[error("istio: {0}")]
+    Istio(String),
     /// Another server holds the admin socket.
     #[error("admin socket {0} is in use by another server")]
     SocketInUse(PathBuf),
@@ -82,6 +87,8 @@ pub struct Server {
     pub health_addr: SocketAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// Where the Istio CA API listens, when configured.
+    pub istio_addr: Option<SocketAddr>,
     /// Where the SPIFFE bundle endpoint listens, when configured.
     pub bundle_endpoint_addr: Option<SocketAddr>,
     /// The keeper of federated bundles.
@@ -169,7 +176,8 @@ impl Server {
 
         // Agent API: TCP + rustls, then tonic.
         let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);
-        let tls = AgentTls::new(&ca, server_svid_ttl)?;
+        let dns_names = cfg.istio.as_ref().map(|i| i.dns_names.clone()).unwrap_or_default();
+        let tls = AgentTls::new(&ca, server_svid_ttl, dns_names)?;
         let server_identity = tls.identity();
         tasks.spawn(
             tls.clone()
@@ -184,7 +192,7 @@ impl Server {
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
-        let incoming_tls = incoming(listener, tls, 1024);
+        let incoming_tls = incoming(listener, tls.clone(), 1024);
         tasks.spawn(
             async move {
                 let res = tonic::transport::Server::builder()
@@ -200,6 +208,39 @@ impl Server {
             }
             .instrument(info_span!("agent_api")),
         );
+
+        // Istio's CA API: the same TLS (server SVID with the istio DNS names, optional client
+        // certificates checked against our bundle), its own listener.
+        let istio_addr = match &cfg.istio {
+            None => None,
+            Some(ic) => {
+                let svc = IstioCa::new(issuance.clone(), ic.clone()).await?;
+                let l = TcpListener::bind(ic.address)
+                    .await
+                    .map_err(io(format!("cannot bind the Istio CA API on {}", ic.address)))?;
+                let a = l.local_addr().map_err(io("Istio CA API address"))?;
+                let server = IstioCertificateServiceServer::new(svc).max_decoding_message_size(64 * 1024);
+                let incoming_tls = incoming(l, tls.clone(), 1024);
+                let mut rx = shutdown_rx.clone();
+                tasks.spawn(
+                    async move {
+                        let res = tonic::transport::Server::builder()
+                            .timeout(std::time::Duration::from_secs(30))
+                            .add_service(server)
+                            .serve_with_incoming_shutdown(incoming_tls, async move {
+                                let _ = rx.changed().await;
+                            })
+                            .await;
+                        if let Err(e) = res {
+                            tracing::error!(error = %e, "Istio CA API stopped");
+                        }
+                    }
+                    .instrument(info_span!("istio_ca")),
+                );
+                info!(address = %a, "Istio CA API listening");
+                Some(a)
+            }
+        };
 
         // Federation: peers' bundles on their schedule, and our bundle endpoint.
         let federation = Arc::new(Federation::new(cfg.trust_domain.clone(), store.clone()));
@@ -264,6 +305,7 @@ impl Server {
             agent_api_addr,
             health_addr,
             admin_socket: cfg.admin_socket.clone(),
+            istio_addr,
             bundle_endpoint_addr,
             federation,
             ca,

@@ -55,6 +55,7 @@ struct RawConfig {
     federation: RawFederation,
     upstream_authority: Option<RawUpstream>,
     node_attestor: Option<Vec<RawPlugin>>,
+    istio: Option<crate::istio::config::RawIstio>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -613,6 +614,8 @@ pub struct Config {
     pub upstream_authority: Option<UpstreamConfig>,
     /// Node attestors, each at most once; `join_token` when the config names none.
     pub node_attestors: Vec<NodeAttestorKind>,
+    /// The Istio CA API, when served.
+    pub istio: Option<crate::istio::config::IstioConfig>,
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -971,6 +974,7 @@ impl Config {
             federation,
             upstream_authority,
             node_attestors,
+            istio: raw.istio.map(crate::istio::config::RawIstio::validate).transpose()?,
         })
     }
 

@@ -22,5 +22,6 @@ pub mod config;
 pub mod external;
 pub mod federation;
 pub mod health;
+pub mod istio;
 pub mod metrics;
 pub mod store;

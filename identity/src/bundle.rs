@@ -202,6 +202,32 @@ impl Bundle {
     }
 }
 
+/// Reads a plain JWKS (RFC 7517), such as a Kubernetes API server's service-account issuer
+/// keys: every key with a `kid` becomes `(kid, SubjectPublicKeyInfo DER)`. Keys for encryption
+/// (`"use": "enc"`) are skipped; any other defect is an error naming the key.
+pub fn jwks_signing_keys(doc: &[u8]) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
+    if doc.len() > MAX_BUNDLE_JSON_LEN {
+        return Err(BundleError::TooLarge(doc.len()));
+    }
+    let v: Value = serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
+    let keys = v
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| BundleError::Malformed("missing \"keys\" array".into()))?;
+    let mut out = Vec::with_capacity(keys.len());
+    for (index, k) in keys.iter().enumerate() {
+        let bad = |reason: &str| BundleError::BadKey { index, reason: reason.to_owned() };
+        let k = k.as_object().ok_or_else(|| bad("not an object"))?;
+        if k.get("use").and_then(Value::as_str) == Some("enc") {
+            continue;
+        }
+        let kid =
+            k.get("kid").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| bad("key without kid"))?;
+        out.push((kid.to_owned(), jwk_to_spki(k).map_err(|r| bad(&r))?));
+    }
+    Ok(out)
+}
+
 fn b64u(b: &[u8]) -> Value {
     Value::String(URL_SAFE_NO_PAD.encode(b))
 }

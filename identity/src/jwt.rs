@@ -143,13 +143,14 @@ pub fn peek_claims(token: &str) -> Result<Claims, JwtError> {
     serde_json::from_slice(&cb).map_err(|_| JwtError::Malformed("claims are not JWT-SVID JSON"))
 }
 
-/// Validates `token` for `audience` at time `now`, with keys from `bundle_for`.
-pub fn validate<'b>(
+/// Verifies the signature of a compact JWS with the key (SubjectPublicKeyInfo DER) that
+/// `key_for` returns for the header's `kid`, and returns the decoded payload. Only the
+/// asymmetric algorithms of the JWT-SVID spec are accepted; `alg` must match the key's type.
+/// Checks no claim: the caller does.
+pub fn verify_jws(
     token: &str,
-    audience: &str,
-    now: i64,
-    bundle_for: impl Fn(&TrustDomain) -> Option<&'b Bundle>,
-) -> Result<ValidJwtSvid, JwtError> {
+    key_for: impl FnOnce(Option<&str>) -> Result<Vec<u8>, JwtError>,
+) -> Result<Vec<u8>, JwtError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwtError::TooLarge);
     }
@@ -159,14 +160,11 @@ pub fn validate<'b>(
     };
     let hb = URL_SAFE_NO_PAD.decode(h).map_err(|_| JwtError::Malformed("header is not base64url"))?;
     let header: Header = serde_json::from_slice(&hb).map_err(|_| JwtError::Malformed("header is not JSON"))?;
-    let claims = peek_claims(token)?;
+    let payload = URL_SAFE_NO_PAD.decode(c).map_err(|_| JwtError::Malformed("payload is not base64url"))?;
     let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed("signature is not base64url"))?;
-    let kid = header.kid.ok_or(JwtError::MissingKeyId)?;
-    let spiffe_id = SpiffeId::new(&claims.sub).map_err(|_| JwtError::BadSubject)?;
-    let bundle =
-        bundle_for(spiffe_id.trust_domain()).ok_or_else(|| JwtError::NoBundle(spiffe_id.trust_domain().to_string()))?;
-    let key = bundle.jwt_authority(&kid).ok_or_else(|| JwtError::UnknownKey(kid.clone()))?;
-    let (_, spki) = SubjectPublicKeyInfo::from_der(&key.public_key).map_err(|_| JwtError::KeyMismatch(kid.clone()))?;
+    let kid = header.kid.clone().unwrap_or_default();
+    let key = key_for(header.kid.as_deref())?;
+    let (_, spki) = SubjectPublicKeyInfo::from_der(&key).map_err(|_| JwtError::KeyMismatch(kid.clone()))?;
     let alg: &'static dyn signature::VerificationAlgorithm = match (header.alg.as_str(), spki.parsed()) {
         ("ES256", Ok(x509_parser::public_key::PublicKey::EC(p))) if p.data().len() == 65 => {
             &signature::ECDSA_P256_SHA256_FIXED
@@ -190,6 +188,27 @@ pub fn validate<'b>(
     UnparsedPublicKey::new(alg, spki.subject_public_key.as_ref())
         .verify(signed.as_bytes(), &sig)
         .map_err(|_| JwtError::BadSignature)?;
+    Ok(payload)
+}
+
+/// Validates `token` for `audience` at time `now`, with keys from `bundle_for`.
+pub fn validate<'b>(
+    token: &str,
+    audience: &str,
+    now: i64,
+    bundle_for: impl Fn(&TrustDomain) -> Option<&'b Bundle>,
+) -> Result<ValidJwtSvid, JwtError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(JwtError::TooLarge);
+    }
+    let claims = peek_claims(token)?;
+    let spiffe_id = SpiffeId::new(&claims.sub).map_err(|_| JwtError::BadSubject)?;
+    let bundle =
+        bundle_for(spiffe_id.trust_domain()).ok_or_else(|| JwtError::NoBundle(spiffe_id.trust_domain().to_string()))?;
+    verify_jws(token, |kid| {
+        let kid = kid.ok_or(JwtError::MissingKeyId)?;
+        Ok(bundle.jwt_authority(kid).ok_or_else(|| JwtError::UnknownKey(kid.to_owned()))?.public_key.clone())
+    })?;
     if claims.exp <= now {
         return Err(JwtError::Expired);
     }

@@ -50,6 +50,20 @@ pub fn decode_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError
     Ok(certs)
 }
 
+/// Decodes exactly one `CERTIFICATE REQUEST` (PKCS#10) block, as Istio's CA API and
+/// cert-manager send CSRs; anything before or after the block is refused.
+pub fn decode_csr(pem: &[u8]) -> Result<Vec<u8>, PemError> {
+    let mut blocks = rustls_pki_types::CertificateSigningRequestDer::pem_slice_iter(pem);
+    let first = match blocks.next() {
+        Some(b) => b.map_err(|e| PemError::Invalid(e.to_string()))?,
+        None => return Err(PemError::Missing("CERTIFICATE REQUEST")),
+    };
+    if blocks.next().is_some() {
+        return Err(PemError::Invalid("more than one CERTIFICATE REQUEST block".into()));
+    }
+    Ok(first.as_ref().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +83,15 @@ mod tests {
         let cut = &pem[..pem.len() - 10];
         assert!(decode_certs(cut.as_bytes()).is_err());
         assert!(matches!(decode_certs(b"hello").unwrap_err(), PemError::Missing(_)));
+    }
+
+    #[test]
+    fn one_csr_block_is_decoded_and_anything_else_refused() {
+        let one = encode("CERTIFICATE REQUEST", &[1, 2, 3]);
+        assert_eq!(decode_csr(one.as_bytes()).unwrap(), vec![1, 2, 3]);
+        assert!(matches!(decode_csr(encode("CERTIFICATE", &[1]).as_bytes()), Err(PemError::Missing(_))));
+        let two = format!("{one}{one}");
+        assert!(matches!(decode_csr(two.as_bytes()), Err(PemError::Invalid(_))));
+        assert!(decode_csr(&one.as_bytes()[..one.len() - 12]).is_err());
     }
 }

@@ -39,6 +39,18 @@ pub mod plugin {
     }
 }
 
+/// Istio's CA API (`istio.v1.auth.IstioCertificateService`), served by the server for
+/// istio-agent and ztunnel.
+pub mod istio {
+    /// Version 1.
+    pub mod v1 {
+        /// Certificate signing.
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
+
 /// The SPIFFE Workload API (the spec's proto has no package).
 pub mod workload {
     tonic::include_proto!("_");

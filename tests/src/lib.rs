@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod envoy;
+pub mod fake_k8s;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};

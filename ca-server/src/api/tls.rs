@@ -30,6 +30,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct ServerIdentity {
     current: RwLock<Option<(Arc<CertifiedKey>, i64, i64)>>,
+    dns_names: Vec<String>,
 }
 
 impl ResolvesServerCert for ServerIdentity {
@@ -39,8 +40,8 @@ impl ResolvesServerCert for ServerIdentity {
 }
 
 impl ServerIdentity {
-    fn new() -> Self {
-        Self { current: RwLock::new(None) }
+    fn new(dns_names: Vec<String>) -> Self {
+        Self { current: RwLock::new(None), dns_names }
     }
 
     /// Re-issues the server SVID when missing, past half life, or issued by another CA.
@@ -56,7 +57,7 @@ impl ServerIdentity {
         {
             return Ok(false);
         }
-        let (svid, key) = ca.issue_own_svid(id, ttl)?;
+        let (svid, key) = ca.issue_own_svid(id, &self.dns_names, ttl)?;
         let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key.to_rustls())
             .map_err(|e| CaError::Signing(e.to_string()))?;
@@ -107,9 +108,10 @@ fn server_config(bundle: &Bundle, identity: Arc<ServerIdentity>) -> Result<Arc<r
 }
 
 impl AgentTls {
-    /// Issues the first server SVID and builds the first configuration.
-    pub fn new(ca: &Ca, ttl: Duration) -> Result<Arc<Self>, CaError> {
-        let identity = Arc::new(ServerIdentity::new());
+    /// Issues the first server SVID (with `dns_names` as DNS SANs, for clients that check a
+    /// host name, such as istio-agent) and builds the first configuration.
+    pub fn new(ca: &Ca, ttl: Duration, dns_names: Vec<String>) -> Result<Arc<Self>, CaError> {
+        let identity = Arc::new(ServerIdentity::new(dns_names));
         let id = tessera_identity::server_id(ca.trust_domain()).map_err(|e| CaError::InvalidState(e.to_string()))?;
         identity.refresh(ca, &id, ttl)?;
         let tls = Arc::new(Self { identity, config: RwLock::new(None) });

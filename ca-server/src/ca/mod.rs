@@ -427,10 +427,15 @@ impl Ca {
     }
 
     /// Issues an SVID for a key this process holds (the server's own TLS identity).
-    pub fn issue_own_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<(IssuedX509, PrivateKey), CaError> {
+    pub fn issue_own_svid(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(IssuedX509, PrivateKey), CaError> {
         let key = PrivateKey::generate_ec_p256().map_err(|e| CaError::Signing(e.to_string()))?;
         let kp = key.to_rcgen().map_err(|e| CaError::Signing(e.to_string()))?;
-        let issued = self.sign_leaf(id, &[], &kp, false, Some(ttl))?;
+        let issued = self.sign_leaf(id, dns_names, &kp, false, Some(ttl))?;
         Ok((issued, key))
     }
 

@@ -1,0 +1,366 @@
+//! Istio's CA API: `istio.v1.auth.IstioCertificateService/CreateCertificate`, so that
+//! istio-agent and ztunnel get their workload certificates from Tessera instead of istiod.
+//!
+//! A caller is authenticated by, first success wins: a client certificate (an unexpired SVID
+//! `spiffe://<td>/ns/<ns>/sa/<sa>` from us, for renewal); a Kubernetes service-account token
+//! (`authorization: Bearer`), validated for the cluster the `clusterid` header names, online
+//! by TokenReview or offline against the issuer's JWKS. The certificate is for
+//! `spiffe://<td>/ns/<ns>/sa/<sa>`, and the CSR must ask for exactly that URI SAN and nothing
+//! else. A trusted node account (ztunnel) may ask for another service account's identity
+//! (`metadata.ImpersonatedIdentity`) when that account has a pod on the caller's node.
+//!
+//! What it is not: no istiod features (no XDS, no `istio-ca-root-cert` here: see
+//! `tessera_k8s::publish`).
+
+pub mod config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use tessera_identity::SpiffeId;
+use tessera_identity::csr::{CheckedCsr, CsrError};
+use tessera_k8s::jwks::{JwksSource, JwksValidator};
+use tessera_k8s::review::TokenReviewer;
+use tessera_k8s::token::parse_istio_identity;
+use tessera_k8s::{ClusterClient, ServiceAccountToken, TokenAuthenticator};
+use tessera_proto::istio::v1::auth as pb;
+use tessera_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use self::config::{IstioCluster, IstioConfig, TokenValidation};
+use crate::api::{ApiError, Issuance, X509Request};
+use crate::app::StartError;
+use crate::store::AuditKind;
+
+/// The metadata key ztunnel sets to ask for another workload's certificate.
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// The header naming the caller's cluster.
+const CLUSTER_ID_HEADER: &str = "clusterid";
+
+/// One cluster: how its tokens are validated, and its API server when reachable.
+struct Cluster {
+    id: String,
+    tokens: Arc<dyn TokenAuthenticator>,
+    api: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("id", &self.id).field("api", &self.api.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// Who called.
+#[derive(Debug)]
+struct Caller {
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    id: SpiffeId,
+    namespace: String,
+    service_account: String,
+    /// Set when authenticated by token: the token's facts and its cluster.
+    token: Option<(ServiceAccountToken, usize)>,
+    /// For the audit log.
+    label: String,
+}
+
+/// The Istio CA service.
+#[derive(Debug, Clone)]
+pub struct IstioCa {
+    issuance: Issuance,
+    cfg: Arc<IstioConfig>,
+    clusters: Arc<Vec<Cluster>>,
+}
+
+async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
+    let bad = |e: tessera_k8s::K8sError| StartError::Istio(format!("cluster {}: {e}", c.cluster_id));
+    let api = match (&c.validation, &c.kubeconfig) {
+        (TokenValidation::TokenReview, kc) => Some(tessera_k8s::connect(kc.as_deref()).await.map_err(bad)?),
+        (TokenValidation::Jwks { .. }, Some(kc)) => Some(tessera_k8s::connect(Some(kc)).await.map_err(bad)?),
+        (TokenValidation::Jwks { .. }, None) => None,
+    };
+    let tokens: Arc<dyn TokenAuthenticator> = match &c.validation {
+        TokenValidation::TokenReview => {
+            let client = api.clone().ok_or_else(|| StartError::Istio("unreachable".into()))?;
+            Arc::new(TokenReviewer::new(ClusterClient { name: c.cluster_id.clone(), client }, c.audiences.clone()))
+        }
+        TokenValidation::Jwks { path, url, ca_file, issuer } => {
+            let source = match (path, url) {
+                (Some(p), _) => JwksSource::File(p.clone()),
+                (None, Some(u)) => {
+                    let roots =
+                        std::fs::read(ca_file.as_deref().unwrap_or(tessera_identity::tls::SYSTEM_CA_FILE.as_ref()))
+                            .map_err(|e| StartError::Istio(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
+                    let tls = tessera_identity::tls::web_client_config(&roots)
+                        .map_err(|e| StartError::Istio(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
+                    JwksSource::Url { url: u.clone(), tls: Some(Arc::new(tls)) }
+                }
+                (None, None) => return Err(StartError::Istio(format!("cluster {}: no JWKS source", c.cluster_id))),
+            };
+            Arc::new(JwksValidator::new(source, issuer.clone(), c.audiences.clone()).await.map_err(bad)?)
+        }
+    };
+    Ok(Cluster { id: c.cluster_id.clone(), tokens, api })
+}
+
+fn csr_refusal(e: CsrError) -> ApiError {
+    match e {
+        CsrError::TooLarge(_) | CsrError::Malformed | CsrError::BadSignature | CsrError::UnsupportedKey(_) => {
+            ApiError::InvalidArgument(e.to_string())
+        }
+        _ => ApiError::PermissionDenied(e.to_string()),
+    }
+}
+
+/// The strict CSR check (as istio-csr): exactly the identity as URI SAN, no other SAN.
+fn strict_csr(der: &[u8], id: &SpiffeId) -> Result<CheckedCsr, ApiError> {
+    let csr = CheckedCsr::from_der(der).map_err(csr_refusal)?;
+    csr.check_names(id, &[]).map_err(csr_refusal)?;
+    if csr.uris().is_empty() {
+        return Err(ApiError::PermissionDenied(format!("CSR must ask for URI SAN {id}")));
+    }
+    Ok(csr)
+}
+
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+impl IstioCa {
+    /// Connects to every configured cluster (or reads its JWKS).
+    pub async fn new(issuance: Issuance, cfg: IstioConfig) -> Result<Self, StartError> {
+        let mut clusters = Vec::with_capacity(cfg.clusters.len());
+        for c in &cfg.clusters {
+            clusters.push(build_cluster(c).await?);
+        }
+        Ok(Self { issuance, cfg: Arc::new(cfg), clusters: Arc::new(clusters) })
+    }
+
+    fn td(&self) -> &tessera_identity::TrustDomain {
+        self.issuance.ca.trust_domain()
+    }
+
+    /// The caller from its client certificate, when it presented an Istio identity of ours.
+    fn by_certificate<T>(&self, req: &Request<T>) -> Result<Option<Caller>, ApiError> {
+        let Some(certs) = req.extensions().get::<crate::api::tls::PeerCerts>().and_then(|p| p.0.clone()) else {
+            return Ok(None);
+        };
+        let Some(leaf) = certs.first() else { return Ok(None) };
+        let facts = tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
+        let Some(id) = facts.spiffe_id() else { return Ok(None) };
+        let Some((ns, sa)) = parse_istio_identity(&id, self.td()).map(|(n, s)| (n.to_owned(), s.to_owned())) else {
+            return Ok(None);
+        };
+        Ok(Some(Caller { label: format!("istio:cert:{id}"), id, namespace: ns, service_account: sa, token: None }))
+    }
+
+    /// The caller from its service-account token and `clusterid` header.
+    async fn by_token<T>(&self, req: &Request<T>, token: &str) -> Result<Caller, ApiError> {
+        let header = req.metadata().get(CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty());
+        let index = match header {
+            Some(name) => self.clusters.iter().position(|c| c.id == name).ok_or_else(|| {
+                let known: Vec<&str> = self.clusters.iter().map(|c| c.id.as_str()).collect();
+                ApiError::Unauthenticated(format!(
+                    "cluster {name:?} (clusterid header) is not configured; known clusters: {}",
+                    known.join(", ")
+                ))
+            })?,
+            None if self.clusters.len() == 1 => 0,
+            None => {
+                return Err(ApiError::Unauthenticated(
+                    "no clusterid header, and several clusters are configured: name the caller's cluster".into(),
+                ));
+            }
+        };
+        let cluster = &self.clusters[index];
+        let sat = cluster.tokens.authenticate(token).await.map_err(|e| match e {
+            tessera_k8s::K8sError::Unauthenticated(m) => {
+                ApiError::Unauthenticated(format!("cluster {}: {m}", cluster.id))
+            }
+            other => ApiError::Unavailable(format!("cluster {}: cannot validate the token: {other}", cluster.id)),
+        })?;
+        let id = sat.istio_identity(self.td()).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
+        Ok(Caller {
+            label: format!("istio:{}:{}/{}", cluster.id, sat.namespace, sat.service_account),
+            id,
+            namespace: sat.namespace.clone(),
+            service_account: sat.service_account.clone(),
+            token: Some((sat, index)),
+        })
+    }
+
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
+        let cert = self.by_certificate(req);
+        if let Ok(Some(c)) = cert {
+            return Ok(c);
+        }
+        match bearer(req) {
+            Some(token) => self.by_token(req, token).await,
+            None => Err(ApiError::Unauthenticated(match cert {
+                Err(e) => format!("client certificate refused ({e}) and no bearer token"),
+                _ => "no client certificate with a workload identity and no bearer token (authorization: Bearer <service account token>)".into(),
+            })),
+        }
+    }
+
+    /// The identity to issue: the caller's, or the impersonated one when the caller may.
+    async fn target(&self, caller: &Caller, metadata: Option<&prost_types::Struct>) -> Result<SpiffeId, ApiError> {
+        let asked = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)).and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+            _ => None,
+        });
+        let Some(asked) = asked else { return Ok(caller.id.clone()) };
+        let trusted = self
+            .cfg
+            .trusted_node_accounts
+            .iter()
+            .any(|(ns, sa)| *ns == caller.namespace && *sa == caller.service_account);
+        if !trusted {
+            return Err(ApiError::PermissionDenied(format!(
+                "{} may not impersonate: it is not in istio.trusted_node_accounts",
+                caller.id
+            )));
+        }
+        let target = SpiffeId::new(asked)
+            .map_err(|e| ApiError::InvalidArgument(format!("ImpersonatedIdentity {asked:?}: {e}")))?;
+        if target == caller.id {
+            return Ok(target);
+        }
+        let (ns, sa) = parse_istio_identity(&target, self.td()).ok_or_else(|| {
+            ApiError::PermissionDenied(format!(
+                "ImpersonatedIdentity {target} is not spiffe://{}/ns/<ns>/sa/<sa>",
+                self.td()
+            ))
+        })?;
+        let Some((sat, index)) = &caller.token else {
+            return Err(ApiError::PermissionDenied(
+                "impersonation needs the node agent's service-account token (its node is not known otherwise)".into(),
+            ));
+        };
+        let cluster = &self.clusters[*index];
+        let Some(api) = &cluster.api else {
+            return Err(ApiError::PermissionDenied(format!(
+                "cluster {} has no API server access (kubeconfig); impersonation cannot be checked",
+                cluster.id
+            )));
+        };
+        let node = match (&sat.node_name, &sat.pod_name) {
+            (Some(n), _) => n.clone(),
+            (None, Some(pod)) => Api::<Pod>::namespaced(api.clone(), &sat.namespace)
+                .get_opt(pod)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("cluster {}: {e}", cluster.id)))?
+                .and_then(|p| p.spec.and_then(|s| s.node_name))
+                .ok_or_else(|| ApiError::PermissionDenied(format!("the caller's pod {pod} is not on a node")))?,
+            (None, None) => {
+                return Err(ApiError::PermissionDenied(
+                    "the node agent's token is not bound to a pod; its node is unknown".into(),
+                ));
+            }
+        };
+        let pods = Api::<Pod>::namespaced(api.clone(), ns)
+            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cluster {}: listing pods: {e}", cluster.id)))?;
+        let on_node = pods.items.iter().any(|p| {
+            p.spec.as_ref().is_some_and(|s| {
+                s.node_name.as_deref() == Some(node.as_str())
+                    && s.service_account_name.as_deref().unwrap_or("default") == sa
+            })
+        });
+        if !on_node {
+            return Err(ApiError::PermissionDenied(format!(
+                "service account {ns}/{sa} has no pod on node {node}; {} may not impersonate it",
+                caller.id
+            )));
+        }
+        Ok(target)
+    }
+
+    fn ttl(&self, requested: i64) -> Result<Duration, ApiError> {
+        if requested <= 0 {
+            return Ok(self.cfg.default_ttl);
+        }
+        let asked = Duration::from_secs(requested.unsigned_abs());
+        if asked > self.cfg.max_ttl {
+            return Err(ApiError::InvalidArgument(format!(
+                "requested TTL {}s is over the maximum {}s (istio.max_workload_cert_ttl)",
+                requested,
+                self.cfg.max_ttl.as_secs()
+            )));
+        }
+        Ok(asked)
+    }
+
+    /// Leaf, intermediates, then the root that signed the last of them.
+    fn response_chain(&self, chain: &[Vec<u8>]) -> Result<Vec<String>, ApiError> {
+        let last = chain.last().ok_or_else(|| ApiError::Internal("empty chain".into()))?;
+        let aki =
+            tessera_identity::x509::cert_facts(last).map_err(|e| ApiError::Internal(e.to_string()))?.authority_key_id;
+        let bundle = self.issuance.ca.bundle();
+        let root = bundle
+            .x509_authorities
+            .iter()
+            .find(|r| aki.is_some() && tessera_identity::x509::cert_facts(r).ok().and_then(|f| f.subject_key_id) == aki)
+            .ok_or_else(|| ApiError::Unavailable("the bundle holds no root for the signing CA yet".into()))?;
+        let mut out: Vec<String> = chain.iter().map(|c| tessera_identity::pem::encode("CERTIFICATE", c)).collect();
+        if root.as_ref() != last.as_slice() {
+            out.push(tessera_identity::pem::encode("CERTIFICATE", root));
+        }
+        Ok(out)
+    }
+
+    async fn create(
+        &self,
+        req: Request<pb::IstioCertificateRequest>,
+    ) -> Result<pb::IstioCertificateResponse, ApiError> {
+        let caller = self.authenticate(&req).await?;
+        let r = req.into_inner();
+        let target = match self.target(&caller, r.metadata.as_ref()).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.issuance.deny(&caller.id, &caller.label, &e).await;
+                return Err(e);
+            }
+        };
+        let ttl = self.ttl(r.validity_duration)?;
+        let der = tessera_identity::pem::decode_csr(r.csr.as_bytes())
+            .map_err(|e| ApiError::InvalidArgument(format!("csr: {e}")))?;
+        let issued = self
+            .issuance
+            .x509_with(
+                X509Request {
+                    spiffe_id: &target,
+                    dns_names: &[],
+                    ttl: Some(ttl),
+                    caller: &caller.label,
+                    kind: AuditKind::X509Svid,
+                },
+                move |id, _| strict_csr(&der, id),
+            )
+            .await?;
+        Ok(pb::IstioCertificateResponse { cert_chain: self.response_chain(&issued.chain)? })
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for IstioCa {
+    async fn create_certificate(
+        &self,
+        req: Request<pb::IstioCertificateRequest>,
+    ) -> Result<Response<pb::IstioCertificateResponse>, Status> {
+        match self.create(req).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                if matches!(e, ApiError::Unauthenticated(_)) {
+                    warn!(reason = %e, "Istio CA: caller not authenticated");
+                }
+                Err(e.into())
+            }
+        }
+    }
+}

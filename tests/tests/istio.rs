@@ -1,0 +1,323 @@
+//! Istio's CA API, called exactly as istio-agent calls it: gRPC over TLS to the host name in
+//! `CA_ADDR` (verified against the bundle as `istio-ca-root-cert`), a service-account token in
+//! `authorization: Bearer`, the `clusterid` header, `CertSigner` metadata. Two clusters:
+//! cluster-a by TokenReview against a FAKE API server (no real one runs here), cluster-b
+//! offline by its issuer's JWKS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost_types::{Struct, Value as PbValue, value::Kind};
+use tessera_e2e::fake_k8s::{FakeCluster, pod};
+use tessera_e2e::{ServerProc, free_port, openssl_verify};
+use tessera_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use tessera_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TD: &str = "cluster.local";
+const HOST: &str = "tessera.tessera-system.svc";
+const AUD: &[&str] = &["istio-ca"];
+
+struct Env {
+    _dir: tempfile::TempDir,
+    server: ServerProc,
+    addr: String,
+    roots_pem: String,
+    a: FakeCluster,
+    b: FakeCluster,
+}
+
+fn setup() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let a = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    a.add_node("node-1", "node-uid-1", &[]);
+    a.add_node("node-2", "node-uid-2", &[]);
+    a.add_pod(pod("shop", "cart-1", "pod-uid-cart", "cart", "node-1"));
+    a.add_pod(pod("shop", "pay-1", "pod-uid-pay", "pay", "node-2"));
+    a.add_pod(pod("istio-system", "ztunnel-n1", "pod-uid-zt1", "ztunnel", "node-1"));
+    a.add_pod(pod("tools", "debug-1", "pod-uid-debug", "debug", "node-1"));
+    let b = FakeCluster::start("https://oidc.cluster-b.example");
+    let kubeconfig = dir.path().join("a.kubeconfig");
+    a.write_kubeconfig(&kubeconfig, "cluster-a");
+    let jwks = dir.path().join("b-jwks.json");
+    std::fs::write(&jwks, b.jwks()).unwrap();
+    let port = free_port();
+    let extra = format!(
+        r#"
+[istio]
+address = "127.0.0.1:{port}"
+dns_names = ["{HOST}"]
+default_workload_cert_ttl = "24h"
+max_workload_cert_ttl = "48h"
+trusted_node_accounts = ["istio-system/ztunnel"]
+[[istio.clusters]]
+cluster_id = "cluster-a"
+kubeconfig = "{kc}"
+audiences = ["istio-ca"]
+[[istio.clusters]]
+cluster_id = "cluster-b"
+jwks_path = "{jwks}"
+issuer = "https://oidc.cluster-b.example"
+audiences = ["istio-ca"]
+"#,
+        kc = kubeconfig.display(),
+        jwks = jwks.display()
+    );
+    let ca = "ca_ttl = \"72h\"\ndefault_x509_svid_ttl = \"1h\"";
+    let server = ServerProc::start_in(dir.path(), TD, ca, &extra);
+    let roots_pem = server.cli_ok(&["bundle", "show"]);
+    Env { _dir: dir, server, addr: format!("127.0.0.1:{port}"), roots_pem, a, b }
+}
+
+/// A channel as istio-agent opens it: TLS, host name `HOST` checked against the roots.
+async fn channel(env: &Env, client_cert: Option<(&str, &rcgen::KeyPair)>) -> Channel {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tessera_identity::pem::decode_certs(env.roots_pem.as_bytes()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((chain_pem, key)) => builder
+            .with_client_auth_cert(
+                tessera_identity::pem::decode_certs(chain_pem.as_bytes()).unwrap(),
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let target = env.addr.clone();
+    tonic::transport::Endpoint::from_static("https://tessera.tessera-system.svc:15012")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, target) = (connector.clone(), target.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
+                let name = rustls_pki_types::ServerName::try_from(HOST).unwrap();
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// A CSR as istio-agent makes it: EC P-256, the identity as the only URI SAN.
+fn csr(uri: &str, extra_dns: Option<&str>) -> (String, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().unwrap()));
+    if let Some(d) = extra_dns {
+        p.subject_alt_names.push(rcgen::SanType::DnsName(d.try_into().unwrap()));
+    }
+    (p.serialize_request(&key).unwrap().pem().unwrap(), key)
+}
+
+struct Call<'a> {
+    token: Option<&'a str>,
+    cluster: Option<&'a str>,
+    csr: String,
+    ttl: i64,
+    impersonate: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    fn new(token: &'a str, cluster: &'a str, csr: String) -> Self {
+        Self { token: Some(token), cluster: Some(cluster), csr, ttl: 0, impersonate: None }
+    }
+}
+
+async fn call(ch: &Channel, c: Call<'_>) -> Result<IstioCertificateResponse, tonic::Status> {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("CertSigner".to_owned(), PbValue { kind: Some(Kind::StringValue("default".into())) });
+    if let Some(i) = c.impersonate {
+        fields.insert("ImpersonatedIdentity".to_owned(), PbValue { kind: Some(Kind::StringValue(i.into())) });
+    }
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: c.csr,
+        validity_duration: c.ttl,
+        metadata: Some(Struct { fields }),
+    });
+    if let Some(t) = c.token {
+        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(cl) = c.cluster {
+        req.metadata_mut().insert("clusterid", cl.parse().unwrap());
+    }
+    IstioCertificateServiceClient::new(ch.clone()).create_certificate(req).await.map(|r| r.into_inner())
+}
+
+fn leaf_facts(resp: &IstioCertificateResponse) -> tessera_identity::x509::CertFacts {
+    let der = tessera_identity::pem::decode_certs(resp.cert_chain[0].as_bytes()).unwrap();
+    tessera_identity::x509::cert_facts(&der[0]).unwrap()
+}
+
+fn assert_code(r: Result<IstioCertificateResponse, tonic::Status>, code: Code, what: &str) -> String {
+    match r {
+        Ok(_) => panic!("{what}: was accepted"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            s.message().to_owned()
+        }
+    }
+}
+
+fn verify_with_openssl(dir: &Path, resp: &IstioCertificateResponse) {
+    let (root, chain) = resp.cert_chain.split_last().unwrap();
+    let root_file = dir.join("root.pem");
+    let chain_file = dir.join("chain.pem");
+    std::fs::write(&root_file, root).unwrap();
+    std::fs::write(&chain_file, chain.concat()).unwrap();
+    assert!(openssl_verify(&root_file, &chain_file), "openssl verify failed for {:?}", resp.cert_chain);
+}
+
+#[test]
+fn istio_agent_gets_certificates_and_every_bad_request_is_refused_with_its_code() {
+    let env = setup();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = channel(&env, None).await;
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+
+        // cluster-a, TokenReview: the chain verifies, the root is last and in the bundle.
+        let token = env.a.token("shop", "cart", Some("cart-1"), AUD, 3600);
+        let (csr_pem, key) = csr(cart, None);
+        let resp = call(&ch, Call::new(&token, "cluster-a", csr_pem)).await.unwrap();
+        assert!(resp.cert_chain.len() >= 2, "{:?}", resp.cert_chain);
+        assert!(env.roots_pem.contains(resp.cert_chain.last().unwrap().trim()), "the last element is a bundle root");
+        verify_with_openssl(env._dir.path(), &resp);
+        let facts = leaf_facts(&resp);
+        assert_eq!(facts.uris, vec![cart.to_owned()]);
+        let lifetime = facts.not_after - facts.not_before;
+        assert!((24 * 3600..=24 * 3600 + 600).contains(&lifetime), "default TTL 24h, got {lifetime}s");
+        assert!(env.a.reviews() >= 1, "cluster-a tokens go through TokenReview");
+
+        // Renewal with the still-valid certificate, no token.
+        let chain_pem = resp.cert_chain[..resp.cert_chain.len() - 1].concat();
+        let mtls = channel(&env, Some((&chain_pem, &key))).await;
+        let (csr2, _) = csr(cart, None);
+        let renewed =
+            call(&mtls, Call { token: None, cluster: None, csr: csr2, ttl: 3600, impersonate: None }).await.unwrap();
+        assert_eq!(leaf_facts(&renewed).uris, vec![cart.to_owned()]);
+        let l = leaf_facts(&renewed);
+        assert!((3600..=3600 + 600).contains(&(l.not_after - l.not_before)), "requested TTL honoured");
+        // ... but the certificate does not buy another identity.
+        let (other, _) = csr("spiffe://cluster.local/ns/shop/sa/pay", None);
+        let m = assert_code(
+            call(&mtls, Call { token: None, cluster: None, csr: other, ttl: 0, impersonate: None }).await,
+            Code::PermissionDenied,
+            "renewal for another identity",
+        );
+        assert!(m.contains("ns/shop/sa/cart"), "{m}");
+
+        // cluster-b, offline JWKS: its own tokens work.
+        let btoken = env.b.token("web", "frontend", None, AUD, 3600);
+        let (bcsr, _) = csr("spiffe://cluster.local/ns/web/sa/frontend", None);
+        let bresp = call(&ch, Call::new(&btoken, "cluster-b", bcsr)).await.unwrap();
+        assert_eq!(leaf_facts(&bresp).uris, vec!["spiffe://cluster.local/ns/web/sa/frontend".to_owned()]);
+        verify_with_openssl(env._dir.path(), &bresp);
+
+        // Each cluster accepts only its own tokens.
+        let (c, _) = csr("spiffe://cluster.local/ns/web/sa/frontend", None);
+        assert_code(call(&ch, Call::new(&btoken, "cluster-a", c)).await, Code::Unauthenticated, "b token at a");
+        let (c, _) = csr(cart, None);
+        assert_code(call(&ch, Call::new(&token, "cluster-b", c)).await, Code::Unauthenticated, "a token at b");
+
+        // Forged, expired, wrong audience, unknown cluster, no credentials.
+        for (what, t, cluster) in [
+            ("forged token at a", env.a.forged_token("shop", "cart", AUD), "cluster-a"),
+            ("forged token at b", env.b.forged_token("shop", "cart", AUD), "cluster-b"),
+            ("expired token at a", env.a.token("shop", "cart", None, AUD, -600), "cluster-a"),
+            ("expired token at b", env.b.token("shop", "cart", None, AUD, -600), "cluster-b"),
+            ("wrong audience at a", env.a.token("shop", "cart", None, &["vault"], 3600), "cluster-a"),
+            ("wrong audience at b", env.b.token("shop", "cart", None, &["vault"], 3600), "cluster-b"),
+        ] {
+            let (c, _) = csr(cart, None);
+            assert_code(call(&ch, Call::new(&t, cluster, c)).await, Code::Unauthenticated, what);
+        }
+        let (c, _) = csr(cart, None);
+        let m =
+            assert_code(call(&ch, Call::new(&token, "cluster-z", c)).await, Code::Unauthenticated, "unknown cluster");
+        assert!(m.contains("cluster-z"), "the message names the cluster: {m}");
+        let (c, _) = csr(cart, None);
+        assert_code(
+            call(&ch, Call { token: None, cluster: Some("cluster-a"), csr: c, ttl: 0, impersonate: None }).await,
+            Code::Unauthenticated,
+            "no credentials",
+        );
+
+        // A deleted pod's bound token no longer passes TokenReview.
+        env.a.add_pod(pod("shop", "cart-2", "pod-uid-cart-2", "cart", "node-1"));
+        let gone = env.a.token("shop", "cart", Some("cart-2"), AUD, 3600);
+        env.a.delete_pod("shop", "cart-2");
+        let (c, _) = csr(cart, None);
+        assert_code(call(&ch, Call::new(&gone, "cluster-a", c)).await, Code::Unauthenticated, "deleted pod");
+
+        // CSR for another service account, with a DNS SAN, with no URI, and garbage.
+        let (c, _) = csr("spiffe://cluster.local/ns/shop/sa/pay", None);
+        assert_code(call(&ch, Call::new(&token, "cluster-a", c)).await, Code::PermissionDenied, "CSR for pay");
+        let (c, _) = csr(cart, Some("cart.shop.svc"));
+        assert_code(call(&ch, Call::new(&token, "cluster-a", c)).await, Code::PermissionDenied, "CSR with DNS SAN");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let bare = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+        assert_code(
+            call(&ch, Call::new(&token, "cluster-a", bare.pem().unwrap())).await,
+            Code::PermissionDenied,
+            "CSR without URI SAN",
+        );
+        assert_code(
+            call(
+                &ch,
+                Call::new(
+                    &token,
+                    "cluster-a",
+                    "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+                ),
+            )
+            .await,
+            Code::InvalidArgument,
+            "garbage CSR",
+        );
+
+        // TTL above the maximum is InvalidArgument, as istiod answers.
+        let (c, _) = csr(cart, None);
+        let mut over = Call::new(&token, "cluster-a", c);
+        over.ttl = 49 * 3600;
+        assert_code(call(&ch, over).await, Code::InvalidArgument, "TTL over max");
+
+        // Impersonation: ztunnel on node-1 may ask for cart (a pod on node-1), not for pay
+        // (node-2); an account that is not trusted may ask for nothing.
+        let zt = env.a.token("istio-system", "ztunnel", Some("ztunnel-n1"), AUD, 3600);
+        let (c, _) = csr(cart, None);
+        let mut imp = Call::new(&zt, "cluster-a", c);
+        imp.impersonate = Some(cart);
+        let resp = call(&ch, imp).await.unwrap();
+        assert_eq!(leaf_facts(&resp).uris, vec![cart.to_owned()]);
+        let pay = "spiffe://cluster.local/ns/shop/sa/pay";
+        let (c, _) = csr(pay, None);
+        let mut imp = Call::new(&zt, "cluster-a", c);
+        imp.impersonate = Some(pay);
+        let m = assert_code(call(&ch, imp).await, Code::PermissionDenied, "ztunnel for a pod on another node");
+        assert!(m.contains("node-1"), "{m}");
+        let debug = env.a.token("tools", "debug", Some("debug-1"), AUD, 3600);
+        let (c, _) = csr(cart, None);
+        let mut imp = Call::new(&debug, "cluster-a", c);
+        imp.impersonate = Some(cart);
+        assert_code(call(&ch, imp).await, Code::PermissionDenied, "impersonation by an untrusted account");
+    });
+
+    // Refusals of authenticated callers are audited.
+    let audit = env.server.cli_ok(&["audit", "show", "--spiffe-id", "spiffe://cluster.local/ns/tools/sa/debug"]);
+    assert!(audit.contains("denied") || audit.contains("Denied"), "{audit}");
+    let issued = env.server.cli_ok(&["audit", "show", "--caller", "istio:cluster-b:web/frontend"]);
+    assert!(issued.contains("ns/web/sa/frontend"), "{issued}");
+    // The API server saw no writes from the CA API.
+    assert!(env.a.writes().iter().all(|(m, p)| m == "POST" && p.ends_with("/tokenreviews")), "{:?}", env.a.writes());
+    std::thread::sleep(Duration::from_millis(10));
+}
