@@ -65,6 +65,9 @@ pub enum StartError {
     /// The bundle endpoint's certificate or TLS settings are unusable.
     #[error("bundle endpoint: {0}")]
     BundleEndpoint(String),
+    /// A node attestor cannot start (a cluster's kubeconfig).
+    #[error("node attestor: {0}")]
+    NodeAttestor(String),
     /// The Istio CA API cannot start (a cluster's kubeconfig or JWKS).
     #[error("istio: {0}")]
     Istio(String),

@@ -57,3 +57,141 @@ impl NodeAttestor for JoinTokenAttestor {
         Ok(Vec::new())
     }
 }
+
+/// `k8s_psat`: a projected service-account token of the agent's DaemonSet pod, proven by a
+/// TokenReview in the named cluster. The agent ID is
+/// `spiffe://<td>/tessera/agent/k8s_psat/<cluster>/<node uid>`; the selectors (`k8s_psat:…`)
+/// describe the cluster, the agent's pod and its node. A token is not one-use: an agent whose
+/// SVID expired attests again with a fresh token and keeps its ID.
+pub struct PsatAttestor {
+    clusters: Vec<PsatCluster>,
+}
+
+struct PsatCluster {
+    cfg: crate::config::PsatCluster,
+    client: kube::Client,
+    reviewer: tessera_k8s::review::TokenReviewer,
+}
+
+impl std::fmt::Debug for PsatAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.clusters.iter().map(|c| c.cfg.name.as_str()).collect();
+        f.debug_struct("PsatAttestor").field("clusters", &names).finish()
+    }
+}
+
+fn psat_refused(e: tessera_k8s::K8sError) -> ApiError {
+    match e {
+        tessera_k8s::K8sError::Unauthenticated(m) => ApiError::PermissionDenied(m),
+        other => ApiError::Unavailable(other.to_string()),
+    }
+}
+
+impl PsatAttestor {
+    /// Connects to every cluster's API server.
+    pub async fn new(clusters: &[crate::config::PsatCluster]) -> Result<Self, tessera_k8s::K8sError> {
+        let mut out = Vec::with_capacity(clusters.len());
+        for c in clusters {
+            let client = tessera_k8s::connect(c.kubeconfig.as_deref()).await?;
+            let reviewer = tessera_k8s::review::TokenReviewer::new(
+                tessera_k8s::ClusterClient { name: c.name.clone(), client: client.clone() },
+                c.audience.clone(),
+            );
+            out.push(PsatCluster { cfg: c.clone(), client, reviewer });
+        }
+        Ok(Self { clusters: out })
+    }
+
+    fn cluster(&self, name: &str) -> Result<&PsatCluster, ApiError> {
+        self.clusters
+            .iter()
+            .find(|c| c.cfg.name == name)
+            .ok_or_else(|| ApiError::PermissionDenied(format!("cluster {name:?} is not configured for k8s_psat")))
+    }
+}
+
+#[async_trait]
+impl NodeAttestor for PsatAttestor {
+    fn kind(&self) -> &'static str {
+        tessera_k8s::psat::KIND
+    }
+
+    fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, ApiError> {
+        let p =
+            tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        self.cluster(&p.cluster)?;
+        let suffix = p.agent_suffix().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        Ok(agent_id(td, tessera_k8s::psat::KIND, &suffix)?)
+    }
+
+    async fn verify(&self, _store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, ApiError> {
+        use k8s_openapi::api::core::v1::{Node, Pod};
+        let p =
+            tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let cluster = self.cluster(&p.cluster)?;
+        let claimed_node_uid = tessera_k8s::psat::node_uid_claim(&p.token).map_err(psat_refused)?;
+        let sat =
+            tessera_k8s::TokenAuthenticator::authenticate(&cluster.reviewer, &p.token).await.map_err(psat_refused)?;
+        let allowed = cluster
+            .cfg
+            .service_account_allow_list
+            .iter()
+            .any(|(ns, sa)| *ns == sat.namespace && *sa == sat.service_account);
+        if !allowed {
+            return Err(ApiError::PermissionDenied(format!(
+                "service account {}:{} is not in the k8s_psat allow list of cluster {}",
+                sat.namespace, sat.service_account, cluster.cfg.name
+            )));
+        }
+        let pod_name = sat.pod_name.clone().ok_or_else(|| {
+            ApiError::PermissionDenied("token is not bound to a pod (use a projected service account token)".into())
+        })?;
+        let api_err = |e: kube::Error| ApiError::Unavailable(format!("cluster {}: {e}", cluster.cfg.name));
+        let pod = kube::Api::<Pod>::namespaced(cluster.client.clone(), &sat.namespace)
+            .get_opt(&pod_name)
+            .await
+            .map_err(api_err)?
+            .ok_or_else(|| ApiError::PermissionDenied(format!("pod {}/{pod_name} does not exist", sat.namespace)))?;
+        if sat.pod_uid.is_some() && pod.metadata.uid != sat.pod_uid {
+            return Err(ApiError::PermissionDenied(format!("pod {}/{pod_name} was replaced", sat.namespace)));
+        }
+        let node_name =
+            pod.spec.as_ref().and_then(|s| s.node_name.clone()).ok_or_else(|| {
+                ApiError::PermissionDenied(format!("pod {}/{pod_name} is not scheduled", sat.namespace))
+            })?;
+        let node = kube::Api::<Node>::all(cluster.client.clone())
+            .get_opt(&node_name)
+            .await
+            .map_err(api_err)?
+            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node_name} does not exist")))?;
+        let node_uid = node.metadata.uid.clone().unwrap_or_default();
+        if node_uid != claimed_node_uid {
+            return Err(ApiError::PermissionDenied(format!(
+                "the token names node UID {claimed_node_uid}, but the pod runs on node {node_name} ({node_uid})"
+            )));
+        }
+        let mut values = vec![
+            format!("cluster:{}", cluster.cfg.name),
+            format!("agent_ns:{}", sat.namespace),
+            format!("agent_sa:{}", sat.service_account),
+            format!("agent_pod_name:{pod_name}"),
+            format!("agent_pod_uid:{}", pod.metadata.uid.clone().unwrap_or_default()),
+            format!("agent_node_name:{node_name}"),
+            format!("agent_node_uid:{node_uid}"),
+        ];
+        if let Some(ip) = pod.status.as_ref().and_then(|s| s.host_ip.clone()) {
+            values.push(format!("agent_node_ip:{ip}"));
+        }
+        for (k, v) in node.metadata.labels.iter().flatten() {
+            if cluster.cfg.allowed_node_label_keys.contains(k) {
+                values.push(format!("agent_node_label:{k}:{v}"));
+            }
+        }
+        for (k, v) in pod.metadata.labels.iter().flatten() {
+            if cluster.cfg.allowed_pod_label_keys.contains(k) {
+                values.push(format!("agent_pod_label:{k}:{v}"));
+            }
+        }
+        values.iter().map(|v| Selector::new(tessera_k8s::psat::KIND, v).map_err(ApiError::from)).collect()
+    }
+}

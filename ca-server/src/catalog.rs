@@ -1,5 +1,5 @@
 //! The plugin catalog: builds exactly one key manager, at most one upstream authority and the
-//! named node attestors from the configuration, so the CA core and the APIs only ever see the
+//! named node attestors (`join_token`, `k8s_psat`) from the configuration, so the CA core and the APIs only ever see the
 //! `KeyManager`, `UpstreamAuthority` and `NodeAttestor` traits and never name a concrete
 //! plugin.
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
 
 use crate::app::StartError;
-use crate::attest::{JoinTokenAttestor, NodeAttestor};
+use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use tessera_plugin_nested::{NestedConfig, NestedUpstream};
 use tessera_plugin_vault::{VaultAuth, VaultConfig, VaultUpstream};
 
@@ -90,13 +90,17 @@ impl Catalog {
                 (Some(ext.clone() as Arc<dyn UpstreamAuthority>), Some(ext))
             }
         };
-        let node_attestors = cfg
-            .node_attestors
-            .iter()
-            .map(|a| match a {
-                NodeAttestorKind::JoinToken => Arc::new(JoinTokenAttestor) as Arc<dyn NodeAttestor>,
-            })
-            .collect();
+        let mut node_attestors: Vec<Arc<dyn NodeAttestor>> = Vec::new();
+        for a in &cfg.node_attestors {
+            node_attestors.push(match a {
+                NodeAttestorKind::JoinToken => Arc::new(JoinTokenAttestor),
+                NodeAttestorKind::K8sPsat(clusters) => Arc::new(
+                    PsatAttestor::new(clusters)
+                        .await
+                        .map_err(|e| StartError::NodeAttestor(format!("k8s_psat: {e}")))?,
+                ),
+            });
+        }
         Ok(Self { key_manager, upstream, external, node_attestors })
     }
 }

@@ -498,14 +498,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let rows: Vec<Value> = agents
                 .iter()
-                .map(|a| json!({"spiffe_id": a.spiffe_id, "attestation_type": a.attestation_type, "serial": a.serial, "expires_at": a.expires_at, "banned": a.banned}))
+                .map(|a| {
+                    let selectors: Vec<String> = a.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect();
+                    json!({"spiffe_id": a.spiffe_id, "attestation_type": a.attestation_type, "serial": a.serial, "expires_at": a.expires_at, "banned": a.banned, "selectors": selectors})
+                })
                 .collect();
             out.print(json!({"agents": rows}), || {
                 agents
                     .iter()
                     .map(|a| {
+                        let selectors: String =
+                            a.selectors.iter().map(|s| format!("Selector    : {}:{}\n", s.r#type, s.value)).collect();
                         format!(
-                            "SPIFFE ID   : {}\nAttestation : {}\nSerial      : {}\nExpires at  : {}\nBanned      : {}\n\n",
+                            "SPIFFE ID   : {}\nAttestation : {}\nSerial      : {}\nExpires at  : {}\nBanned      : {}\n{selectors}\n",
                             a.spiffe_id, a.attestation_type, a.serial, a.expires_at, a.banned
                         )
                     })

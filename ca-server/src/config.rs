@@ -204,12 +204,98 @@ impl Default for RawCa {
 struct RawPlugin {
     #[serde(rename = "type")]
     kind: String,
+    /// `k8s_psat`: the clusters whose agents may attest, by name.
+    clusters: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
 }
 
 impl RawPlugin {
     fn named(kind: &str) -> Self {
-        Self { kind: kind.into() }
+        Self { kind: kind.into(), clusters: None }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPsatCluster {
+    kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_psat_audience")]
+    audience: Vec<String>,
+    service_account_allow_list: Vec<String>,
+    #[serde(default)]
+    allowed_node_label_keys: Vec<String>,
+    #[serde(default)]
+    allowed_pod_label_keys: Vec<String>,
+}
+
+fn default_psat_audience() -> Vec<String> {
+    vec!["tessera-server".into()]
+}
+
+/// One cluster of the `k8s_psat` node attestor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsatCluster {
+    /// The name agents send (and that appears in their IDs).
+    pub name: String,
+    /// API server access; `None`: in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Audiences the agent's token must carry.
+    pub audience: Vec<String>,
+    /// `(namespace, service account)` of the agent DaemonSet.
+    pub service_account_allow_list: Vec<(String, String)>,
+    /// Node labels that become selectors.
+    pub allowed_node_label_keys: Vec<String>,
+    /// Agent pod labels that become selectors.
+    pub allowed_pod_label_keys: Vec<String>,
+}
+
+fn psat_clusters(
+    raw: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
+) -> Result<Vec<PsatCluster>, ConfigError> {
+    let raw = raw.filter(|m| !m.is_empty()).ok_or(ConfigError::Invalid {
+        key: "node_attestor.clusters",
+        reason: "k8s_psat needs at least one cluster".into(),
+    })?;
+    let mut out = Vec::new();
+    for (name, c) in raw {
+        let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if !ok {
+            return Err(ConfigError::Invalid {
+                key: "node_attestor.clusters",
+                reason: format!("cluster name {name:?}: use letters, digits, '-', '.', '_'"),
+            });
+        }
+        if c.audience.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "node_attestor.clusters.audience",
+                reason: "must not be empty".into(),
+            });
+        }
+        let mut allow = Vec::new();
+        for a in &c.service_account_allow_list {
+            let (ns, sa) = a.split_once(':').filter(|(n, s)| !n.is_empty() && !s.is_empty()).ok_or_else(|| {
+                ConfigError::Invalid {
+                    key: "node_attestor.clusters.service_account_allow_list",
+                    reason: format!("{a:?}: expected \"namespace:serviceaccount\""),
+                }
+            })?;
+            allow.push((ns.to_owned(), sa.to_owned()));
+        }
+        if allow.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "node_attestor.clusters.service_account_allow_list",
+                reason: format!("cluster {name:?}: name the agent's service account"),
+            });
+        }
+        out.push(PsatCluster {
+            name,
+            kubeconfig: c.kubeconfig,
+            audience: c.audience,
+            service_account_allow_list: allow,
+            allowed_node_label_keys: c.allowed_node_label_keys,
+            allowed_pod_label_keys: c.allowed_pod_label_keys,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,10 +432,12 @@ pub enum KeyManagerKind {
 }
 
 /// A node attestor the server accepts (`[[node_attestor]] type = "…"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeAttestorKind {
     /// One-use join tokens.
     JoinToken,
+    /// Kubernetes projected service-account tokens, per cluster.
+    K8sPsat(Vec<PsatCluster>),
 }
 
 /// Which store backend.
@@ -896,15 +984,22 @@ impl Config {
         let mut node_attestors = Vec::new();
         for a in raw.node_attestor.unwrap_or_else(|| vec![RawPlugin::named("join_token")]) {
             let kind = match a.kind.as_str() {
-                "join_token" => NodeAttestorKind::JoinToken,
+                "join_token" if a.clusters.is_none() => NodeAttestorKind::JoinToken,
+                "join_token" => {
+                    return Err(ConfigError::Invalid {
+                        key: "node_attestor.clusters",
+                        reason: "only k8s_psat takes clusters".into(),
+                    });
+                }
+                "k8s_psat" => NodeAttestorKind::K8sPsat(psat_clusters(a.clusters)?),
                 other => {
                     return Err(ConfigError::Invalid {
                         key: "node_attestor.type",
-                        reason: format!("{other:?}: expected \"join_token\" (k8s_psat comes with Kubernetes support)"),
+                        reason: format!("{other:?}: expected \"join_token\" or \"k8s_psat\""),
                     });
                 }
             };
-            if node_attestors.contains(&kind) {
+            if node_attestors.iter().any(|k| std::mem::discriminant(k) == std::mem::discriminant(&kind)) {
                 return Err(ConfigError::Invalid {
                     key: "node_attestor.type",
                     reason: format!("{:?} is listed twice", a.kind),

@@ -16,6 +16,7 @@ pub mod client;
 pub mod jwks;
 pub mod kubelet;
 pub mod lease;
+pub mod psat;
 pub mod publish;
 pub mod review;
 pub mod token;

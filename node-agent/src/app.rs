@@ -15,6 +15,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::attestor::{UnixAttestor, WorkloadAttestor};
 use crate::callers::Callers;
 use crate::config::{Config, WorkloadAttestorKind};
+use crate::k8s_attestor::K8sAttestor;
 use crate::manager::{AgentError, Manager};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
@@ -34,6 +35,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A workload attestor cannot start (the kubelet's CA).
+    #[error("workload attestor {0}")]
+    Attestor(String),
 }
 
 /// A running agent.
@@ -80,17 +84,18 @@ impl Agent {
         // Any local process may connect; attestation decides what it gets.
         std::fs::set_permissions(&cfg.socket_path, std::fs::Permissions::from_mode(0o777))
             .map_err(io("cannot chmod the socket".into()))?;
-        let attestors: Vec<Arc<dyn WorkloadAttestor>> = cfg
-            .workload_attestors
-            .iter()
-            .map(|a| match a {
+        let mut attestors: Vec<Arc<dyn WorkloadAttestor>> = Vec::new();
+        for a in &cfg.workload_attestors {
+            attestors.push(match a {
                 WorkloadAttestorKind::Unix => {
                     let snaps = manager.clone();
                     Arc::new(UnixAttestor::default().hashing_when(Arc::new(move || snaps.snapshot().wants_exe_hash)))
-                        as Arc<dyn WorkloadAttestor>
                 }
-            })
-            .collect();
+                WorkloadAttestorKind::K8s(s) => {
+                    Arc::new(K8sAttestor::new(s.clone()).map_err(|e| StartError::Attestor(format!("k8s: {e}")))?)
+                }
+            });
+        }
         let callers = Callers::new(attestors);
         let workload = SpiffeWorkloadApiServer::new(WorkloadApi::new(manager.clone(), callers.clone()))
             .max_decoding_message_size(64 * 1024);

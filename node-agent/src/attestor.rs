@@ -3,8 +3,8 @@
 //! The caller's Unix peer credentials (`SO_PEERCRED`: pid, uid, gid) are turned into selectors
 //! by each [`WorkloadAttestor`]. The built-in `unix` attestor produces `unix:uid:N`,
 //! `unix:gid:N`, `unix:user:NAME`, `unix:group:NAME`, `unix:path:/abs/exe` and
-//! `unix:sha256:HEX` (of the executable). The Kubernetes attestor plugs in behind the same
-//! trait (Istio/Kubernetes issue).
+//! `unix:sha256:HEX` (of the executable). The Kubernetes attestor (`k8s_attestor`) sits
+//! behind the same trait.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -50,20 +50,70 @@ struct RawConfig {
     #[serde(default)]
     cert_files: Vec<RawCertFiles>,
     workload_attestor: Option<Vec<RawAttestor>>,
+    node_attestor: Option<RawNodeAttestor>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawNodeAttestor {
+    #[serde(rename = "type")]
+    kind: String,
+    cluster: Option<String>,
+    token_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAttestor {
     #[serde(rename = "type")]
     kind: String,
+    kubelet_url: Option<String>,
+    kubelet_ca_path: Option<PathBuf>,
+    #[serde(default)]
+    skip_kubelet_verification: bool,
+    token_path: Option<PathBuf>,
+    max_poll_attempts: Option<u32>,
+    poll_retry_interval: Option<String>,
+}
+
+/// The default projected token of the agent's pod for `k8s_psat`.
+pub const DEFAULT_PSAT_TOKEN_PATH: &str = "/var/run/secrets/tokens/tessera-agent";
+/// The pod's service account token, for the kubelet.
+pub const DEFAULT_SA_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// `[node_attestor] type = "k8s_psat"`: attest with the pod's projected token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsatSettings {
+    /// The cluster's name, as configured on the server.
+    pub cluster: String,
+    /// The projected token (audience `tessera-server`), read at every attestation.
+    pub token_path: PathBuf,
+}
+
+/// `[[workload_attestor]] type = "k8s"`: pods from the kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sAttestorSettings {
+    /// The kubelet's base URL.
+    pub kubelet_url: String,
+    /// CA of the kubelet's serving certificate (default: the cluster CA next to the token).
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Accept any kubelet certificate (self-signed kubelet certificates).
+    pub skip_kubelet_verification: bool,
+    /// Bearer token for the kubelet, read at every call; `None` for the read-only port.
+    pub token_path: Option<PathBuf>,
+    /// How many times a pod not yet in the kubelet's list is looked up again.
+    pub max_poll_attempts: u32,
+    /// The pause between those lookups.
+    pub poll_retry_interval: Duration,
 }
 
 /// A workload attestor (`[[workload_attestor]] type = "…"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkloadAttestorKind {
     /// The caller's uid, gid, user, group, executable path and SHA-256, from the kernel.
     Unix,
+    /// The caller's pod, from its cgroup and the kubelet.
+    K8s(K8sAttestorSettings),
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +181,8 @@ pub struct Config {
     pub cert_files: Vec<CertFiles>,
     /// Workload attestors, in order; `unix` when the config names none.
     pub workload_attestors: Vec<WorkloadAttestorKind>,
+    /// Attest with a Kubernetes projected token instead of a join token.
+    pub psat: Option<PsatSettings>,
 }
 
 impl Config {
@@ -202,23 +254,86 @@ impl Config {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let mut workload_attestors = Vec::new();
-        for a in raw.workload_attestor.unwrap_or_else(|| vec![RawAttestor { kind: "unix".into() }]) {
+        for a in
+            raw.workload_attestor.unwrap_or_else(|| vec![RawAttestor { kind: "unix".into(), ..Default::default() }])
+        {
             let kind = match a.kind.as_str() {
                 "unix" => WorkloadAttestorKind::Unix,
+                "k8s" => {
+                    let poll_retry_interval = match &a.poll_retry_interval {
+                        Some(s) => humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
+                            key: "workload_attestor.poll_retry_interval",
+                            reason: format!("{s:?}: {e}"),
+                        })?,
+                        None => Duration::from_millis(500),
+                    };
+                    let kubelet_url = a.kubelet_url.clone().unwrap_or_else(|| "https://127.0.0.1:10250".into());
+                    if !(kubelet_url.starts_with("https://") || kubelet_url.starts_with("http://")) {
+                        return Err(ConfigError::Invalid {
+                            key: "workload_attestor.kubelet_url",
+                            reason: format!("{kubelet_url:?}: expected an http(s) URL"),
+                        });
+                    }
+                    let token_path = match &a.token_path {
+                        Some(p) if p.as_os_str().is_empty() => None,
+                        Some(p) => Some(p.clone()),
+                        None => Some(PathBuf::from(DEFAULT_SA_TOKEN_PATH)),
+                    };
+                    WorkloadAttestorKind::K8s(K8sAttestorSettings {
+                        kubelet_url,
+                        kubelet_ca_path: a.kubelet_ca_path.clone(),
+                        skip_kubelet_verification: a.skip_kubelet_verification,
+                        token_path,
+                        max_poll_attempts: a.max_poll_attempts.unwrap_or(60).clamp(1, 600),
+                        poll_retry_interval,
+                    })
+                }
                 other => {
                     return Err(ConfigError::Invalid {
                         key: "workload_attestor.type",
-                        reason: format!("{other:?}: expected \"unix\" (k8s comes with Kubernetes support)"),
+                        reason: format!("{other:?}: expected \"unix\" or \"k8s\""),
                     });
                 }
             };
-            if workload_attestors.contains(&kind) {
+            if a.kind == "unix"
+                && (a.kubelet_url.is_some()
+                    || a.kubelet_ca_path.is_some()
+                    || a.token_path.is_some()
+                    || a.max_poll_attempts.is_some()
+                    || a.poll_retry_interval.is_some()
+                    || a.skip_kubelet_verification)
+            {
+                return Err(ConfigError::Invalid {
+                    key: "workload_attestor.type",
+                    reason: "the unix attestor takes no settings".into(),
+                });
+            }
+            if workload_attestors.iter().any(|k| std::mem::discriminant(k) == std::mem::discriminant(&kind)) {
                 return Err(ConfigError::Invalid {
                     key: "workload_attestor.type",
                     reason: format!("{:?} is listed twice", a.kind),
                 });
             }
             workload_attestors.push(kind);
+        }
+        let psat = match raw.node_attestor {
+            None => None,
+            Some(n) if n.kind == "k8s_psat" => Some(PsatSettings {
+                cluster: n.cluster.filter(|c| !c.is_empty()).ok_or(ConfigError::Missing("node_attestor.cluster"))?,
+                token_path: n.token_path.unwrap_or_else(|| PathBuf::from(DEFAULT_PSAT_TOKEN_PATH)),
+            }),
+            Some(n) => {
+                return Err(ConfigError::Invalid {
+                    key: "node_attestor.type",
+                    reason: format!("{:?}: expected \"k8s_psat\" (a join token is the top-level join_token)", n.kind),
+                });
+            }
+        };
+        if psat.is_some() && raw.join_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "join_token",
+                reason: "set join_token or [node_attestor] k8s_psat, not both".into(),
+            });
         }
         Ok(Config {
             trust_domain,
@@ -233,6 +348,7 @@ impl Config {
             sync_interval,
             cert_files,
             workload_attestors,
+            psat,
         })
     }
 
@@ -270,10 +386,30 @@ health_address = "127.0.0.1:8082"
     #[test]
     fn workload_attestors_default_to_unix_and_unknown_ones_are_refused() {
         assert_eq!(Config::from_toml(CONTRACT).unwrap().workload_attestors, vec![WorkloadAttestorKind::Unix]);
-        let k8s = format!("{CONTRACT}[[workload_attestor]]\ntype = \"k8s\"\n");
-        assert!(Config::from_toml(&k8s).unwrap_err().to_string().contains("workload_attestor.type"));
+        let k8s = format!("{CONTRACT}[[workload_attestor]]\ntype = \"k8s\"\nskip_kubelet_verification = true\n");
+        let c = Config::from_toml(&k8s).unwrap();
+        let WorkloadAttestorKind::K8s(s) = &c.workload_attestors[0] else { panic!("{:?}", c.workload_attestors) };
+        assert_eq!(s.kubelet_url, "https://127.0.0.1:10250");
+        assert!(s.skip_kubelet_verification && s.max_poll_attempts == 60);
+        let odd = format!("{CONTRACT}[[workload_attestor]]\ntype = \"docker\"\n");
+        assert!(Config::from_toml(&odd).unwrap_err().to_string().contains("workload_attestor.type"));
+        let misplaced = format!("{CONTRACT}[[workload_attestor]]\ntype = \"unix\"\nkubelet_url = \"http://x\"\n");
+        assert!(Config::from_toml(&misplaced).unwrap_err().to_string().contains("no settings"));
         let extra = format!("{CONTRACT}[[workload_attestor]]\ntype = \"unix\"\ncolour = 1\n");
         assert!(Config::from_toml(&extra).unwrap_err().to_string().contains("colour"));
+    }
+
+    #[test]
+    fn k8s_psat_node_attestation_needs_a_cluster_and_excludes_a_join_token() {
+        let no_token = CONTRACT.replace("join_token = \"abc\"\n", "");
+        let psat = format!("{no_token}[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\n");
+        let c = Config::from_toml(&psat).unwrap();
+        let p = c.psat.unwrap();
+        assert_eq!((p.cluster.as_str(), p.token_path.to_str().unwrap()), ("cluster-a", DEFAULT_PSAT_TOKEN_PATH));
+        let both = format!("{CONTRACT}[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\n");
+        assert!(Config::from_toml(&both).unwrap_err().to_string().contains("join_token"));
+        let nameless = format!("{no_token}[node_attestor]\ntype = \"k8s_psat\"\n");
+        assert!(Config::from_toml(&nameless).unwrap_err().to_string().contains("node_attestor.cluster"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Tessera's node agent, as a library that `main.rs` only wires.
 //!
 //! What it is: attestation to the server and the agent's own SVID ([`client`]), the SVID cache
-//! and rotation ([`manager`]), workload attestation ([`attestor`], [`callers`]), the SPIFFE
+//! and rotation ([`manager`]), workload attestation ([`attestor`], [`k8s_attestor`], [`callers`]), the SPIFFE
 //! Workload API ([`workload_api`]) and Envoy SDS ([`sds`]) on one Unix socket, cert files for
 //! proxyless gRPC ([`files`]), health ([`health`]), wiring ([`app`]) and the CLI ([`cli`]).
 //!
@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod files;
 pub mod health;
+pub mod k8s_attestor;
 pub mod manager;
 pub mod sds;
 pub mod workload_api;

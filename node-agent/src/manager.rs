@@ -232,13 +232,32 @@ fn bundle_from_pb(b: &types::Bundle) -> Result<Bundle, String> {
     Ok(out)
 }
 
-async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
+/// The attestation to send and the agent ID it claims.
+fn attestation_data(cfg: &Config) -> Result<(pb::AttestationData, SpiffeId), AgentError> {
+    if let Some(p) = &cfg.psat {
+        let token = std::fs::read_to_string(&p.token_path).map_err(|e| {
+            AgentError::Attestation(format!("cannot read the projected token {}: {e}", p.token_path.display()))
+        })?;
+        let payload = tessera_k8s::psat::Payload { cluster: p.cluster.clone(), token: token.trim().to_owned() };
+        let suffix = payload.agent_suffix().map_err(|e| AgentError::Attestation(e.to_string()))?;
+        let id = tessera_identity::agent_id(&cfg.trust_domain, tessera_k8s::psat::KIND, &suffix)
+            .map_err(|e| AgentError::Attestation(e.to_string()))?;
+        let bytes = serde_json::to_vec(&payload).map_err(|e| AgentError::Attestation(e.to_string()))?;
+        return Ok((pb::AttestationData { r#type: tessera_k8s::psat::KIND.into(), payload: bytes }, id));
+    }
     let token = cfg.join_token.as_deref().ok_or_else(|| {
         AgentError::Attestation(format!(
             "no agent SVID in {} and no join_token configured: generate one with `tessera-server token generate`",
             cfg.data_dir.display()
         ))
     })?;
+    let id = tessera_identity::agent_id(&cfg.trust_domain, "join_token", token)
+        .map_err(|e| AgentError::Attestation(e.to_string()))?;
+    Ok((pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }, id))
+}
+
+async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
+    let (data, id) = attestation_data(cfg)?;
     let tls = match &cfg.bootstrap {
         Bootstrap::Insecure => {
             warn!("insecure_bootstrap: trusting the server without verification for this first contact");
@@ -256,16 +275,11 @@ async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
             server_tls(&cfg.trust_domain, &b, None)?
         }
     };
-    let id = tessera_identity::agent_id(&cfg.trust_domain, "join_token", token)
-        .map_err(|e| AgentError::Attestation(e.to_string()))?;
     let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| AgentError::Key(e.to_string()))?;
     let (mut client, _) = connect_any(&cfg.servers, 0, tls).await?;
     let resp = client
-        .attest_agent(pb::AttestAgentRequest {
-            data: Some(pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
-            csr,
-        })
+        .attest_agent(pb::AttestAgentRequest { data: Some(data), csr })
         .await
         .map_err(refused("AttestAgent"))?
         .into_inner();

@@ -328,6 +328,25 @@ impl Mesh {
 
     /// The same, with the server config text passed through `edit`.
     pub fn start_custom(td: &str, ca: &str, sync_interval: &str, edit: impl FnOnce(String) -> String) -> Self {
+        let alias = format!("spiffe://{td}/node/e2e");
+        Self::start_attested(td, ca, sync_interval, edit, &alias, |server| {
+            let token: serde_json::Value =
+                serde_json::from_str(&server.cli_ok(&["token", "generate", "--spiffe-id", &alias, "--output", "json"]))
+                    .unwrap();
+            format!("join_token = \"{}\"\n", token["token"].as_str().unwrap())
+        })
+    }
+
+    /// The general form: `attestation` returns the agent's attestation settings (config text
+    /// appended after the common keys), `alias` is what [`Mesh::register`] parents entries to.
+    pub fn start_attested(
+        td: &str,
+        ca: &str,
+        sync_interval: &str,
+        edit: impl FnOnce(String) -> String,
+        alias: &str,
+        attestation: impl FnOnce(&ServerProc) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let d = dir.path().to_owned();
@@ -339,10 +358,7 @@ impl Mesh {
         std::fs::write(&config, server_cfg).unwrap();
         let mut server = ServerProc { child: None, dir: d.join("server"), socket: d.join("server/admin.sock"), config };
         server.spawn();
-        let alias = format!("spiffe://{td}/node/e2e");
-        let token: serde_json::Value =
-            serde_json::from_str(&server.cli_ok(&["token", "generate", "--spiffe-id", &alias, "--output", "json"]))
-                .unwrap();
+        let attest = attestation(&server);
         std::fs::write(d.join("bootstrap.pem"), server.cli_ok(&["bundle", "show"])).unwrap();
         let socket = d.join("agent.sock");
         let agent_config = d.join("agent.toml");
@@ -350,15 +366,14 @@ impl Mesh {
         std::fs::write(
             &agent_config,
             format!(
-                "trust_domain = \"{td}\"\nserver_address = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{health}\"\nsync_interval = \"{sync_interval}\"\n",
+                "trust_domain = \"{td}\"\nserver_address = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"127.0.0.1:{health}\"\nsync_interval = \"{sync_interval}\"\n{attest}",
                 d.join("agent").display(),
                 socket.display(),
                 d.join("bootstrap.pem").display(),
-                token["token"].as_str().unwrap(),
             ),
         )
         .unwrap();
-        let mut m = Mesh { dir, server, agent: None, socket, agent_config, alias };
+        let mut m = Mesh { dir, server, agent: None, socket, agent_config, alias: alias.to_owned() };
         m.start_agent();
         m
     }
