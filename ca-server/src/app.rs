@@ -245,6 +245,14 @@ impl Server {
             }
         };
 
+        // Kubernetes ConfigMaps holding our roots (istio-ca-root-cert), one writer per Lease.
+        for p in &cfg.bundle_publishers {
+            tasks.spawn(
+                crate::publish::run(p.clone(), cfg.instance_id.clone(), ca.clone(), shutdown_rx.clone())
+                    .instrument(info_span!("bundle_publisher", cluster = %p.cluster)),
+            );
+        }
+
         // Federation: peers' bundles on their schedule, and our bundle endpoint.
         let federation = Arc::new(Federation::new(cfg.trust_domain.clone(), store.clone()));
         federation.apply_config(&cfg.federation.trust_domains).await?;

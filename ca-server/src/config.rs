@@ -56,6 +56,7 @@ struct RawConfig {
     upstream_authority: Option<RawUpstream>,
     node_attestor: Option<Vec<RawPlugin>>,
     istio: Option<crate::istio::config::RawIstio>,
+    bundle_publisher: Option<Vec<crate::publish::RawPublisher>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -704,6 +705,8 @@ pub struct Config {
     pub node_attestors: Vec<NodeAttestorKind>,
     /// The Istio CA API, when served.
     pub istio: Option<crate::istio::config::IstioConfig>,
+    /// Trust bundle writers to Kubernetes ConfigMaps.
+    pub bundle_publishers: Vec<crate::publish::PublisherConfig>,
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
@@ -1070,6 +1073,12 @@ impl Config {
             upstream_authority,
             node_attestors,
             istio: raw.istio.map(crate::istio::config::RawIstio::validate).transpose()?,
+            bundle_publishers: raw
+                .bundle_publisher
+                .unwrap_or_default()
+                .into_iter()
+                .map(crate::publish::RawPublisher::validate)
+                .collect::<Result<_, _>>()?,
         })
     }
 

@@ -24,4 +24,5 @@ pub mod federation;
 pub mod health;
 pub mod istio;
 pub mod metrics;
+pub mod publish;
 pub mod store;

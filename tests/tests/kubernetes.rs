@@ -213,3 +213,90 @@ type = "unix"
     assert!(!out.status.success(), "an agent outside the allow list attested");
     assert!(text(&out).contains("allow list"), "{}", text(&out));
 }
+
+/// The server's roots as the publisher writes them.
+fn roots(s: &tessera_e2e::ServerProc) -> String {
+    s.cli_ok(&["bundle", "show"])
+}
+
+#[test]
+fn one_replica_at_a_time_keeps_istio_ca_root_cert_in_every_namespace() {
+    let files = tempfile::tempdir().unwrap();
+    let k8s = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    k8s.add_namespace("shop");
+    let kubeconfig = files.path().join("kubeconfig");
+    k8s.write_kubeconfig(&kubeconfig, "cluster-a");
+    let publisher = format!(
+        r#"
+[[bundle_publisher]]
+cluster = "cluster-a"
+kubeconfig = "{}"
+istio_root_cert = true
+configmaps = [{{ namespace = "tessera-system", name = "tessera-bundle", key = "bundle.crt" }}]
+lease_duration = "2s"
+resync_interval = "1s"
+"#,
+        kubeconfig.display()
+    );
+    // Two replicas (each with its own store here, so their roots differ and show who wrote).
+    let start = |name: &str| {
+        let dir = files.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let text =
+            tessera_e2e::server_config_for("example.org", &dir, "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"")
+                .replace("[server]\n", &format!("[server]\ninstance_id = \"{name}\"\n"))
+                + &publisher;
+        tessera_e2e::ServerProc::start_text(&dir, &text)
+    };
+    let mut replicas = [start("a"), start("b")];
+    let holder = std::cell::RefCell::new(None::<String>);
+    wait_for(
+        20,
+        "a leader and a published ConfigMap",
+        || {
+            *holder.borrow_mut() = k8s.lease_holder("tessera-system", "tessera-bundle-publisher");
+            k8s.configmap("default", "istio-ca-root-cert").is_some() && holder.borrow().is_some()
+        },
+        || format!("{:?} {:?}", k8s.writes(), holder.borrow()),
+    );
+    let leader = usize::from(holder.borrow().as_deref().unwrap().ends_with("/b"));
+    let follower = 1 - leader;
+    let leader_roots = roots(&replicas[leader]);
+    assert_ne!(leader_roots, roots(&replicas[follower]));
+    for ns in ["default", "shop"] {
+        let got = k8s.configmap(ns, "istio-ca-root-cert").unwrap_or_default();
+        assert_eq!(got.get("root-cert.pem"), Some(&leader_roots), "namespace {ns}");
+    }
+    assert_eq!(k8s.configmap("tessera-system", "tessera-bundle").unwrap()["bundle.crt"], leader_roots);
+
+    // The follower writes nothing while the leader renews; a new namespace gets the root.
+    k8s.add_namespace("late");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(k8s.configmap("default", "istio-ca-root-cert").unwrap()["root-cert.pem"], leader_roots);
+    assert_eq!(k8s.configmap("late", "istio-ca-root-cert").unwrap()["root-cert.pem"], leader_roots);
+
+    // A prepared CA is published with the old one.
+    replicas[leader].cli_ok(&["localauthority", "x509", "prepare"]);
+    let rotated = roots(&replicas[leader]);
+    assert_eq!(tessera_identity::pem::decode_certs(rotated.as_bytes()).unwrap().len(), 2);
+    wait_for(
+        10,
+        "the prepared CA in istio-ca-root-cert",
+        || k8s.configmap("shop", "istio-ca-root-cert").unwrap()["root-cert.pem"] == rotated,
+        || format!("{:?}", k8s.configmap("shop", "istio-ca-root-cert")),
+    );
+
+    // The leader dies without releasing the Lease: the other replica takes over after it expires.
+    replicas[leader].kill9();
+    let follower_roots = roots(&replicas[follower]);
+    let expect = if follower == 1 { "/b" } else { "/a" };
+    wait_for(
+        20,
+        "the other replica to lead and publish",
+        || {
+            k8s.lease_holder("tessera-system", "tessera-bundle-publisher").is_some_and(|h| h.ends_with(expect))
+                && k8s.configmap("default", "istio-ca-root-cert").unwrap()["root-cert.pem"] == follower_roots
+        },
+        || format!("{:?}", k8s.lease_holder("tessera-system", "tessera-bundle-publisher")),
+    );
+}
