@@ -31,6 +31,7 @@ fi
 target/venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
 target/venv/bin/lint_pkix_cert --help >/dev/null
 echo "pkilint: $(target/venv/bin/pip show pkilint | sed -n 's/^Version: //p')"
+echo "helm: $(target/venv/bin/helm version --short)"
 
 step "Formatting"
 cargo fmt --check

@@ -43,6 +43,10 @@ enum Cmd {
         /// Path to server.toml.
         #[arg(long)]
         config: PathBuf,
+        /// This replica's instance ID, overriding `server.instance_id` (a StatefulSet passes
+        /// its pod name).
+        #[arg(long, env = "TESSERA_INSTANCE_ID")]
+        instance_id: Option<String>,
     },
     /// Join tokens.
     #[command(subcommand)]
@@ -414,8 +418,8 @@ pub async fn connect_admin(socket: &Path) -> anyhow::Result<AdminClient<Channel>
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Cmd::Run { config } = &cli.cmd {
-        return run_server(config).await;
+    if let Cmd::Run { config, instance_id } = &cli.cmd {
+        return run_server(config, instance_id.as_deref()).await;
     }
     let mut c = connect_admin(&cli.socket).await?;
     let out = Printer { json: cli.output == Output::Json };
@@ -585,8 +589,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_server(config: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(config)?;
+async fn run_server(config: &Path, instance_id: Option<&str>) -> anyhow::Result<()> {
+    let cfg = Config::load_with(config, instance_id)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

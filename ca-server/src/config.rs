@@ -345,7 +345,20 @@ pub struct Pkcs11Settings {
 }
 
 fn store(s: RawStore) -> Result<StoreKind, ConfigError> {
-    match (s.kind.as_str(), s.connection_string) {
+    let conn = match (s.connection_string, &s.connection_string_env) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid {
+                key: "store.connection_string_env",
+                reason: "set connection_string or connection_string_env, not both".into(),
+            });
+        }
+        (c, None) => c,
+        (None, Some(var)) => Some(std::env::var(var).map_err(|_| ConfigError::Invalid {
+            key: "store.connection_string_env",
+            reason: format!("environment variable {var} is not set"),
+        })?),
+    };
+    match (s.kind.as_str(), conn) {
         ("sled", None) if s.max_connections.is_none() && s.tls_ca_file.is_none() => Ok(StoreKind::Sled),
         ("sled", _) => Err(ConfigError::Invalid {
             key: "store.connection_string",
@@ -413,12 +426,20 @@ struct RawStore {
     #[serde(rename = "type")]
     kind: String,
     connection_string: Option<String>,
+    /// The name of an environment variable holding the connection string (a Secret).
+    connection_string_env: Option<String>,
     max_connections: Option<usize>,
     tls_ca_file: Option<PathBuf>,
 }
 
 fn default_store() -> RawStore {
-    RawStore { kind: "sled".into(), connection_string: None, max_connections: None, tls_ca_file: None }
+    RawStore {
+        kind: "sled".into(),
+        connection_string: None,
+        connection_string_env: None,
+        max_connections: None,
+        tls_ca_file: None,
+    }
 }
 
 /// Which key manager holds the CA keys.
@@ -928,8 +949,17 @@ fn federation(own: &TrustDomain, raw: RawFederation) -> Result<FederationConfig,
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
+        Self::from_toml_with(text, None)
+    }
+
+    /// Like [`Config::from_toml`], with `server.instance_id` replaced by `instance_id` when
+    /// given (`tessera-server run --instance-id`, e.g. a StatefulSet pod's name).
+    pub fn from_toml_with(text: &str, instance_id: Option<&str>) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        if let Some(id) = instance_id.filter(|i| !i.is_empty()) {
+            raw.server.instance_id = id.to_owned();
+        }
         let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
         let trust_domain = TrustDomain::new(&td_raw)
             .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
@@ -1084,9 +1114,14 @@ impl Config {
 
     /// Reads and validates a config file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, None)
+    }
+
+    /// Reads a config file, overriding `server.instance_id` when `instance_id` is given.
+    pub fn load_with(path: &std::path::Path, instance_id: Option<&str>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Toml(format!("cannot read config {}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| match e {
+        Self::from_toml_with(&text, instance_id).map_err(|e| match e {
             ConfigError::Toml(m) => ConfigError::Toml(format!("{}: {m}", path.display())),
             other => other,
         })
