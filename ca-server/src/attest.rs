@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tessera_identity::{Selector, SpiffeId, TrustDomain, agent_id, unix_now};
 
 use crate::api::ApiError;
-use crate::store::Store;
+use crate::store::{AgentRecord, Entry, Store};
 
 /// Proves a node's identity from attestation data.
 #[async_trait]
@@ -21,6 +21,12 @@ pub trait NodeAttestor: Send + Sync + std::fmt::Debug {
     fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, ApiError>;
     /// Proves the claim (consuming one-use material) and returns the node's selectors.
     async fn verify(&self, store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, ApiError>;
+    /// Entries an agent attested by this attestor holds without registration (none by
+    /// default; `k8s_psat` with `auto_pod_identity` implies one per service account with a pod
+    /// on the agent's node).
+    async fn implied_entries(&self, _agent: &AgentRecord, _td: &TrustDomain) -> Result<Vec<Entry>, ApiError> {
+        Ok(Vec::new())
+    }
 }
 
 /// `join_token`: a one-use token from `tessera-server token generate`; the agent ID is
@@ -65,7 +71,17 @@ impl NodeAttestor for JoinTokenAttestor {
 /// SVID expired attests again with a fresh token and keeps its ID.
 pub struct PsatAttestor {
     clusters: Vec<PsatCluster>,
+    /// `(cluster, node)` → when listed, and the `(namespace, service account)` pairs of its pods.
+    node_pods: std::sync::Mutex<std::collections::HashMap<NodeKey, (std::time::Instant, Vec<ServiceAccountRef>)>>,
 }
+
+/// `(cluster, node)`.
+type NodeKey = (String, String);
+/// `(namespace, service account)`.
+type ServiceAccountRef = (String, String);
+
+/// How long a node's pod list is reused for implied entries.
+const NODE_PODS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct PsatCluster {
     cfg: crate::config::PsatCluster,
@@ -99,7 +115,39 @@ impl PsatAttestor {
             );
             out.push(PsatCluster { cfg: c.clone(), client, reviewer });
         }
-        Ok(Self { clusters: out })
+        Ok(Self { clusters: out, node_pods: std::sync::Mutex::default() })
+    }
+
+    /// The service accounts with a pod on `node`, cached for [`NODE_PODS_TTL`].
+    async fn service_accounts_on(&self, cluster: &PsatCluster, node: &str) -> Result<Vec<(String, String)>, ApiError> {
+        let key = (cluster.cfg.name.clone(), node.to_owned());
+        if let Ok(cache) = self.node_pods.lock()
+            && let Some((at, sas)) = cache.get(&key)
+            && at.elapsed() < NODE_PODS_TTL
+        {
+            return Ok(sas.clone());
+        }
+        let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::all(cluster.client.clone())
+            .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={node}")))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("cluster {}: listing pods on {node}: {e}", cluster.cfg.name)))?;
+        let mut sas: Vec<(String, String)> = pods
+            .items
+            .iter()
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .filter_map(|p| {
+                let ns = p.metadata.namespace.clone()?;
+                let sa = p.spec.as_ref()?.service_account_name.clone().unwrap_or_else(|| "default".into());
+                Some((ns, sa))
+            })
+            .collect();
+        sas.sort();
+        sas.dedup();
+        if let Ok(mut cache) = self.node_pods.lock() {
+            cache.retain(|_, (at, _)| at.elapsed() < NODE_PODS_TTL);
+            cache.insert(key, (std::time::Instant::now(), sas.clone()));
+        }
+        Ok(sas)
     }
 
     fn cluster(&self, name: &str) -> Result<&PsatCluster, ApiError> {
@@ -193,5 +241,40 @@ impl NodeAttestor for PsatAttestor {
             }
         }
         values.iter().map(|v| Selector::new(tessera_k8s::psat::KIND, v).map_err(ApiError::from)).collect()
+    }
+
+    async fn implied_entries(&self, agent: &AgentRecord, td: &TrustDomain) -> Result<Vec<Entry>, ApiError> {
+        let Some(cluster_name) =
+            agent.spiffe_id.path().strip_prefix("/tessera/agent/k8s_psat/").and_then(|r| r.split('/').next())
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(cluster) = self.clusters.iter().find(|c| c.cfg.name == cluster_name && c.cfg.auto_pod_identity) else {
+            return Ok(Vec::new());
+        };
+        let node = agent.selectors.iter().find_map(|s| {
+            (s.kind == tessera_k8s::psat::KIND).then(|| s.value.strip_prefix("agent_node_name:")).flatten()
+        });
+        let Some(node) = node else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for (ns, sa) in self.service_accounts_on(cluster, node).await? {
+            let Ok(id) = tessera_k8s::token::istio_identity(td, &ns, &sa) else { continue };
+            out.push(Entry {
+                id: format!("k8s-auto.{cluster_name}.{ns}.{sa}"),
+                spiffe_id: id,
+                parent_id: agent.spiffe_id.clone(),
+                selectors: vec![Selector::new("k8s", &format!("ns:{ns}"))?, Selector::new("k8s", &format!("sa:{sa}"))?],
+                x509_svid_ttl: 0,
+                jwt_svid_ttl: 0,
+                federates_with: Vec::new(),
+                dns_names: Vec::new(),
+                admin: false,
+                downstream: false,
+                hint: String::new(),
+                created_at: 0,
+                revision: 1,
+            });
+        }
+        Ok(out)
     }
 }

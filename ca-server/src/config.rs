@@ -226,6 +226,8 @@ struct RawPsatCluster {
     allowed_node_label_keys: Vec<String>,
     #[serde(default)]
     allowed_pod_label_keys: Vec<String>,
+    #[serde(default)]
+    auto_pod_identity: bool,
 }
 
 fn default_psat_audience() -> Vec<String> {
@@ -247,6 +249,9 @@ pub struct PsatCluster {
     pub allowed_node_label_keys: Vec<String>,
     /// Agent pod labels that become selectors.
     pub allowed_pod_label_keys: Vec<String>,
+    /// Every service account with a pod on the agent's node gets
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>` without a registration entry.
+    pub auto_pod_identity: bool,
 }
 
 fn psat_clusters(
@@ -294,6 +299,7 @@ fn psat_clusters(
             service_account_allow_list: allow,
             allowed_node_label_keys: c.allowed_node_label_keys,
             allowed_pod_label_keys: c.allowed_pod_label_keys,
+            auto_pod_identity: c.auto_pod_identity,
         });
     }
     Ok(out)

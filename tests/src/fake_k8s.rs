@@ -448,12 +448,13 @@ fn route(ctx: &Ctx, method: &str, path: &str, q: Option<&str>, auth: Option<&str
                 None => status(404, "NotFound", &format!("nodes \"{name}\" not found")),
             }
         }
-        ("GET", ["api", "v1", "namespaces", ns, "pods"]) => {
+        ("GET", ["api", "v1", "pods"]) | ("GET", ["api", "v1", "namespaces", _, "pods"]) => {
+            let ns = segs.get(3).copied();
             let node = query(q, "fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=").map(str::to_owned));
             let items: Vec<&Pod> = s
                 .pods
                 .iter()
-                .filter(|p| p.metadata.namespace.as_deref() == Some(ns))
+                .filter(|p| ns.is_none_or(|ns| p.metadata.namespace.as_deref() == Some(ns)))
                 .filter(|p| {
                     node.as_deref().is_none_or(|n| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(n))
                 })

@@ -21,6 +21,8 @@ const CID: &str = "4f1b7c2e9d3a5b6c8e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5
 const CART_UID: &str = "0d3f5c2a-6b1e-4c8d-9a7f-1e2d3c4b5a69";
 const LATE_UID: &str = "7e6d5c4b-3a29-4180-8f7e-6d5c4b3a2910";
 const NEVER_UID: &str = "11111111-2222-4333-8444-555555555555";
+const WEB_UID: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
+const OTHER_NODE_UID: &str = "22222222-3333-4444-8555-666666666666";
 
 /// A cgroup (v1, `pids` controller) shaped like a kubelet's, removed on drop.
 struct PodCgroup(PathBuf);
@@ -102,6 +104,7 @@ type = "k8s_psat"
 kubeconfig = "{}"
 service_account_allow_list = ["tessera-system:tessera-agent"]
 allowed_node_label_keys = ["topology.kubernetes.io/zone"]
+auto_pod_identity = true
 "#,
         kubeconfig.display()
     );
@@ -167,6 +170,33 @@ type = "unix"
     // A process outside the pod gets nothing.
     let outside = mesh.agent_cli(&["api", "fetch", "x509"]);
     assert!(!text(&outside).contains(cart), "a process outside the pod got the pod's SVID: {}", text(&outside));
+
+    // With auto_pod_identity, a pod on the agent's node gets spiffe://<td>/ns/<ns>/sa/<sa>
+    // without any entry; a pod of a service account with no pod on this node does not.
+    k8s.add_pod(pod("web", "frontend-1", WEB_UID, "frontend", "node-1"));
+    let web = PodCgroup::new(WEB_UID);
+    let got = std::cell::RefCell::new(String::new());
+    wait_for(
+        20,
+        "the automatic identity",
+        || {
+            let out = web.fetch(&mesh.socket).wait_with_output().unwrap();
+            *got.borrow_mut() = text(&out);
+            got.borrow().contains("spiffe://example.org/ns/web/sa/frontend")
+        },
+        || got.borrow().clone(),
+    );
+    assert!(mesh.server.cli_ok(&["entry", "show", "--output", "json"]).contains("ns/shop/sa/cart"));
+    assert!(
+        !mesh.server.cli_ok(&["entry", "show", "--output", "json"]).contains("ns/web/sa/frontend"),
+        "no entry was written"
+    );
+    k8s.add_node("node-2", "node-uid-2", &[]);
+    k8s.add_pod(pod("batch", "job-1", OTHER_NODE_UID, "batch", "node-2"));
+    let other = PodCgroup::new(OTHER_NODE_UID);
+    std::thread::sleep(Duration::from_secs(6)); // past the server's node pod cache
+    let out = other.fetch(&mesh.socket).wait_with_output().unwrap();
+    assert!(!text(&out).contains("ns/batch/sa/batch"), "a pod of another node got an identity: {}", text(&out));
 
     // A pod the kubelet lists only later is found by the retry.
     let late = "spiffe://example.org/ns/shop/sa/late";

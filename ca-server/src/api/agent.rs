@@ -97,8 +97,20 @@ impl AgentService {
         Ok(Caller { id, record })
     }
 
-    /// Entries the agent may obtain SVIDs for, by ID.
-    async fn authorized(&self, agent: &SpiffeId) -> Result<BTreeMap<String, Entry>, ApiError> {
+    /// Entries the agent may obtain SVIDs for, by ID: registered ones and those its
+    /// attestation implies.
+    async fn authorized(&self, caller: &Caller) -> Result<BTreeMap<String, Entry>, ApiError> {
+        let mut out = self.registered(&caller.id).await?;
+        if let Some(a) = self.attestors.iter().find(|a| a.kind() == caller.record.attestation_type) {
+            for e in a.implied_entries(&caller.record, self.issuance.ca.trust_domain()).await? {
+                out.entry(e.id.clone()).or_insert(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registered entries the agent may obtain SVIDs for, by ID.
+    async fn registered(&self, agent: &SpiffeId) -> Result<BTreeMap<String, Entry>, ApiError> {
         let store = &self.issuance.store;
         let mut out = BTreeMap::new();
         let mut seen: HashSet<SpiffeId> = HashSet::from([agent.clone()]);
@@ -242,7 +254,7 @@ impl Agent for AgentService {
         let caller = self.caller(&req).await?;
         let since = req.into_inner().since_revision;
         let changes = self.issuance.store.entry_changes(since).await.map_err(ApiError::from)?;
-        let authorized = self.authorized(&caller.id).await?;
+        let authorized = self.authorized(&caller).await?;
         let mut resp = pb::SyncEntriesResponse {
             revision: changes.revision,
             upserted: vec![],
@@ -282,7 +294,7 @@ impl Agent for AgentService {
             .into());
         }
         self.spend_svids(&caller.id, params.len()).await?;
-        let authorized = self.authorized(&caller.id).await?;
+        let authorized = self.authorized(&caller).await?;
         let caller_s = caller.id.to_string();
         let mut results = Vec::with_capacity(params.len());
         for p in params {
@@ -332,7 +344,7 @@ impl Agent for AgentService {
         let caller = self.caller(&req).await?;
         self.spend_svids(&caller.id, 1).await?;
         let r = req.into_inner();
-        let authorized = self.authorized(&caller.id).await?;
+        let authorized = self.authorized(&caller).await?;
         let entry = authorized.get(&r.entry_id).ok_or_else(|| {
             ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", r.entry_id))
         })?;
@@ -352,7 +364,7 @@ impl Agent for AgentService {
         req: Request<pb::FetchBundlesRequest>,
     ) -> Result<Response<pb::FetchBundlesResponse>, Status> {
         let caller = self.caller(&req).await?;
-        let authorized = self.authorized(&caller.id).await?;
+        let authorized = self.authorized(&caller).await?;
         let wanted: HashSet<_> = authorized.values().flat_map(|e| e.federates_with.iter().cloned()).collect();
         let mut federated = Vec::new();
         for td in wanted {
@@ -375,7 +387,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::MintDownstreamX509CaStream>, Status> {
         let caller = self.caller(&req).await?;
         let r = req.into_inner();
-        let authorized = self.authorized(&caller.id).await?;
+        let authorized = self.authorized(&caller).await?;
         let Some(entry) = authorized.values().find(|e| e.downstream) else {
             let e = ApiError::PermissionDenied(format!(
                 "agent {} has no downstream entry; create one with `entry create --downstream`",
