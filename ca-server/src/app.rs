@@ -217,7 +217,7 @@ impl Server {
         let istio_addr = match &cfg.istio {
             None => None,
             Some(ic) => {
-                let svc = IstioCa::new(issuance.clone(), ic.clone()).await?;
+                let svc = IstioCa::new(issuance.clone(), ic.clone(), cfg.rate_limit_svids_per_second).await?;
                 let l = TcpListener::bind(ic.address)
                     .await
                     .map_err(io(format!("cannot bind the Istio CA API on {}", ic.address)))?;

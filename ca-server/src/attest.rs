@@ -118,23 +118,69 @@ impl PsatAttestor {
         Ok(Self { clusters: out, node_pods: std::sync::Mutex::default() })
     }
 
-    /// The service accounts with a pod on `node`, cached for [`NODE_PODS_TTL`].
-    async fn service_accounts_on(&self, cluster: &PsatCluster, node: &str) -> Result<Vec<(String, String)>, ApiError> {
-        let key = (cluster.cfg.name.clone(), node.to_owned());
+    /// The service accounts with a live pod on `node`, cached for [`NODE_PODS_TTL`]; none
+    /// when the node named `node` is no longer the node with UID `node_uid` (a node name
+    /// reused after the agent's node was replaced).
+    async fn service_accounts_on(
+        &self,
+        cluster: &PsatCluster,
+        node: &str,
+        node_uid: &str,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let key = (cluster.cfg.name.clone(), format!("{node}/{node_uid}"));
         if let Ok(cache) = self.node_pods.lock()
             && let Some((at, sas)) = cache.get(&key)
             && at.elapsed() < NODE_PODS_TTL
         {
             return Ok(sas.clone());
         }
+        let listed = self.list_service_accounts(cluster, node, node_uid).await;
+        let sas = match listed {
+            Ok(sas) => sas,
+            Err(e) => {
+                // The API server is unreachable: keep the last answer rather than taking the
+                // node's identities away, and say so.
+                let stale = self.node_pods.lock().ok().and_then(|c| c.get(&key).map(|(_, sas)| sas.clone()));
+                return match stale {
+                    Some(sas) => {
+                        tracing::warn!(error = %e, node, "Cannot list the node's pods; using the last list");
+                        Ok(sas)
+                    }
+                    None => Err(e),
+                };
+            }
+        };
+        if let Ok(mut cache) = self.node_pods.lock() {
+            cache.retain(|_, (at, _)| at.elapsed() < NODE_PODS_TTL * 60);
+            cache.insert(key, (std::time::Instant::now(), sas.clone()));
+        }
+        Ok(sas)
+    }
+
+    async fn list_service_accounts(
+        &self,
+        cluster: &PsatCluster,
+        node: &str,
+        node_uid: &str,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let api_err = |e: kube::Error| ApiError::Unavailable(format!("cluster {}: {node}: {e}", cluster.cfg.name));
+        let current = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.client.clone())
+            .get_opt(node)
+            .await
+            .map_err(api_err)?
+            .and_then(|n| n.metadata.uid);
+        if current.as_deref() != Some(node_uid) {
+            return Ok(Vec::new());
+        }
         let pods = kube::Api::<k8s_openapi::api::core::v1::Pod>::all(cluster.client.clone())
             .list(&kube::api::ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await
-            .map_err(|e| ApiError::Unavailable(format!("cluster {}: listing pods on {node}: {e}", cluster.cfg.name)))?;
+            .map_err(api_err)?;
         let mut sas: Vec<(String, String)> = pods
             .items
             .iter()
             .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .filter(|p| tessera_k8s::pod_is_live(p))
             .filter_map(|p| {
                 let ns = p.metadata.namespace.clone()?;
                 let sa = p.spec.as_ref()?.service_account_name.clone().unwrap_or_else(|| "default".into());
@@ -143,10 +189,6 @@ impl PsatAttestor {
             .collect();
         sas.sort();
         sas.dedup();
-        if let Ok(mut cache) = self.node_pods.lock() {
-            cache.retain(|_, (at, _)| at.elapsed() < NODE_PODS_TTL);
-            cache.insert(key, (std::time::Instant::now(), sas.clone()));
-        }
         Ok(sas)
     }
 
@@ -252,12 +294,17 @@ impl NodeAttestor for PsatAttestor {
         let Some(cluster) = self.clusters.iter().find(|c| c.cfg.name == cluster_name && c.cfg.auto_pod_identity) else {
             return Ok(Vec::new());
         };
-        let node = agent.selectors.iter().find_map(|s| {
-            (s.kind == tessera_k8s::psat::KIND).then(|| s.value.strip_prefix("agent_node_name:")).flatten()
-        });
-        let Some(node) = node else { return Ok(Vec::new()) };
+        let selector = |prefix: &str| {
+            agent
+                .selectors
+                .iter()
+                .find_map(|s| (s.kind == tessera_k8s::psat::KIND).then(|| s.value.strip_prefix(prefix)).flatten())
+        };
+        let (Some(node), Some(node_uid)) = (selector("agent_node_name:"), selector("agent_node_uid:")) else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for (ns, sa) in self.service_accounts_on(cluster, node).await? {
+        for (ns, sa) in self.service_accounts_on(cluster, node, node_uid).await? {
             let Ok(id) = tessera_k8s::token::istio_identity(td, &ns, &sa) else { continue };
             out.push(Entry {
                 id: format!("k8s-auto.{cluster_name}.{ns}.{sa}"),

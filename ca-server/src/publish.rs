@@ -126,17 +126,31 @@ fn holder_identity(instance_id: &str) -> String {
     format!("{}/{instance_id}", host.trim())
 }
 
-async fn publish_once(client: &kube::Client, cfg: &PublisherConfig, pem: &str) -> Result<usize, tessera_k8s::K8sError> {
+/// Writes every ConfigMap, stopping once half the lease has passed since it was renewed: a
+/// replica that may have lost the lease writes no more (the rest waits for the next renewal).
+async fn publish_once(
+    client: &kube::Client,
+    cfg: &PublisherConfig,
+    pem: &str,
+    renewed: tokio::time::Instant,
+) -> Result<usize, tessera_k8s::K8sError> {
+    let in_time = || renewed.elapsed() < cfg.lease_duration / 2;
+    let stop = || tessera_k8s::K8sError::Api("the lease may have expired; stopping until it is renewed".into());
     let mut written = 0;
+    let mut targets: Vec<(String, &str, &str)> = Vec::new();
     if cfg.istio_root_cert {
         for ns in target_namespaces(client, &cfg.namespaces).await? {
-            if apply_configmap(client, &ns, ISTIO_ROOT_CONFIGMAP, ISTIO_ROOT_KEY, pem).await? {
-                written += 1;
-            }
+            targets.push((ns, ISTIO_ROOT_CONFIGMAP, ISTIO_ROOT_KEY));
         }
     }
     for (ns, name, key) in &cfg.configmaps {
-        if apply_configmap(client, ns, name, key, pem).await? {
+        targets.push((ns.clone(), name, key));
+    }
+    for (ns, name, key) in targets {
+        if !in_time() {
+            return Err(stop());
+        }
+        if apply_configmap(client, &ns, name, key, pem).await? {
             written += 1;
         }
     }
@@ -171,6 +185,7 @@ pub async fn run(cfg: PublisherConfig, instance_id: String, ca: Arc<Ca>, mut shu
             r = bundle_rx.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
         }
+        let renewed = tokio::time::Instant::now();
         match elector.try_acquire_or_renew().await {
             Ok(now) => {
                 if now != leading {
@@ -192,7 +207,7 @@ pub async fn run(cfg: PublisherConfig, instance_id: String, ca: Arc<Ca>, mut shu
         if pem == published && !due {
             continue;
         }
-        match publish_once(&client, &cfg, &pem).await {
+        match publish_once(&client, &cfg, &pem, renewed).await {
             Ok(n) => {
                 if n > 0 {
                     info!(cluster = %cfg.cluster, configmaps = n, "Published the trust bundle");

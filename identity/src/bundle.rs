@@ -203,8 +203,10 @@ impl Bundle {
 }
 
 /// Reads a plain JWKS (RFC 7517), such as a Kubernetes API server's service-account issuer
-/// keys: every key with a `kid` becomes `(kid, SubjectPublicKeyInfo DER)`. Keys for encryption
-/// (`"use": "enc"`) are skipped; any other defect is an error naming the key.
+/// keys: every usable signing key with a `kid` becomes `(kid, SubjectPublicKeyInfo DER)`.
+/// Keys for encryption (`"use": "enc"`), without `kid`, or of a type we cannot verify with are
+/// skipped, so one odd key does not hide the others; a document with no usable key, or that
+/// is not a JWKS, is an error.
 pub fn jwks_signing_keys(doc: &[u8]) -> Result<Vec<(String, Vec<u8>)>, BundleError> {
     if doc.len() > MAX_BUNDLE_JSON_LEN {
         return Err(BundleError::TooLarge(doc.len()));
@@ -215,15 +217,19 @@ pub fn jwks_signing_keys(doc: &[u8]) -> Result<Vec<(String, Vec<u8>)>, BundleErr
         .and_then(Value::as_array)
         .ok_or_else(|| BundleError::Malformed("missing \"keys\" array".into()))?;
     let mut out = Vec::with_capacity(keys.len());
-    for (index, k) in keys.iter().enumerate() {
-        let bad = |reason: &str| BundleError::BadKey { index, reason: reason.to_owned() };
-        let k = k.as_object().ok_or_else(|| bad("not an object"))?;
+    for k in keys {
+        let Some(k) = k.as_object() else { continue };
         if k.get("use").and_then(Value::as_str) == Some("enc") {
             continue;
         }
-        let kid =
-            k.get("kid").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(|| bad("key without kid"))?;
-        out.push((kid.to_owned(), jwk_to_spki(k).map_err(|r| bad(&r))?));
+        let (Some(kid), Ok(spki)) = (k.get("kid").and_then(Value::as_str).filter(|s| !s.is_empty()), jwk_to_spki(k))
+        else {
+            continue;
+        };
+        out.push((kid.to_owned(), spki));
+    }
+    if out.is_empty() {
+        return Err(BundleError::Malformed("no usable signing key (with kid, EC P-256/P-384 or RSA ≥ 2048)".into()));
     }
     Ok(out)
 }
@@ -377,6 +383,21 @@ mod tests {
             Bundle::from_jwks(td(), br#"{"keys":[], "spiffe_sequence": -1}"#),
             Err(BundleError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn plain_jwks_keeps_usable_keys_and_refuses_a_document_without_any() {
+        let b = sample();
+        let doc: Value = serde_json::from_str(&b.to_jwks().unwrap()).unwrap();
+        let jwt_key = doc["keys"].as_array().unwrap().iter().find(|k| k["use"] == "jwt-svid").unwrap().clone();
+        let odd = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": "AAAA"});
+        let no_kid = serde_json::json!({"kty": "EC", "crv": "P-256"});
+        let mixed = serde_json::json!({"keys": [odd, no_kid, jwt_key]}).to_string();
+        let keys = jwks_signing_keys(mixed.as_bytes()).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].1, b.jwt_authorities[0].public_key);
+        assert!(jwks_signing_keys(br#"{"keys": [{"kty": "OKP"}]}"#).is_err());
+        assert!(jwks_signing_keys(b"[]").is_err());
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum JwksSource {
 struct Cache {
     keys: Vec<(String, Vec<u8>)>,
     file_mtime: Option<SystemTime>,
+    /// The last fetch attempt, successful or not: one failing URL is not asked again per
+    /// request.
     fetched: Option<Instant>,
 }
 
@@ -136,6 +138,9 @@ impl JwksValidator {
                 Ok(())
             }
             JwksSource::Url { url, tls } => {
+                if let Ok(mut c) = self.cache.lock() {
+                    c.fetched = Some(Instant::now());
+                }
                 let parsed = tessera_svc::http::Url::parse(url).map_err(K8sError::Jwks)?;
                 let req = tessera_svc::http::Request { method: "GET", url: &parsed, headers: &[], body: Vec::new() };
                 let (status, body) = tessera_svc::http::send(req, tls.clone(), MAX_JWKS_BYTES, Duration::from_secs(10))

@@ -1,21 +1,26 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease, so that one replica at a time runs
 //! the cluster writers (ConfigMap publishing). Optimistic concurrency on `resourceVersion`
-//! decides races: a replica that loses a write is not the leader.
+//! decides races: a replica that loses a write is not the leader. As in client-go, another
+//! holder's lease is judged expired by this replica's own clock: from when it last saw the
+//! holder or `renewTime` change, never by comparing `renewTime` with the local time, so
+//! clock skew between replicas cannot steal a live lease.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::K8sError;
 
 /// One replica's view of a Lease.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration_secs: i32,
+    /// Another holder's `(holder, renewTime)` as last seen, and when it was first seen.
+    observed: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -30,6 +35,7 @@ impl LeaderElector {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration_secs: duration_secs.max(1),
+            observed: std::sync::Mutex::new(None),
         }
     }
 
@@ -59,9 +65,19 @@ impl LeaderElector {
         let spec = lease.spec.get_or_insert_with(Default::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.identity;
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(t)), Some(d)) => *t + SignedDuration::from_secs(i64::from(d)) < now,
-            _ => true,
+        let seen = format!("{holder}|{:?}", spec.renew_time);
+        let duration = std::time::Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(self.duration_secs)).unwrap_or(1),
+        );
+        let expired = match self.observed.lock() {
+            Ok(mut o) => match o.as_ref() {
+                Some((last, at)) if *last == seen => at.elapsed() > duration,
+                _ => {
+                    *o = Some((seen, std::time::Instant::now()));
+                    false
+                }
+            },
+            Err(_) => false,
         };
         if !ours && !holder.is_empty() && !expired {
             return Ok(false);

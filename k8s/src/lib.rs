@@ -43,6 +43,13 @@ pub enum K8sError {
     Jwks(String),
 }
 
+/// False for pods that have finished (`Succeeded`, `Failed`) or are being deleted: they no
+/// longer stand for a workload on their node.
+pub fn pod_is_live(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    p.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
 impl From<kube::Error> for K8sError {
     fn from(e: kube::Error) -> Self {
         K8sError::Api(e.to_string())

@@ -310,6 +310,28 @@ fn istio_agent_gets_certificates_and_every_bad_request_is_refused_with_its_code(
         let mut imp = Call::new(&debug, "cluster-a", c);
         imp.impersonate = Some(cart);
         assert_code(call(&ch, imp).await, Code::PermissionDenied, "impersonation by an untrusted account");
+
+        // After the authority that signed a certificate is tainted, that certificate renews
+        // nothing: the caller must come back with a token.
+        let old = env.server.cli_ok(&["localauthority", "x509", "show", "--output", "json"]);
+        let old: serde_json::Value = serde_json::from_str(&old).unwrap();
+        let old_id =
+            old["authorities"].as_array().unwrap().iter().find(|a| a["status"] == "active").unwrap()["authority_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+        env.server.cli_ok(&["localauthority", "x509", "prepare"]);
+        env.server.cli_ok(&["localauthority", "x509", "activate"]);
+        env.server.cli_ok(&["localauthority", "x509", "taint", "--authority-id", &old_id]);
+        let (c, _) = csr(cart, None);
+        let m = assert_code(
+            call(&mtls, Call { token: None, cluster: None, csr: c, ttl: 0, impersonate: None }).await,
+            Code::Unauthenticated,
+            "renewal with a certificate of a tainted authority",
+        );
+        assert!(m.contains("tainted"), "{m}");
+        let (c, _) = csr(cart, None);
+        assert!(call(&ch, Call::new(&token, "cluster-a", c)).await.is_ok(), "a token still works");
     });
 
     // Refusals of authenticated callers are audited.

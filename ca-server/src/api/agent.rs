@@ -102,8 +102,16 @@ impl AgentService {
     async fn authorized(&self, caller: &Caller) -> Result<BTreeMap<String, Entry>, ApiError> {
         let mut out = self.registered(&caller.id).await?;
         if let Some(a) = self.attestors.iter().find(|a| a.kind() == caller.record.attestation_type) {
-            for e in a.implied_entries(&caller.record, self.issuance.ca.trust_domain()).await? {
-                out.entry(e.id.clone()).or_insert(e);
+            // When the cluster cannot be asked, registered entries still work.
+            match a.implied_entries(&caller.record, self.issuance.ca.trust_domain()).await {
+                Ok(implied) => {
+                    for e in implied {
+                        out.entry(e.id.clone()).or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(agent_id = %caller.id, error = %e, "Cannot derive implied entries; using registered entries only")
+                }
             }
         }
         Ok(out)

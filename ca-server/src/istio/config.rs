@@ -23,6 +23,12 @@ pub(crate) struct RawIstio {
     trusted_node_accounts: Vec<String>,
     #[serde(default)]
     clusters: Vec<RawCluster>,
+    #[serde(default = "yes")]
+    certificate_auth: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_ttl() -> String {
@@ -97,6 +103,8 @@ pub struct IstioConfig {
     pub trusted_node_accounts: Vec<(String, String)>,
     /// The clusters whose tokens are accepted.
     pub clusters: Vec<IstioCluster>,
+    /// Accept a still-valid workload certificate instead of a token (istio-agent's renewal).
+    pub certificate_auth: bool,
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -163,7 +171,14 @@ impl RawIstio {
                         invalid("istio.clusters.issuer", "offline validation needs the cluster's issuer")
                     })?;
                     if let Some(u) = &url {
-                        tessera_svc::http::Url::parse(u).map_err(|e| invalid("istio.clusters.jwks_url", e))?;
+                        let parsed =
+                            tessera_svc::http::Url::parse(u).map_err(|e| invalid("istio.clusters.jwks_url", e))?;
+                        if !parsed.tls {
+                            return Err(invalid(
+                                "istio.clusters.jwks_url",
+                                format!("{u:?}: must be https (whoever can change the keys can forge any token)"),
+                            ));
+                        }
                     }
                     TokenValidation::Jwks { path, url, ca_file: c.jwks_ca_file, issuer }
                 }
@@ -175,6 +190,14 @@ impl RawIstio {
                 audiences: c.audiences,
             });
         }
-        Ok(IstioConfig { address, dns_names: self.dns_names, default_ttl, max_ttl, trusted_node_accounts, clusters })
+        Ok(IstioConfig {
+            address,
+            dns_names: self.dns_names,
+            default_ttl,
+            max_ttl,
+            trusted_node_accounts,
+            clusters,
+            certificate_auth: self.certificate_auth,
+        })
     }
 }

@@ -72,6 +72,7 @@ pub struct IstioCa {
     issuance: Issuance,
     cfg: Arc<IstioConfig>,
     clusters: Arc<Vec<Cluster>>,
+    limit: Arc<crate::api::limits::RateLimiter<std::net::IpAddr>>,
 }
 
 async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
@@ -132,12 +133,15 @@ fn bearer<T>(req: &Request<T>) -> Option<&str> {
 
 impl IstioCa {
     /// Connects to every configured cluster (or reads its JWKS).
-    pub async fn new(issuance: Issuance, cfg: IstioConfig) -> Result<Self, StartError> {
+    /// `rate_per_second` bounds requests per client IP address (0: unlimited), before any
+    /// token is reviewed.
+    pub async fn new(issuance: Issuance, cfg: IstioConfig, rate_per_second: f64) -> Result<Self, StartError> {
         let mut clusters = Vec::with_capacity(cfg.clusters.len());
         for c in &cfg.clusters {
             clusters.push(build_cluster(c).await?);
         }
-        Ok(Self { issuance, cfg: Arc::new(cfg), clusters: Arc::new(clusters) })
+        let limit = crate::api::limits::RateLimiter::new(rate_per_second, rate_per_second.max(1.0));
+        Ok(Self { issuance, cfg: Arc::new(cfg), clusters: Arc::new(clusters), limit: Arc::new(limit) })
     }
 
     fn td(&self) -> &tessera_identity::TrustDomain {
@@ -151,6 +155,16 @@ impl IstioCa {
         };
         let Some(leaf) = certs.first() else { return Ok(None) };
         let facts = tessera_identity::x509::cert_facts(leaf).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
+        // The handshake checked the chain once; a long-lived connection must not outlive the
+        // certificate, and a tainted authority's certificates renew nothing.
+        if facts.not_after <= tessera_identity::unix_now() {
+            return Err(ApiError::Unauthenticated("the client certificate has expired".into()));
+        }
+        if facts.authority_key_id.as_ref().is_some_and(|aki| self.issuance.ca.tainted_authority_ids().contains(aki)) {
+            return Err(ApiError::Unauthenticated(
+                "the client certificate was issued by a tainted authority: authenticate with a token".into(),
+            ));
+        }
         let Some(id) = facts.spiffe_id() else { return Ok(None) };
         let Some((ns, sa)) = parse_istio_identity(&id, self.td()).map(|(n, s)| (n.to_owned(), s.to_owned())) else {
             return Ok(None);
@@ -193,8 +207,12 @@ impl IstioCa {
         })
     }
 
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
-        let cert = self.by_certificate(req);
+    async fn authenticate<T>(&self, req: &Request<T>, impersonating: bool) -> Result<Caller, ApiError> {
+        let cert = if self.cfg.certificate_auth { self.by_certificate(req) } else { Ok(None) };
+        // Impersonation needs the node the token is bound to: prefer the token then.
+        if impersonating && let Some(token) = bearer(req) {
+            return self.by_token(req, token).await;
+        }
         if let Ok(Some(c)) = cert {
             return Ok(c);
         }
@@ -254,8 +272,11 @@ impl IstioCa {
                 .get_opt(pod)
                 .await
                 .map_err(|e| ApiError::Unavailable(format!("cluster {}: {e}", cluster.id)))?
+                .filter(|p| sat.pod_uid.is_none() || p.metadata.uid == sat.pod_uid)
                 .and_then(|p| p.spec.and_then(|s| s.node_name))
-                .ok_or_else(|| ApiError::PermissionDenied(format!("the caller's pod {pod} is not on a node")))?,
+                .ok_or_else(|| {
+                    ApiError::PermissionDenied(format!("the caller's pod {pod} is gone or not on a node"))
+                })?,
             (None, None) => {
                 return Err(ApiError::PermissionDenied(
                     "the node agent's token is not bound to a pod; its node is unknown".into(),
@@ -266,7 +287,7 @@ impl IstioCa {
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await
             .map_err(|e| ApiError::Unavailable(format!("cluster {}: listing pods: {e}", cluster.id)))?;
-        let on_node = pods.items.iter().any(|p| {
+        let on_node = pods.items.iter().filter(|p| tessera_k8s::pod_is_live(p)).any(|p| {
             p.spec.as_ref().is_some_and(|s| {
                 s.node_name.as_deref() == Some(node.as_str())
                     && s.service_account_name.as_deref().unwrap_or("default") == sa
@@ -318,7 +339,15 @@ impl IstioCa {
         &self,
         req: Request<pb::IstioCertificateRequest>,
     ) -> Result<pb::IstioCertificateResponse, ApiError> {
-        let caller = self.authenticate(&req).await?;
+        if let Some(ip) = req.extensions().get::<crate::api::tls::PeerCerts>().and_then(|p| p.1)
+            && !self.limit.check(&ip, 1.0)
+        {
+            self.issuance.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ApiError::ResourceExhausted(format!("too many certificate requests from {ip}; retry later")));
+        }
+        let impersonating =
+            req.get_ref().metadata.as_ref().is_some_and(|m| m.fields.contains_key(IMPERSONATED_IDENTITY));
+        let caller = self.authenticate(&req, impersonating).await?;
         let r = req.into_inner();
         let target = match self.target(&caller, r.metadata.as_ref()).await {
             Ok(t) => t,

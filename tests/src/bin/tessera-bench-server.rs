@@ -8,8 +8,11 @@
 //! Run: `cargo build --release --bins && target/release/tessera-bench-server`.
 //!
 //! Each Tessera request is an Agent API `BatchNewX509Svid` with one CSR over mTLS: CSR check,
-//! signature, and a durable (fsynced) audit record before the answer. Each cfssl request is a
-//! `POST /api/v1/cfssl/sign` with the same CSR (cfssl keeps no audit log).
+//! signature, and a durable (fsynced) audit record before the answer. Each Istio CA API
+//! request is a `CreateCertificate` as istio-agent sends it (TLS, a service-account token
+//! validated offline against the cluster's JWKS, a PEM CSR), with the same checks and audit.
+//! Each cfssl request is a `POST /api/v1/cfssl/sign` with the same CSR (cfssl keeps no audit
+//! log).
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +29,8 @@ use tessera_identity::{PrivateKey, SpiffeId};
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::agent::v1 as agent;
 use tessera_proto::agent::v1::agent_client::AgentClient;
+use tessera_proto::istio::v1::auth::IstioCertificateRequest;
+use tessera_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use tessera_proto::types::v1 as types;
 
 const POOL: usize = 256;
@@ -80,6 +85,33 @@ fn crypto_rate(csrs: &[Vec<u8>], id: &SpiffeId) -> Result<f64> {
 }
 
 /// Runs `clients` loops for RUN; each loop calls `one(client index, request index)`.
+/// A channel as istio-agent opens it: TLS to `host`, verified against `roots` (Web PKI rules).
+async fn istio_channel(
+    addr: &str,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    host: &'static str,
+) -> Result<tonic::transport::Channel> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone())?;
+    }
+    let mut cfg = rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let target = addr.to_owned();
+    Ok(tonic::transport::Endpoint::from_static("https://tessera.bench:15012")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, target) = (connector.clone(), target.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from(host).map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(TokioIo::new(connector.connect(name, tcp).await?))
+            }
+        }))
+        .await?)
+}
+
 async fn load<F, Fut>(clients: usize, one: F) -> Result<Stats>
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
@@ -280,11 +312,35 @@ async fn main() -> Result<()> {
     };
     let limit = per_core * cores as f64;
 
+    // The Istio CA API: one cluster validated offline by its issuer's keys (no API server
+    // round trip in the measurement), a token and CSRs for spiffe://example.org/ns/bench/sa/w.
+    let k8s = tessera_e2e::fake_k8s::FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    let istio_dir = tempfile::tempdir()?;
+    std::fs::write(istio_dir.path().join("jwks.json"), k8s.jwks())?;
+    let istio_port = free_port();
+    let istio_cfg = format!(
+        "\n[istio]\naddress = \"127.0.0.1:{istio_port}\"\ndns_names = [\"tessera.bench\"]\n[[istio.clusters]]\ncluster_id = \"bench\"\njwks_path = \"{}\"\nissuer = \"{}\"\n",
+        istio_dir.path().join("jwks.json").display(),
+        k8s.issuer
+    );
+    let sa_token = Arc::new(k8s.token("bench", "w", None, &["istio-ca"], 3600));
+    let istio_id = SpiffeId::new("spiffe://example.org/ns/bench/sa/w")?;
+    let mut istio_csrs = Vec::with_capacity(POOL);
+    for _ in 0..POOL {
+        let key = PrivateKey::generate_ec_p256()?;
+        istio_csrs.push(tessera_identity::pem::encode(
+            "CERTIFICATE REQUEST",
+            &tessera_identity::csr::build_csr(&istio_id, &[], &key)?,
+        ));
+    }
+    let istio_csrs = Arc::new(istio_csrs);
+
     // Cold starts.
     let t = Instant::now();
     // Rate limits off: one load-generator agent signs far above a real agent's rate.
     let mut mesh = Mesh::start_custom("example.org", "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"", "5s", |t| {
         t.replace("[server]\n", "[server]\nrate_limit_svids_per_second = 0\nrate_limit_attestations_per_minute = 0\n")
+            + &istio_cfg
     });
     let mesh_ready = t.elapsed();
     mesh.server.stop();
@@ -388,6 +444,31 @@ async fn main() -> Result<()> {
         })
         .await?;
 
+        // Istio CA API: one TLS channel per client, as istio-agent.
+        let mut ichans = Vec::new();
+        for _ in 0..clients {
+            ichans.push(IstioCertificateServiceClient::new(
+                istio_channel(&format!("127.0.0.1:{istio_port}"), &roots, "tessera.bench").await?,
+            ));
+        }
+        let ichans = Arc::new(ichans);
+        let (ic, tok) = (istio_csrs.clone(), sa_token.clone());
+        let istio = load(clients, move |c, i| {
+            let (mut client, csr, tok) = (ichans[c].clone(), ic[i % ic.len()].clone(), tok.clone());
+            async move {
+                let mut req =
+                    tonic::Request::new(IstioCertificateRequest { csr, validity_duration: 0, metadata: None });
+                req.metadata_mut().insert("authorization", format!("Bearer {tok}").parse()?);
+                req.metadata_mut().insert("clusterid", "bench".parse()?);
+                let r = client.create_certificate(req).await?.into_inner();
+                if r.cert_chain.len() < 2 {
+                    bail!("short chain");
+                }
+                Ok(())
+            }
+        })
+        .await?;
+
         // cfssl: one keep-alive HTTP/1.1 connection per client.
         let mut conns = Vec::new();
         for _ in 0..clients {
@@ -400,7 +481,7 @@ async fn main() -> Result<()> {
             async move { cfssl_sign(&conns[c], port, body).await }
         })
         .await?;
-        rows.push((clients, tessera, cfssl));
+        rows.push((clients, tessera, istio, cfssl));
     }
 
     println!("## Server signing, {} cores, release build, {RUN:?} per level\n", cores);
@@ -409,20 +490,20 @@ async fn main() -> Result<()> {
         limit, per_core
     );
     println!(
-        "| clients | Tessera (Agent API, durable audit) | cfssl serve | Tessera ÷ cfssl | Tessera ÷ crypto limit |"
+        "| clients | Tessera (Agent API, durable audit) | Tessera (Istio CA API, token, durable audit) | cfssl serve | Agent API ÷ cfssl | Istio ÷ cfssl | Agent API ÷ crypto limit | Istio ÷ crypto limit |"
     );
-    println!("|---|---|---|---|---|");
-    for (c, t, f) in &rows {
+    println!("|---|---|---|---|---|---|---|---|");
+    let cell = |s: &Stats| format!("{:.0}/s, p50 {}, p99 {}", s.rate, ms(s.p50), ms(s.p99));
+    for (c, t, i, f) in &rows {
         println!(
-            "| {c} | {:.0}/s, p50 {}, p99 {} | {:.0}/s, p50 {}, p99 {} | {:.2}× | {:.0} % |",
-            t.rate,
-            ms(t.p50),
-            ms(t.p99),
-            f.rate,
-            ms(f.p50),
-            ms(f.p99),
+            "| {c} | {} | {} | {} | {:.2}× | {:.2}× | {:.0} % | {:.0} % |",
+            cell(t),
+            cell(i),
+            cell(f),
             t.rate / f.rate,
-            100.0 * t.rate / limit
+            i.rate / f.rate,
+            100.0 * t.rate / limit,
+            100.0 * i.rate / limit
         );
     }
     let server_pid = mesh.server.child.as_ref().context("server pid")?.id();
