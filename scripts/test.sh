@@ -36,6 +36,13 @@ echo "helm: $(target/venv/bin/helm version --short)"
 step "Formatting"
 cargo fmt --check
 
+step "Supply chain (cargo deny: licences, bans, duplicate versions, sources; SBOM)"
+if [ ! -x target/tools/bin/cargo-deny ]; then
+  cargo install --locked --quiet cargo-deny --version 0.20.2 --root target/tools
+fi
+target/tools/bin/cargo-deny --log-level error check licenses bans sources
+python3 scripts/sbom.py target/sbom/tessera.cdx.json
+
 step "Build"
 cargo build --workspace --bins --locked
 

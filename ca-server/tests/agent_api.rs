@@ -185,6 +185,13 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p.serialize_request(&kp).unwrap().der().to_vec()
     };
+    let extra_san = |san: rcgen::SanType| {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.subject_alt_names.push(rcgen::SanType::URI("spiffe://example.org/web".try_into().unwrap()));
+        p.subject_alt_names.push(san);
+        p.serialize_request(&kp).unwrap().der().to_vec()
+    };
     let params = vec![
         agent::X509SvidParams { entry_id: mine.id.clone(), csr: csr_for("spiffe://example.org/web") },
         agent::X509SvidParams { entry_id: theirs.id.clone(), csr: csr_for("spiffe://example.org/db") },
@@ -192,6 +199,18 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
         agent::X509SvidParams { entry_id: mine.id.clone(), csr: ca_csr },
         agent::X509SvidParams { entry_id: mine.id.clone(), csr: csr_for("spiffe://example.org/admin") },
         agent::X509SvidParams { entry_id: "no-such-entry".into(), csr: csr_for("spiffe://example.org/web") },
+        agent::X509SvidParams {
+            entry_id: mine.id.clone(),
+            csr: extra_san(rcgen::SanType::IpAddress("10.0.0.7".parse().unwrap())),
+        },
+        agent::X509SvidParams {
+            entry_id: mine.id.clone(),
+            csr: extra_san(rcgen::SanType::Rfc822Name("web@example.org".try_into().unwrap())),
+        },
+        agent::X509SvidParams {
+            entry_id: mine.id.clone(),
+            csr: extra_san(rcgen::SanType::DnsName("unlisted.example.org".try_into().unwrap())),
+        },
     ];
     let results =
         a.client.batch_new_x509_svid(agent::BatchNewX509SvidRequest { params }).await.unwrap().into_inner().results;
@@ -204,10 +223,16 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
             Code::InvalidArgument as i32,
             Code::InvalidArgument as i32,
             Code::InvalidArgument as i32,
-            Code::PermissionDenied as i32
+            Code::PermissionDenied as i32,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32,
+            Code::InvalidArgument as i32
         ]
     );
     assert!(results[3].status.as_ref().unwrap().message.contains("CA"), "{:?}", results[3].status);
+    assert!(results[6].status.as_ref().unwrap().message.contains("IP address"), "{:?}", results[6].status);
+    assert!(results[7].status.as_ref().unwrap().message.contains("e-mail"), "{:?}", results[7].status);
+    assert!(results[8].status.as_ref().unwrap().message.contains("unlisted.example.org"), "{:?}", results[8].status);
     let svid = results[0].svid.as_ref().unwrap();
     let roots = t.bundle().await.x509_authorities;
     verify_chain(&svid.cert_chain, &roots, "spiffe://example.org/web").unwrap();
@@ -222,7 +247,7 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
     assert_eq!(issued.len(), 1);
     assert_eq!(issued[0].event.spiffe_id, "spiffe://example.org/web");
     assert_eq!(issued[0].event.caller, a.id.to_string());
-    assert!(audit.iter().filter(|r| r.event.kind == tessera_server::store::AuditKind::Denied).count() >= 4);
+    assert!(audit.iter().filter(|r| r.event.kind == tessera_server::store::AuditKind::Denied).count() >= 7);
     assert!(t.admin.verify_audit(admin::VerifyAuditRequest {}).await.unwrap().into_inner().ok);
     t.stop().await;
 }

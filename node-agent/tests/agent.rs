@@ -613,3 +613,88 @@ async fn tainting_an_authority_replaces_everything_it_signed_at_once() {
     }
     env.stop().await;
 }
+
+/// Attack-table rows for the agent socket (docs/security-tests.md): forged and expired
+/// JWT-SVIDs at ValidateJWTSVID, oversized Workload API and SDS messages, and SDS from a
+/// process that matches no entry.
+#[tokio::test]
+async fn the_agent_socket_refuses_forged_tokens_oversized_messages_and_unattested_callers() {
+    let env = Env::start("1h").await;
+    let mut c = env.workload().await;
+    let jwt = c
+        .fetch_jwtsvid(wl::JwtsvidRequest { audience: vec!["billing".into()], spiffe_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0)
+        .svid;
+    // Valid as fetched; a flipped signature byte is refused.
+    c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "billing".into(), svid: jwt.clone() }).await.unwrap();
+    let mut forged = jwt.clone().into_bytes();
+    let at = forged.len() - 3;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let e = c
+        .validate_jwtsvid(wl::ValidateJwtsvidRequest {
+            audience: "billing".into(),
+            svid: String::from_utf8(forged).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("signature"), "{}", e.message());
+    // A token minted with a one-second TTL is refused once expired.
+    let mut admin = env.admin.clone();
+    let short = admin
+        .mint_jwt_svid(admin::MintJwtSvidRequest {
+            spiffe_id: "spiffe://example.org/web".into(),
+            audience: vec!["billing".into()],
+            ttl: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let e =
+        c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "billing".into(), svid: short }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("expired"), "{}", e.message());
+
+    // Oversized messages: 64 KiB on the Workload API, 1 MiB on SDS.
+    let e = c
+        .validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "billing".into(), svid: "a".repeat(70 * 1024) })
+        .await
+        .unwrap_err();
+    assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted), "{e:?}");
+    let mut sds = env.sds().await;
+    let e = sds
+        .fetch_secrets(DiscoveryRequest { resource_names: vec!["x".repeat(1100 * 1024)], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted), "{e:?}");
+
+    // SDS from a process that matches no entry: nothing is served (no secret, or a refusal).
+    let served = |r: &Result<
+        tonic::Response<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+        tonic::Status,
+    >| { r.as_ref().map(|r| r.get_ref().resources.len()).unwrap_or(0) };
+    let first =
+        sds.fetch_secrets(DiscoveryRequest { resource_names: vec!["default".into()], ..Default::default() }).await;
+    assert_eq!(served(&first), 1, "the attested caller gets its secret: {first:?}");
+    admin.delete_entry(admin::EntryId { id: env.entry.id.clone() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r =
+            sds.fetch_secrets(DiscoveryRequest { resource_names: vec!["default".into()], ..Default::default() }).await;
+        if let Err(e) = &r {
+            assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        }
+        if served(&r) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "an unattested caller still gets secrets");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.stop().await;
+}

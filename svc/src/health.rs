@@ -63,6 +63,8 @@ pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, mut shutdown: w
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
+                // Probes and scrapers send a few hundred bytes; a bigger head is refused.
+                .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(tcp), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "Health connection ended with an error");

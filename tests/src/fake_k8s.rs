@@ -169,11 +169,11 @@ impl FakeCluster {
     }
 
     /// A token that looks like this cluster's but is signed by another key with the same `kid`.
-    pub fn forged_token(&self, ns: &str, sa: &str, aud: &[&str]) -> String {
+    pub fn forged_token(&self, ns: &str, sa: &str, pod: Option<&str>, aud: &[&str]) -> String {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
         let other = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-        mint(&other, &self.kid, &self.issuer, &self.state, ns, sa, None, aud, 3600)
+        mint(&other, &self.kid, &self.issuer, &self.state, ns, sa, pod, aud, 3600)
     }
 
     /// Adds a namespace.

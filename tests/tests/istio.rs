@@ -231,8 +231,8 @@ fn istio_agent_gets_certificates_and_every_bad_request_is_refused_with_its_code(
 
         // Forged, expired, wrong audience, unknown cluster, no credentials.
         for (what, t, cluster) in [
-            ("forged token at a", env.a.forged_token("shop", "cart", AUD), "cluster-a"),
-            ("forged token at b", env.b.forged_token("shop", "cart", AUD), "cluster-b"),
+            ("forged token at a", env.a.forged_token("shop", "cart", None, AUD), "cluster-a"),
+            ("forged token at b", env.b.forged_token("shop", "cart", None, AUD), "cluster-b"),
             ("expired token at a", env.a.token("shop", "cart", None, AUD, -600), "cluster-a"),
             ("expired token at b", env.b.token("shop", "cart", None, AUD, -600), "cluster-b"),
             ("wrong audience at a", env.a.token("shop", "cart", None, &["vault"], 3600), "cluster-a"),
@@ -264,6 +264,23 @@ fn istio_agent_gets_certificates_and_every_bad_request_is_refused_with_its_code(
         assert_code(call(&ch, Call::new(&token, "cluster-a", c)).await, Code::PermissionDenied, "CSR for pay");
         let (c, _) = csr(cart, Some("cart.shop.svc"));
         assert_code(call(&ch, Call::new(&token, "cluster-a", c)).await, Code::PermissionDenied, "CSR with DNS SAN");
+        for (what, san) in [
+            ("IP SAN", rcgen::SanType::IpAddress("10.0.0.7".parse().unwrap())),
+            ("e-mail SAN", rcgen::SanType::Rfc822Name("cart@shop.example".try_into().unwrap())),
+        ] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.subject_alt_names.push(rcgen::SanType::URI(cart.try_into().unwrap()));
+            p.subject_alt_names.push(san);
+            let pem = p.serialize_request(&key).unwrap().pem().unwrap();
+            assert_code(call(&ch, Call::new(&token, "cluster-a", pem)).await, Code::PermissionDenied, what);
+        }
+        let huge = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            "A".repeat(100 * 1024)
+        );
+        let e = call(&ch, Call::new(&token, "cluster-a", huge)).await.unwrap_err();
+        assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted), "oversized request: {e:?}");
         let key = rcgen::KeyPair::generate().unwrap();
         let bare = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
         assert_code(
