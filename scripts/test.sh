@@ -56,6 +56,20 @@ passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/)
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 rm -f "$log"
 
+step "Fuzzing (each target for a bounded time; needs a nightly toolchain)"
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  if [ ! -x target/tools/bin/cargo-fuzz ]; then
+    cargo install --locked --quiet cargo-fuzz --version 0.13.2 --root target/tools
+  fi
+  for t in csr bundle_json jwt_svid sds_request workload_request config k8s_input; do
+    mkdir -p "target/fuzz-corpus/$t"
+    PATH="$PWD/target/tools/bin:$PATH" cargo +nightly fuzz run -s none "$t" "target/fuzz-corpus/$t" "fuzz/seeds/$t" \
+      -- -max_total_time="${TESSERA_FUZZ_SECONDS:-20}" -rss_limit_mb=4096 2>&1 | tail -n 3
+  done
+else
+  echo "no nightly toolchain: fuzzing skipped (the proptest property tests ran above)"
+fi
+
 step "Quickstart (README command 1)"
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 QUICKSTART_DIR="$(mktemp -d)"

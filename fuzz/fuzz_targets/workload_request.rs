@@ -1,0 +1,10 @@
+//! Fuzz target `workload_request`: see `tessera_fuzz::workload_request`.
+#![cfg_attr(fuzzing, no_main)]
+
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tessera_fuzz::workload_request(data));
+
+#[cfg(not(fuzzing))]
+fn main() {
+    tessera_fuzz::replay(tessera_fuzz::workload_request);
+}
