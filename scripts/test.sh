@@ -63,7 +63,7 @@ if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   fi
   for t in csr bundle_json jwt_svid sds_request workload_request config k8s_input; do
     mkdir -p "target/fuzz-corpus/$t"
-    PATH="$PWD/target/tools/bin:$PATH" cargo +nightly fuzz run -s none "$t" "target/fuzz-corpus/$t" "fuzz/seeds/$t" \
+    RUSTFLAGS="--cap-lints=warn" PATH="$PWD/target/tools/bin:$PATH" cargo +nightly fuzz run -s none "$t" "target/fuzz-corpus/$t" "fuzz/seeds/$t" \
       -- -max_total_time="${TESSERA_FUZZ_SECONDS:-20}" -rss_limit_mb=4096 2>&1 | tail -n 3
   done
 else

@@ -20,9 +20,30 @@ pub struct Health {
 
 #[async_trait::async_trait]
 impl tessera_svc::health::Probe for Health {
-    /// The store must answer a read, and the CA must be able to sign.
+    /// The store must answer a read and make a write durable, and the CA must be able to sign.
     async fn ready(&self) -> bool {
-        self.ca.is_ready() && self.store.get_bundle(self.ca.trust_domain()).await.is_ok()
+        if !self.ca.is_ready() || self.store.get_bundle(self.ca.trust_domain()).await.is_err() {
+            return false;
+        }
+        match self.store.check_writable().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "Store cannot make writes durable: not ready");
+                false
+            }
+        }
+    }
+
+    /// A store whose writes have failed for 30 s without a success cannot recover in place
+    /// (sled after an I/O error such as a full disk): ask to be restarted.
+    async fn live(&self) -> bool {
+        match self.store.failing_for() {
+            Some(d) if d > std::time::Duration::from_secs(30) => {
+                tracing::error!(failing_for = ?d, "Store writes keep failing: /live is 503 so that the server is restarted");
+                false
+            }
+            _ => true,
+        }
     }
 
     /// The upstream plugin's state, when it runs out of process: the CA keeps signing while

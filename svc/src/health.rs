@@ -24,6 +24,11 @@ pub trait Probe: Send + Sync + 'static {
     async fn detail(&self) -> String {
         String::new()
     }
+    /// Whether `/live` answers 200: false only when the process cannot recover without a
+    /// restart. True by default.
+    async fn live(&self) -> bool {
+        true
+    }
 }
 
 async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -31,7 +36,8 @@ async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Byt
         (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".to_owned(), false)
     } else {
         match req.uri().path() {
-            "/live" => (StatusCode::OK, "live\n".to_owned(), false),
+            "/live" if probe.live().await => (StatusCode::OK, "live\n".to_owned(), false),
+            "/live" => (StatusCode::SERVICE_UNAVAILABLE, "not live: restart needed\n".to_owned(), false),
             "/ready" if probe.ready().await => (StatusCode::OK, format!("ready\n{}", probe.detail().await), false),
             "/ready" => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{}", probe.detail().await), false),
             "/metrics" => (StatusCode::OK, probe.metrics().await, true),

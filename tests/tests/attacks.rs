@@ -165,18 +165,21 @@ fn the_admin_socket_refuses_other_users() {
     }
     let f = start();
     let socket = f.server.socket.clone();
-    // nobody can run the binary at all, so a refusal below is the socket's, not exec's.
-    let version = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--"])
-        .arg(tessera_e2e::bin("tessera-server"))
-        .arg("--version")
-        .output()
-        .unwrap();
+    // A copy of the CLI that `nobody` can run wherever the checkout lives, so that a refusal
+    // below is the socket's, not exec's.
+    use std::os::unix::fs::PermissionsExt;
+    let bin_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = bin_dir.path().join("tessera-server");
+    std::fs::copy(tessera_e2e::bin("tessera-server"), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let version =
+        std::process::Command::new("runuser").args(["-u", "nobody", "--"]).arg(&cli).arg("--version").output().unwrap();
     assert!(version.status.success(), "nobody cannot run tessera-server: {version:?}");
     let as_nobody = || {
         std::process::Command::new("runuser")
             .args(["-u", "nobody", "--"])
-            .arg(tessera_e2e::bin("tessera-server"))
+            .arg(&cli)
             .args(["entry", "show", "--socket"])
             .arg(&socket)
             .output()
@@ -187,7 +190,6 @@ fn the_admin_socket_refuses_other_users() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ermission denied"), "{out:?}");
     // Even with the file modes opened up by mistake, the server checks the peer's uid.
-    use std::os::unix::fs::PermissionsExt;
     let dir = socket.parent().unwrap();
     let mode = std::fs::metadata(dir).unwrap().permissions().mode();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();

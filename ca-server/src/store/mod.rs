@@ -126,6 +126,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord>;
     /// Up to `limit` records with `seq >= from`, in order.
     async fn audit_range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>>;
+
+    /// Whether a write can be made durable now (readiness: a full or read-only disk makes the
+    /// server not ready). By default, nothing to check: the database server owns its disk.
+    async fn check_writable(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// How long writes have been failing without a success since, when the store cannot
+    /// recover from that in place (the server must be restarted): `/live` turns false after
+    /// a while. `None` by default.
+    fn failing_for(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Verifies the whole audit chain of a store, a page at a time.

@@ -44,6 +44,8 @@ pub struct SledStore {
     writes: std::sync::atomic::AtomicU64,
     flushed: Mutex<u64>,
     audit_lock: Mutex<()>,
+    /// Since when flushes fail (sled keeps failing after an I/O error until it is reopened).
+    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -102,6 +104,7 @@ impl SledStore {
             bundle_lock: Mutex::new(()),
             writes: std::sync::atomic::AtomicU64::new(0),
             flushed: Mutex::new(0),
+            failing_since: std::sync::Mutex::new(None),
             audit_lock: Mutex::new(()),
         })
     }
@@ -116,7 +119,16 @@ impl SledStore {
             return Ok(());
         }
         let target = self.writes.load(std::sync::atomic::Ordering::SeqCst);
-        self.db.flush_async().await.map_err(backend)?;
+        let result = self.db.flush_async().await;
+        if let Ok(mut since) = self.failing_since.lock() {
+            match &result {
+                Ok(_) => *since = None,
+                Err(_) => {
+                    since.get_or_insert_with(std::time::Instant::now);
+                }
+            }
+        }
+        result.map_err(backend)?;
         *flushed = target;
         Ok(())
     }
@@ -296,6 +308,16 @@ impl Store for SledStore {
             self.durable().await?;
         }
         Ok(out)
+    }
+
+    fn failing_for(&self) -> Option<std::time::Duration> {
+        self.failing_since.lock().ok()?.map(|t| t.elapsed())
+    }
+
+    async fn check_writable(&self) -> Result<()> {
+        // A small write made durable: fails on a full or read-only file system.
+        self.db.insert(b"__health_probe", &tessera_identity::unix_now().to_be_bytes()).map_err(backend)?;
+        self.durable().await
     }
 
     async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<Bundle>> {

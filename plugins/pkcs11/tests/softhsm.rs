@@ -18,6 +18,10 @@ struct TestToken {
 
 impl TestToken {
     fn new(name: &str) -> Self {
+        // `--init-token --free` takes the first free slot: two tests initialising at once can
+        // take the same one, and one token ends up without a user PIN.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let label = format!("t-{name}-{}", std::process::id());
         let out = Command::new("softhsm2-util")
             .args(["--init-token", "--free", "--label", &label, "--so-pin", "0000", "--pin", "1234"])
