@@ -11,17 +11,25 @@ use tessera_plugins::KeyManager;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-/// A fresh token; deleted on drop.
+/// A fresh token, made for this test process (the next run deletes it).
 struct TestToken {
     label: String,
 }
 
 impl TestToken {
-    fn new(name: &str) -> Self {
-        // `--init-token --free` takes the first free slot: two tests initialising at once can
-        // take the same one, and one token ends up without a user PIN.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one_at_a_time = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// The token for test `name`. Every test's token is made up front, once, before any test
+    /// loads the module: SoftHSM lists tokens when the module is initialised in the process,
+    /// and `--init-token --free` run concurrently can pick the same slot.
+    fn new(name: &str) -> &'static Self {
+        static ALL: std::sync::OnceLock<Vec<(&'static str, TestToken)>> = std::sync::OnceLock::new();
+        let all = ALL.get_or_init(|| {
+            delete_stale_tokens();
+            ["conf", "reopen"].into_iter().map(|n| (n, TestToken::create(n))).collect()
+        });
+        &all.iter().find(|(n, _)| *n == name).expect("a token made up front").1
+    }
+
+    fn create(name: &str) -> Self {
         let label = format!("t-{name}-{}", std::process::id());
         let out = Command::new("softhsm2-util")
             .args(["--init-token", "--free", "--label", &label, "--so-pin", "0000", "--pin", "1234"])
@@ -41,9 +49,14 @@ impl TestToken {
     }
 }
 
-impl Drop for TestToken {
-    fn drop(&mut self) {
-        let _ = Command::new("softhsm2-util").args(["--delete-token", "--token", &self.label]).output();
+/// Deletes the tokens earlier runs of this test left (statics are never dropped).
+fn delete_stale_tokens() {
+    let Ok(out) = Command::new("softhsm2-util").arg("--show-slots").output() else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(label) = line.trim().strip_prefix("Label:").map(str::trim) else { continue };
+        if label.starts_with("t-conf-") || label.starts_with("t-reopen-") {
+            let _ = Command::new("softhsm2-util").args(["--delete-token", "--token", label]).output();
+        }
     }
 }
 
