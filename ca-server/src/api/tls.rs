@@ -144,7 +144,8 @@ impl AgentTls {
     pub async fn run_rotation(self: Arc<Self>, ca: Arc<Ca>, ttl: Duration, mut shutdown: watch::Receiver<bool>) {
         let mut bundle_rx = ca.subscribe_bundle();
         let Ok(id) = tessera_identity::server_id(ca.trust_domain()) else { return };
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Often enough that a short-lived server SVID is renewed well before it expires.
+        let mut tick = tokio::time::interval((ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
         loop {
             tokio::select! {
                 _ = tick.tick() => {

@@ -1,0 +1,103 @@
+//! An agent offline past its own SVID's expiry rejoins as docs/agent.md says, never by
+//! editing the store: with `k8s_psat` by itself (a fresh projected token, the same agent ID);
+//! with join tokens, it stops with a message naming the fix, and a new token brings it back
+//! under the same node alias.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use tessera_e2e::fake_k8s::{FakeCluster, pod};
+use tessera_e2e::{Mesh, bin, my_uid, wait_for};
+
+const CA: &str = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
+
+fn short_agent_svids(t: String) -> String {
+    t.replace("[server]\n", "[server]\nagent_svid_ttl = \"3s\"\n")
+}
+
+fn fetch_ok(mesh: &Mesh, id: &str) -> bool {
+    let out = mesh.agent_cli(&["api", "fetch", "x509"]);
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id)
+}
+
+#[test]
+fn a_kubernetes_agent_past_its_svid_expiry_attests_again_by_itself() {
+    let files = tempfile::tempdir().unwrap();
+    let k8s = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    k8s.add_node("node-1", "node-uid-1", &[]);
+    k8s.add_pod(pod("tessera-system", "agent-n1", "pod-uid-agent", "tessera-agent", "node-1"));
+    let kubeconfig = files.path().join("kubeconfig");
+    k8s.write_kubeconfig(&kubeconfig, "cluster-a");
+    let token = files.path().join("token");
+    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
+        .unwrap();
+    let extra = format!(
+        "\n[[node_attestor]]\ntype = \"k8s_psat\"\n[node_attestor.clusters.cluster-a]\nkubeconfig = \"{}\"\nservice_account_allow_list = [\"tessera-system:tessera-agent\"]\n",
+        kubeconfig.display()
+    );
+    let agent_id = "spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1";
+    let attestation = format!(
+        "[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\ntoken_path = \"{}\"\n",
+        token.display()
+    );
+    let mut mesh =
+        Mesh::start_attested("example.org", CA, "200ms", |t| short_agent_svids(t) + &extra, agent_id, |_| attestation);
+    let web = "spiffe://example.org/web";
+    mesh.register_with(web, &format!("unix:uid:{}", my_uid()), &[]);
+    wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
+
+    // Offline past the agent SVID's 3 s life, then back with a fresh projected token.
+    drop(mesh.agent.take());
+    std::thread::sleep(Duration::from_secs(4));
+    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
+        .unwrap();
+    mesh.start_agent();
+    wait_for(10, "the workload's SVID after the rejoin", || fetch_ok(&mesh, web), String::new);
+    let log = std::fs::read_to_string(mesh.dir.path().join("agent.log")).unwrap();
+    assert!(log.contains("The persisted agent SVID has expired: attesting again"), "{log}");
+    let agents = mesh.server.cli_ok(&["agent", "list"]);
+    assert_eq!(agents.matches("SPIFFE ID").count(), 1, "the same agent ID, not a second agent: {agents}");
+}
+
+#[test]
+fn a_join_token_agent_past_its_svid_expiry_stops_with_the_fix_and_a_new_token_brings_it_back() {
+    let mut mesh = Mesh::start_custom("example.org", CA, "200ms", short_agent_svids);
+    let web = "spiffe://example.org/web";
+    mesh.register(web, &[]);
+    wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
+
+    drop(mesh.agent.take());
+    std::thread::sleep(Duration::from_secs(4));
+    // The spent token cannot attest again: the agent stops and says why.
+    let out = Command::new(bin("tessera-agent")).args(["run", "--config"]).arg(&mesh.agent_config).output().unwrap();
+    assert!(!out.status.success(), "an agent with an expired SVID and a spent token started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already been used"), "{err}");
+
+    // The documented fix: a new join token for the same node alias.
+    let token: serde_json::Value = serde_json::from_str(&mesh.server.cli_ok(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        &mesh.alias,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let cfg = std::fs::read_to_string(&mesh.agent_config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("join_token") {
+                format!("join_token = \"{}\"\n", token["token"].as_str().unwrap())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&mesh.agent_config, cfg).unwrap();
+    mesh.start_agent();
+    wait_for(10, "the workload's SVID under the node alias", || fetch_ok(&mesh, web), String::new);
+}
