@@ -178,11 +178,14 @@ impl Bundle {
                     };
                     let der =
                         cert.as_str().and_then(|s| STANDARD.decode(s).ok()).ok_or_else(|| bad("x5c is not base64"))?;
-                    let (rest, _) =
+                    let (rest, cert) =
                         x509_parser::parse_x509_certificate(&der).map_err(|_| bad("x5c is not a certificate"))?;
                     if !rest.is_empty() {
                         return Err(bad("x5c has trailing bytes"));
                     }
+                    // A key we could not publish again (to_jwks) is refused here, so that a
+                    // bundle we accept is one we can serve.
+                    spki_to_jwk(cert.public_key()).map_err(|r| bad(&format!("x5c certificate key: {r}")))?;
                     b.add_x509_authority(&der);
                 }
                 Some("jwt-svid") => {
