@@ -5,9 +5,12 @@
 
 use std::path::Path;
 
+/// A fuzz target: its name and its checks.
+type Target = (&'static str, fn(&[u8]));
+
 #[test]
 fn every_past_finding_passes_its_target() {
-    let targets: [(&str, fn(&[u8])); 7] = [
+    let targets: [Target; 7] = [
         ("csr", tessera_fuzz::csr),
         ("bundle_json", tessera_fuzz::bundle_json),
         ("jwt_svid", tessera_fuzz::jwt_svid),
