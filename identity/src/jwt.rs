@@ -81,7 +81,8 @@ impl fmt::Debug for Claims {
     }
 }
 
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+/// Deserializes a JWT `aud` claim, which RFC 7519 allows as one string or an array.
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Aud {

@@ -71,7 +71,7 @@ impl std::fmt::Debug for JwksValidator {
 struct Claims {
     iss: String,
     sub: String,
-    #[serde(default, deserialize_with = "one_or_many")]
+    #[serde(default, deserialize_with = "tessera_identity::jwt::one_or_many")]
     aud: Vec<String>,
     exp: i64,
     #[serde(default)]
@@ -95,19 +95,6 @@ struct ObjectRef {
     name: String,
     #[serde(default)]
     uid: String,
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Aud {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Aud::deserialize(d)? {
-        Aud::One(s) => vec![s],
-        Aud::Many(v) => v,
-    })
 }
 
 impl JwksValidator {
