@@ -22,6 +22,7 @@ use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
 use crate::ca::Ca;
 use crate::catalog::Catalog;
+use crate::changes::ChangeFeed;
 use crate::config::{Config, ServingProfile, StoreKind};
 use crate::federation::Federation;
 use crate::federation::endpoint::{self, FileCert};
@@ -163,9 +164,17 @@ impl Server {
         )
         .await?;
         let metrics = Arc::new(Metrics::default());
-        let issuance = Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone() };
+        let changes = ChangeFeed::default();
+        let issuance =
+            Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone(), changes: changes.clone() };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        tasks.spawn(
+            changes
+                .clone()
+                .run(store.clone(), ca.subscribe_bundle(), std::time::Duration::from_secs(1), shutdown_rx.clone())
+                .instrument(info_span!("change_feed")),
+        );
 
         tasks.spawn(
             ca.clone()
@@ -254,7 +263,7 @@ impl Server {
         }
 
         // Federation: peers' bundles on their schedule, and our bundle endpoint.
-        let federation = Arc::new(Federation::new(cfg.trust_domain.clone(), store.clone()));
+        let federation = Arc::new(Federation::new(cfg.trust_domain.clone(), store.clone(), changes.clone()));
         federation.apply_config(&cfg.federation.trust_domains).await?;
         tasks.spawn(federation.clone().run(shutdown_rx.clone()).instrument(info_span!("federation")));
         let bundle_endpoint_addr = match &cfg.federation.bundle_endpoint {

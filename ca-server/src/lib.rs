@@ -3,7 +3,7 @@
 //! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]; plugin
 //! processes are hosted by [`external`]; node attestors in [`attest`]), the CA core ([`ca`]: where a CSR becomes a
 //! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
-//! API on a local socket), federation ([`federation`]: our bundle endpoint and peers'
+//! API on a local socket; [`changes`] tells agents to sync now), federation ([`federation`]: our bundle endpoint and peers'
 //! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
 //! admin CLI ([`cli`]).
 //!
@@ -17,6 +17,7 @@ pub mod app;
 pub mod attest;
 pub mod ca;
 pub mod catalog;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod external;

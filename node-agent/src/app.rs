@@ -5,7 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -18,6 +17,7 @@ use crate::config::{Config, WorkloadAttestorKind};
 use crate::k8s_attestor::K8sAttestor;
 use crate::manager::{AgentError, Manager};
 use crate::sds::Sds;
+use crate::sds_server::SdsServer;
 use crate::workload_api::WorkloadApi;
 
 /// Errors starting the agent.
@@ -64,6 +64,7 @@ impl Agent {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(manager.clone().run(shutdown_rx.clone()).instrument(info_span!("svid_manager")));
+        tasks.spawn(manager.clone().watch_changes(shutdown_rx.clone()).instrument(info_span!("change_notices")));
 
         let io = |what: String| move |source| StartError::Io { what, source };
         if let Some(dir) = cfg.socket_path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -99,8 +100,7 @@ impl Agent {
         let callers = Callers::new(attestors);
         let workload = SpiffeWorkloadApiServer::new(WorkloadApi::new(manager.clone(), callers.clone()))
             .max_decoding_message_size(64 * 1024);
-        let sds = SecretDiscoveryServiceServer::new(Sds::new(manager.clone(), callers))
-            .max_decoding_message_size(1024 * 1024);
+        let sds = SdsServer::new(Sds::new(manager.clone(), callers), 1024 * 1024);
         let mut rx = shutdown_rx.clone();
         tasks.spawn(
             async move {

@@ -16,10 +16,11 @@ fn metrics(mgr: &Manager) -> String {
         ("tessera_agent_syncs_total{result=\"ok\"}", m.syncs_ok.load(Ordering::Relaxed)),
         ("tessera_agent_syncs_total{result=\"error\"}", m.syncs_failed.load(Ordering::Relaxed)),
         ("tessera_agent_x509_svids_received_total", m.svids_issued.load(Ordering::Relaxed)),
+        ("tessera_agent_change_notices_total", m.change_notices.load(Ordering::Relaxed)),
     ];
     let _ = writeln!(
         out,
-        "# TYPE tessera_agent_syncs_total counter\n# TYPE tessera_agent_x509_svids_received_total counter"
+        "# TYPE tessera_agent_syncs_total counter\n# TYPE tessera_agent_x509_svids_received_total counter\n# TYPE tessera_agent_change_notices_total counter"
     );
     for (name, v) in counters {
         let _ = writeln!(out, "{name} {v}");

@@ -18,7 +18,7 @@ use tessera_identity::{Bundle, PrivateKey, Selector, SpiffeId, TrustDomain, unix
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_client::AgentClient;
 use tessera_proto::types::v1 as types;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -27,6 +27,8 @@ use crate::config::{Bootstrap, Config};
 
 /// Most CSRs sent in one batch (the server's default limit).
 const BATCH: usize = 500;
+/// After a change notice, how long to let a burst of changes settle before syncing.
+const NOTICE_SETTLE: Duration = Duration::from_millis(10);
 
 /// Agent errors.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +170,8 @@ pub struct AgentMetrics {
     pub sds_streams: AtomicU64,
     /// Open Workload API streams.
     pub workload_streams: AtomicU64,
+    /// Change notices received from the server.
+    pub change_notices: AtomicU64,
 }
 
 struct CachedJwt {
@@ -194,6 +198,8 @@ pub struct Manager {
     tx: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
     synced: AtomicBool,
+    /// Woken by the server's change notices: sync now instead of at the next poll.
+    wake: Notify,
     /// Index in `cfg.servers` of the replica to try first.
     current: AtomicUsize,
     /// Counters.
@@ -330,6 +336,7 @@ impl Manager {
             tx,
             jwt_cache: Mutex::default(),
             synced: AtomicBool::new(false),
+            wake: Notify::new(),
             current: AtomicUsize::new(0),
             metrics: Arc::default(),
         }))
@@ -385,9 +392,58 @@ impl Manager {
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified(), if failures == 0 => {
+                    // A burst of changes (a batch of entries) costs one sync, not one each.
+                    tokio::time::sleep(NOTICE_SETTLE).await;
+                }
                 _ = shutdown.changed() => break,
             }
         }
+    }
+
+    /// Holds a `WatchChanges` stream to the server and wakes [`Manager::run`] on every notice,
+    /// so that entry and bundle changes reach workloads without waiting for the poll. Polling
+    /// stays the fallback: a lost stream costs at most one sync interval. A server without the
+    /// call (older version) leaves the agent polling.
+    pub async fn watch_changes(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        loop {
+            let outcome = tokio::select! {
+                r = self.watch_once() => r,
+                _ = shutdown.changed() => return,
+            };
+            match outcome {
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    info!("The server does not send change notices; polling every sync interval");
+                    return;
+                }
+                Err(s) => {
+                    failures = failures.saturating_add(1);
+                    debug!(code = ?s.code(), message = s.message(), failures, "Change notice stream lost");
+                }
+                Ok(()) => failures = 0,
+            }
+            let wait = Duration::from_millis(250u64 << failures.min(7)).min(self.cfg.sync_interval);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One stream, until it ends. Each notice wakes the sync loop; so does the first, since
+    /// changes may have been missed while no stream was open.
+    async fn watch_once(&self) -> Result<(), tonic::Status> {
+        let mut client = {
+            let mut inner = self.inner.lock().await;
+            self.client(&mut inner).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        };
+        let mut notices = client.watch_changes(pb::WatchChangesRequest {}).await?.into_inner();
+        while notices.message().await?.is_some() {
+            self.metrics.change_notices.fetch_add(1, Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     async fn client(&self, inner: &mut Inner) -> Result<AgentClient<Channel>, AgentError> {

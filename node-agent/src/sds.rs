@@ -8,6 +8,7 @@
 //! changes; stale nonces are ignored; a NACK is logged and the rejected version is not resent.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -19,17 +20,16 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use tessera_identity::{Bundle, Selector, SpiffeId, TrustDomain};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::callers::Callers;
-use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::manager::{AgentMetrics, Manager, Snapshot, WorkloadSvid};
 use crate::workload_api::federated_for;
 
 /// Type URL of an SDS secret.
@@ -161,68 +161,181 @@ fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, Strin
     (any, version)
 }
 
-#[tonic::async_trait]
-impl SecretDiscoveryService for Sds {
-    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+/// Counts an open stream in the agent's metrics for as long as it lives.
+struct OpenStream(Arc<AgentMetrics>);
 
-    async fn stream_secrets(
-        &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let sel = self.callers.selectors(&req).await?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(8);
-        let mut snaps = self.mgr.subscribe();
-        let metrics = self.mgr.metrics.clone();
-        tokio::spawn(async move {
-            metrics.sds_streams.fetch_add(1, Ordering::Relaxed);
-            let mut names: Option<Vec<String>> = None;
-            let mut sent_version = String::new();
-            let mut last_nonce = String::new();
-            let mut nonces = Nonces(0);
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let Ok(Some(r)) = msg else { break };
-                        if !r.response_nonce.is_empty() && r.response_nonce != last_nonce {
-                            debug!(nonce = %r.response_nonce, "Stale SDS request ignored");
-                            continue;
-                        }
-                        if let Some(err) = &r.error_detail {
-                            warn!(version = %r.version_info, code = err.code, message = %err.message, "Envoy rejected (NACK) an SDS response");
-                        }
-                        if names.as_ref() != Some(&r.resource_names) {
-                            names = Some(r.resource_names);
+impl OpenStream {
+    fn new(m: Arc<AgentMetrics>) -> Self {
+        m.sds_streams.fetch_add(1, Ordering::Relaxed);
+        Self(m)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.sds_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response stream. It is a state machine polled by the connection's own task: no task and
+/// no channel per stream, which is most of what 1,000 idle Envoy streams would otherwise cost.
+pub type SdsStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One state-of-the-world stream.
+struct Sotw {
+    inbound: Streaming<DiscoveryRequest>,
+    snaps: watch::Receiver<Arc<Snapshot>>,
+    sel: Vec<Selector>,
+    names: Option<Vec<String>>,
+    sent_version: String,
+    last_nonce: String,
+    nonces: Nonces,
+    _open: OpenStream,
+}
+
+impl Sotw {
+    /// The next response to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<DiscoveryResponse> {
+        loop {
+            tokio::select! {
+                msg = self.inbound.message() => {
+                    let Ok(Some(r)) = msg else { return None };
+                    if !r.response_nonce.is_empty() && r.response_nonce != self.last_nonce {
+                        debug!(nonce = %r.response_nonce, "Stale SDS request ignored");
+                        continue;
+                    }
+                    if let Some(err) = &r.error_detail {
+                        warn!(version = %r.version_info, code = err.code, message = %err.message, "Envoy rejected (NACK) an SDS response");
+                    }
+                    if self.names.as_ref() != Some(&r.resource_names) {
+                        self.names = Some(r.resource_names);
+                    }
+                }
+                c = self.snaps.changed() => if c.is_err() { return None },
+            }
+            let Some(n) = &self.names else { continue };
+            let snap = self.snaps.borrow_and_update().clone();
+            let (resources, version) = sotw(n, &snap, &self.sel);
+            if resources.is_empty() || version == self.sent_version {
+                continue;
+            }
+            self.last_nonce = self.nonces.next();
+            self.sent_version.clone_from(&version);
+            return Some(DiscoveryResponse {
+                version_info: version,
+                resources,
+                type_url: SECRET_TYPE.into(),
+                nonce: self.last_nonce.clone(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// One incremental (delta) stream.
+struct Delta {
+    inbound: Streaming<DeltaDiscoveryRequest>,
+    snaps: watch::Receiver<Arc<Snapshot>>,
+    sel: Vec<Selector>,
+    subscribed: BTreeSet<String>,
+    /// What the client holds: name -> version.
+    held: BTreeMap<String, String>,
+    nonces: Nonces,
+    first: bool,
+    _open: OpenStream,
+}
+
+impl Delta {
+    /// The next response to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<DeltaDiscoveryResponse> {
+        loop {
+            tokio::select! {
+                msg = self.inbound.message() => {
+                    let Ok(Some(r)) = msg else { return None };
+                    if let Some(err) = &r.error_detail {
+                        warn!(nonce = %r.response_nonce, code = err.code, message = %err.message, "Envoy rejected (NACK) a delta SDS response");
+                    }
+                    if self.first {
+                        self.held.extend(r.initial_resource_versions.clone());
+                        self.first = false;
+                    }
+                    for n in r.resource_names_subscribe {
+                        self.subscribed.insert(n);
+                    }
+                    for n in &r.resource_names_unsubscribe {
+                        self.subscribed.remove(n);
+                        self.held.remove(n);
+                    }
+                }
+                c = self.snaps.changed() => if c.is_err() { return None },
+            }
+            let snap = self.snaps.borrow_and_update().clone();
+            let ids = snap.identities(&self.sel);
+            let mut resources = Vec::new();
+            let mut removed = Vec::new();
+            for name in &self.subscribed {
+                match secret_for(name, &snap, &ids) {
+                    Some(s) => {
+                        let any = to_any(&s);
+                        let version = version_of(&[&any.value]);
+                        if self.held.get(name) != Some(&version) {
+                            self.held.insert(name.clone(), version.clone());
+                            resources.push(Resource {
+                                name: name.clone(),
+                                version,
+                                resource: Some(any),
+                                ..Default::default()
+                            });
                         }
                     }
-                    c = snaps.changed() => if c.is_err() { break },
-                }
-                let Some(n) = &names else { continue };
-                let snap = snaps.borrow_and_update().clone();
-                let (resources, version) = sotw(n, &snap, &sel);
-                if resources.is_empty() || version == sent_version {
-                    continue;
-                }
-                last_nonce = nonces.next();
-                sent_version = version.clone();
-                let resp = DiscoveryResponse {
-                    version_info: version,
-                    resources,
-                    type_url: SECRET_TYPE.into(),
-                    nonce: last_nonce.clone(),
-                    ..Default::default()
-                };
-                if tx.send(Ok(resp)).await.is_err() {
-                    break;
+                    None => {
+                        if self.held.remove(name).is_some() {
+                            removed.push(name.clone());
+                        }
+                    }
                 }
             }
-            metrics.sds_streams.fetch_sub(1, Ordering::Relaxed);
+            if resources.is_empty() && removed.is_empty() {
+                continue;
+            }
+            return Some(DeltaDiscoveryResponse {
+                system_version_info: snap.generation.to_string(),
+                resources,
+                type_url: SECRET_TYPE.into(),
+                removed_resources: removed,
+                nonce: self.nonces.next(),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+impl Sds {
+    /// `StreamSecrets`: state of the world.
+    pub async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<SdsStream<DiscoveryResponse>>, Status> {
+        let sel = self.callers.selectors(&req).await?;
+        let state = Sotw {
+            inbound: req.into_inner(),
+            snaps: self.mgr.subscribe(),
+            sel,
+            names: None,
+            sent_version: String::new(),
+            last_nonce: String::new(),
+            nonces: Nonces(0),
+            _open: OpenStream::new(self.mgr.metrics.clone()),
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            let resp = st.next().await?;
+            Some((Ok(resp), st))
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
+    /// `FetchSecrets`: one answer.
+    pub async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
         let sel = self.callers.selectors(&req).await?;
         let r = req.into_inner();
         let (resources, version) = sotw(&r.resource_names, &self.mgr.snapshot(), &sel);
@@ -235,86 +348,26 @@ impl SecretDiscoveryService for Sds {
         }))
     }
 
-    async fn delta_secrets(
+    /// `DeltaSecrets`: incremental.
+    pub async fn delta_secrets(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+    ) -> Result<Response<SdsStream<DeltaDiscoveryResponse>>, Status> {
         let sel = self.callers.selectors(&req).await?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(8);
-        let mut snaps = self.mgr.subscribe();
-        let metrics = self.mgr.metrics.clone();
-        tokio::spawn(async move {
-            metrics.sds_streams.fetch_add(1, Ordering::Relaxed);
-            let mut subscribed: BTreeSet<String> = BTreeSet::new();
-            // What the client holds: name -> version.
-            let mut held: BTreeMap<String, String> = BTreeMap::new();
-            let mut nonces = Nonces(0);
-            let mut first = true;
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let Ok(Some(r)) = msg else { break };
-                        if let Some(err) = &r.error_detail {
-                            warn!(nonce = %r.response_nonce, code = err.code, message = %err.message, "Envoy rejected (NACK) a delta SDS response");
-                        }
-                        if first {
-                            held.extend(r.initial_resource_versions.clone());
-                            first = false;
-                        }
-                        for n in r.resource_names_subscribe {
-                            subscribed.insert(n);
-                        }
-                        for n in &r.resource_names_unsubscribe {
-                            subscribed.remove(n);
-                            held.remove(n);
-                        }
-                    }
-                    c = snaps.changed() => if c.is_err() { break },
-                }
-                let snap = snaps.borrow_and_update().clone();
-                let ids = snap.identities(&sel);
-                let mut resources = Vec::new();
-                let mut removed = Vec::new();
-                for name in &subscribed {
-                    match secret_for(name, &snap, &ids) {
-                        Some(s) => {
-                            let any = to_any(&s);
-                            let version = version_of(&[&any.value]);
-                            if held.get(name) != Some(&version) {
-                                held.insert(name.clone(), version.clone());
-                                resources.push(Resource {
-                                    name: name.clone(),
-                                    version,
-                                    resource: Some(any),
-                                    ..Default::default()
-                                });
-                            }
-                        }
-                        None => {
-                            if held.remove(name).is_some() {
-                                removed.push(name.clone());
-                            }
-                        }
-                    }
-                }
-                if resources.is_empty() && removed.is_empty() {
-                    continue;
-                }
-                let resp = DeltaDiscoveryResponse {
-                    system_version_info: snap.generation.to_string(),
-                    resources,
-                    type_url: SECRET_TYPE.into(),
-                    removed_resources: removed,
-                    nonce: nonces.next(),
-                    ..Default::default()
-                };
-                if tx.send(Ok(resp)).await.is_err() {
-                    break;
-                }
-            }
-            metrics.sds_streams.fetch_sub(1, Ordering::Relaxed);
+        let state = Delta {
+            inbound: req.into_inner(),
+            snaps: self.mgr.subscribe(),
+            sel,
+            subscribed: BTreeSet::new(),
+            held: BTreeMap::new(),
+            nonces: Nonces(0),
+            first: true,
+            _open: OpenStream::new(self.mgr.metrics.clone()),
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            let resp = st.next().await?;
+            Some((Ok(resp), st))
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(stream)))
     }
 }

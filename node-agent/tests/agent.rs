@@ -46,6 +46,11 @@ impl Env {
 
     /// `server_extra` goes into the server's `[server]` section.
     async fn start_with(svid_ttl: &str, server_extra: &str) -> Env {
+        Self::start_polling(svid_ttl, server_extra, "200ms").await
+    }
+
+    /// As [`Env::start_with`], with the agent polling every `sync_interval`.
+    async fn start_polling(svid_ttl: &str, server_extra: &str, sync_interval: &str) -> Env {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -83,7 +88,7 @@ impl Env {
         let pem = tessera_identity::pem::encode_certs(bundle.x509_authorities.iter().map(Vec::as_slice));
         std::fs::write(d.join("bootstrap.pem"), pem).unwrap();
         let agent_toml = format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"127.0.0.1:0\"\nlog_level = \"warn\"\nsync_interval = \"200ms\"\n[[cert_files]]\ndir = \"{}\"\nspiffe_id = \"spiffe://example.org/web\"\n",
+            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"127.0.0.1:0\"\nlog_level = \"warn\"\nsync_interval = \"{sync_interval}\"\n[[cert_files]]\ndir = \"{}\"\nspiffe_id = \"spiffe://example.org/web\"\n",
             server.agent_api_addr,
             d.join("agent").display(),
             d.join("agent.sock").display(),
@@ -696,5 +701,80 @@ async fn the_agent_socket_refuses_forged_tokens_oversized_messages_and_unatteste
         assert!(Instant::now() < deadline, "an unattested caller still gets secrets");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    env.stop().await;
+}
+
+/// Reads the next SotW response within `secs`, then ACKs it for `names`.
+async fn next_acked(
+    inbound: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+    tx: &tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    names: &[&str],
+    secs: u64,
+    what: &str,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+    let r = tokio::time::timeout(Duration::from_secs(secs), inbound.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {secs} s"))
+        .unwrap()
+        .unwrap();
+    tx.send(DiscoveryRequest {
+        version_info: r.version_info.clone(),
+        resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+        response_nonce: r.nonce.clone(),
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r
+}
+
+#[tokio::test]
+async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
+    // The agent polls once an hour: whatever arrives within seconds came by a change notice.
+    let env = Env::start_polling("1h", "", "1h").await;
+    let mut sds = env.sds().await;
+    let names = ["spiffe://example.org/api", "ROOTCA"];
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut inbound = sds.stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Only ROOTCA exists yet: no entry for the api identity.
+    let first = next_acked(&mut inbound, &tx, &names, 5, "first answer").await;
+    assert_eq!(first.resources.len(), 1);
+    let roots = |r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse| {
+        let s = r.resources.iter().map(secret).find(|s| s.name == "ROOTCA").unwrap();
+        let Some(secret::Type::ValidationContext(v)) = s.r#type else { panic!("ROOTCA is not a validation context") };
+        let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
+            v.trusted_ca.unwrap().specifier
+        else {
+            panic!("no inline roots")
+        };
+        tessera_identity::pem::decode_certs(&pem).unwrap().len()
+    };
+    assert_eq!(roots(&first), 1);
+
+    // A new entry: the server's notice makes the agent sync and mint now.
+    let mut admin = env.admin.clone();
+    let mut api = env.entry.clone();
+    api.id = String::new();
+    api.spiffe_id = "spiffe://example.org/api".into();
+    admin.create_entry(admin::CreateEntryRequest { entry: Some(api) }).await.unwrap();
+    let minted = next_acked(&mut inbound, &tx, &names, 10, "SVID for a new entry").await;
+    assert_eq!(minted.resources.len(), 2, "the new identity's SVID was pushed");
+
+    // A new authority in the bundle: pushed as well.
+    admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
+    let rotated = next_acked(&mut inbound, &tx, &names, 10, "bundle change").await;
+    assert_eq!(roots(&rotated), 2, "the prepared authority reached ROOTCA");
+
+    // The agent counted the notices it acted on.
+    let notices = env.agent.as_ref().unwrap().manager.metrics.change_notices.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(notices >= 3, "initial, entry and bundle notices; got {notices}");
     env.stop().await;
 }

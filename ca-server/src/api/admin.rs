@@ -94,6 +94,7 @@ impl AdminService {
                 return Err(ApiError::InvalidArgument("bootstrap bundle has no keys".into()));
             }
             self.issuance.store.put_bundle(&b).await?;
+            self.issuance.changes.notify();
         }
         self.issuance.store.put_federation(&rel).await?;
         self.federation.relationships_changed(td);
@@ -171,7 +172,9 @@ impl Admin for AdminService {
                     created_at: unix_now(),
                     revision: 0,
                 };
-                Some(entry_to_pb(&self.issuance.store.create_entry(e).await.map_err(ApiError::from)?))
+                let stored = self.issuance.store.create_entry(e).await.map_err(ApiError::from)?;
+                self.issuance.changes.notify();
+                Some(entry_to_pb(&stored))
             }
         };
         info!(agent_id = %agent, expires_at, "Join token created");
@@ -187,6 +190,7 @@ impl Admin for AdminService {
         }
         entry.created_at = unix_now();
         let stored = self.issuance.store.create_entry(entry).await.map_err(ApiError::from)?;
+        self.issuance.changes.notify();
         info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, "Entry created");
         Ok(Response::new(entry_to_pb(&stored)))
     }
@@ -199,6 +203,7 @@ impl Admin for AdminService {
         }
         let entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
         let stored = self.issuance.store.update_entry(entry).await.map_err(ApiError::from)?;
+        self.issuance.changes.notify();
         Ok(Response::new(entry_to_pb(&stored)))
     }
 
@@ -211,6 +216,7 @@ impl Admin for AdminService {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
+        self.issuance.changes.notify();
         info!(entry_id = %id, "Entry deleted");
         Ok(Response::new(entry_to_pb(&e)))
     }
@@ -288,6 +294,7 @@ impl Admin for AdminService {
             return Err(ApiError::InvalidArgument("bundle has no X.509 or JWT authorities".into()).into());
         }
         self.issuance.store.put_bundle(&b).await.map_err(ApiError::from)?;
+        self.issuance.changes.notify();
         info!(trust_domain = %b.trust_domain, "Federated bundle set");
         Ok(Response::new(bundle_to_pb(&b)))
     }
@@ -303,6 +310,7 @@ impl Admin for AdminService {
         if !self.issuance.store.delete_bundle(&td).await.map_err(ApiError::from)? {
             return Err(ApiError::NotFound(format!("no federated bundle for {td}")).into());
         }
+        self.issuance.changes.notify();
         Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
     }
 

@@ -3,15 +3,18 @@
 //! as TLS client certificate; the server signs only for entries the calling agent is
 //! authorized for (entries parented to it, or to one of its node aliases, transitively).
 //! `MintDownstreamX509Ca` serves a downstream Tessera server (nested upstream) that runs with
-//! an agent identity and a `downstream` entry.
+//! an agent identity and a `downstream` entry. `WatchChanges` tells a connected agent when to
+//! sync ([`crate::changes`]).
 
 use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_identity::{SpiffeId, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_server::Agent;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
@@ -384,6 +387,30 @@ impl Agent for AgentService {
             bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())),
             federated_bundles: federated,
         }))
+    }
+
+    type WatchChangesStream = Pin<Box<dyn Stream<Item = Result<pb::WatchChangesResponse, Status>> + Send>>;
+
+    #[instrument(skip_all, name = "WatchChanges")]
+    async fn watch_changes(
+        &self,
+        req: Request<pb::WatchChangesRequest>,
+    ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        self.caller(&req).await?;
+        let rx = self.issuance.changes.subscribe();
+        // The current generation at once, then one message per change; a burst that comes
+        // faster than the agent reads is one message. The stream ends when the server stops.
+        let notices = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let feed = *rx.borrow_and_update();
+            if feed.closed {
+                return None;
+            }
+            Some((Ok(pb::WatchChangesResponse { generation: feed.generation }), (rx, false)))
+        });
+        Ok(Response::new(Box::pin(notices)))
     }
 
     type MintDownstreamX509CaStream = ReceiverStream<Result<pb::MintDownstreamX509CaResponse, Status>>;

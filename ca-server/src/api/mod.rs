@@ -19,6 +19,7 @@ use tonic::{Code, Status};
 use tracing::{error, info, warn};
 
 use crate::ca::{Ca, CaError, IssuedJwt, IssuedX509};
+use crate::changes::ChangeFeed;
 use crate::metrics::Metrics;
 use crate::store::{AuditEvent, AuditKind, Store, StoreError};
 
@@ -173,6 +174,8 @@ pub struct Issuance {
     pub store: Arc<dyn Store>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Tells watching agents that entries or bundles changed.
+    pub changes: ChangeFeed,
 }
 
 impl Issuance {

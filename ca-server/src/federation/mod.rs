@@ -23,6 +23,7 @@ use tessera_identity::{Bundle, TrustDomain, unix_now};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
+use crate::changes::ChangeFeed;
 use crate::config::ConfiguredPeer;
 use crate::store::{EndpointProfile, FederationRelationship, Store, StoreError};
 
@@ -162,11 +163,12 @@ pub struct Federation {
     // One fetch-and-store at a time, so a manual refresh and the schedule never interleave.
     fetching: tokio::sync::Mutex<()>,
     fetch_timeout: Duration,
+    changes: ChangeFeed,
 }
 
 impl Federation {
-    /// A keeper over `store` for the server of `own`.
-    pub fn new(own: TrustDomain, store: Arc<dyn Store>) -> Self {
+    /// A keeper over `store` for the server of `own`; bundle updates are told to `changes`.
+    pub fn new(own: TrustDomain, store: Arc<dyn Store>, changes: ChangeFeed) -> Self {
         Self {
             own,
             store,
@@ -174,6 +176,7 @@ impl Federation {
             status: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
             fetch_timeout: Duration::from_secs(30),
+            changes,
         }
     }
 
@@ -192,6 +195,7 @@ impl Federation {
             {
                 let b = read_bundle_file(td, path)?;
                 self.store.put_bundle(&b).await?;
+                self.changes.notify();
                 info!(trust_domain = %td, path = %path.display(), "Bootstrap bundle stored");
             }
             self.store.put_federation(&p.relationship).await?;
@@ -235,6 +239,7 @@ impl Federation {
                     Ok((Refreshed::Unchanged(b.sequence_number), b.refresh_hint))
                 } else {
                     self.store.put_bundle(&b).await?;
+                    self.changes.notify();
                     info!(trust_domain = %td, sequence = b.sequence_number, x509 = b.x509_authorities.len(), jwt = b.jwt_authorities.len(), "Federated bundle updated");
                     Ok((Refreshed::Updated(b.sequence_number), b.refresh_hint))
                 }
