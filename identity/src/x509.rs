@@ -196,11 +196,13 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts, ProfileError> {
 
 /// Lower-case hex.
 pub fn hex_lower(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0f)]));
+    }
+    s
 }
 
 /// Checks a leaf against the X509-SVID rules and returns its SPIFFE ID.

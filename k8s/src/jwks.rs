@@ -23,6 +23,8 @@ const LEEWAY_SECS: i64 = 60;
 const URL_REFRESH: Duration = Duration::from_secs(600);
 /// An unknown `kid` fetches the URL again, at most this often.
 const URL_MISS_BACKOFF: Duration = Duration::from_secs(30);
+/// A JWKS file is checked for changes at most this often.
+const FILE_RECHECK: Duration = Duration::from_secs(1);
 /// The largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
@@ -112,6 +114,13 @@ impl JwksValidator {
     async fn refresh(&self, force: bool) -> Result<(), K8sError> {
         match &self.source {
             JwksSource::File(path) => {
+                // A file is looked at (one stat) at most once a second, not per token.
+                if !force && self.age().is_some_and(|a| a < FILE_RECHECK) {
+                    return Ok(());
+                }
+                if let Ok(mut c) = self.cache.lock() {
+                    c.fetched = Some(Instant::now());
+                }
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if !force && self.cache.lock().map(|c| c.file_mtime == mtime).unwrap_or(false) {
                     return Ok(());

@@ -29,6 +29,30 @@ use crate::config::{Bootstrap, Config};
 const BATCH: usize = 500;
 /// After a change notice, how long to let a burst of changes settle before syncing.
 const NOTICE_SETTLE: Duration = Duration::from_millis(10);
+/// Syncs caused by notices: a burst of this many at once, then one a second, so that a
+/// server whose entries change all the time costs each agent one sync a second, not one per
+/// change.
+const NOTICE_BURST: f64 = 5.0;
+
+/// A token bucket for notice-driven syncs.
+struct NoticeBudget {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl NoticeBudget {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self { tokens: NOTICE_BURST, at: now }
+    }
+
+    /// Takes one sync from the budget; returns when it may start.
+    fn spend(&mut self, now: tokio::time::Instant) -> tokio::time::Instant {
+        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64()).min(NOTICE_BURST);
+        self.at = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 { now } else { now + Duration::from_secs_f64(-self.tokens) }
+    }
+}
 
 /// Agent errors.
 #[derive(Debug, thiserror::Error)]
@@ -366,6 +390,7 @@ impl Manager {
     /// after failure with exponential backoff (1 s doubling, capped at the sync interval).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut failures = 0u32;
+        let mut budget = NoticeBudget::new(tokio::time::Instant::now());
         loop {
             let wait = match self.sync_once().await {
                 Ok(next_due) => {
@@ -393,8 +418,13 @@ impl Manager {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.wake.notified(), if failures == 0 => {
-                    // A burst of changes (a batch of entries) costs one sync, not one each.
-                    tokio::time::sleep(NOTICE_SETTLE).await;
+                    // A burst of changes (a batch of entries) costs one sync, not one each;
+                    // under steady churn, notices sync at the budget's rate.
+                    let at = budget.spend(tokio::time::Instant::now()) + NOTICE_SETTLE;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = shutdown.changed() => break,
+                    }
                 }
                 _ = shutdown.changed() => break,
             }
@@ -697,5 +727,32 @@ impl Manager {
             cache.insert(key, CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at });
         }
         Ok(r.token)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notice_budget_allows_a_burst_then_one_sync_a_second() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = NoticeBudget::new(t0);
+        for _ in 0..5 {
+            assert_eq!(b.spend(t0), t0, "a burst of five starts at once");
+        }
+        // The sixth and seventh wait one and two seconds.
+        assert_eq!(b.spend(t0), t0 + Duration::from_secs(1));
+        assert_eq!(b.spend(t0), t0 + Duration::from_secs(2));
+        // Steady churn after that: one a second.
+        let t = t0 + Duration::from_secs(2);
+        assert_eq!(b.spend(t), t + Duration::from_secs(1));
+        // After a quiet minute the full burst is back, and no more.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..5 {
+            assert_eq!(b.spend(later), later);
+        }
+        assert!(b.spend(later) > later);
     }
 }

@@ -14,9 +14,10 @@ use serde_json::Value;
 use tessera_e2e::postgres::TestPostgres;
 use tessera_e2e::{Proc, ServerProc, bin, free_port, my_uid, server_config, wait_for};
 
-fn replica(dir: &Path, id: &str, port: u16, db: &str) -> ServerProc {
+/// A replica whose SVIDs live `svid_ttl`.
+fn replica(dir: &Path, id: &str, port: u16, db: &str, svid_ttl: &str) -> ServerProc {
     std::fs::create_dir_all(dir).unwrap();
-    let text = server_config(dir, "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"4s\"")
+    let text = server_config(dir, &format!("ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\""))
         .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""))
         .replace("[server]\n", &format!("[server]\ninstance_id = \"{id}\"\nrotation_check_interval = \"1s\"\n"))
         .replace("[store]\ntype = \"sled\"", &format!("[store]\ntype = \"postgres\"\nconnection_string = \"{db}\""));
@@ -42,14 +43,37 @@ fn fetch_serial(socket: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("no serial in {text}"))
 }
 
+/// An agent of `servers` (ports, in order) that polls every `sync`; its socket path.
+fn start_agent(dir: &Path, any: &ServerProc, servers: &[u16], token: &str, sync: &str) -> (Proc, std::path::PathBuf) {
+    std::fs::write(dir.join("bundle.pem"), any.cli_ok(&["bundle", "show"])).unwrap();
+    let socket = dir.join("agent.sock");
+    let agent_cfg = dir.join("agent.toml");
+    let addrs: Vec<String> = servers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "trust_domain = \"example.org\"\nserver_addresses = [{}]\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\nhealth_address = \"127.0.0.1:{}\"\nsync_interval = \"{sync}\"\n",
+            addrs.join(", "),
+            dir.join("agent").display(),
+            socket.display(),
+            dir.join("bundle.pem").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("tessera-agent"));
+    cmd.args(["run", "--config"]).arg(&agent_cfg);
+    (Proc::spawn(cmd, dir.join("agent.log")), socket)
+}
+
 #[test]
 fn an_agent_fails_over_between_replicas_and_nothing_issued_is_lost() {
     let pg = TestPostgres::start();
     let db = pg.database("ha");
     let dir = tempfile::tempdir().unwrap();
     let (pa, pb) = (free_port(), free_port());
-    let mut a = replica(&dir.path().join("a"), "replica-a", pa, &db);
-    let b = replica(&dir.path().join("b"), "replica-b", pb, &db);
+    let mut a = replica(&dir.path().join("a"), "replica-a", pa, &db, "4s");
+    let b = replica(&dir.path().join("b"), "replica-b", pb, &db, "4s");
     // Both replicas' CAs end up in the one bundle, seen by both.
     wait_for(20, "both CAs in both replicas' bundles", || roots(&a) == 2 && roots(&b) == 2, || a.log());
 
@@ -66,24 +90,7 @@ fn an_agent_fails_over_between_replicas_and_nothing_issued_is_lost() {
         "--selector",
         &format!("unix:uid:{}", my_uid()),
     ]);
-    std::fs::write(dir.path().join("bundle.pem"), a.cli_ok(&["bundle", "show"])).unwrap();
-    let socket = dir.path().join("agent.sock");
-    let agent_cfg = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            "trust_domain = \"example.org\"\nserver_addresses = [\"127.0.0.1:{pa}\", \"127.0.0.1:{pb}\"]\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{}\"\nsync_interval = \"500ms\"\n",
-            dir.path().join("agent").display(),
-            socket.display(),
-            dir.path().join("bundle.pem").display(),
-            token["token"].as_str().unwrap(),
-            free_port()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(bin("tessera-agent"));
-    cmd.args(["run", "--config"]).arg(&agent_cfg);
-    let mut agent = Proc::spawn(cmd, dir.path().join("agent.log"));
+    let (mut agent, socket) = start_agent(dir.path(), &a, &[pa, pb], token["token"].as_str().unwrap(), "500ms");
     let s = socket.clone();
     agent.wait_until(30, "tessera-agent", || fetch_serial(&s).is_ok());
 
@@ -127,4 +134,57 @@ fn an_agent_fails_over_between_replicas_and_nothing_issued_is_lost() {
     let verdict = b.cli_ok(&["audit", "verify"]);
     assert!(verdict.starts_with("Audit log OK"), "{verdict}");
     eprintln!("HA failover: {} SVIDs seen ({} after the kill), all audited", seen.len(), seen.len() - before_kill);
+}
+
+#[test]
+fn an_entry_written_through_one_replica_reaches_an_agent_of_the_other_without_its_poll() {
+    let pg = TestPostgres::start();
+    let db = pg.database("notice");
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    // SVIDs live an hour: no renewal brings the agent to the server during the test.
+    let a = replica(&dir.path().join("a"), "replica-a", pa, &db, "1h");
+    let b = replica(&dir.path().join("b"), "replica-b", pb, &db, "1h");
+    wait_for(20, "both CAs in both replicas' bundles", || roots(&a) == 2 && roots(&b) == 2, || a.log());
+    let alias = "spiffe://example.org/node/notice";
+    let token: Value =
+        serde_json::from_str(&a.cli_ok(&["token", "generate", "--spiffe-id", alias, "--output", "json"])).unwrap();
+    let selector = format!("unix:uid:{}", my_uid());
+    a.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/first",
+        "--parent-id",
+        alias,
+        "--selector",
+        &selector,
+    ]);
+    // The agent knows only replica B and polls once an hour.
+    let (mut agent, socket) = start_agent(dir.path(), &b, &[pb], token["token"].as_str().unwrap(), "1h");
+    let s = socket.clone();
+    agent.wait_until(30, "tessera-agent", || fetch_serial(&s).is_ok());
+
+    // Let the agent's start-up syncs pass, so that only a notice can bring it back.
+    std::thread::sleep(Duration::from_secs(2));
+    // Written through replica A: B sees the store's entry revision move and tells its agent.
+    a.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/second",
+        "--parent-id",
+        alias,
+        "--selector",
+        &selector,
+    ]);
+    let ids = || {
+        let out = Command::new(bin("tessera-agent"))
+            .args(["api", "fetch", "x509", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for(15, "the second identity at the agent", || ids().contains("spiffe://example.org/second"), || agent.log());
 }

@@ -16,7 +16,7 @@ use tessera_identity::SpiffeId;
 use tessera_identity::csr::{CheckedCsr, CsrError};
 use tessera_identity::unix_now;
 use tonic::{Code, Status};
-use tracing::{error, info, warn};
+use tracing::{debug, error, warn};
 
 use crate::ca::{Ca, CaError, IssuedJwt, IssuedX509};
 use crate::changes::ChangeFeed;
@@ -214,7 +214,8 @@ impl Issuance {
             Ok(issued) => {
                 self.audit(req.kind, req.spiffe_id, &issued.serial, issued.not_after, req.caller, "").await?;
                 self.metrics.x509_issued.ok();
-                info!(spiffe_id = %req.spiffe_id, serial = %issued.serial, caller = req.caller, "Issued X509-SVID");
+                // The audit log is the record of every issuance; this line is for debugging.
+                debug!(spiffe_id = %req.spiffe_id, serial = %issued.serial, caller = req.caller, "Issued X509-SVID");
                 Ok(issued)
             }
             Err(e) => {
@@ -247,7 +248,7 @@ impl Issuance {
             Ok(jwt) => {
                 self.audit(AuditKind::JwtSvid, id, "", jwt.expires_at, caller, "").await?;
                 self.metrics.jwt_issued.ok();
-                info!(spiffe_id = %id, caller, "Issued JWT-SVID");
+                debug!(spiffe_id = %id, caller, "Issued JWT-SVID");
                 Ok(jwt)
             }
             Err(e) => {

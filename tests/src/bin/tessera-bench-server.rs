@@ -45,6 +45,9 @@ struct Stats {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time per request of the serving process and of this load generator, µs.
+    server_us: f64,
+    client_us: f64,
 }
 
 fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
@@ -54,6 +57,8 @@ fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
         rate: lat.len() as f64 / elapsed.as_secs_f64(),
         p50: pick(0.50).unwrap_or_default(),
         p99: pick(0.99).unwrap_or_default(),
+        server_us: 0.0,
+        client_us: 0.0,
     }
 }
 
@@ -112,12 +117,14 @@ async fn istio_channel(
         .await?)
 }
 
-async fn load<F, Fut>(clients: usize, one: F) -> Result<Stats>
+/// `server` is the serving process, whose CPU time per request is measured along with ours.
+async fn load<F, Fut>(server: u32, clients: usize, one: F) -> Result<Stats>
 where
     F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
     let one = Arc::new(one);
+    let (server0, client0) = (cpu_secs(server)?, cpu_secs(std::process::id())?);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -138,7 +145,11 @@ where
     for t in tasks {
         all.extend(t.await??);
     }
-    Ok(stats(all, start.elapsed()))
+    let n = all.len().max(1) as f64;
+    let mut s = stats(all, start.elapsed());
+    s.server_us = (cpu_secs(server)? - server0) * 1e6 / n;
+    s.client_us = (cpu_secs(std::process::id())? - client0) * 1e6 / n;
+    Ok(s)
 }
 
 /// A cfssl CA (ECDSA P-256, made by cfssl) served by `cfssl serve`.
@@ -403,7 +414,7 @@ async fn main() -> Result<()> {
     let csrs = Arc::new(csrs);
 
     let cfssl_dir = tempfile::tempdir()?;
-    let (_cfssl, port) = start_cfssl(cfssl_dir.path())?;
+    let (cfssl_proc, port) = start_cfssl(cfssl_dir.path())?;
     let bodies: Arc<Vec<Bytes>> = Arc::new(
         csrs.iter()
             .map(|c| {
@@ -413,6 +424,8 @@ async fn main() -> Result<()> {
             .collect(),
     );
 
+    let server_pid = mesh.server.child.as_ref().context("server pid")?.id();
+    let cfssl_pid = cfssl_proc.child.id();
     let mut rows = Vec::new();
     for clients in LEVELS {
         // Tessera: one mTLS channel per client.
@@ -427,7 +440,7 @@ async fn main() -> Result<()> {
         }
         let chans = Arc::new(chans);
         let (cs, eid) = (csrs.clone(), entry.id.clone());
-        let tessera = load(clients, move |c, i| {
+        let tessera = load(server_pid, clients, move |c, i| {
             let (mut client, csr, eid) = (chans[c].clone(), cs[i % cs.len()].clone(), eid.clone());
             async move {
                 let r = client
@@ -453,7 +466,7 @@ async fn main() -> Result<()> {
         }
         let ichans = Arc::new(ichans);
         let (ic, tok) = (istio_csrs.clone(), sa_token.clone());
-        let istio = load(clients, move |c, i| {
+        let istio = load(server_pid, clients, move |c, i| {
             let (mut client, csr, tok) = (ichans[c].clone(), ic[i % ic.len()].clone(), tok.clone());
             async move {
                 let mut req =
@@ -476,7 +489,7 @@ async fn main() -> Result<()> {
         }
         let conns = Arc::new(conns);
         let b = bodies.clone();
-        let cfssl = load(clients, move |c, i| {
+        let cfssl = load(cfssl_pid, clients, move |c, i| {
             let (conns, body) = (conns.clone(), b[i % b.len()].clone());
             async move { cfssl_sign(&conns[c], port, body).await }
         })
@@ -506,7 +519,18 @@ async fn main() -> Result<()> {
             100.0 * i.rate / limit
         );
     }
-    let server_pid = mesh.server.child.as_ref().context("server pid")?.id();
+    println!(
+        "\n### CPU time per certificate (µs): serving process, and this load generator; crypto alone is {:.0} µs\n",
+        1e6 / per_core
+    );
+    println!(
+        "| clients | Tessera Agent API: server / client | Istio CA API: server / client | cfssl: server / client |"
+    );
+    println!("|---|---|---|---|");
+    let cpu = |s: &Stats| format!("{:.0} / {:.0}", s.server_us, s.client_us);
+    for (c, t, i, f) in &rows {
+        println!("| {c} | {} | {} | {} |", cpu(t), cpu(i), cpu(f));
+    }
     let sync = entry_sync(&mut adm, &addr, &roots, &server_id, server_pid).await?;
     println!();
     println!(
