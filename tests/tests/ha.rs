@@ -25,6 +25,19 @@ fn replica(dir: &Path, id: &str, port: u16, db: &str, svid_ttl: &str) -> ServerP
     ServerProc::start_text(dir, &text)
 }
 
+/// A PostgreSQL, and two replicas on database `db` whose SVIDs live `svid_ttl`, once both
+/// CAs are in both replicas' bundles. Returns them with their Agent API ports.
+fn two_replicas(db: &str, svid_ttl: &str) -> (TestPostgres, tempfile::TempDir, (ServerProc, u16), (ServerProc, u16)) {
+    let pg = TestPostgres::start();
+    let url = pg.database(db);
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let a = replica(&dir.path().join("a"), "replica-a", pa, &url, svid_ttl);
+    let b = replica(&dir.path().join("b"), "replica-b", pb, &url, svid_ttl);
+    wait_for(20, "both CAs in both replicas' bundles", || roots(&a) == 2 && roots(&b) == 2, || a.log());
+    (pg, dir, (a, pa), (b, pb))
+}
+
 fn roots(s: &ServerProc) -> usize {
     tessera_identity::pem::decode_certs(s.cli_ok(&["bundle", "show"]).as_bytes()).unwrap().len()
 }
@@ -68,14 +81,8 @@ fn start_agent(dir: &Path, any: &ServerProc, servers: &[u16], token: &str, sync:
 
 #[test]
 fn an_agent_fails_over_between_replicas_and_nothing_issued_is_lost() {
-    let pg = TestPostgres::start();
-    let db = pg.database("ha");
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let mut a = replica(&dir.path().join("a"), "replica-a", pa, &db, "4s");
-    let b = replica(&dir.path().join("b"), "replica-b", pb, &db, "4s");
     // Both replicas' CAs end up in the one bundle, seen by both.
-    wait_for(20, "both CAs in both replicas' bundles", || roots(&a) == 2 && roots(&b) == 2, || a.log());
+    let (pg, dir, (mut a, pa), (b, pb)) = two_replicas("ha", "4s");
 
     let alias = "spiffe://example.org/node/ha";
     let token: Value =
@@ -138,14 +145,8 @@ fn an_agent_fails_over_between_replicas_and_nothing_issued_is_lost() {
 
 #[test]
 fn an_entry_written_through_one_replica_reaches_an_agent_of_the_other_without_its_poll() {
-    let pg = TestPostgres::start();
-    let db = pg.database("notice");
-    let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
     // SVIDs live an hour: no renewal brings the agent to the server during the test.
-    let a = replica(&dir.path().join("a"), "replica-a", pa, &db, "1h");
-    let b = replica(&dir.path().join("b"), "replica-b", pb, &db, "1h");
-    wait_for(20, "both CAs in both replicas' bundles", || roots(&a) == 2 && roots(&b) == 2, || a.log());
+    let (_pg, dir, (a, _), (b, pb)) = two_replicas("notice", "1h");
     let alias = "spiffe://example.org/node/notice";
     let token: Value =
         serde_json::from_str(&a.cli_ok(&["token", "generate", "--spiffe-id", alias, "--output", "json"])).unwrap();
