@@ -233,7 +233,31 @@ impl FakeCluster {
         );
         std::fs::write(path, text).unwrap();
     }
+
+    /// A cluster with node `node-1` (UID `node-uid-1`, `labels`) and the agent's pod
+    /// `tessera-system/<agent_pod>` (service account `tessera-agent`) on it: what a `k8s_psat`
+    /// agent attests from. Its agent ID, as `cluster-a`, is [`PSAT_AGENT_ID`].
+    pub fn with_agent_node(agent_pod: &str, labels: &[(&str, &str)]) -> Self {
+        let k8s = Self::start("https://kubernetes.default.svc.cluster.local");
+        k8s.add_node("node-1", "node-uid-1", labels);
+        k8s.add_pod(pod("tessera-system", agent_pod, "pod-uid-agent", "tessera-agent", "node-1"));
+        k8s
+    }
+
+    /// The server's `k8s_psat` node attestor for this cluster as `cluster-a`, allowing the
+    /// agent's service account, with its kubeconfig written to `kubeconfig`; `extra` goes into
+    /// the cluster's table.
+    pub fn psat_attestor(&self, kubeconfig: &Path, extra: &str) -> String {
+        self.write_kubeconfig(kubeconfig, "cluster-a");
+        format!(
+            "\n[[node_attestor]]\ntype = \"k8s_psat\"\n[node_attestor.clusters.cluster-a]\nkubeconfig = \"{}\"\nservice_account_allow_list = [\"tessera-system:tessera-agent\"]\n{extra}",
+            kubeconfig.display()
+        )
+    }
 }
+
+/// The agent ID of a `k8s_psat` agent on [`FakeCluster::with_agent_node`]'s node.
+pub const PSAT_AGENT_ID: &str = "spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1";
 
 fn jwks_of(key: &EcdsaKeyPair, kid: &str) -> String {
     let pk = key.public_key().as_ref();

@@ -8,7 +8,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_e2e::fake_k8s::{FakeCluster, pod};
+use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
 use tessera_e2e::{Mesh, bin, my_uid, wait_for};
 
 const CA: &str = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
@@ -25,19 +25,12 @@ fn fetch_ok(mesh: &Mesh, id: &str) -> bool {
 #[test]
 fn a_kubernetes_agent_past_its_svid_expiry_attests_again_by_itself() {
     let files = tempfile::tempdir().unwrap();
-    let k8s = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
-    k8s.add_node("node-1", "node-uid-1", &[]);
-    k8s.add_pod(pod("tessera-system", "agent-n1", "pod-uid-agent", "tessera-agent", "node-1"));
-    let kubeconfig = files.path().join("kubeconfig");
-    k8s.write_kubeconfig(&kubeconfig, "cluster-a");
+    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
     let token = files.path().join("token");
     std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
         .unwrap();
-    let extra = format!(
-        "\n[[node_attestor]]\ntype = \"k8s_psat\"\n[node_attestor.clusters.cluster-a]\nkubeconfig = \"{}\"\nservice_account_allow_list = [\"tessera-system:tessera-agent\"]\n",
-        kubeconfig.display()
-    );
-    let agent_id = "spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1";
+    let extra = k8s.psat_attestor(&files.path().join("kubeconfig"), "");
+    let agent_id = PSAT_AGENT_ID;
     let attestation = format!(
         "[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\ntoken_path = \"{}\"\n",
         token.display()

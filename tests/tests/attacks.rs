@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tessera_e2e::fake_k8s::{FakeCluster, pod};
+use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
 use tessera_e2e::{ServerProc, free_port, server_config_for};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{PrivateKey, SpiffeId};
@@ -30,30 +30,14 @@ struct Fixture {
 
 fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let k8s = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
-    k8s.add_node("node-1", "node-uid-1", &[]);
-    k8s.add_pod(pod("tessera-system", "agent-n1", "pod-uid-agent", "tessera-agent", "node-1"));
-    let other = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
-    other.add_node("node-1", "node-uid-1", &[]);
-    other.add_pod(pod("tessera-system", "agent-n1", "pod-uid-agent", "tessera-agent", "node-1"));
-    let kubeconfig = dir.path().join("kubeconfig");
-    k8s.write_kubeconfig(&kubeconfig, "cluster-a");
+    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
+    let other = FakeCluster::with_agent_node("agent-n1", &[]);
     let (agent_port, be_port, health_port) = (free_port(), free_port(), free_port());
     let text = server_config_for("example.org", dir.path(), "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"")
         .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{agent_port}\""))
         .replace("health_address = \"127.0.0.1:0\"", &format!("health_address = \"127.0.0.1:{health_port}\""))
-        + &format!(
-            r#"
-[[node_attestor]]
-type = "k8s_psat"
-[node_attestor.clusters.cluster-a]
-kubeconfig = "{}"
-service_account_allow_list = ["tessera-system:tessera-agent"]
-[federation.bundle_endpoint]
-address = "127.0.0.1:{be_port}"
-"#,
-            kubeconfig.display()
-        );
+        + &k8s.psat_attestor(&dir.path().join("kubeconfig"), "")
+        + &format!("[federation.bundle_endpoint]\naddress = \"127.0.0.1:{be_port}\"\n");
     let server = ServerProc::start_text(dir.path(), &text);
     Fixture {
         _dir: dir,
@@ -75,7 +59,7 @@ async fn anonymous_agent_client(f: &Fixture) -> AgentClient<tonic::transport::Ch
 
 fn psat(cluster: &str, token: &str) -> (agent::AttestationData, Vec<u8>) {
     let payload = tessera_k8s_payload(cluster, token);
-    let id = SpiffeId::new("spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1").unwrap();
+    let id = SpiffeId::new(PSAT_AGENT_ID).unwrap();
     let key = PrivateKey::generate_ec_p256().unwrap();
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
     (agent::AttestationData { r#type: "k8s_psat".into(), payload }, csr)
@@ -146,14 +130,7 @@ fn bad_kubernetes_tokens_attest_nothing() {
     let agents = f.server.cli_ok(&["agent", "list", "--output", "json"]);
     let agents: serde_json::Value = serde_json::from_str(&agents).unwrap();
     assert_eq!(agents["agents"].as_array().unwrap().len(), 1);
-    let audit = f.server.cli_ok(&[
-        "audit",
-        "show",
-        "--spiffe-id",
-        "spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1",
-        "--output",
-        "json",
-    ]);
+    let audit = f.server.cli_ok(&["audit", "show", "--spiffe-id", PSAT_AGENT_ID, "--output", "json"]);
     let denied = audit.matches("\"denied\"").count();
     assert!(denied >= 4, "refusals not audited: {audit}");
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tessera_e2e::fake_k8s::{FakeCluster, pod, with_container};
+use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID, pod, with_container};
 use tessera_e2e::{Mesh, bin, wait_for};
 
 const CID: &str = "4f1b7c2e9d3a5b6c8e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
@@ -70,9 +70,8 @@ fn text(o: &Output) -> String {
 #[test]
 fn agents_attest_by_projected_token_and_pods_get_identities_from_the_kubelet() {
     let files = tempfile::tempdir().unwrap();
-    let k8s = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
-    k8s.add_node("node-1", "node-uid-1", &[("topology.kubernetes.io/zone", "z1"), ("secret", "x")]);
-    k8s.add_pod(pod("tessera-system", "tessera-agent-n1", "pod-uid-agent", "tessera-agent", "node-1"));
+    let k8s =
+        FakeCluster::with_agent_node("tessera-agent-n1", &[("topology.kubernetes.io/zone", "z1"), ("secret", "x")]);
     k8s.add_pod(pod("tessera-system", "intruder", "pod-uid-intruder", "default", "node-1"));
     k8s.add_pod(with_container(
         pod("shop", "cart-1", CART_UID, "cart", "node-1"),
@@ -82,7 +81,6 @@ fn agents_attest_by_projected_token_and_pods_get_identities_from_the_kubelet() {
         &[("app", "cart")],
     ));
     let kubeconfig = files.path().join("kubeconfig");
-    k8s.write_kubeconfig(&kubeconfig, "cluster-a");
     let agent_token = files.path().join("agent-token");
     std::fs::write(
         &agent_token,
@@ -94,21 +92,12 @@ fn agents_attest_by_projected_token_and_pods_get_identities_from_the_kubelet() {
     let kubelet_token = files.path().join("sa-token");
     std::fs::write(&kubelet_token, "kubelet-reader-token").unwrap();
 
-    let server_extra = format!(
-        r#"
-[[node_attestor]]
-type = "join_token"
-[[node_attestor]]
-type = "k8s_psat"
-[node_attestor.clusters.cluster-a]
-kubeconfig = "{}"
-service_account_allow_list = ["tessera-system:tessera-agent"]
-allowed_node_label_keys = ["topology.kubernetes.io/zone"]
-auto_pod_identity = true
-"#,
-        kubeconfig.display()
-    );
-    let agent_id = "spiffe://example.org/tessera/agent/k8s_psat/cluster-a/node-uid-1";
+    let server_extra = "\n[[node_attestor]]\ntype = \"join_token\"".to_owned()
+        + &k8s.psat_attestor(
+            &kubeconfig,
+            "allowed_node_label_keys = [\"topology.kubernetes.io/zone\"]\nauto_pod_identity = true\n",
+        );
+    let agent_id = PSAT_AGENT_ID;
     let agent_attestation = format!(
         r#"[node_attestor]
 type = "k8s_psat"
