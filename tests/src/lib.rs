@@ -8,6 +8,7 @@
 pub mod envoy;
 pub mod fake_k8s;
 pub mod postgres;
+pub mod procfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use tessera_e2e::procfs::{cpu_secs, rss_kib};
 use tessera_e2e::{Mesh, Proc, free_port};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{PrivateKey, SpiffeId};
@@ -204,20 +205,17 @@ async fn cfssl_sign(conn: &tokio::sync::Mutex<CfsslConn>, port: u16, body: Bytes
     Ok(())
 }
 
-/// CPU seconds (user + system) the process `pid` has used.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(") ").context("stat")?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
 struct SyncFigures {
     cpu_share: f64,
     syncs: usize,
     full_bytes: f64,
     unchanged_bytes: f64,
+    /// Server RSS growth with every agent holding a `WatchChanges` stream, KiB.
+    watch_rss_kib: i64,
+    /// One entry change: until every agent has its notice and has synced, and the server CPU
+    /// that took.
+    fanout: Duration,
+    fanout_cpu: f64,
 }
 
 /// 1,000 simulated agents with 10 entries each (10,000 entries) syncing every 5 s over mTLS:
@@ -233,12 +231,14 @@ async fn entry_sync(
     let anon = tessera_identity::tls::client_config(roots, Authorize::Id(server_id.clone()), None)?;
     let mut anon = AgentClient::new(tessera_svc::connect::tls(addr, anon).await?);
     let mut clients = Vec::with_capacity(SYNC_AGENTS);
+    let mut first_agent = None;
     for a in 0..SYNC_AGENTS {
         let token = adm
             .create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() })
             .await?
             .into_inner();
         let id = SpiffeId::new(&token.agent_id)?;
+        first_agent.get_or_insert_with(|| id.clone());
         let key = PrivateKey::generate_ec_p256()?;
         let svid = anon
             .attest_agent(agent::AttestAgentRequest {
@@ -275,7 +275,7 @@ async fn entry_sync(
     let cpu0 = cpu_secs(server_pid)?;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for (i, (mut c, rev)) in clients.into_iter().zip(revisions).enumerate() {
+    for (i, (mut c, rev)) in clients.iter().cloned().zip(revisions.iter().copied()).enumerate() {
         tasks.push(tokio::spawn(async move {
             // Spread the agents over the period, as real ones drift apart.
             tokio::time::sleep(SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64)).await;
@@ -297,11 +297,49 @@ async fn entry_sync(
     }
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs(server_pid)? - cpu0;
+
+    // Change notices: every agent holds a WatchChanges stream; one entry change then makes
+    // all of them sync at once (the herd a notice causes).
+    let rss0 = rss_kib(server_pid)?;
+    let mut watchers = Vec::with_capacity(SYNC_AGENTS);
+    for (mut c, rev) in clients.into_iter().zip(revisions) {
+        let mut notices = c.watch_changes(agent::WatchChangesRequest {}).await?.into_inner();
+        notices.message().await?.context("no first notice")?;
+        watchers.push((c, rev, notices));
+    }
+    let watch_rss_kib = i64::try_from(rss_kib(server_pid)?).unwrap_or(0) - i64::try_from(rss0).unwrap_or(0);
+    let cpu1 = cpu_secs(server_pid)?;
+    let t1 = Instant::now();
+    adm.create_entry(admin::CreateEntryRequest {
+        entry: Some(types::Entry {
+            spiffe_id: "spiffe://example.org/sync/fanout".into(),
+            parent_id: first_agent.context("no agent")?.to_string(),
+            selectors: vec![types::Selector { r#type: "unix".into(), value: "uid:7".into() }],
+            ..Default::default()
+        }),
+    })
+    .await?;
+    let mut tasks = Vec::with_capacity(SYNC_AGENTS);
+    for (mut c, rev, mut notices) in watchers {
+        tasks.push(tokio::spawn(async move {
+            notices.message().await?.context("watch ended")?;
+            c.sync_entries(agent::SyncEntriesRequest { since_revision: rev }).await?;
+            Ok::<_, anyhow::Error>(t1.elapsed())
+        }));
+    }
+    let mut fanout = Duration::ZERO;
+    for t in tasks {
+        fanout = fanout.max(t.await??);
+    }
+    let fanout_cpu = cpu_secs(server_pid)? - cpu1;
     Ok(SyncFigures {
         cpu_share: cpu / elapsed,
         syncs,
         full_bytes: full as f64 / SYNC_AGENTS as f64,
         unchanged_bytes: bytes as f64 / syncs.max(1) as f64,
+        watch_rss_kib,
+        fanout,
+        fanout_cpu,
     })
 }
 
@@ -545,6 +583,15 @@ async fn main() -> Result<()> {
     );
     println!("| bytes per first (full) sync, 10 entries | {:.0} B | — |", sync.full_bytes);
     println!("| bytes per unchanged sync | {:.0} B | O(changes), not O(entries) |", sync.unchanged_bytes);
+    println!(
+        "| server memory for {SYNC_AGENTS} open change-notice streams | {:.1} MiB | — |",
+        sync.watch_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "| one entry change: notice to {SYNC_AGENTS} agents, each then syncs | all synced in {}, server CPU {:.0} ms | — |",
+        ms(sync.fanout),
+        sync.fanout_cpu * 1000.0
+    );
     println!();
     println!("| cold start | measured |");
     println!("|---|---|");

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use tessera_e2e::procfs::rss_kib;
 use tessera_e2e::{Mesh, my_uid};
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::types::v1 as types;
@@ -32,12 +33,6 @@ const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_socket
 
 async fn uds(path: PathBuf) -> Result<Channel> {
     Ok(tessera_svc::connect::unix(&path).await?)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
 fn metric(addr: &str, name: &str) -> Option<f64> {
