@@ -8,12 +8,20 @@ fn main() -> io::Result<()> {
         "proto/tessera/agent/v1/agent.proto",
         "proto/tessera/admin/v1/admin.proto",
         "proto/tessera/plugin/v1/upstream.proto",
-        "proto/spiffe/workload.proto",
         "proto/istio/v1/auth/ca.proto",
     ];
-    for f in &files {
+    // The Workload API's streams stay open as long as their workloads run: small buffers
+    // (`src/codec.rs`).
+    let workload = "proto/spiffe/workload.proto";
+    for f in files.iter().chain([&workload]) {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"]).map_err(|e| io::Error::other(e.to_string()))?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)
+    println!("cargo:rerun-if-changed=src/codec.rs");
+    let compile = |files: &[&str]| protox::compile(files, ["proto"]).map_err(|e| io::Error::other(e.to_string()));
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(compile(&files)?)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::LeanCodec")
+        .compile_fds(compile(&[workload])?)
 }

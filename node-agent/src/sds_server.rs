@@ -4,25 +4,23 @@
 //! Why: the generated server fixes tonic's default codec, which gives every stream an 8 KiB
 //! decode buffer and an 8 KiB encode buffer. Envoy holds one SDS stream per secret it watches,
 //! for as long as it runs, and a node has many Envoys; the buffers were half of what 1,000 idle
-//! streams cost. Here they start at [`BUFFER`] bytes and grow only while a message needs it.
+//! streams cost. Here the codec is [`LeanCodec`], whose buffers start at 512 bytes.
 //!
 //! What it is not: the SDS logic. That is [`crate::sds::Sds`]; this only maps the three paths to
 //! its methods.
 
 use std::convert::Infallible;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use tessera_proto::codec::LeanCodec;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec};
 use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use crate::sds::{Sds, SdsStream};
 
@@ -31,41 +29,6 @@ pub const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
 const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 const FETCH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
-
-/// Initial size of a stream's encode and decode buffers. An SDS request is a few hundred
-/// bytes; a response (a chain and a key in PEM) a few KiB, written once per rotation.
-pub const BUFFER: usize = 512;
-/// tonic yields an encoded batch once it passes this size (its default).
-const YIELD_THRESHOLD: usize = 32 * 1024;
-
-/// Prost encoding with small initial buffers.
-#[derive(Debug)]
-struct LeanCodec<T, U>(PhantomData<fn() -> (T, U)>);
-
-impl<T, U> Default for LeanCodec<T, U> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<T, U> Codec for LeanCodec<T, U>
-where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER, YIELD_THRESHOLD))
-    }
-}
 
 /// The SDS service for tonic's router.
 #[derive(Debug, Clone)]

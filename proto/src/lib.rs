@@ -3,9 +3,12 @@
 //! This crate has no logic: it is the `.proto` files under `proto/` and the code generated
 //! from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
 //! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket; the plugin
-//! protocol (`tessera.plugin.v1`) between the server and external plugin processes.
+//! protocol (`tessera.plugin.v1`) between the server and external plugin processes. The
+//! SPIFFE Workload API is generated with [`codec::LeanCodec`], whose stream buffers start small.
 
 #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod codec;
 
 /// Types shared by both APIs.
 pub mod types {
