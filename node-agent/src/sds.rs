@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, TypedExtensionConfig, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -29,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::callers::Callers;
-use crate::manager::{AgentMetrics, Manager, Snapshot, WorkloadSvid};
+use crate::manager::{Manager, OpenStream, Snapshot, StreamKind, WorkloadSvid};
 use crate::workload_api::federated_for;
 
 /// Type URL of an SDS secret.
@@ -159,22 +158,6 @@ fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, Strin
     let parts: Vec<&[u8]> = any.iter().map(|a| a.value.as_slice()).collect();
     let version = version_of(&parts);
     (any, version)
-}
-
-/// Counts an open stream in the agent's metrics for as long as it lives.
-struct OpenStream(Arc<AgentMetrics>);
-
-impl OpenStream {
-    fn new(m: Arc<AgentMetrics>) -> Self {
-        m.sds_streams.fetch_add(1, Ordering::Relaxed);
-        Self(m)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.sds_streams.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// A response stream. It is a state machine polled by the connection's own task: no task and
@@ -325,7 +308,7 @@ impl Sds {
             sent_version: String::new(),
             last_nonce: String::new(),
             nonces: Nonces(0),
-            _open: OpenStream::new(self.mgr.metrics.clone()),
+            _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             let resp = st.next().await?;
@@ -362,7 +345,7 @@ impl Sds {
             held: BTreeMap::new(),
             nonces: Nonces(0),
             first: true,
-            _open: OpenStream::new(self.mgr.metrics.clone()),
+            _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
         let stream = futures_util::stream::unfold(state, |mut st| async move {
             let resp = st.next().await?;

@@ -4,17 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tessera_identity::{Bundle, TrustDomain, unix_now};
 use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::callers::Callers;
-use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::manager::{Manager, OpenStream, Snapshot, StreamKind, WorkloadSvid};
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -100,44 +97,73 @@ impl WorkloadApi {
     }
 
     /// Streams `build(snapshot, identities)` on every change until the client goes away; ends
-    /// with PermissionDenied when the caller has (or comes to have) no identity.
-    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> ReceiverStream<Result<T, Status>>
+    /// with PermissionDenied when the caller has (or comes to have) no identity. The stream is
+    /// polled by its connection (no task or channel of its own) and remembers only a digest of
+    /// what it last sent.
+    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> Stream<T>
     where
-        T: PartialEq + Clone + Send + 'static,
+        T: prost::Message + Send + 'static,
         F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(4);
-        let mut snaps = self.mgr.subscribe();
-        let metrics = self.mgr.metrics.clone();
-        tokio::spawn(async move {
-            metrics.workload_streams.fetch_add(1, Ordering::Relaxed);
-            let mut last: Option<T> = None;
-            loop {
-                let snap = snaps.borrow_and_update().clone();
-                let ids = snap.identities(&selectors);
-                if ids.is_empty() {
-                    let _ = tx.send(Err(no_identity())).await;
-                    break;
-                }
-                let msg = build(&snap, &ids);
-                if last.as_ref() != Some(&msg) {
-                    last = Some(msg.clone());
-                    if tx.send(Ok(msg)).await.is_err() {
-                        break;
-                    }
-                }
-                tokio::select! {
-                    c = snaps.changed() => if c.is_err() { break },
-                    _ = tx.closed() => break,
-                }
-            }
-            metrics.workload_streams.fetch_sub(1, Ordering::Relaxed);
-        });
-        ReceiverStream::new(rx)
+        let watch = Watch {
+            snaps: self.mgr.subscribe(),
+            selectors,
+            build,
+            last: None,
+            first: true,
+            ended: false,
+            _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Workload),
+        };
+        Box::pin(futures_util::stream::unfold(watch, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
+        }))
     }
 }
 
-type Stream<T> = ReceiverStream<Result<T, Status>>;
+/// One streaming call's state.
+struct Watch<F> {
+    snaps: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    selectors: Vec<tessera_identity::Selector>,
+    build: F,
+    /// SHA-256 of the last message sent.
+    last: Option<ring::digest::Digest>,
+    first: bool,
+    ended: bool,
+    _open: OpenStream,
+}
+
+impl<F> Watch<F> {
+    async fn next<T>(&mut self) -> Option<Result<T, Status>>
+    where
+        T: prost::Message,
+        F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T,
+    {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if !self.first && self.snaps.changed().await.is_err() {
+                return None;
+            }
+            self.first = false;
+            let snap = self.snaps.borrow_and_update().clone();
+            let ids = snap.identities(&self.selectors);
+            if ids.is_empty() {
+                self.ended = true;
+                return Some(Err(no_identity()));
+            }
+            let msg = (self.build)(&snap, &ids);
+            let digest = ring::digest::digest(&ring::digest::SHA256, &msg.encode_to_vec());
+            if self.last.as_ref().map(AsRef::as_ref) != Some(digest.as_ref()) {
+                self.last = Some(digest);
+                return Some(Ok(msg));
+            }
+        }
+    }
+}
+
+type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
