@@ -2,7 +2,7 @@
 //!
 //! What it is: attestation to the server and the agent's own SVID ([`client`]), the SVID cache
 //! and rotation ([`manager`]), workload attestation ([`attestor`], [`k8s_attestor`], [`callers`]), the SPIFFE
-//! Workload API ([`workload_api`]) and Envoy SDS ([`sds`], routed by [`sds_server`]) on one Unix socket, cert files for
+//! Workload API ([`workload_api`]) and Envoy SDS ([`sds`], routed by [`sds_server`]; both APIs stream through [`streams`]) on one Unix socket, cert files for
 //! proxyless gRPC ([`files`]), health ([`health`]), wiring ([`app`]) and the CLI ([`cli`]).
 //!
 //! What it is not: no CA, no storage beyond its own SVID, key and bundle files. Workload
@@ -22,4 +22,5 @@ pub mod k8s_attestor;
 pub mod manager;
 pub mod sds;
 pub mod sds_server;
+pub mod streams;
 pub mod workload_api;

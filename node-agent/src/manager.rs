@@ -198,40 +198,6 @@ pub struct AgentMetrics {
     pub change_notices: AtomicU64,
 }
 
-/// Which gauge an open stream counts in.
-#[derive(Debug, Clone, Copy)]
-pub enum StreamKind {
-    /// `tessera_agent_sds_streams`.
-    Sds,
-    /// `tessera_agent_workload_api_streams`.
-    Workload,
-}
-
-/// Counts an open stream in the agent's metrics for as long as it lives.
-#[derive(Debug)]
-pub struct OpenStream(Arc<AgentMetrics>, StreamKind);
-
-impl OpenStream {
-    /// Counts one more stream of `kind`.
-    pub fn new(m: Arc<AgentMetrics>, kind: StreamKind) -> Self {
-        Self::gauge(&m, kind).fetch_add(1, Ordering::Relaxed);
-        Self(m, kind)
-    }
-
-    fn gauge(m: &AgentMetrics, kind: StreamKind) -> &AtomicU64 {
-        match kind {
-            StreamKind::Sds => &m.sds_streams,
-            StreamKind::Workload => &m.workload_streams,
-        }
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        Self::gauge(&self.0, self.1).fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 struct CachedJwt {
     token: String,
     issued_at: i64,

@@ -8,7 +8,6 @@
 //! changes; stale nonces are ignored; a NACK is logged and the rejected version is not resent.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, TypedExtensionConfig, data_source::Specifier};
@@ -23,12 +22,12 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use tessera_identity::{Bundle, Selector, SpiffeId, TrustDomain};
 use tokio::sync::watch;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::callers::Callers;
-use crate::manager::{Manager, OpenStream, Snapshot, StreamKind, WorkloadSvid};
+use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::streams::{OpenStream, Responder, ResponseStream, StreamKind, respond};
 use crate::workload_api::federated_for;
 
 /// Type URL of an SDS secret.
@@ -160,10 +159,6 @@ fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, Strin
     (any, version)
 }
 
-/// A response stream. It is a state machine polled by the connection's own task: no task and
-/// no channel per stream, which is most of what 1,000 idle Envoy streams would otherwise cost.
-pub type SdsStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
 /// One state-of-the-world stream.
 struct Sotw {
     inbound: Streaming<DiscoveryRequest>,
@@ -176,9 +171,10 @@ struct Sotw {
     _open: OpenStream,
 }
 
-impl Sotw {
-    /// The next response to send; `None` ends the stream.
-    async fn next(&mut self) -> Option<DiscoveryResponse> {
+impl Responder for Sotw {
+    type Message = DiscoveryResponse;
+
+    async fn next(&mut self) -> Option<Result<DiscoveryResponse, Status>> {
         loop {
             tokio::select! {
                 msg = self.inbound.message() => {
@@ -204,13 +200,13 @@ impl Sotw {
             }
             self.last_nonce = self.nonces.next();
             self.sent_version.clone_from(&version);
-            return Some(DiscoveryResponse {
+            return Some(Ok(DiscoveryResponse {
                 version_info: version,
                 resources,
                 type_url: SECRET_TYPE.into(),
                 nonce: self.last_nonce.clone(),
                 ..Default::default()
-            });
+            }));
         }
     }
 }
@@ -228,9 +224,10 @@ struct Delta {
     _open: OpenStream,
 }
 
-impl Delta {
-    /// The next response to send; `None` ends the stream.
-    async fn next(&mut self) -> Option<DeltaDiscoveryResponse> {
+impl Responder for Delta {
+    type Message = DeltaDiscoveryResponse;
+
+    async fn next(&mut self) -> Option<Result<DeltaDiscoveryResponse, Status>> {
         loop {
             tokio::select! {
                 msg = self.inbound.message() => {
@@ -281,14 +278,14 @@ impl Delta {
             if resources.is_empty() && removed.is_empty() {
                 continue;
             }
-            return Some(DeltaDiscoveryResponse {
+            return Some(Ok(DeltaDiscoveryResponse {
                 system_version_info: snap.generation.to_string(),
                 resources,
                 type_url: SECRET_TYPE.into(),
                 removed_resources: removed,
                 nonce: self.nonces.next(),
                 ..Default::default()
-            });
+            }));
         }
     }
 }
@@ -298,7 +295,7 @@ impl Sds {
     pub async fn stream_secrets(
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<SdsStream<DiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
         let sel = self.callers.selectors(&req).await?;
         let state = Sotw {
             inbound: req.into_inner(),
@@ -310,11 +307,7 @@ impl Sds {
             nonces: Nonces(0),
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            let resp = st.next().await?;
-            Some((Ok(resp), st))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(respond(state)))
     }
 
     /// `FetchSecrets`: one answer.
@@ -335,7 +328,7 @@ impl Sds {
     pub async fn delta_secrets(
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<SdsStream<DeltaDiscoveryResponse>>, Status> {
+    ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
         let sel = self.callers.selectors(&req).await?;
         let state = Delta {
             inbound: req.into_inner(),
@@ -347,10 +340,6 @@ impl Sds {
             first: true,
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
-        let stream = futures_util::stream::unfold(state, |mut st| async move {
-            let resp = st.next().await?;
-            Some((Ok(resp), st))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(respond(state)))
     }
 }

@@ -22,7 +22,8 @@ use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::sds::{Sds, SdsStream};
+use crate::sds::Sds;
+use crate::streams::ResponseStream;
 
 /// The gRPC service name Envoy calls.
 pub const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
@@ -60,7 +61,7 @@ struct StreamSecrets(Arc<Sds>);
 
 impl StreamingService<DiscoveryRequest> for StreamSecrets {
     type Response = DiscoveryResponse;
-    type ResponseStream = SdsStream<DiscoveryResponse>;
+    type ResponseStream = ResponseStream<DiscoveryResponse>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, req: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
@@ -73,7 +74,7 @@ struct DeltaSecrets(Arc<Sds>);
 
 impl StreamingService<DeltaDiscoveryRequest> for DeltaSecrets {
     type Response = DeltaDiscoveryResponse;
-    type ResponseStream = SdsStream<DeltaDiscoveryResponse>;
+    type ResponseStream = ResponseStream<DeltaDiscoveryResponse>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, req: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {

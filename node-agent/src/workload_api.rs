@@ -11,7 +11,8 @@ use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tonic::{Request, Response, Status};
 
 use crate::callers::Callers;
-use crate::manager::{Manager, OpenStream, Snapshot, StreamKind, WorkloadSvid};
+use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::streams::{OpenStream, Responder, ResponseStream, StreamKind, respond};
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -100,7 +101,7 @@ impl WorkloadApi {
     /// with PermissionDenied when the caller has (or comes to have) no identity. The stream is
     /// polled by its connection (no task or channel of its own) and remembers only a digest of
     /// what it last sent.
-    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> Stream<T>
+    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> ResponseStream<T>
     where
         T: prost::Message + Send + 'static,
         F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
@@ -114,10 +115,7 @@ impl WorkloadApi {
             ended: false,
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Workload),
         };
-        Box::pin(futures_util::stream::unfold(watch, |mut w| async move {
-            let item = w.next().await?;
-            Some((item, w))
-        }))
+        respond(watch)
     }
 }
 
@@ -133,12 +131,14 @@ struct Watch<F> {
     _open: OpenStream,
 }
 
-impl<F> Watch<F> {
-    async fn next<T>(&mut self) -> Option<Result<T, Status>>
-    where
-        T: prost::Message,
-        F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T,
-    {
+impl<T, F> Responder for Watch<F>
+where
+    T: prost::Message + Send + 'static,
+    F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
+{
+    type Message = T;
+
+    async fn next(&mut self) -> Option<Result<T, Status>> {
         if self.ended {
             return None;
         }
@@ -163,13 +163,11 @@ impl<F> Watch<F> {
     }
 }
 
-type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = Stream<wl::X509svidResponse>;
-    type FetchX509BundlesStream = Stream<wl::X509BundlesResponse>;
-    type FetchJWTBundlesStream = Stream<wl::JwtBundlesResponse>;
+    type FetchX509SVIDStream = ResponseStream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<wl::JwtBundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
