@@ -767,6 +767,12 @@ async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
     admin.create_entry(admin::CreateEntryRequest { entry: Some(api) }).await.unwrap();
     let minted = next_acked(&mut inbound, &tx, &names, 10, "SVID for a new entry").await;
     assert_eq!(minted.resources.len(), 2, "the new identity's SVID was pushed");
+    // One write, one notice: nothing more comes once the server's revision check has run.
+    let notices =
+        || env.agent.as_ref().unwrap().manager.metrics.change_notices.load(std::sync::atomic::Ordering::Relaxed);
+    let after_entry = notices();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(notices(), after_entry, "an entry write was announced more than once");
 
     // A new authority in the bundle: pushed as well.
     admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
@@ -774,7 +780,7 @@ async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
     assert_eq!(roots(&rotated), 2, "the prepared authority reached ROOTCA");
 
     // The agent counted the notices it acted on.
-    let notices = env.agent.as_ref().unwrap().manager.metrics.change_notices.load(std::sync::atomic::Ordering::Relaxed);
+    let notices = notices();
     assert!(notices >= 3, "initial, entry and bundle notices; got {notices}");
     env.stop().await;
 }

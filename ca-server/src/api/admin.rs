@@ -173,7 +173,7 @@ impl Admin for AdminService {
                     revision: 0,
                 };
                 let stored = self.issuance.store.create_entry(e).await.map_err(ApiError::from)?;
-                self.issuance.changes.notify();
+                self.issuance.changes.entries_written();
                 Some(entry_to_pb(&stored))
             }
         };
@@ -190,7 +190,7 @@ impl Admin for AdminService {
         }
         entry.created_at = unix_now();
         let stored = self.issuance.store.create_entry(entry).await.map_err(ApiError::from)?;
-        self.issuance.changes.notify();
+        self.issuance.changes.entries_written();
         info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, "Entry created");
         Ok(Response::new(entry_to_pb(&stored)))
     }
@@ -203,7 +203,7 @@ impl Admin for AdminService {
         }
         let entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
         let stored = self.issuance.store.update_entry(entry).await.map_err(ApiError::from)?;
-        self.issuance.changes.notify();
+        self.issuance.changes.entries_written();
         Ok(Response::new(entry_to_pb(&stored)))
     }
 
@@ -216,7 +216,7 @@ impl Admin for AdminService {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
-        self.issuance.changes.notify();
+        self.issuance.changes.entries_written();
         info!(entry_id = %id, "Entry deleted");
         Ok(Response::new(entry_to_pb(&e)))
     }
