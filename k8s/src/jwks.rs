@@ -115,11 +115,15 @@ impl JwksValidator {
         match &self.source {
             JwksSource::File(path) => {
                 // A file is looked at (one stat) at most once a second, not per token.
-                if !force && self.age().is_some_and(|a| a < FILE_RECHECK) {
+                let due = self.cache.lock().map_or(true, |mut c| {
+                    let due = force || c.fetched.is_none_or(|t| t.elapsed() >= FILE_RECHECK);
+                    if due {
+                        c.fetched = Some(Instant::now());
+                    }
+                    due
+                });
+                if !due {
                     return Ok(());
-                }
-                if let Ok(mut c) = self.cache.lock() {
-                    c.fetched = Some(Instant::now());
                 }
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
                 if !force && self.cache.lock().map(|c| c.file_mtime == mtime).unwrap_or(false) {
