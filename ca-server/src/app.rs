@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sled::SledStore;
+use tessera_svc::listener::ConnGate;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +136,19 @@ fn admin_peer_check(owner: u32) -> impl Fn(tonic::Request<()>) -> Result<tonic::
     }
 }
 
+/// The gRPC server settings every TCP listener shares: a deadline per call, HTTP/2 keepalive
+/// pings (a peer that stops answering them is dropped), and the count of open streams per
+/// connection that the idle timeout reads.
+fn grpc_server() -> tonic::transport::Server<
+    tower::layer::util::Stack<tessera_svc::listener::TrackStreamsLayer, tower::layer::util::Identity>,
+> {
+    tonic::transport::Server::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .layer(tessera_svc::listener::TrackStreamsLayer(crate::api::tls::activity_of))
+}
+
 impl Server {
     /// Opens the store, starts the CA and binds every listener.
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
@@ -150,7 +164,9 @@ impl Server {
                     }
                     None => None,
                 };
-                Arc::new(PostgresStore::open_with_tls(connection_string, *max_connections, ca.as_deref()).await?)
+                Arc::new(
+                    PostgresStore::open_with_tls(connection_string.expose(), *max_connections, ca.as_deref()).await?,
+                )
             }
         };
         let catalog = Catalog::build(&cfg).await?;
@@ -204,11 +220,11 @@ impl Server {
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
-        let incoming_tls = incoming(listener, tls.clone(), 1024);
+        let gate = |name: &'static str| ConnGate::new(cfg.connections, metrics.listener(name));
+        let incoming_tls = incoming(listener, tls.clone(), 1024, gate("agent_api"));
         tasks.spawn(
             async move {
-                let res = tonic::transport::Server::builder()
-                    .timeout(std::time::Duration::from_secs(30))
+                let res = grpc_server()
                     .add_service(agent)
                     .serve_with_incoming_shutdown(incoming_tls, async move {
                         let _ = rx.changed().await;
@@ -232,12 +248,11 @@ impl Server {
                     .map_err(io(format!("cannot bind the Istio CA API on {}", ic.address)))?;
                 let a = l.local_addr().map_err(io("Istio CA API address"))?;
                 let server = IstioCertificateServiceServer::new(svc).max_decoding_message_size(64 * 1024);
-                let incoming_tls = incoming(l, tls.clone(), 1024);
+                let incoming_tls = incoming(l, tls.clone(), 1024, gate("istio_ca"));
                 let mut rx = shutdown_rx.clone();
                 tasks.spawn(
                     async move {
-                        let res = tonic::transport::Server::builder()
-                            .timeout(std::time::Duration::from_secs(30))
+                        let res = grpc_server()
                             .add_service(server)
                             .serve_with_incoming_shutdown(incoming_tls, async move {
                                 let _ = rx.changed().await;
@@ -281,8 +296,15 @@ impl Server {
                     .map_err(io(format!("cannot bind bundle endpoint on {}", ep.address)))?;
                 let a = l.local_addr().map_err(io("bundle endpoint address"))?;
                 tasks.spawn(
-                    endpoint::serve(l, tls_cfg, ca.clone(), ep.refresh_hint, shutdown_rx.clone())
-                        .instrument(info_span!("bundle_endpoint")),
+                    endpoint::serve(
+                        l,
+                        tls_cfg,
+                        ca.clone(),
+                        ep.refresh_hint,
+                        gate("bundle_endpoint"),
+                        shutdown_rx.clone(),
+                    )
+                    .instrument(info_span!("bundle_endpoint")),
                 );
                 info!(address = %a, "Bundle endpoint listening");
                 Some(a)
@@ -317,8 +339,11 @@ impl Server {
             .await
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address"))?;
+        let health_gate = gate("health");
         let health = Health { ca: ca.clone(), store: store.clone(), metrics };
-        tasks.spawn(tessera_svc::health::serve(hl, Arc::new(health), shutdown_rx).instrument(info_span!("health")));
+        tasks.spawn(
+            tessera_svc::health::serve(hl, Arc::new(health), health_gate, shutdown_rx).instrument(info_span!("health")),
+        );
 
         info!(trust_domain = %cfg.trust_domain, agent_api = %agent_api_addr, health = %health_addr, admin_socket = %cfg.admin_socket.display(), "Server started");
         Ok(Self {

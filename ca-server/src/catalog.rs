@@ -106,13 +106,14 @@ impl Catalog {
 }
 
 /// Reads a secret (PIN, token) from a file (trailing newline removed) or the environment.
-fn read_secret(src: &PinSource, what: &str) -> Result<String, StartError> {
+fn read_secret(src: &PinSource, what: &str) -> Result<tessera_identity::Secret, StartError> {
     match src {
         PinSource::File(f) => Ok(std::fs::read_to_string(f)
             .map_err(|source| StartError::Io { what: format!("cannot read the {what} file {}", f.display()), source })?
             .trim_end_matches(['\r', '\n'])
-            .to_owned()),
+            .into()),
         PinSource::Env(v) => std::env::var(v)
+            .map(tessera_identity::Secret::new)
             .map_err(|_| StartError::Secret(format!("environment variable {v} (the {what}) is not set"))),
     }
 }

@@ -88,7 +88,7 @@ struct RawUpstream {
     approle_secret_id_env: Option<String>,
     server_address: Option<String>,
     trust_bundle_path: Option<PathBuf>,
-    join_token: Option<String>,
+    join_token: Option<tessera_identity::Secret>,
     k8s_mount: Option<String>,
     k8s_role: Option<String>,
     k8s_token_path: Option<PathBuf>,
@@ -154,6 +154,9 @@ struct RawServer {
     instance_id: String,
     rate_limit_svids_per_second: f64,
     rate_limit_attestations_per_minute: f64,
+    max_connections: usize,
+    connection_idle_timeout: String,
+    max_anonymous_connections_per_ip: usize,
 }
 
 impl Default for RawServer {
@@ -170,6 +173,9 @@ impl Default for RawServer {
             instance_id: "default".into(),
             rate_limit_svids_per_second: 1000.0,
             rate_limit_attestations_per_minute: 60.0,
+            max_connections: 16_384,
+            connection_idle_timeout: "60s".into(),
+            max_anonymous_connections_per_ip: 64,
         }
     }
 }
@@ -359,10 +365,12 @@ fn store(s: RawStore) -> Result<StoreKind, ConfigError> {
             });
         }
         (c, None) => c,
-        (None, Some(var)) => Some(std::env::var(var).map_err(|_| ConfigError::Invalid {
-            key: "store.connection_string_env",
-            reason: format!("environment variable {var} is not set"),
-        })?),
+        (None, Some(var)) => {
+            Some(std::env::var(var).map(tessera_identity::Secret::new).map_err(|_| ConfigError::Invalid {
+                key: "store.connection_string_env",
+                reason: format!("environment variable {var} is not set"),
+            })?)
+        }
     };
     match (s.kind.as_str(), conn) {
         ("sled", None) if s.max_connections.is_none() && s.tls_ca_file.is_none() => Ok(StoreKind::Sled),
@@ -431,7 +439,7 @@ fn key_manager(k: RawKeyManager) -> Result<KeyManagerKind, ConfigError> {
 struct RawStore {
     #[serde(rename = "type")]
     kind: String,
-    connection_string: Option<String>,
+    connection_string: Option<tessera_identity::Secret>,
     /// The name of an environment variable holding the connection string (a Secret).
     connection_string_env: Option<String>,
     max_connections: Option<usize>,
@@ -476,7 +484,7 @@ pub enum StoreKind {
     /// PostgreSQL, shared by several server replicas.
     Postgres {
         /// libpq connection string or `postgres://` URL (may hold a password: never shown).
-        connection_string: String,
+        connection_string: tessera_identity::Secret,
         /// Connections in the pool.
         max_connections: usize,
         /// PEM trust anchors: connect over TLS and verify the server against them.
@@ -519,7 +527,7 @@ pub struct TesseraUpstreamSettings {
     /// The parent's bundle (PEM) for the first contact.
     pub trust_bundle_path: PathBuf,
     /// A join token from the parent, for the first contact.
-    pub join_token: Option<String>,
+    pub join_token: Option<tessera_identity::Secret>,
     /// `<data_dir>/upstream`: our agent SVID and key toward the parent.
     pub state_dir: PathBuf,
 }
@@ -718,6 +726,9 @@ pub struct Config {
     pub rate_limit_svids_per_second: f64,
     /// Attestation attempts per minute from one IP address; 0 = unlimited.
     pub rate_limit_attestations_per_minute: f64,
+    /// Bounds of every TCP listener (Agent API, Istio CA API, bundle endpoint, health):
+    /// `max_connections`, `connection_idle_timeout`, `max_anonymous_connections_per_ip`.
+    pub connections: tessera_svc::listener::ConnLimits,
     /// CA settings.
     pub ca: CaConfig,
     /// Key manager.
@@ -1080,6 +1091,22 @@ impl Config {
         if !(1..=10_000).contains(&s.max_batch_size) {
             return Err(ConfigError::Invalid { key: "server.max_batch_size", reason: "must be 1 to 10000".into() });
         }
+        if !(1..=1_000_000).contains(&s.max_connections) {
+            return Err(ConfigError::Invalid { key: "server.max_connections", reason: "must be 1 to 1000000".into() });
+        }
+        if !(1..=s.max_connections).contains(&s.max_anonymous_connections_per_ip) {
+            return Err(ConfigError::Invalid {
+                key: "server.max_anonymous_connections_per_ip",
+                reason: "must be 1 to server.max_connections".into(),
+            });
+        }
+        let idle = dur("server.connection_idle_timeout", &s.connection_idle_timeout)?;
+        if idle < Duration::from_secs(1) || idle > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                key: "server.connection_idle_timeout",
+                reason: "must be 1s to 1h".into(),
+            });
+        }
         Ok(Config {
             trust_domain,
             data_dir,
@@ -1095,6 +1122,11 @@ impl Config {
             instance_id: s.instance_id,
             rate_limit_svids_per_second: s.rate_limit_svids_per_second,
             rate_limit_attestations_per_minute: s.rate_limit_attestations_per_minute,
+            connections: tessera_svc::listener::ConnLimits {
+                max_connections: s.max_connections,
+                idle_timeout: idle,
+                max_anonymous_per_ip: s.max_anonymous_connections_per_ip,
+            },
             ca: CaConfig {
                 key_type,
                 ca_ttl,

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub rate_limited_svids: std::sync::atomic::AtomicU64,
     /// Attestations refused by the per-IP rate limit.
     pub rate_limited_attestations: std::sync::atomic::AtomicU64,
+    /// Connection counters of each TCP listener, by name.
+    listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Arc<tessera_svc::listener::ConnStats>)>>,
 }
 
 /// Gauges read at scrape time.
@@ -67,6 +69,18 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    /// The connection counters of listener `name` (`agent_api`, `istio_ca`, `bundle_endpoint`,
+    /// `health`), created on first use.
+    pub fn listener(&self, name: &'static str) -> std::sync::Arc<tessera_svc::listener::ConnStats> {
+        let Ok(mut l) = self.listeners.lock() else { return std::sync::Arc::default() };
+        if let Some((_, s)) = l.iter().find(|(n, _)| *n == name) {
+            return s.clone();
+        }
+        let s = std::sync::Arc::<tessera_svc::listener::ConnStats>::default();
+        l.push((name, s.clone()));
+        s
+    }
+
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(2048);
@@ -95,6 +109,12 @@ impl Metrics {
             self.rate_limited_svids.load(Ordering::Relaxed),
             self.rate_limited_attestations.load(Ordering::Relaxed)
         );
+        if let Ok(listeners) = self.listeners.lock() {
+            tessera_svc::listener::render_headers(&mut out, "tessera_server");
+            for (name, s) in listeners.iter() {
+                s.render(&mut out, "tessera_server", name);
+            }
+        }
         if let Some(p) = &g.plugin {
             let _ = writeln!(
                 out,

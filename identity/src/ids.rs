@@ -76,6 +76,49 @@ pub fn is_agent_id(id: &SpiffeId, td: &TrustDomain) -> bool {
     id.is_member_of(td) && id.path().starts_with("/tessera/agent/")
 }
 
+/// The path segment before a join token in a join-token agent ID.
+const JOIN_TOKEN_PATH: &str = "/tessera/agent/join_token/";
+
+/// `s` with the token in every join-token agent ID replaced by a fingerprint
+/// (`…/join_token/<sha256:1a2b3c4d>`, the first 8 hex digits of the token's SHA-256). An agent
+/// ID made from a join token carries the token itself (`…/join_token/<token>`); logs and error
+/// messages show it through this, so that reading them never gives a usable token. The
+/// fingerprint cannot be mistaken for a token (`:` and `<` are not allowed in an ID's path).
+pub fn redact_join_token(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(JOIN_TOKEN_PATH) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(JOIN_TOKEN_PATH) {
+        let (head, tail) = rest.split_at(i + JOIN_TOKEN_PATH.len());
+        out.push_str(head);
+        let end =
+            tail.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))).unwrap_or(tail.len());
+        let (token, after) = tail.split_at(end);
+        if !token.is_empty() {
+            let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+            out.push_str("<sha256:");
+            out.push_str(&crate::x509::hex_lower(d.as_ref().get(..4).unwrap_or_default()));
+            out.push('>');
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Displays a SPIFFE ID for a log line or an error message: a join-token agent ID with its
+/// token replaced by a fingerprint ([`redact_join_token`]), any other ID as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct LogId<'a>(pub &'a SpiffeId);
+
+impl std::fmt::Display for LogId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_join_token(&self.0.to_string()))
+    }
+}
+
 /// A selector, `type:value` (the value may itself contain colons: `unix:uid:1000`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Selector {
@@ -121,6 +164,22 @@ mod tests {
         assert_eq!(a.to_string(), "spiffe://example.org/tessera/agent/join_token/abc");
         assert!(is_agent_id(&a, &td));
         assert!(!is_agent_id(&server_id(&td).unwrap(), &td));
+    }
+
+    #[test]
+    fn join_token_agent_ids_are_logged_with_a_fingerprint_not_the_token() {
+        let td = parse_trust_domain("example.org").unwrap();
+        let token = "4f1c2e9a-0b7d-4e2a-9c3b-1d2e3f4a5b6c";
+        let a = agent_id(&td, "join_token", token).unwrap();
+        let shown = LogId(&a).to_string();
+        assert!(!shown.contains(token), "{shown}");
+        assert!(shown.starts_with("spiffe://example.org/tessera/agent/join_token/<sha256:"), "{shown}");
+        assert_eq!(shown, LogId(&a).to_string(), "the fingerprint is stable");
+        let msg = format!("agent {a} is banned; agent {a}/x too");
+        let r = redact_join_token(&msg);
+        assert!(!r.contains(token) && r.ends_with("/x too"), "{r}");
+        let other = agent_id(&td, "k8s_psat", "cluster/node-uid").unwrap();
+        assert_eq!(LogId(&other).to_string(), other.to_string());
     }
 
     #[test]

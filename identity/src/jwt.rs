@@ -58,6 +58,24 @@ pub enum JwtError {
     /// Signing failed.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// More audiences, or a longer one, than a JWT-SVID request may ask for.
+    #[error("audience: at most {MAX_AUDIENCES} values of at most {MAX_AUDIENCE_BYTES} bytes each")]
+    AudienceTooLarge,
+}
+
+/// Most audience values a JWT-SVID may be minted for.
+pub const MAX_AUDIENCES: usize = 16;
+/// Longest audience value, in bytes.
+pub const MAX_AUDIENCE_BYTES: usize = 512;
+
+/// Refuses an audience list longer than [`MAX_AUDIENCES`] or with a value longer than
+/// [`MAX_AUDIENCE_BYTES`]: each distinct list costs a minted token, a durable audit record and
+/// a cache slot, so its size is bounded where it enters (agent and server).
+pub fn check_audience(audience: &[String]) -> Result<(), JwtError> {
+    if audience.len() > MAX_AUDIENCES || audience.iter().any(|a| a.len() > MAX_AUDIENCE_BYTES) {
+        return Err(JwtError::AudienceTooLarge);
+    }
+    Ok(())
 }
 
 /// JWT-SVID claims.

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod jwt;
 pub mod keys;
 pub mod pem;
+pub mod secret;
 pub mod serde_str;
 pub mod tls;
 pub mod x509;
@@ -25,6 +26,7 @@ pub mod x509;
 pub use bundle::{Bundle, BundleError, JwtAuthority};
 pub use ids::{IdError, Selector, agent_id, server_id};
 pub use keys::{KeyType, PrivateKey};
+pub use secret::Secret;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Seconds since the Unix epoch, now. A clock before 1970 reads as 0.

@@ -1,10 +1,24 @@
 //! Finding a process's pod and container from `/proc/<pid>/cgroup`, for the cgroupfs and
-//! systemd cgroup drivers and for cgroup v1 and v2:
+//! systemd cgroup drivers and for cgroup v1 and v2.
+//!
+//! A pod counts only where the kubelet puts it: right under the kubelet's cgroup root
+//! ([`CgroupRoot`], the kubelet's `cgroupRoot`, `/` by default) in `kubepods`, directly or in
+//! its `burstable` / `besteffort` QoS level:
 //!
 //! ```text
-//! 4:pids:/kubepods/besteffort/pod2c48913c-b29f-11e7-9350-020968147796/9bca8d63d5fa…
-//! 0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2c48913c_b29f_11e7_9350_020968147796.slice/cri-containerd-9bca8d63d5fa….scope
+//! cgroupfs  /kubepods/pod<uid>/<cid>
+//!           /kubepods/besteffort/pod<uid>/<cid>
+//! systemd   /kubepods.slice/kubepods-pod<uid_>.slice/cri-containerd-<cid>.scope
+//!           /kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/crio-<cid>.scope
 //! ```
+//!
+//! With `cgroupRoot = /custom` these become `/custom/kubepods/…` and
+//! `/custom.slice/custom-kubepods.slice/…`. Anything else is refused: a `kubepods` segment
+//! deeper down (in a delegated subtree such as `user@1000.service`, which its user may write
+//! to), a look-alike name (`xkubepods.slice`), a pod segment deeper than the QoS level, or a
+//! path relative to the reader's cgroup namespace (`/../…`), which cannot be anchored.
+//! The kubelet's cgroup root is writable by root only, so an unprivileged process cannot
+//! place itself in another pod's cgroup.
 
 /// The pod UID and container ID a process runs in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +29,54 @@ pub struct PodContainer {
     pub container_id: Option<String>,
 }
 
+/// The kubelet's cgroup root (its `cgroupRoot` setting, a cgroupfs-style path), as the agent
+/// sees the cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CgroupRoot {
+    /// Path components; empty for `/`.
+    parts: Vec<String>,
+}
+
+/// A cgroup root that is not an absolute, normal path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid kubelet cgroup root {0:?}: expected an absolute path such as \"/\" or \"/kubelet\"")]
+pub struct CgroupRootError(pub String);
+
+impl std::str::FromStr for CgroupRoot {
+    type Err = CgroupRootError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || CgroupRootError(s.to_owned());
+        let rest = s.strip_prefix('/').ok_or_else(bad)?;
+        let mut parts = Vec::new();
+        for p in rest.split('/').filter(|p| !p.is_empty()) {
+            if p == "." || p == ".." || p.ends_with(".slice") {
+                return Err(bad());
+            }
+            parts.push(p.to_owned());
+        }
+        Ok(Self { parts })
+    }
+}
+
+impl std::fmt::Display for CgroupRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/{}", self.parts.join("/"))
+    }
+}
+
+/// Why a cgroup file names no pod we accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAPod {
+    /// No line has a pod cgroup at the kubelet's place: the process is not in a pod.
+    Outside,
+    /// Paths are shown relative to the reader's cgroup namespace (`/../…`): the agent does
+    /// not share the host's cgroup namespace and cannot anchor them.
+    RelativePaths,
+    /// Lines name different pods or containers.
+    Conflicting,
+}
+
 fn is_uid(s: &str) -> bool {
     s.len() == 36
         && s.bytes()
@@ -22,21 +84,13 @@ fn is_uid(s: &str) -> bool {
             .all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() })
 }
 
-/// `pod<uid>` (cgroupfs driver) or `…kubepods[-<qos>]-pod<uid_with_underscores>.slice`
-/// (systemd driver), exactly.
-fn pod_uid_in(segment: &str) -> Option<String> {
-    if let Some(uid) = segment.strip_prefix("pod") {
-        return is_uid(uid).then(|| uid.to_owned());
-    }
-    let (prefix, uid) = segment.strip_suffix(".slice")?.rsplit_once("-pod")?;
-    let uid = uid.replace('_', "-");
-    (prefix.contains("kubepods") && is_uid(&uid)).then_some(uid)
-}
+const QOS: [&str; 2] = ["burstable", "besteffort"];
 
-/// The kubelet's root of pod cgroups: `kubepods` (cgroupfs) or `…kubepods.slice` (systemd,
-/// also `kubelet-kubepods.slice` in nested setups such as kind).
-fn is_pods_root(segment: &str) -> bool {
-    segment == "kubepods" || segment.ends_with("kubepods.slice")
+/// The systemd driver's name for a cgroup given as cgroupfs components: each component with
+/// `-` escaped to `_`, the ancestors' names joined with `-`, then `.slice`.
+fn slice_name(components: &[&str]) -> String {
+    let escaped: Vec<String> = components.iter().map(|c| c.replace('-', "_")).collect();
+    format!("{}.slice", escaped.join("-"))
 }
 
 fn container_id_in(segment: &str) -> Option<String> {
@@ -45,40 +99,104 @@ fn container_id_in(segment: &str) -> Option<String> {
     (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
 }
 
-/// Reads the pod and container from the text of a `/proc/<pid>/cgroup` file; `None` when the
-/// process is not in a Kubernetes pod, or when its lines name different pods.
-///
-/// The pod must sit right under the kubelet's root (`kubepods/pod<uid>`) or its QoS level
-/// (`kubepods/besteffort/pod<uid>`): a `pod<uid>` segment deeper down, which a process able
-/// to create sub-cgroups could add, is not taken.
-pub fn parse(cgroup_file: &str) -> Option<PodContainer> {
+/// The pod (and container) of one cgroup path when it sits where the kubelet puts pods.
+fn anchored(root: &CgroupRoot, segments: &[&str]) -> Option<PodContainer> {
+    let rootc: Vec<&str> = root.parts.iter().map(String::as_str).collect();
+    // cgroupfs: <root>/kubepods[/<qos>]/pod<uid>[/<container>…]
+    if let Some(rest) = segments.strip_prefix(rootc.as_slice())
+        && let Some((&"kubepods", rest)) = rest.split_first()
+    {
+        let rest = match rest.first() {
+            Some(q) if QOS.contains(q) => rest.get(1..)?,
+            _ => rest,
+        };
+        let (pod, rest) = rest.split_first()?;
+        let uid = pod.strip_prefix("pod").filter(|u| is_uid(u))?;
+        return Some(PodContainer {
+            pod_uid: uid.to_owned(),
+            container_id: rest.first().and_then(|c| container_id_in(c)),
+        });
+    }
+    // systemd: every ancestor is a slice named after all the components above it.
+    let mut names: Vec<&str> = rootc.clone();
+    let mut i = 0;
+    for depth in 1..=rootc.len() {
+        if segments.get(i)? != &slice_name(&names[..depth]) {
+            return None;
+        }
+        i += 1;
+    }
+    names.push("kubepods");
+    if segments.get(i)? != &slice_name(&names) {
+        return None;
+    }
+    i += 1;
+    let seg = *segments.get(i)?;
+    if let Some(q) = QOS.iter().find(|q| {
+        let mut n = names.clone();
+        n.push(q);
+        seg == slice_name(&n)
+    }) {
+        names.push(q);
+        i += 1;
+    }
+    let pod_seg = *segments.get(i)?;
+    let prefix = slice_name(&names);
+    let prefix = prefix.strip_suffix(".slice").unwrap_or(&prefix);
+    let uid = pod_seg.strip_prefix(prefix)?.strip_prefix("-pod")?.strip_suffix(".slice")?;
+    let uid = uid.replace('_', "-");
+    if !is_uid(&uid) {
+        return None;
+    }
+    Some(PodContainer { pod_uid: uid, container_id: segments.get(i + 1).and_then(|c| container_id_in(c)) })
+}
+
+/// Reads the pod and container from the text of a `/proc/<pid>/cgroup` file, anchored at the
+/// kubelet's cgroup `root`.
+pub fn parse_under(cgroup_file: &str, root: &CgroupRoot) -> Result<PodContainer, NotAPod> {
     let mut found: Option<PodContainer> = None;
+    let mut relative = false;
     for line in cgroup_file.lines() {
         let path = line.splitn(3, ':').nth(2).unwrap_or_default();
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let Some(root) = segments.iter().position(|s| is_pods_root(s)) else { continue };
-        let Some(pos) = (root + 1..=root + 2).find(|&i| segments.get(i).is_some_and(|s| pod_uid_in(s).is_some()))
-        else {
+        if segments.first() == Some(&"..") {
+            relative = true;
             continue;
-        };
-        let pod_uid = segments.get(pos).and_then(|s| pod_uid_in(s))?;
-        let container_id = segments.get(pos + 1).and_then(|s| container_id_in(s));
+        }
+        if segments.contains(&"..") || segments.contains(&".") {
+            continue;
+        }
+        let Some(pc) = anchored(root, &segments) else { continue };
         match &mut found {
-            None => found = Some(PodContainer { pod_uid, container_id }),
-            Some(f) if f.pod_uid != pod_uid => return None,
-            Some(f) => match (&f.container_id, container_id) {
-                (Some(a), Some(b)) if *a != b => return None,
+            None => found = Some(pc),
+            Some(f) if f.pod_uid != pc.pod_uid => return Err(NotAPod::Conflicting),
+            Some(f) => match (&f.container_id, pc.container_id) {
+                (Some(a), Some(b)) if *a != b => return Err(NotAPod::Conflicting),
                 (None, Some(b)) => f.container_id = Some(b),
                 _ => {}
             },
         }
     }
-    found
+    match found {
+        Some(f) => Ok(f),
+        None if relative => Err(NotAPod::RelativePaths),
+        None => Err(NotAPod::Outside),
+    }
 }
 
-/// Reads `/proc/<pid>/cgroup` and finds the pod.
-pub fn for_pid(pid: u32) -> std::io::Result<Option<PodContainer>> {
-    Ok(parse(&std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?))
+/// [`parse_under`] with the kubelet's default root, `/`; `None` when no pod is found.
+pub fn parse(cgroup_file: &str) -> Option<PodContainer> {
+    parse_under(cgroup_file, &CgroupRoot::default()).ok()
+}
+
+/// Reads `/proc/<pid>/cgroup` (under `proc_root`, normally `/proc`) and finds the pod.
+pub fn for_pid(
+    proc_root: &std::path::Path,
+    pid: u32,
+    root: &CgroupRoot,
+) -> std::io::Result<Result<PodContainer, NotAPod>> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?;
+    Ok(parse_under(&text, root))
 }
 
 #[cfg(test)]
@@ -86,47 +204,99 @@ mod tests {
     use super::*;
 
     const CID: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
+    const UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
+    const UID_: &str = "2c48913c_b29f_11e7_9350_020968147796";
+
+    fn root(s: &str) -> CgroupRoot {
+        s.parse().unwrap()
+    }
 
     #[test]
     fn cgroupfs_v1_paths_name_pod_and_container() {
-        let f = format!("12:pids:/kubepods/besteffort/pod2c48913c-b29f-11e7-9350-020968147796/{CID}\n0::/\n");
+        let f = format!("12:pids:/kubepods/besteffort/pod{UID}/{CID}\n0::/\n");
         let pc = parse(&f).unwrap();
-        assert_eq!(pc.pod_uid, "2c48913c-b29f-11e7-9350-020968147796");
+        assert_eq!(pc.pod_uid, UID);
         assert_eq!(pc.container_id.as_deref(), Some(CID));
+        let guaranteed = format!("4:memory:/kubepods/pod{UID}/{CID}\n");
+        assert_eq!(parse(&guaranteed).unwrap().container_id.as_deref(), Some(CID));
     }
 
     #[test]
     fn systemd_v2_paths_name_pod_and_container() {
-        let f = format!(
-            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2c48913c_b29f_11e7_9350_020968147796.slice/cri-containerd-{CID}.scope\n"
-        );
-        let pc = parse(&f).unwrap();
-        assert_eq!(pc.pod_uid, "2c48913c-b29f-11e7-9350-020968147796");
-        assert_eq!(pc.container_id.as_deref(), Some(CID));
-        let guaranteed = "0::/kubepods.slice/kubepods-pod2c48913c_b29f_11e7_9350_020968147796.slice\n";
-        assert_eq!(parse(guaranteed).unwrap().container_id, None);
+        for runtime in ["cri-containerd", "crio", "docker"] {
+            let f = format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/{runtime}-{CID}.scope\n"
+            );
+            let pc = parse(&f).unwrap();
+            assert_eq!(pc.pod_uid, UID);
+            assert_eq!(pc.container_id.as_deref(), Some(CID), "{runtime}");
+        }
+        let guaranteed = format!("0::/kubepods.slice/kubepods-pod{UID_}.slice\n");
+        assert_eq!(parse(&guaranteed).unwrap().container_id, None);
+        // crun puts the process in a child of the scope: still that container.
+        let crun = format!("0::/kubepods.slice/kubepods-pod{UID_}.slice/crio-{CID}.scope/container\n");
+        assert_eq!(parse(&crun).unwrap().container_id.as_deref(), Some(CID));
     }
 
     #[test]
-    fn pod_segments_deeper_than_the_kubelet_puts_them_or_conflicting_lines_are_refused() {
-        let nested = format!(
-            "0::/kubepods/besteffort/podaaaaaaaa-b29f-11e7-9350-020968147796/{CID}/pod2c48913c-b29f-11e7-9350-020968147796/{CID}\n"
+    fn a_configured_cgroup_root_is_where_pods_must_be() {
+        let r = root("/kubelet");
+        let systemd = format!(
+            "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope\n"
         );
-        assert_eq!(
-            parse(&nested).unwrap().pod_uid,
-            "aaaaaaaa-b29f-11e7-9350-020968147796",
-            "the outer pod, not the nested one"
-        );
-        let unanchored = "0::/user.slice/pod2c48913c-b29f-11e7-9350-020968147796/x\n";
-        assert_eq!(parse(unanchored), None);
-        let sneaky = "0::/kubepods/besteffort/notapod2c48913c-b29f-11e7-9350-020968147796\n";
-        assert_eq!(parse(sneaky), None);
-        let conflicting = "4:pids:/kubepods/pod2c48913c-b29f-11e7-9350-020968147796\n3:memory:/kubepods/podaaaaaaaa-b29f-11e7-9350-020968147796\n";
-        assert_eq!(parse(conflicting), None);
-        let kind = format!(
-            "0::/system.slice/docker-x.scope/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod2c48913c_b29f_11e7_9350_020968147796.slice/cri-containerd-{CID}.scope\n"
-        );
-        assert_eq!(parse(&kind).unwrap().container_id.as_deref(), Some(CID));
+        assert_eq!(parse_under(&systemd, &r).unwrap().container_id.as_deref(), Some(CID));
+        let cgroupfs = format!("3:pids:/kubelet/kubepods/burstable/pod{UID}/{CID}\n");
+        assert_eq!(parse_under(&cgroupfs, &r).unwrap().pod_uid, UID);
+        // With that root, pods at the default place are not the kubelet's.
+        assert_eq!(parse_under(&format!("3:pids:/kubepods/pod{UID}/{CID}\n"), &r), Err(NotAPod::Outside));
+        let nested = root("/a/b-c");
+        let f = format!("0::/a.slice/a-b_c.slice/a-b_c-kubepods.slice/a-b_c-kubepods-pod{UID_}.slice\n");
+        assert_eq!(parse_under(&f, &nested).unwrap().pod_uid, UID);
+        for bad in ["", "kubelet", "/a/../b", "/x.slice"] {
+            assert!(bad.parse::<CgroupRoot>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn pod_cgroups_outside_the_kubelets_root_are_refused() {
+        let refused = [
+            // A delegated subtree: systemd's user manager, writable by its user.
+            format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/{CID}\n"),
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID}.scope\n"
+            ),
+            // Rootless podman and units with Delegate=.
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-x.scope/kubepods/besteffort/pod{UID}/{CID}\n"
+            ),
+            format!("0::/system.slice/evil.service/kubepods/pod{UID}/{CID}\n"),
+            // Look-alike names.
+            format!("0::/xkubepods.slice/xkubepods-pod{UID_}.slice/cri-containerd-{CID}.scope\n"),
+            format!("0::/kubepods.slice/xkubepods-pod{UID_}.slice\n"),
+            format!("0::/kubepods/besteffort/notapod{UID}\n"),
+            format!("0::/kubepods/besteffort/pod{UID}x/{CID}\n"),
+            // A pod segment deeper than the QoS level.
+            format!("0::/kubepods/besteffort/extra/pod{UID}/{CID}\n"),
+            format!("0::/kubepods/burstable/besteffort/pod{UID}/{CID}\n"),
+            // Dot segments.
+            format!("0::/kubepods/./pod{UID}/{CID}\n"),
+            format!("0::/x/../kubepods/pod{UID}/{CID}\n"),
+        ];
+        for f in &refused {
+            assert_eq!(parse_under(f, &CgroupRoot::default()), Err(NotAPod::Outside), "accepted: {f}");
+        }
+        // A pod segment nested inside another pod's container is that outer container.
+        let nested = format!("0::/kubepods/besteffort/podaaaaaaaa-b29f-11e7-9350-020968147796/{CID}/pod{UID}/{CID}\n");
+        assert_eq!(parse(&nested).unwrap().pod_uid, "aaaaaaaa-b29f-11e7-9350-020968147796");
+    }
+
+    #[test]
+    fn relative_and_conflicting_paths_are_refused() {
+        let relative = format!("0::/../../kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope\n");
+        assert_eq!(parse_under(&relative, &CgroupRoot::default()), Err(NotAPod::RelativePaths));
+        let conflicting =
+            format!("4:pids:/kubepods/pod{UID}\n3:memory:/kubepods/podaaaaaaaa-b29f-11e7-9350-020968147796\n");
+        assert_eq!(parse_under(&conflicting, &CgroupRoot::default()), Err(NotAPod::Conflicting));
     }
 
     #[test]

@@ -95,6 +95,16 @@ pub fn pod_selectors(pod: &Pod, container_id: Option<&str>) -> Vec<String> {
     out
 }
 
+/// True when the kubelet reports the container with runtime ID `container_id` of `pod` as
+/// running (an app or init container). A process whose cgroup names a container that has
+/// stopped, or that the pod does not list, is not that pod's workload.
+pub fn container_is_running(pod: &Pod, container_id: &str) -> bool {
+    let Some(status) = &pod.status else { return false };
+    let all = status.container_statuses.iter().flatten().chain(status.init_container_statuses.iter().flatten());
+    all.filter(|c| c.container_id.as_deref().and_then(|s| s.split_once("://")).map(|(_, id)| id) == Some(container_id))
+        .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+}
+
 /// Finds the pod with `uid` in `pods`.
 pub fn find_pod<'a>(pods: &'a [Pod], uid: &str) -> Option<&'a Pod> {
     pods.iter().find(|p| p.metadata.uid.as_deref() == Some(uid))

@@ -128,9 +128,16 @@ impl Agent {
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address".into()))?;
         let probe = Arc::new(crate::health::AgentProbe(manager.clone()));
-        tasks.spawn(tessera_svc::health::serve(hl, probe, shutdown_rx).instrument(info_span!("health")));
+        // Probes and scrapers only: a small cap, and idle connections closed after a minute.
+        let limits = tessera_svc::listener::ConnLimits {
+            max_connections: 256,
+            idle_timeout: std::time::Duration::from_secs(60),
+            max_anonymous_per_ip: 64,
+        };
+        let gate = tessera_svc::listener::ConnGate::new(limits, manager.metrics.health_connections.clone());
+        tasks.spawn(tessera_svc::health::serve(hl, probe, gate, shutdown_rx).instrument(info_span!("health")));
 
-        info!(agent_id = %manager.agent_id().await, socket = %cfg.socket_path.display(), health = %health_addr, "Agent started");
+        info!(agent_id = %tessera_identity::ids::LogId(&manager.agent_id().await), socket = %cfg.socket_path.display(), health = %health_addr, "Agent started");
         Ok(Self { manager, socket_path: cfg.socket_path.clone(), health_addr, shutdown, tasks })
     }
 

@@ -40,7 +40,7 @@ struct RawConfig {
     trust_bundle_path: Option<PathBuf>,
     #[serde(default)]
     insecure_bootstrap: bool,
-    join_token: Option<String>,
+    join_token: Option<tessera_identity::Secret>,
     #[serde(default = "default_health")]
     health_address: String,
     #[serde(default = "default_log_level")]
@@ -74,6 +74,7 @@ struct RawAttestor {
     token_path: Option<PathBuf>,
     max_poll_attempts: Option<u32>,
     poll_retry_interval: Option<String>,
+    cgroup_root: Option<String>,
 }
 
 /// The default projected token of the agent's pod for `k8s_psat`.
@@ -105,6 +106,9 @@ pub struct K8sAttestorSettings {
     pub max_poll_attempts: u32,
     /// The pause between those lookups.
     pub poll_retry_interval: Duration,
+    /// The kubelet's cgroup root (its `cgroupRoot` setting, `/` by default): a caller is in a
+    /// pod only when its cgroup sits right under it, where the kubelet puts pods.
+    pub cgroup_root: tessera_k8s::cgroup::CgroupRoot,
 }
 
 /// A workload attestor (`[[workload_attestor]] type = "…"`).
@@ -170,7 +174,7 @@ pub struct Config {
     /// First-contact trust.
     pub bootstrap: Bootstrap,
     /// Join token for the first attestation (not needed once the agent holds an SVID).
-    pub join_token: Option<String>,
+    pub join_token: Option<tessera_identity::Secret>,
     /// Health and metrics listener.
     pub health_address: SocketAddr,
     /// Log level.
@@ -279,6 +283,12 @@ impl Config {
                         Some(p) => Some(p.clone()),
                         None => Some(PathBuf::from(DEFAULT_SA_TOKEN_PATH)),
                     };
+                    let cgroup_root = a.cgroup_root.as_deref().unwrap_or("/").parse().map_err(
+                        |e: tessera_k8s::cgroup::CgroupRootError| ConfigError::Invalid {
+                            key: "workload_attestor.cgroup_root",
+                            reason: e.to_string(),
+                        },
+                    )?;
                     WorkloadAttestorKind::K8s(K8sAttestorSettings {
                         kubelet_url,
                         kubelet_ca_path: a.kubelet_ca_path.clone(),
@@ -286,6 +296,7 @@ impl Config {
                         token_path,
                         max_poll_attempts: a.max_poll_attempts.unwrap_or(60).clamp(1, 600),
                         poll_retry_interval,
+                        cgroup_root,
                     })
                 }
                 other => {
@@ -301,6 +312,7 @@ impl Config {
                     || a.token_path.is_some()
                     || a.max_poll_attempts.is_some()
                     || a.poll_retry_interval.is_some()
+                    || a.cgroup_root.is_some()
                     || a.skip_kubelet_verification)
             {
                 return Err(ConfigError::Invalid {
@@ -329,7 +341,7 @@ impl Config {
                 });
             }
         };
-        if psat.is_some() && raw.join_token.as_deref().is_some_and(|t| !t.is_empty()) {
+        if psat.is_some() && raw.join_token.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ConfigError::Invalid {
                 key: "join_token",
                 reason: "set join_token or [node_attestor] k8s_psat, not both".into(),
@@ -379,7 +391,8 @@ health_address = "127.0.0.1:8082"
         let c = Config::from_toml(CONTRACT).unwrap();
         assert_eq!(c.server_address, "127.0.0.1:8081");
         assert_eq!(c.bootstrap, Bootstrap::BundleFile("/etc/tessera/bootstrap.pem".into()));
-        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(c.join_token.as_ref().map(tessera_identity::Secret::expose), Some("abc"));
+        assert!(!format!("{c:?}").contains("\"abc\""), "the join token shows in Debug");
         assert_eq!(c.sync_interval, Duration::from_secs(5));
     }
 

@@ -36,6 +36,8 @@ fn metrics(mgr: &Manager) -> String {
     for (name, v) in gauges {
         let _ = writeln!(out, "# TYPE {name} gauge\n{name} {v}");
     }
+    tessera_svc::listener::render_headers(&mut out, "tessera_agent");
+    m.health_connections.render(&mut out, "tessera_agent", "health");
     out
 }
 

@@ -196,12 +196,86 @@ pub struct AgentMetrics {
     pub workload_streams: AtomicU64,
     /// Change notices received from the server.
     pub change_notices: AtomicU64,
+    /// The health listener's connections.
+    pub health_connections: Arc<tessera_svc::listener::ConnStats>,
 }
 
 struct CachedJwt {
     token: String,
     issued_at: i64,
     expires_at: i64,
+    used: u64,
+}
+
+/// JWT-SVIDs cached per entry (distinct audience lists), and in all.
+const JWT_CACHE_PER_ENTRY: usize = 64;
+const JWT_CACHE_TOTAL: usize = 4096;
+/// New JWT-SVIDs each entry may ask the server for: a burst, then a steady rate. Cache hits
+/// are free. One workload asking for ever-new audiences spends its own budget, not the
+/// node's: other workloads keep theirs.
+const JWT_MINTS_BURST: f64 = 50.0;
+const JWT_MINTS_PER_SECOND: f64 = 10.0;
+
+/// The agent's JWT-SVID cache: bounded per entry and in all, least recently used out first.
+#[derive(Default)]
+struct JwtCache {
+    tokens: HashMap<(String, Vec<String>), CachedJwt>,
+    budgets: HashMap<String, (f64, std::time::Instant)>,
+    tick: u64,
+}
+
+impl JwtCache {
+    fn get(&mut self, key: &(String, Vec<String>), now: i64) -> Option<String> {
+        self.tick += 1;
+        let tick = self.tick;
+        let c = self.tokens.get_mut(key)?;
+        (now < c.issued_at + (c.expires_at - c.issued_at) / 2).then(|| {
+            c.used = tick;
+            c.token.clone()
+        })
+    }
+
+    /// Takes one mint from `entry`'s budget; false when it is spent.
+    fn spend(&mut self, entry: &str) -> bool {
+        let now = std::time::Instant::now();
+        let (tokens, at) = self.budgets.entry(entry.to_owned()).or_insert((JWT_MINTS_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * JWT_MINTS_PER_SECOND).min(JWT_MINTS_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn put(&mut self, key: (String, Vec<String>), c: CachedJwt, now: i64) {
+        self.tick += 1;
+        self.tokens.retain(|_, c| c.expires_at > now);
+        let entry = key.0.clone();
+        let oldest = |tokens: &HashMap<(String, Vec<String>), CachedJwt>, of: Option<&str>| {
+            tokens
+                .iter()
+                .filter(|(k, _)| of.is_none_or(|e| k.0 == e))
+                .min_by_key(|(_, c)| c.used)
+                .map(|(k, _)| k.clone())
+        };
+        if self.tokens.keys().filter(|k| k.0 == entry).count() >= JWT_CACHE_PER_ENTRY
+            && let Some(k) = oldest(&self.tokens, Some(&entry))
+        {
+            self.tokens.remove(&k);
+        }
+        if self.tokens.len() >= JWT_CACHE_TOTAL
+            && let Some(k) = oldest(&self.tokens, None)
+        {
+            self.tokens.remove(&k);
+        }
+        self.tokens.insert(key, CachedJwt { used: self.tick, ..c });
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
 }
 
 struct Inner {
@@ -220,7 +294,7 @@ pub struct Manager {
     cfg: Arc<Config>,
     inner: tokio::sync::Mutex<Inner>,
     tx: watch::Sender<Arc<Snapshot>>,
-    jwt_cache: Mutex<HashMap<(String, Vec<String>), CachedJwt>>,
+    jwt_cache: Mutex<JwtCache>,
     synced: AtomicBool,
     /// Woken by the server's change notices: sync now instead of at the next poll.
     wake: Notify,
@@ -275,7 +349,7 @@ fn attestation_data(cfg: &Config) -> Result<(pb::AttestationData, SpiffeId), Age
         let bytes = serde_json::to_vec(&payload).map_err(|e| AgentError::Attestation(e.to_string()))?;
         return Ok((pb::AttestationData { r#type: tessera_k8s::psat::KIND.into(), payload: bytes }, id));
     }
-    let token = cfg.join_token.as_deref().ok_or_else(|| {
+    let token = cfg.join_token.as_ref().map(tessera_identity::Secret::expose).ok_or_else(|| {
         AgentError::Attestation(format!(
             "no agent SVID in {} and no join_token configured: generate one with `tessera-server token generate`",
             cfg.data_dir.display()
@@ -318,7 +392,7 @@ async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
     let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
     save_identity(&cfg.data_dir, &identity)?;
     save_bundle(&cfg.data_dir, &bundle)?;
-    info!(agent_id = %identity.id, "Agent attested");
+    info!(agent_id = %tessera_identity::ids::LogId(&identity.id), "Agent attested");
     Ok((identity, bundle))
 }
 
@@ -327,11 +401,11 @@ impl Manager {
     pub async fn start(cfg: Arc<Config>) -> Result<Arc<Self>, AgentError> {
         let (identity, bundle) = match load_state(&cfg.data_dir, &cfg.trust_domain)? {
             Some((id, b)) if id.not_after > unix_now() => {
-                info!(agent_id = %id.id, not_after = id.not_after, "Using the persisted agent SVID");
+                info!(agent_id = %tessera_identity::ids::LogId(&id.id), not_after = id.not_after, "Using the persisted agent SVID");
                 (id, b)
             }
             Some((id, _)) => {
-                warn!(agent_id = %id.id, "The persisted agent SVID has expired: attesting again");
+                warn!(agent_id = %tessera_identity::ids::LogId(&id.id), "The persisted agent SVID has expired: attesting again");
                 attest(&cfg).await?
             }
             None => attest(&cfg).await?,
@@ -694,7 +768,7 @@ impl Manager {
             svid.ok_or_else(|| AgentError::Refused { call: "RenewAgent", status: "no SVID in response".into() })?;
         let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
         save_identity(&self.cfg.data_dir, &identity)?;
-        info!(agent_id = %identity.id, not_after = identity.not_after, "Agent SVID renewed");
+        info!(agent_id = %tessera_identity::ids::LogId(&identity.id), not_after = identity.not_after, "Agent SVID renewed");
         inner.identity = identity;
         inner.client = None;
         Ok(())
@@ -708,11 +782,17 @@ impl Manager {
         aud.dedup();
         let key = (entry.id.clone(), aud.clone());
         let now = unix_now();
-        if let Ok(cache) = self.jwt_cache.lock()
-            && let Some(c) = cache.get(&key)
-            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
         {
-            return Ok(c.token.clone());
+            let mut cache = self.jwt_cache.lock().map_err(|_| tonic::Status::internal("JWT cache lock poisoned"))?;
+            if let Some(token) = cache.get(&key, now) {
+                return Ok(token);
+            }
+            if !cache.spend(&entry.id) {
+                return Err(tonic::Status::resource_exhausted(format!(
+                    "{} asks for new JWT-SVIDs faster than {JWT_MINTS_PER_SECOND}/s (burst {JWT_MINTS_BURST}); reuse audiences or retry later",
+                    entry.spiffe_id
+                )));
+            }
         }
         let mut client = {
             let mut inner = self.inner.lock().await;
@@ -723,10 +803,15 @@ impl Manager {
             .await?
             .into_inner();
         if let Ok(mut cache) = self.jwt_cache.lock() {
-            cache.retain(|_, c| c.expires_at > now);
-            cache.insert(key, CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at });
+            let c = CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at, used: 0 };
+            cache.put(key, c, now);
         }
         Ok(r.token)
+    }
+
+    /// JWT-SVIDs held in the cache.
+    pub fn cached_jwt_svids(&self) -> usize {
+        self.jwt_cache.lock().map(|c| c.len()).unwrap_or(0)
     }
 }
 
@@ -734,6 +819,32 @@ impl Manager {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn jwt(exp: i64) -> CachedJwt {
+        CachedJwt { token: "t".into(), issued_at: 0, expires_at: exp, used: 0 }
+    }
+
+    /// F7 of the second review: one workload asking for ever-new audiences neither grows the
+    /// cache without bound nor spends other workloads' minting budget.
+    #[test]
+    fn the_jwt_cache_is_bounded_and_each_entry_has_its_own_budget() {
+        let mut c = JwtCache::default();
+        for i in 0..10_000 {
+            c.put(("greedy".into(), vec![format!("aud-{i}")]), jwt(1_000), 0);
+        }
+        assert_eq!(c.len(), JWT_CACHE_PER_ENTRY, "one entry filled the cache");
+        c.put(("other".into(), vec!["a".into()]), jwt(1_000), 0);
+        assert!(c.get(&("other".into(), vec!["a".into()]), 1).is_some());
+        for i in 0..JWT_CACHE_TOTAL * 2 {
+            c.put((format!("e{}", i % 200), vec![format!("aud-{i}")]), jwt(1_000), 0);
+        }
+        assert!(c.len() <= JWT_CACHE_TOTAL);
+        // Budgets: the greedy entry runs dry, another entry is untouched.
+        let spent = (0..1000).take_while(|_| c.spend("greedy")).count();
+        assert!((50..=60).contains(&spent), "{spent}");
+        assert!(!c.spend("greedy"));
+        assert!(c.spend("quiet"), "a quiet entry paid for the greedy one");
+    }
 
     #[test]
     fn notice_budget_allows_a_burst_then_one_sync_a_second() {

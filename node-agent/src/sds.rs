@@ -25,13 +25,17 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::callers::Callers;
+use crate::callers::{Caller, Callers};
 use crate::manager::{Manager, Snapshot, WorkloadSvid};
 use crate::streams::{OpenStream, Responder, ResponseStream, StreamKind, respond};
 use crate::workload_api::federated_for;
 
 /// Type URL of an SDS secret.
 pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// Most resource names one delta stream may subscribe to (a real Envoy asks for a handful).
+pub const MAX_SUBSCRIBED: usize = 1024;
+/// Longest resource name accepted.
+const MAX_NAME_BYTES: usize = 1024;
 const SPIFFE_VALIDATOR_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 
@@ -163,7 +167,7 @@ fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, Strin
 struct Sotw {
     inbound: Streaming<DiscoveryRequest>,
     snaps: watch::Receiver<Arc<Snapshot>>,
-    sel: Vec<Selector>,
+    caller: Caller,
     names: Option<Vec<String>>,
     sent_version: String,
     last_nonce: String,
@@ -194,9 +198,12 @@ impl Responder for Sotw {
             }
             let Some(n) = &self.names else { continue };
             let snap = self.snaps.borrow_and_update().clone();
-            let (resources, version) = sotw(n, &snap, &self.sel);
+            let (resources, version) = sotw(n, &snap, &self.caller.selectors);
             if resources.is_empty() || version == self.sent_version {
                 continue;
+            }
+            if let Err(e) = self.caller.check() {
+                return Some(Err(e));
             }
             self.last_nonce = self.nonces.next();
             self.sent_version.clone_from(&version);
@@ -215,7 +222,7 @@ impl Responder for Sotw {
 struct Delta {
     inbound: Streaming<DeltaDiscoveryRequest>,
     snaps: watch::Receiver<Arc<Snapshot>>,
-    sel: Vec<Selector>,
+    caller: Caller,
     subscribed: BTreeSet<String>,
     /// What the client holds: name -> version.
     held: BTreeMap<String, String>,
@@ -239,18 +246,27 @@ impl Responder for Delta {
                         self.held.extend(r.initial_resource_versions.clone());
                         self.first = false;
                     }
-                    for n in r.resource_names_subscribe {
-                        self.subscribed.insert(n);
-                    }
                     for n in &r.resource_names_unsubscribe {
                         self.subscribed.remove(n);
                         self.held.remove(n);
+                    }
+                    for n in r.resource_names_subscribe {
+                        self.subscribed.insert(n);
+                    }
+                    // Bounded: what a stream remembers is at most its subscriptions.
+                    if self.subscribed.len() > MAX_SUBSCRIBED
+                        || self.held.len() > MAX_SUBSCRIBED
+                        || self.subscribed.iter().chain(self.held.keys()).any(|n| n.len() > MAX_NAME_BYTES)
+                    {
+                        return Some(Err(Status::resource_exhausted(format!(
+                            "a delta SDS stream may subscribe to at most {MAX_SUBSCRIBED} resources with names of at most {MAX_NAME_BYTES} bytes"
+                        ))));
                     }
                 }
                 c = self.snaps.changed() => if c.is_err() { return None },
             }
             let snap = self.snaps.borrow_and_update().clone();
-            let ids = snap.identities(&self.sel);
+            let ids = snap.identities(&self.caller.selectors);
             let mut resources = Vec::new();
             let mut removed = Vec::new();
             for name in &self.subscribed {
@@ -278,6 +294,9 @@ impl Responder for Delta {
             if resources.is_empty() && removed.is_empty() {
                 continue;
             }
+            if let Err(e) = self.caller.check() {
+                return Some(Err(e));
+            }
             return Some(Ok(DeltaDiscoveryResponse {
                 system_version_info: snap.generation.to_string(),
                 resources,
@@ -296,11 +315,11 @@ impl Sds {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
-        let sel = self.callers.selectors(&req).await?;
+        let caller = self.callers.attest(&req).await?;
         let state = Sotw {
             inbound: req.into_inner(),
             snaps: self.mgr.subscribe(),
-            sel,
+            caller,
             names: None,
             sent_version: String::new(),
             last_nonce: String::new(),
@@ -312,9 +331,10 @@ impl Sds {
 
     /// `FetchSecrets`: one answer.
     pub async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
-        let sel = self.callers.selectors(&req).await?;
+        let caller = self.callers.attest(&req).await?;
         let r = req.into_inner();
-        let (resources, version) = sotw(&r.resource_names, &self.mgr.snapshot(), &sel);
+        let (resources, version) = sotw(&r.resource_names, &self.mgr.snapshot(), &caller.selectors);
+        caller.check()?;
         Ok(Response::new(DiscoveryResponse {
             version_info: version,
             resources,
@@ -329,11 +349,11 @@ impl Sds {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
-        let sel = self.callers.selectors(&req).await?;
+        let caller = self.callers.attest(&req).await?;
         let state = Delta {
             inbound: req.into_inner(),
             snaps: self.mgr.subscribe(),
-            sel,
+            caller,
             subscribed: BTreeSet::new(),
             held: BTreeMap::new(),
             nonces: Nonces(0),

@@ -10,7 +10,7 @@ use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tonic::{Request, Response, Status};
 
-use crate::callers::Callers;
+use crate::callers::{Caller, Callers};
 use crate::manager::{Manager, Snapshot, WorkloadSvid};
 use crate::streams::{OpenStream, Responder, ResponseStream, StreamKind, respond};
 
@@ -101,14 +101,14 @@ impl WorkloadApi {
     /// with PermissionDenied when the caller has (or comes to have) no identity. The stream is
     /// polled by its connection (no task or channel of its own) and remembers only a digest of
     /// what it last sent.
-    fn stream<T, F>(&self, selectors: Vec<tessera_identity::Selector>, build: F) -> ResponseStream<T>
+    fn stream<T, F>(&self, caller: Caller, build: F) -> ResponseStream<T>
     where
         T: prost::Message + Send + 'static,
         F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
     {
         let watch = Watch {
             snaps: self.mgr.subscribe(),
-            selectors,
+            caller,
             build,
             last: None,
             first: true,
@@ -122,7 +122,7 @@ impl WorkloadApi {
 /// One streaming call's state.
 struct Watch<F> {
     snaps: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    selectors: Vec<tessera_identity::Selector>,
+    caller: Caller,
     build: F,
     /// SHA-256 of the last message sent.
     last: Option<ring::digest::Digest>,
@@ -148,10 +148,14 @@ where
             }
             self.first = false;
             let snap = self.snaps.borrow_and_update().clone();
-            let ids = snap.identities(&self.selectors);
+            let ids = snap.identities(&self.caller.selectors);
             if ids.is_empty() {
                 self.ended = true;
                 return Some(Err(no_identity()));
+            }
+            if let Err(e) = self.caller.check() {
+                self.ended = true;
+                return Some(Err(e));
             }
             let msg = (self.build)(&snap, &ids);
             let digest = ring::digest::digest(&ring::digest::SHA256, &msg.encode_to_vec());
@@ -174,11 +178,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
-        let sel = self.callers.selectors(&req).await?;
-        if self.mgr.snapshot().identities(&sel).is_empty() {
+        let caller = self.callers.attest(&req).await?;
+        if self.mgr.snapshot().identities(&caller.selectors).is_empty() {
             return Err(no_identity());
         }
-        Ok(Response::new(self.stream(sel, x509_response)))
+        Ok(Response::new(self.stream(caller, x509_response)))
     }
 
     async fn fetch_x509_bundles(
@@ -186,21 +190,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
-        let sel = self.callers.selectors(&req).await?;
-        if self.mgr.snapshot().identities(&sel).is_empty() {
+        let caller = self.callers.attest(&req).await?;
+        if self.mgr.snapshot().identities(&caller.selectors).is_empty() {
             return Err(no_identity());
         }
-        Ok(Response::new(self.stream(sel, x509_bundles)))
+        Ok(Response::new(self.stream(caller, x509_bundles)))
     }
 
     async fn fetch_jwtsvid(&self, req: Request<wl::JwtsvidRequest>) -> Result<Response<wl::JwtsvidResponse>, Status> {
         check_header(&req)?;
-        let sel = self.callers.selectors(&req).await?;
+        let caller = self.callers.attest(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
-        let mut ids = self.mgr.snapshot().identities(&sel);
+        tessera_identity::jwt::check_audience(&r.audience).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut ids = self.mgr.snapshot().identities(&caller.selectors);
         if !r.spiffe_id.is_empty() {
             tessera_identity::SpiffeId::new(&r.spiffe_id)
                 .map_err(|e| Status::invalid_argument(format!("invalid SPIFFE ID {:?}: {e}", r.spiffe_id)))?;
@@ -218,6 +223,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 hint: s.entry.hint.clone(),
             });
         }
+        caller.check()?;
         Ok(Response::new(wl::JwtsvidResponse { svids }))
     }
 
@@ -226,11 +232,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&req)?;
-        let sel = self.callers.selectors(&req).await?;
-        if self.mgr.snapshot().identities(&sel).is_empty() {
+        let caller = self.callers.attest(&req).await?;
+        if self.mgr.snapshot().identities(&caller.selectors).is_empty() {
             return Err(no_identity());
         }
-        Ok(Response::new(self.stream(sel, jwt_bundles)))
+        Ok(Response::new(self.stream(caller, jwt_bundles)))
     }
 
     async fn validate_jwtsvid(
@@ -238,6 +244,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::ValidateJwtsvidRequest>,
     ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
+        let caller = self.callers.attest(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -245,9 +252,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
+        // As SPIRE: our own bundle, and the federated bundles the caller's entries federate
+        // with; a token of any other trust domain does not validate for this caller.
         let snap = self.mgr.snapshot();
+        let ids = snap.identities(&caller.selectors);
+        let federated = federated_for(&snap, &ids);
         let v = tessera_identity::jwt::validate(&r.svid, &r.audience, unix_now(), |td| {
-            snap.bundle_for(td).map(AsRef::as_ref)
+            if *td == snap.bundle.trust_domain {
+                Some(snap.bundle.as_ref())
+            } else {
+                federated.get(td).map(|b| b.as_ref())
+            }
         })
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let c = &v.claims;

@@ -784,3 +784,146 @@ async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
     assert!(notices >= 3, "initial, entry and bundle notices; got {notices}");
     env.stop().await;
 }
+
+/// F7 of the second review: one workload asking for ever-new JWT audiences runs out of its
+/// own budget; another workload on the node still gets JWT-SVIDs and X509-SVIDs, and oversized
+/// audience lists are refused.
+#[tokio::test]
+async fn one_workload_cannot_starve_its_node_of_jwt_or_x509_svids() {
+    let env = Env::start("1h").await;
+    let mut admin = env.admin.clone();
+    let mut quiet = env.entry.clone();
+    quiet.id = String::new();
+    quiet.spiffe_id = "spiffe://example.org/quiet".into();
+    admin.create_entry(admin::CreateEntryRequest { entry: Some(quiet) }).await.unwrap();
+    let mut c = env.workload().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .fetch_x509svid(wl::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+        .svids
+        .len()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "second identity never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let jwt = |aud: String, id: &str| wl::JwtsvidRequest { audience: vec![aud], spiffe_id: id.into() };
+    let mut refused = None;
+    for i in 0..500 {
+        match c.fetch_jwtsvid(jwt(format!("aud-{i}"), "spiffe://example.org/web")).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (n, e) = refused.expect("500 new audiences in a row were all minted");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(n >= 50, "refused after only {n}");
+    // The other workload's identity is unaffected, and so is X.509 signing.
+    c.fetch_jwtsvid(jwt("billing".into(), "spiffe://example.org/quiet")).await.unwrap();
+    let x = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    assert_eq!(x.svids.len(), 2);
+    // Bounds on the audience list.
+    let many: Vec<String> = (0..17).map(|i| format!("a{i}")).collect();
+    let e = c
+        .fetch_jwtsvid(wl::JwtsvidRequest { audience: many, spiffe_id: "spiffe://example.org/quiet".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c.fetch_jwtsvid(jwt("x".repeat(600), "spiffe://example.org/quiet")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    env.stop().await;
+}
+
+/// F8 of the second review: a delta SDS stream remembers at most its subscriptions, and
+/// those are bounded.
+#[tokio::test]
+async fn a_delta_sds_stream_cannot_subscribe_without_bound() {
+    let env = Env::start("1h").await;
+    let mut sds = env.sds().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let names: Vec<String> =
+        (0..=tessera_agent::sds::MAX_SUBSCRIBED).map(|i| format!("spiffe://example.org/x{i}")).collect();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: tessera_agent::sds::SECRET_TYPE.into(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut inbound = sds.delta_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let e = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("no answer").unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    env.stop().await;
+}
+
+/// F8 of the second review (SPIRE's behaviour): ValidateJWTSVID checks a token against our
+/// bundle and the bundles the caller's entries federate with, not every federated bundle.
+#[tokio::test]
+async fn validate_jwtsvid_uses_only_the_bundles_the_caller_federates_with() {
+    let env = Env::start("1h").await;
+    // A peer trust domain with a JWT key, federated with but not by this workload's entry.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let mut admin = env.admin.clone();
+    admin
+        .set_federated_bundle(types::Bundle {
+            trust_domain: "peer.org".into(),
+            jwt_authorities: vec![types::JwtKey {
+                key_id: "peer-k".into(),
+                public_key: spki.clone(),
+                expires_at: 4_000_000_000,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let token = peer_token(&key, "peer-k", "spiffe://peer.org/caller", "me");
+    let mut c = env.workload().await;
+    let e = c
+        .validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "validated against a bundle the caller does not federate with");
+    // Once the caller's entry federates with peer.org, the token validates.
+    let mut e2 = env.entry.clone();
+    e2.federates_with = vec!["peer.org".into()];
+    admin.update_entry(admin::UpdateEntryRequest { entry: Some(e2) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() }).await {
+            Ok(v) => {
+                assert_eq!(v.into_inner().spiffe_id, "spiffe://peer.org/caller");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never validated: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.stop().await;
+}
+
+/// An ES256 JWT-SVID signed by `key`.
+fn peer_token(key: &rcgen::KeyPair, kid: &str, sub: &str, aud: &str) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(serde_json::json!({"alg": "ES256", "kid": kid, "typ": "JWT"}).to_string().as_bytes());
+    let claims = b64(serde_json::json!({"sub": sub, "aud": [aud], "exp": 4_000_000_000i64}).to_string().as_bytes());
+    let input = format!("{header}.{claims}");
+    let pkcs8 = key.serialize_der();
+    let rng = ring::rand::SystemRandom::new();
+    let signer =
+        ring::signature::EcdsaKeyPair::from_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
+            .unwrap();
+    let sig = signer.sign(&rng, input.as_bytes()).unwrap();
+    format!("{input}.{}", b64(sig.as_ref()))
+}

@@ -54,12 +54,22 @@ async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Byt
 }
 
 /// Serves `probe` on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    probe: Arc<dyn Probe>,
+    gate: crate::listener::ConnGate,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
             _ = shutdown.changed() => break,
         };
+        let Some(mut slot) = gate.admit() else { continue };
+        if !gate.admit_anonymous(&mut slot, peer.ip()) {
+            continue;
+        }
+        let idle = gate.limits().idle_timeout;
         let probe = probe.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -71,7 +81,7 @@ pub async fn serve(listener: TcpListener, probe: Arc<dyn Probe>, mut shutdown: w
                 .header_read_timeout(Duration::from_secs(5))
                 // Probes and scrapers send a few hundred bytes; a bigger head is refused.
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(tcp), svc);
+                .serve_connection(TokioIo::new(crate::listener::IdleIo::bytes(tcp, idle, Some(slot))), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "Health connection ended with an error");
             }

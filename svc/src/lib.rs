@@ -13,6 +13,7 @@
 pub mod connect;
 pub mod health;
 pub mod http;
+pub mod listener;
 
 use std::future::Future;
 use std::process::ExitCode;

@@ -83,7 +83,7 @@ pub fn pod(ns: &str, name: &str, uid: &str, sa: &str, node: &str) -> Pod {
     }
 }
 
-/// Adds a container status (`containerd://<id>`) and labels to a pod.
+/// Adds a running container's status (`containerd://<id>`) and labels to a pod.
 pub fn with_container(mut p: Pod, container: &str, image: &str, id: &str, labels: &[(&str, &str)]) -> Pod {
     let st = p.status.get_or_insert_with(Default::default);
     st.container_statuses.get_or_insert_with(Vec::new).push(ContainerStatus {
@@ -91,6 +91,10 @@ pub fn with_container(mut p: Pod, container: &str, image: &str, id: &str, labels
         image: image.into(),
         container_id: Some(format!("containerd://{id}")),
         ready: true,
+        state: Some(k8s_openapi::api::core::v1::ContainerState {
+            running: Some(k8s_openapi::api::core::v1::ContainerStateRunning::default()),
+            ..Default::default()
+        }),
         ..Default::default()
     });
     let l = p.metadata.labels.get_or_insert_with(BTreeMap::new);

@@ -126,13 +126,18 @@ fn bad_kubernetes_tokens_attest_nothing() {
             psat("cluster-a", &f.k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), aud, 600));
         c.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await.unwrap();
     });
-    // Exactly one agent; every refusal of a named agent is audited.
+    // Exactly one agent. The refusals came from callers that proved nothing: they are
+    // counted, not written to the audit chain (F9 of the second review: the agent ID they
+    // name comes from an unverified token).
     let agents = f.server.cli_ok(&["agent", "list", "--output", "json"]);
     let agents: serde_json::Value = serde_json::from_str(&agents).unwrap();
     assert_eq!(agents["agents"].as_array().unwrap().len(), 1);
     let audit = f.server.cli_ok(&["audit", "show", "--spiffe-id", PSAT_AGENT_ID, "--output", "json"]);
     let denied = audit.matches("\"denied\"").count();
-    assert!(denied >= 4, "refusals not audited: {audit}");
+    assert_eq!(denied, 0, "unverified callers wrote to the audit chain: {audit}");
+    assert!(audit.contains("agent_attested"), "the good attestation is audited: {audit}");
+    let refused = metric(&f.health, "tessera_server_agent_attestations_total{result=\"denied\"}");
+    assert!(refused >= 4, "refusals not counted: {refused}");
 }
 
 #[test]
@@ -244,4 +249,311 @@ fn oversized_requests_and_slow_clients_are_cut_off_and_the_server_keeps_serving(
     let (got, _) = read_until_closed(&mut ok, Duration::from_secs(10));
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
     f.server.cli_ok(&["healthcheck"]);
+}
+
+/// A server whose per-IP attestation limit does not get in the way of a test that attests
+/// hundreds of times.
+fn start_unlimited() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
+    let other = FakeCluster::with_agent_node("agent-n1", &[]);
+    let agent_port = free_port();
+    let text =
+        server_config_for("example.org", dir.path(), "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"").replace(
+            "agent_api_address = \"127.0.0.1:0\"",
+            &format!("agent_api_address = \"127.0.0.1:{agent_port}\"\nrate_limit_attestations_per_minute = 1000000"),
+        ) + &k8s.psat_attestor(&dir.path().join("kubeconfig"), "");
+    let server = ServerProc::start_text(dir.path(), &text);
+    Fixture {
+        _dir: dir,
+        server,
+        agent_api: format!("127.0.0.1:{agent_port}"),
+        bundle_endpoint: String::new(),
+        health: String::new(),
+        k8s,
+        other,
+    }
+}
+
+/// An Agent API client presenting `chain`/`key`.
+async fn agent_client(f: &Fixture, chain: &[Vec<u8>], key: &PrivateKey) -> AgentClient<tonic::transport::Channel> {
+    let roots = tessera_identity::pem::decode_certs(f.server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
+    let server_id = tessera_identity::server_id(&tessera_identity::TrustDomain::new("example.org").unwrap()).unwrap();
+    let chain = chain.iter().map(|c| c.clone().into()).collect();
+    let tls = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id), Some((chain, key))).unwrap();
+    AgentClient::new(tessera_svc::connect::tls(&f.agent_api, tls).await.unwrap())
+}
+
+/// Attests the PSAT agent; returns its SVID chain and key.
+async fn psat_attest(
+    f: &Fixture,
+    anon: &mut AgentClient<tonic::transport::Channel>,
+) -> Result<(Vec<Vec<u8>>, PrivateKey), tonic::Status> {
+    let token = f.k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 600);
+    let id = SpiffeId::new(PSAT_AGENT_ID).unwrap();
+    let key = PrivateKey::generate_ec_p256().unwrap();
+    let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
+    let data = agent::AttestationData { r#type: "k8s_psat".into(), payload: tessera_k8s_payload("cluster-a", &token) };
+    let r = anon.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await?.into_inner();
+    Ok((r.svid.unwrap().cert_chain, key))
+}
+
+fn renew_csr() -> Vec<u8> {
+    let key = PrivateKey::generate_ec_p256().unwrap();
+    tessera_identity::csr::build_csr(&SpiffeId::new(PSAT_AGENT_ID).unwrap(), &[], &key).unwrap()
+}
+
+/// F1 of the second review: a ban or an eviction must not be undone by renewals or
+/// attestations that were in flight when it landed. Each round attests the agent, then fires
+/// renewals (and, for bans, re-attestations) at the same moment as the admin's ban or evict,
+/// and checks what stays: the record banned (or gone), and no SVID the agent holds renews.
+#[test]
+fn bans_and_evictions_hold_against_racing_renewals_and_attestations() {
+    const ROUNDS: usize = 150;
+    let f = start_unlimited();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut won_before_ban, mut refused_after) = (0usize, 0usize);
+    rt.block_on(async {
+        let mut admin = tessera_server::cli::connect_admin(&f.server.socket).await.unwrap();
+        let mut anon = anonymous_agent_client(&f).await;
+        let id = tessera_proto::admin::v1::AgentId { spiffe_id: PSAT_AGENT_ID.into() };
+        for round in 0..ROUNDS * 2 {
+            let ban = round % 2 == 0;
+            let (chain, key) = psat_attest(&f, &mut anon).await.unwrap();
+            let client = agent_client(&f, &chain, &key).await;
+            let renewals: Vec<_> = (0..6)
+                .map(|_| {
+                    let mut c = client.clone();
+                    async move {
+                        let key = PrivateKey::generate_ec_p256().unwrap();
+                        let csr = tessera_identity::csr::build_csr(&SpiffeId::new(PSAT_AGENT_ID).unwrap(), &[], &key)
+                            .unwrap();
+                        let r = c.renew_agent(agent::RenewAgentRequest { csr }).await?;
+                        Ok::<_, tonic::Status>((r.into_inner().svid.unwrap().cert_chain, key))
+                    }
+                })
+                .collect();
+            let attestations: Vec<_> = (0..if ban { 2 } else { 0 })
+                .map(|_| {
+                    let mut a = anon.clone();
+                    let f = &f;
+                    async move { psat_attest(f, &mut a).await }
+                })
+                .collect();
+            let mut adm = admin.clone();
+            let id = id.clone();
+            let admin_call =
+                async move { if ban { adm.ban_agent(id.clone()).await } else { adm.evict_agent(id.clone()).await } };
+            let (renewed, attested, admin_result) = tokio::join!(
+                futures_util::future::join_all(renewals),
+                futures_util::future::join_all(attestations),
+                admin_call
+            );
+            admin_result.unwrap_or_else(|e| panic!("round {round}: the admin call failed: {e}"));
+            // What the agent (or an attacker holding its key) could hold now: every SVID any
+            // of the racing calls returned.
+            let mut held: Vec<(Vec<Vec<u8>>, PrivateKey)> = Vec::new();
+            held.push((chain.clone(), key.clone()));
+            for r in renewed.into_iter().flatten() {
+                won_before_ban += 1;
+                held.push(r);
+            }
+            for a in attested.into_iter().flatten() {
+                held.push(a);
+            }
+            let rec = admin.get_agent(tessera_proto::admin::v1::AgentId { spiffe_id: PSAT_AGENT_ID.into() }).await;
+            if ban {
+                let rec = rec.unwrap_or_else(|e| panic!("round {round}: the banned agent's record is gone: {e}"));
+                assert!(rec.into_inner().banned, "round {round}: a racing call overwrote the ban");
+                // A banned agent attests no more.
+                let e = psat_attest(&f, &mut anon).await.unwrap_err();
+                assert_eq!(e.code(), Code::PermissionDenied, "round {round}: {e:?}");
+            } else {
+                match rec {
+                    Ok(r) => panic!("round {round}: a racing renewal brought the evicted agent back: {r:?}"),
+                    Err(e) => assert_eq!(e.code(), Code::NotFound, "round {round}"),
+                }
+            }
+            // No SVID from before or during the race renews any more.
+            for (c, k) in &held {
+                let mut client = agent_client(&f, c, k).await;
+                let e = client.renew_agent(agent::RenewAgentRequest { csr: renew_csr() }).await.unwrap_err();
+                assert_eq!(e.code(), Code::PermissionDenied, "round {round}: {e:?}");
+                refused_after += 1;
+            }
+            // The next round starts from a clean slate (eviction also lifts a ban).
+            let _ = admin.evict_agent(tessera_proto::admin::v1::AgentId { spiffe_id: PSAT_AGENT_ID.into() }).await;
+        }
+    });
+    eprintln!(
+        "{ROUNDS} ban and {ROUNDS} evict rounds: {won_before_ban} renewals landed before the admin call, {refused_after} later renewals refused"
+    );
+}
+
+/// A TLS connection to `addr` from `local` (a loopback address), handshake completed;
+/// `None` when the server refused it before or during the handshake.
+fn tls_connection(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    local: std::net::IpAddr,
+) -> Option<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    // std cannot bind a source address before connecting; tokio's TcpSocket can.
+    let sock = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().ok()?;
+        sock.bind(std::net::SocketAddr::new(local, 0)).ok()?;
+        sock.connect(target).await.ok()
+    })?;
+    let sock = sock.into_std().ok()?;
+    sock.set_nonblocking(false).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut cfg = tessera_identity::tls::danger::insecure_client_config().unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("tessera").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        if s.conn.complete_io(&mut s.sock).is_err() {
+            return None;
+        }
+    }
+    Some(s)
+}
+
+/// True once the peer has closed `s` (end of stream or an error).
+fn closed(s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> bool {
+    s.sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // e.g. the server's HTTP/2 SETTINGS
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn metric(health: &str, line_start: &str) -> u64 {
+    let (_, body) = tessera_e2e::http_get(health, "/metrics").unwrap();
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start} in {body}"))
+}
+
+/// F4 of the second review: idle TLS connections are closed after the idle timeout, a
+/// connection over the cap (or over an address's share without a client certificate) is
+/// refused, and throughout the server stays ready and keeps signing for a real agent.
+#[test]
+fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_agent() {
+    let health_port = free_port();
+    let mesh = tessera_e2e::Mesh::start_custom(
+        "example.org",
+        "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"",
+        "5s",
+        |t| {
+            t.replace(
+            "[server]\n",
+            "[server]\nmax_connections = 300\nconnection_idle_timeout = \"3s\"\nmax_anonymous_connections_per_ip = 200\n",
+        )
+        .replace("health_address = \"127.0.0.1:0\"", &format!("health_address = \"127.0.0.1:{health_port}\""))
+        },
+    );
+    let health = format!("127.0.0.1:{health_port}");
+    let cfg = std::fs::read_to_string(mesh.dir.path().join("server.toml")).unwrap();
+    let addr = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("agent_api_address = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let one: std::net::IpAddr = [127, 0, 0, 1].into();
+    let two: std::net::IpAddr = [127, 0, 0, 2].into();
+
+    // 200 idle TLS connections without a client certificate from one address.
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let s = tls_connection(&rt, &addr, one).unwrap_or_else(|| panic!("connection {i} refused under the caps"));
+        idle.push((Instant::now(), s));
+    }
+    // One more from that address is over its share: closed right after the handshake.
+    let started = Instant::now();
+    let mut extra = tls_connection(&rt, &addr, one);
+    let refused_at_share = match &mut extra {
+        None => true,
+        Some(s) => {
+            let mut gone = false;
+            while !gone && started.elapsed() < Duration::from_secs(2) {
+                gone = closed(s);
+            }
+            gone
+        }
+    };
+    assert!(refused_at_share, "a 201st connection without a certificate from one address was kept");
+    // Other addresses fill the listener up to its cap; the next one is refused.
+    let mut refused_at_cap = false;
+    for _ in 0..200 {
+        match tls_connection(&rt, &addr, two) {
+            Some(s) => idle.push((Instant::now(), s)),
+            None => {
+                refused_at_cap = true;
+                break;
+            }
+        }
+    }
+    assert!(refused_at_cap, "the listener took more than max_connections");
+    assert!(idle.len() <= 300, "{} connections open at once", idle.len());
+
+    // The agent's own connection (with its SVID and an open WatchChanges stream) is neither
+    // idle nor refused: a new entry reaches it and is signed while the listener is full.
+    let id = "spiffe://example.org/while-full";
+    mesh.register(id, &[]);
+    let got = std::cell::RefCell::new(String::new());
+    tessera_e2e::wait_for(
+        20,
+        "an SVID while the listener is full",
+        || {
+            let out = mesh.agent_cli(&["api", "fetch", "x509"]);
+            *got.borrow_mut() = String::from_utf8_lossy(&out.stdout).into_owned();
+            got.borrow().contains(id)
+        },
+        || got.borrow().clone(),
+    );
+    assert_eq!(tessera_e2e::http_get(&health, "/ready").unwrap().0, 200);
+
+    // Every idle connection is closed within the idle limit (3 s, plus scheduling slack).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut open: Vec<_> = idle.into_iter().map(|(at, s)| (at, s, None::<Duration>)).collect();
+    while open.iter().any(|(_, _, c)| c.is_none()) && Instant::now() < deadline {
+        for (at, s, c) in open.iter_mut().filter(|(_, _, c)| c.is_none()) {
+            if closed(s) {
+                *c = Some(at.elapsed());
+            }
+        }
+    }
+    let still = open.iter().filter(|(_, _, c)| c.is_none()).count();
+    assert_eq!(still, 0, "{still} idle connections still open after 10 s");
+    let slowest = open.iter().filter_map(|(_, _, c)| *c).max().unwrap();
+    assert!(slowest <= Duration::from_secs(6), "an idle connection lived {slowest:?} (limit 3 s)");
+    eprintln!("{} idle connections closed; the last after {slowest:?}", open.len());
+
+    // Places are free again, the agent still gets new SVIDs, and the metrics tell the story.
+    assert!(tls_connection(&rt, &addr, one).is_some(), "no connection accepted after the idle ones were closed");
+    let again = "spiffe://example.org/after";
+    mesh.register(again, &[]);
+    tessera_e2e::wait_for(
+        20,
+        "an SVID afterwards",
+        || String::from_utf8_lossy(&mesh.agent_cli(&["api", "fetch", "x509"]).stdout).contains(again),
+        String::new,
+    );
+    let m = |l: &str| metric(&health, l);
+    assert!(m("tessera_server_connections_refused_total{listener=\"agent_api\",reason=\"per_ip\"}") >= 1);
+    assert!(m("tessera_server_connections_refused_total{listener=\"agent_api\",reason=\"limit\"}") >= 1);
+    assert!(m("tessera_server_connections_idle_closed_total{listener=\"agent_api\"}") >= 250);
 }

@@ -162,7 +162,7 @@ type = "unix"
 
     // With auto_pod_identity, a pod on the agent's node gets spiffe://<td>/ns/<ns>/sa/<sa>
     // without any entry; a pod of a service account with no pod on this node does not.
-    k8s.add_pod(pod("web", "frontend-1", WEB_UID, "frontend", "node-1"));
+    k8s.add_pod(with_container(pod("web", "frontend-1", WEB_UID, "frontend", "node-1"), "app", "web:1", CID, &[]));
     let web = PodCgroup::new(WEB_UID);
     let got = std::cell::RefCell::new(String::new());
     wait_for(
@@ -181,7 +181,7 @@ type = "unix"
         "no entry was written"
     );
     k8s.add_node("node-2", "node-uid-2", &[]);
-    k8s.add_pod(pod("batch", "job-1", OTHER_NODE_UID, "batch", "node-2"));
+    k8s.add_pod(with_container(pod("batch", "job-1", OTHER_NODE_UID, "batch", "node-2"), "app", "batch:1", CID, &[]));
     let other = PodCgroup::new(OTHER_NODE_UID);
     std::thread::sleep(Duration::from_secs(6)); // past the server's node pod cache
     let out = other.fetch(&mesh.socket).wait_with_output().unwrap();
@@ -194,7 +194,7 @@ type = "unix"
     let late_cg = PodCgroup::new(LATE_UID);
     let child = late_cg.fetch(&mesh.socket);
     std::thread::sleep(Duration::from_millis(700));
-    k8s.add_pod(pod("shop", "late-1", LATE_UID, "late", "node-1"));
+    k8s.add_pod(with_container(pod("shop", "late-1", LATE_UID, "late", "node-1"), "app", "late:1", CID, &[]));
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success() && text(&out).contains(late), "late pod: {}", text(&out));
 

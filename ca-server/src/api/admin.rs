@@ -130,6 +130,9 @@ impl AdminService {
 
 type R<T> = Result<Response<T>, Status>;
 
+/// How often a ban is retried when the agent record changes underneath it.
+const MAX_BAN_ATTEMPTS: usize = 64;
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     #[instrument(skip_all, name = "CreateJoinToken")]
@@ -177,7 +180,7 @@ impl Admin for AdminService {
                 Some(entry_to_pb(&stored))
             }
         };
-        info!(agent_id = %agent, expires_at, "Join token created");
+        info!(agent_id = %tessera_identity::ids::LogId(&agent), expires_at, "Join token created");
         Ok(Response::new(pb::CreateJoinTokenResponse { token, expires_at, agent_id: agent.to_string(), alias_entry }))
     }
 
@@ -447,17 +450,28 @@ impl Admin for AdminService {
     async fn evict_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
         let a = self.agent(&req.into_inner().spiffe_id).await?;
         self.issuance.store.delete_agent(&a.spiffe_id).await.map_err(ApiError::from)?;
-        info!(agent_id = %a.spiffe_id, "Agent evicted");
+        info!(agent_id = %tessera_identity::ids::LogId(&a.spiffe_id), "Agent evicted");
         Ok(Response::new(agent_to_pb(&a)))
     }
 
     #[instrument(skip_all, name = "BanAgent")]
     async fn ban_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
-        let mut a = self.agent(&req.into_inner().spiffe_id).await?;
-        a.banned = true;
-        self.issuance.store.put_agent(&a).await.map_err(ApiError::from)?;
-        info!(agent_id = %a.spiffe_id, "Agent banned");
-        Ok(Response::new(agent_to_pb(&a)))
+        let id = req.into_inner().spiffe_id;
+        // Compare-and-set: a renewal or attestation that read the record before cannot write
+        // over the ban afterwards (its own write is conditional on the revision it read), and
+        // a write that got in first is re-read and banned again.
+        for _ in 0..MAX_BAN_ATTEMPTS {
+            let mut a = self.agent(&id).await?;
+            let expected = a.revision;
+            a.banned = true;
+            if let Some(stored) =
+                self.issuance.store.compare_and_put_agent(&a, Some(expected)).await.map_err(ApiError::from)?
+            {
+                info!(agent_id = %tessera_identity::ids::LogId(&stored.spiffe_id), "Agent banned");
+                return Ok(Response::new(agent_to_pb(&stored)));
+            }
+        }
+        Err(ApiError::Unavailable(format!("agent {id} keeps changing; the ban was not applied, retry")).into())
     }
 
     async fn verify_audit(&self, _req: Request<pb::VerifyAuditRequest>) -> R<pb::VerifyAuditResponse> {

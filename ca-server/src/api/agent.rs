@@ -11,13 +11,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_identity::ids::{LogId, redact_join_token};
 use tessera_identity::{SpiffeId, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_server::Agent;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
 use super::convert::{bundle_to_pb, entry_to_pb};
 use super::limits::RateLimiter;
@@ -36,6 +37,9 @@ pub struct AgentService {
     cfg: Arc<Config>,
     attestors: Arc<Vec<Arc<dyn NodeAttestor>>>,
     svid_limit: Arc<RateLimiter<SpiffeId>>,
+    /// JWT-SVIDs have a budget of their own, so that a workload asking for many audiences
+    /// cannot starve its node's X.509 signing.
+    jwt_limit: Arc<RateLimiter<SpiffeId>>,
     attest_limit: Arc<RateLimiter<std::net::IpAddr>>,
 }
 
@@ -51,6 +55,7 @@ impl AgentService {
         // A second's worth of SVIDs, and never less than one full batch, may come at once.
         let svid_rate = cfg.rate_limit_svids_per_second;
         let svid_limit = RateLimiter::new(svid_rate, svid_rate.max(cfg.max_batch_size as f64));
+        let jwt_limit = RateLimiter::new(svid_rate, svid_rate.max(1.0));
         let attest_rate = cfg.rate_limit_attestations_per_minute / 60.0;
         let attest_limit = RateLimiter::new(attest_rate, cfg.rate_limit_attestations_per_minute.max(1.0));
         Self {
@@ -58,18 +63,25 @@ impl AgentService {
             cfg,
             attestors: Arc::new(attestors),
             svid_limit: Arc::new(svid_limit),
+            jwt_limit: Arc::new(jwt_limit),
             attest_limit: Arc::new(attest_limit),
         }
     }
 
     /// Spends `n` SVIDs of the caller's signing budget, or refuses the call.
     async fn spend_svids(&self, caller: &SpiffeId, n: usize) -> Result<(), ApiError> {
-        if self.svid_limit.check(caller, n as f64) {
+        self.spend(&self.svid_limit, caller, n).await
+    }
+
+    /// Spends `n` from `limit`'s bucket for `caller`, or refuses (and audits) the call.
+    async fn spend(&self, limit: &RateLimiter<SpiffeId>, caller: &SpiffeId, n: usize) -> Result<(), ApiError> {
+        if limit.check(caller, n as f64) {
             return Ok(());
         }
         self.issuance.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let e = ApiError::ResourceExhausted(format!(
-            "agent {caller} is over its signing rate limit ({} SVIDs/s); retry later",
+            "agent {} is over its signing rate limit ({} SVIDs/s); retry later",
+            LogId(caller),
             self.cfg.rate_limit_svids_per_second
         ));
         self.issuance.deny(caller, &caller.to_string(), &e).await;
@@ -86,16 +98,19 @@ impl AgentService {
         let id =
             facts.spiffe_id().ok_or_else(|| ApiError::Unauthenticated("client certificate has no SPIFFE ID".into()))?;
         if !tessera_identity::ids::is_agent_id(&id, self.issuance.ca.trust_domain()) {
-            return Err(ApiError::PermissionDenied(format!("{id} is not an agent of this trust domain")));
+            return Err(ApiError::PermissionDenied(format!("{} is not an agent of this trust domain", LogId(&id))));
         }
         let record = self.issuance.store.get_agent(&id).await?.ok_or_else(|| {
-            ApiError::PermissionDenied(format!("agent {id} is not attested (evicted?); it must attest again"))
+            ApiError::PermissionDenied(format!("agent {} is not attested (evicted?); it must attest again", LogId(&id)))
         })?;
         if record.banned {
-            return Err(ApiError::PermissionDenied(format!("agent {id} is banned")));
+            return Err(ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id))));
         }
         if facts.serial != record.serial && facts.serial != record.previous_serial {
-            return Err(ApiError::PermissionDenied(format!("agent {id} presented an SVID that is no longer current")));
+            return Err(ApiError::PermissionDenied(format!(
+                "agent {} presented an SVID that is no longer current",
+                LogId(&id)
+            )));
         }
         Ok(Caller { id, record })
     }
@@ -113,7 +128,7 @@ impl AgentService {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(agent_id = %caller.id, error = %e, "Cannot derive implied entries; using registered entries only")
+                    tracing::warn!(agent_id = %LogId(&caller.id), error = %e, "Cannot derive implied entries; using registered entries only")
                 }
             }
         }
@@ -142,6 +157,30 @@ impl AgentService {
             frontier = next;
         }
         Ok(out)
+    }
+
+    /// Writes an agent record if it still has revision `expected` (`None`: still absent).
+    /// Refuses (and audits) the request when it changed underneath: the ban, eviction or
+    /// other write that got there first stands.
+    async fn store_agent(&self, record: &AgentRecord, expected: Option<u64>, what: &str) -> Result<(), ApiError> {
+        let store = &self.issuance.store;
+        if store.compare_and_put_agent(record, expected).await?.is_some() {
+            return Ok(());
+        }
+        let id = &record.spiffe_id;
+        let e = match store.get_agent(id).await? {
+            Some(now) if now.banned => ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id))),
+            None if expected.is_some() => ApiError::PermissionDenied(format!(
+                "agent {} was evicted during its {what}; it must attest again",
+                LogId(id)
+            )),
+            _ => ApiError::FailedPrecondition(format!(
+                "agent {} changed during its {what} (another attestation or renewal got there first); retry",
+                LogId(id)
+            )),
+        };
+        self.issuance.deny(id, &id.to_string(), &e).await;
+        Err(e)
     }
 
     async fn sign_agent_svid(
@@ -204,19 +243,25 @@ impl Agent for AgentService {
         tessera_identity::csr::CheckedCsr::from_der(&r.csr)
             .and_then(|c| c.check_names(&id, &[]))
             .map_err(ApiError::from)?;
-        if let Some(existing) = self.issuance.store.get_agent(&id).await.map_err(ApiError::from)?
-            && existing.banned
-        {
-            let e = ApiError::PermissionDenied(format!("agent {id} is banned"));
-            self.issuance.deny(&id, "attestor", &e).await;
+        let existing = self.issuance.store.get_agent(&id).await.map_err(ApiError::from)?;
+        // Refusals before the attestor has proven the claim are logged and counted, not
+        // audited: the ID is only what the caller claims, and anyone able to reach the port
+        // must not be able to write to the audit chain.
+        if existing.as_ref().is_some_and(|a| a.banned) {
+            let e = ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id)));
+            self.issuance.metrics.attestations.failed(&e);
+            warn!(agent_id = %LogId(&id), reason = %e, "Attestation refused");
             return Err(e.into());
         }
+        // The record is written below only if it is still what was read here: a ban or an
+        // eviction that lands while the attestor and the CA work is not undone.
+        let expected = existing.map(|a| a.revision);
         let now = unix_now();
         let selectors = match attestor.verify(self.issuance.store.as_ref(), &data.payload).await {
             Ok(s) => s,
             Err(e) => {
                 self.issuance.metrics.attestations.failed(&e);
-                self.issuance.deny(&id, "attestor", &e).await;
+                warn!(agent_id = %LogId(&id), reason = %redact_join_token(&e.to_string()), "Attestation refused");
                 return Err(e.into());
             }
         };
@@ -231,10 +276,14 @@ impl Agent for AgentService {
             selectors,
             attested_at: now,
             renewed_at: 0,
+            revision: 0,
         };
-        self.issuance.store.put_agent(&record).await.map_err(ApiError::from)?;
+        if let Err(e) = self.store_agent(&record, expected, "attestation").await {
+            self.issuance.metrics.attestations.failed(&e);
+            return Err(e.into());
+        }
         self.issuance.metrics.attestations.ok();
-        info!(agent_id = %id, "Agent attested");
+        info!(agent_id = %LogId(&id), "Agent attested");
         Ok(Response::new(pb::AttestAgentResponse {
             svid: Some(svid_pb(&id, &issued)),
             bundle: Some(bundle_to_pb(&self.issuance.ca.bundle())),
@@ -247,13 +296,19 @@ impl Agent for AgentService {
         req: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let caller = self.caller(&req).await?;
+        // Renewals spend the same per-agent budget as workload SVIDs.
+        self.spend_svids(&caller.id, 1).await?;
         let csr = req.into_inner().csr;
         let issued = self.sign_agent_svid(&caller.id, csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
         let mut record = caller.record;
+        let expected = record.revision;
         record.previous_serial = std::mem::replace(&mut record.serial, issued.serial.clone());
         record.expires_at = issued.not_after;
         record.renewed_at = unix_now();
-        self.issuance.store.put_agent(&record).await.map_err(ApiError::from)?;
+        // Conditional on the revision `caller()` read: if the agent was banned, evicted or
+        // renewed in between, the new SVID is not stored and not sent (it authenticates
+        // nothing: the Agent API accepts only the serials in the record).
+        self.store_agent(&record, Some(expected), "renewal").await?;
         Ok(Response::new(pb::RenewAgentResponse { svid: Some(svid_pb(&caller.id, &issued)) }))
     }
 
@@ -353,7 +408,7 @@ impl Agent for AgentService {
         req: Request<pb::NewJwtSvidRequest>,
     ) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
         let caller = self.caller(&req).await?;
-        self.spend_svids(&caller.id, 1).await?;
+        self.spend(&self.jwt_limit, &caller.id, 1).await?;
         let r = req.into_inner();
         let authorized = self.authorized(&caller).await?;
         let entry = authorized.get(&r.entry_id).ok_or_else(|| {
@@ -454,7 +509,7 @@ impl Agent for AgentService {
                 "downstream CA",
             )
             .await?;
-        info!(downstream = %entry.spiffe_id, agent = %caller.id, serial = %issued.serial, "Signed a downstream CA");
+        info!(downstream = %entry.spiffe_id, agent = %LogId(&caller.id), serial = %issued.serial, "Signed a downstream CA");
         let roots = |b: &tessera_identity::Bundle| b.x509_authorities.iter().map(|c| c.to_vec()).collect::<Vec<_>>();
         let mut bundle_rx = self.issuance.ca.subscribe_bundle();
         let mut last = roots(&bundle_rx.borrow_and_update());

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tessera_identity::SpiffeId;
 use tessera_identity::csr::{CheckedCsr, CsrError};
+use tessera_identity::ids::{LogId, redact_join_token};
 use tessera_identity::unix_now;
 use tonic::{Code, Status};
 use tracing::{debug, error, warn};
@@ -215,7 +216,7 @@ impl Issuance {
                 self.audit(req.kind, req.spiffe_id, &issued.serial, issued.not_after, req.caller, "").await?;
                 self.metrics.x509_issued.ok();
                 // The audit log is the record of every issuance; this line is for debugging.
-                debug!(spiffe_id = %req.spiffe_id, serial = %issued.serial, caller = req.caller, "Issued X509-SVID");
+                debug!(spiffe_id = %LogId(req.spiffe_id), serial = %issued.serial, caller = %redact_join_token(req.caller), "Issued X509-SVID");
                 Ok(issued)
             }
             Err(e) => {
@@ -239,6 +240,11 @@ impl Issuance {
             self.metrics.jwt_issued.failed(&e);
             return Err(e);
         }
+        if let Err(e) = tessera_identity::jwt::check_audience(&audience) {
+            let e = ApiError::InvalidArgument(e.to_string());
+            self.metrics.jwt_issued.failed(&e);
+            return Err(e);
+        }
         let (ca, owned) = (self.ca.clone(), id.clone());
         let minted = tokio::task::spawn_blocking(move || ca.mint_jwt_svid(&owned, &audience, ttl))
             .await
@@ -248,7 +254,7 @@ impl Issuance {
             Ok(jwt) => {
                 self.audit(AuditKind::JwtSvid, id, "", jwt.expires_at, caller, "").await?;
                 self.metrics.jwt_issued.ok();
-                debug!(spiffe_id = %id, caller, "Issued JWT-SVID");
+                debug!(spiffe_id = %LogId(id), caller = %redact_join_token(caller), "Issued JWT-SVID");
                 Ok(jwt)
             }
             Err(e) => {
@@ -285,7 +291,12 @@ impl Issuance {
         if matches!(why, ApiError::Internal(_) | ApiError::Unavailable(_)) {
             return;
         }
-        warn!(spiffe_id = %id, caller, reason = %why, "Refused");
+        warn!(
+            spiffe_id = %LogId(id),
+            caller = %redact_join_token(caller),
+            reason = %redact_join_token(&why.to_string()),
+            "Refused"
+        );
         if let Err(e) = self.audit(AuditKind::Denied, id, "", 0, caller, &why.to_string()).await {
             warn!(error = %e, "Cannot audit refusal");
         }

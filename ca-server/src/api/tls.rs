@@ -15,6 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use tessera_identity::{Bundle, SpiffeId, unix_now};
+use tessera_svc::listener::{Activity, ConnGate, IdleIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -165,24 +166,33 @@ impl AgentTls {
 }
 
 /// The peer of an Agent API connection, available to handlers as a request extension: its
-/// certificates and its IP address.
+/// certificates, its IP address, and the connection's activity (open streams, for the idle
+/// timeout).
 #[derive(Debug, Clone)]
-pub struct PeerCerts(pub Option<Arc<Vec<CertificateDer<'static>>>>, pub Option<std::net::IpAddr>);
+pub struct PeerCerts(
+    pub Option<Arc<Vec<CertificateDer<'static>>>>,
+    pub Option<std::net::IpAddr>,
+    pub Option<Arc<Activity>>,
+);
 
-/// An accepted Agent API connection: TLS over TCP, exposing the client's certificates.
+/// The connection's [`Activity`], for [`tessera_svc::listener::TrackStreamsLayer`].
+pub fn activity_of(ext: &tonic::codegen::http::Extensions) -> Option<Arc<Activity>> {
+    ext.get::<PeerCerts>().and_then(|p| p.2.clone())
+}
+
+/// An accepted Agent API connection: TLS over TCP, exposing the client's certificates, closed
+/// after it has had no open stream for the idle timeout.
 #[derive(Debug)]
-pub struct AgentConn(TlsStream<TcpStream>);
+pub struct AgentConn(IdleIo<TlsStream<TcpStream>>);
 
 impl tonic::transport::server::Connected for AgentConn {
     type ConnectInfo = PeerCerts;
     fn connect_info(&self) -> PeerCerts {
+        let tls = self.0.get_ref();
         PeerCerts(
-            self.0
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
-            self.0.get_ref().0.peer_addr().ok().map(|a| a.ip()),
+            tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect())),
+            tls.get_ref().0.peer_addr().ok().map(|a| a.ip()),
+            Some(self.0.activity()),
         )
     }
 }
@@ -229,12 +239,15 @@ impl tokio::io::AsyncWrite for AgentConn {
     }
 }
 
-/// Accepts TCP connections, completes TLS handshakes (bounded in time), and yields the TLS
-/// streams for tonic's `serve_with_incoming`.
+/// Accepts TCP connections within `gate`'s bounds, completes TLS handshakes (bounded in time
+/// and in number at once), and yields the TLS streams for tonic's `serve_with_incoming`. A
+/// connection over the cap is closed at once; one whose client presents no certificate also
+/// counts against its IP address's share.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<AgentTls>,
     max_pending_handshakes: usize,
+    gate: ConnGate,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<AgentConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
@@ -248,6 +261,10 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(mut slot) = gate.admit() else {
+                debug!(%peer, "At the connection limit; closing the new connection");
+                continue;
+            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 debug!(%peer, "Too many TLS handshakes in flight; dropping connection");
                 continue;
@@ -256,14 +273,21 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let tx = tx.clone();
+            let (tx, gate) = (tx.clone(), gate.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         // The permit bounds handshakes in flight; tonic owns the stream now.
                         drop(permit);
-                        let _ = tx.send(Ok(AgentConn(stream))).await;
+                        if stream.get_ref().1.peer_certificates().is_none()
+                            && !gate.admit_anonymous(&mut slot, peer.ip())
+                        {
+                            debug!(%peer, "Too many connections without a client certificate from this address");
+                            return;
+                        }
+                        let idle = gate.limits().idle_timeout;
+                        let _ = tx.send(Ok(AgentConn(IdleIo::streams(stream, idle, Some(slot))))).await;
                     }
                     Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%peer, "TLS handshake timed out"),

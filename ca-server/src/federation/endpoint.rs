@@ -23,7 +23,6 @@ use tracing::{debug, info, warn};
 use crate::ca::Ca;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_CONNECTIONS: usize = 1024;
 /// How often the certificate files are checked for changes (on handshakes, not in a loop).
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
@@ -152,10 +151,10 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     ca: Arc<Ca>,
     refresh_hint: Duration,
+    gate: tessera_svc::listener::ConnGate,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             c = listener.accept() => match c {
@@ -168,13 +167,17 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        // Every caller is anonymous here: the cap and the per-IP share both apply.
+        let Some(mut slot) = gate.admit() else {
             debug!(%peer, "Bundle endpoint at its connection limit; dropping connection");
             continue;
         };
-        let (acceptor, ca) = (acceptor.clone(), ca.clone());
+        if !gate.admit_anonymous(&mut slot, peer.ip()) {
+            debug!(%peer, "Too many bundle endpoint connections from this address");
+            continue;
+        }
+        let (acceptor, ca, idle) = (acceptor.clone(), ca.clone(), gate.limits().idle_timeout);
         tokio::spawn(async move {
-            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return debug!(%peer, error = %e, "Bundle endpoint TLS handshake failed"),
@@ -188,7 +191,7 @@ pub async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(5))
                 .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(tls), svc);
+                .serve_connection(TokioIo::new(tessera_svc::listener::IdleIo::bytes(tls, idle, Some(slot))), svc);
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "Bundle endpoint connection ended with an error");
             }

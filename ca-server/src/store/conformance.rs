@@ -96,12 +96,43 @@ async fn agents_and_tokens(s: &dyn Store) {
         selectors: vec![],
         attested_at: 1,
         renewed_at: 0,
+        revision: 0,
     };
-    s.put_agent(&rec).await.unwrap();
-    assert_eq!(s.get_agent(&id).await.unwrap().unwrap(), rec);
+    // Agent records are written only by compare-and-set on their revision.
+    let first = s.compare_and_put_agent(&rec, None).await.unwrap().expect("created");
+    assert!(first.revision > 0, "the store sets the revision");
+    assert_eq!(s.get_agent(&id).await.unwrap().unwrap(), first);
     assert_eq!(s.list_agents().await.unwrap().len(), 1);
+    assert_eq!(s.compare_and_put_agent(&rec, None).await.unwrap(), None, "created twice");
+    // A renewal that read the record, racing a ban that wrote it first, loses.
+    let mut banned = first.clone();
+    banned.banned = true;
+    let banned = s.compare_and_put_agent(&banned, Some(first.revision)).await.unwrap().expect("ban applied");
+    assert!(banned.revision > first.revision);
+    let mut renewed = first.clone();
+    renewed.serial = "bb".into();
+    assert_eq!(s.compare_and_put_agent(&renewed, Some(first.revision)).await.unwrap(), None, "stale write won");
+    assert!(s.get_agent(&id).await.unwrap().unwrap().banned, "the ban was overwritten");
+    // After eviction, neither an old revision nor a re-creation race brings back an old revision.
     assert!(s.delete_agent(&id).await.unwrap().is_some());
     assert!(s.get_agent(&id).await.unwrap().is_none());
+    assert_eq!(s.compare_and_put_agent(&renewed, Some(banned.revision)).await.unwrap(), None, "evicted agent renewed");
+    assert!(s.get_agent(&id).await.unwrap().is_none());
+    let again = s.compare_and_put_agent(&rec, None).await.unwrap().expect("re-attested");
+    assert!(again.revision > banned.revision, "a revision was handed out twice");
+    assert_eq!(s.compare_and_put_agent(&renewed, Some(first.revision)).await.unwrap(), None);
+    // Of concurrent writers that read the same revision, exactly one wins.
+    let writes: Vec<_> = (0..16)
+        .map(|i| {
+            let mut r = again.clone();
+            r.serial = format!("{i:02x}");
+            async move { s.compare_and_put_agent(&r, Some(again.revision)).await.unwrap() }
+        })
+        .collect();
+    let won = futures_util::future::join_all(writes).await.into_iter().flatten().count();
+    assert_eq!(won, 1, "{won} concurrent writers of one revision succeeded");
+    assert!(s.delete_agent(&id).await.unwrap().is_some());
+    assert!(s.delete_agent(&id).await.unwrap().is_none());
 
     let t = JoinToken { token: "secret".into(), expires_at: 9 };
     s.create_join_token(&t).await.unwrap();

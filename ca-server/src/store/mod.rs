@@ -69,8 +69,13 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     // --- attested agents ---
 
-    /// Creates or replaces an agent record.
-    async fn put_agent(&self, agent: &AgentRecord) -> Result<()>;
+    /// Stores `agent` only if the stored record has revision `expected` (`None`: no record is
+    /// stored), giving it a new revision that no record of any agent had before. Returns the
+    /// stored record, or `None` (nothing written) when the record changed underneath the
+    /// caller: banned, evicted, renewed or re-attested in between. There is no unconditional
+    /// write, so a ban or an eviction cannot be overwritten by a request that read the record
+    /// before it.
+    async fn compare_and_put_agent(&self, agent: &AgentRecord, expected: Option<u64>) -> Result<Option<AgentRecord>>;
     /// One agent.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>>;
     /// All agents.

@@ -36,7 +36,8 @@ const LOCK_ENTRIES: i64 = 0x7e55_0002;
 const LOCK_AUDIT: i64 = 0x7e55_0003;
 
 /// Versioned migrations: each runs once, in order, in its own transaction.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE entries (
     id TEXT PRIMARY KEY,
     parent_id TEXT NOT NULL,
@@ -55,7 +56,14 @@ CREATE TABLE bundles (trust_domain TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE federations (trust_domain TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE ca_journals (server TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE audit (seq BIGINT PRIMARY KEY, body TEXT NOT NULL);
-"#];
+"#,
+    // 2: agent records are written only by compare-and-set on a revision drawn from a sequence
+    // (never repeated, also across eviction and re-attestation).
+    r#"
+ALTER TABLE agents ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;
+CREATE SEQUENCE agent_revision;
+"#,
+];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(match e.as_db_error() {
@@ -422,9 +430,34 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
-    async fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
-        let sql = "INSERT INTO agents (id, body) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET body = $2";
-        self.exec(sql, &agent.spiffe_id.to_string(), &to_json(agent)?).await.map(|_| ())
+    async fn compare_and_put_agent(&self, agent: &AgentRecord, expected: Option<u64>) -> Result<Option<AgentRecord>> {
+        let c = self.pool.get().await?;
+        // A fresh revision first (sequences never hand out a value twice), then one
+        // conditional statement: the row is written only while it is still as the caller read it.
+        let revision: i64 = c.query_one("SELECT nextval('agent_revision')", &[]).await.map_err(backend)?.get(0);
+        let mut stored = agent.clone();
+        stored.revision = rev(revision);
+        let body = to_json(&stored)?;
+        let id = agent.spiffe_id.to_string();
+        let n = match expected {
+            None => c
+                .execute(
+                    "INSERT INTO agents (id, revision, body) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+                    &[&id, &revision, &body],
+                )
+                .await
+                .map_err(backend)?,
+            Some(old) => {
+                let old = i64::try_from(old).unwrap_or(i64::MAX);
+                c.execute(
+                    "UPDATE agents SET revision = $2, body = $3 WHERE id = $1 AND revision = $4",
+                    &[&id, &revision, &body, &old],
+                )
+                .await
+                .map_err(backend)?
+            }
+        };
+        Ok((n == 1).then_some(stored))
     }
 
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {

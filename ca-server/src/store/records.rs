@@ -75,6 +75,11 @@ pub struct AgentRecord {
     pub attested_at: i64,
     /// Unix seconds; 0 if never renewed.
     pub renewed_at: i64,
+    /// Set by the store on every write, from a counter that never repeats (an evicted and
+    /// re-attested agent does not get a revision it had before). Writes are conditional on it:
+    /// see [`super::Store::compare_and_put_agent`].
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// A one-use join token. `Debug` hides the token.

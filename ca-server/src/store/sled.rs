@@ -21,6 +21,7 @@ use super::{
 };
 
 const META_ENTRY_REV: &[u8] = b"entry_rev";
+const META_AGENT_REV: &[u8] = b"agent_rev";
 const LIVE: u8 = b'U';
 const TOMBSTONE: u8 = b'D';
 
@@ -273,8 +274,35 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    async fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
-        self.put_json(&self.agents, agent.spiffe_id.to_string().as_bytes(), agent).await
+    async fn compare_and_put_agent(&self, agent: &AgentRecord, expected: Option<u64>) -> Result<Option<AgentRecord>> {
+        let key = agent.spiffe_id.to_string();
+        // One transaction over the record and the revision counter: the comparison, the new
+        // revision and the write are one step, also against a concurrent writer of this agent.
+        let res = (&self.agents, &self.meta).transaction(|(agents, meta)| {
+            let current = match agents.get(key.as_bytes())? {
+                None => None,
+                Some(v) => Some(
+                    serde_json::from_slice::<AgentRecord>(&v)
+                        .map_err(|e| ConflictableTransactionError::Abort(format!("agent {key} is corrupt: {e}")))?
+                        .revision,
+                ),
+            };
+            if current != expected {
+                return Ok(None);
+            }
+            let rev = read_u64(meta.get(META_AGENT_REV)?) + 1;
+            meta.insert(META_AGENT_REV, &rev.to_be_bytes())?;
+            let mut stored = agent.clone();
+            stored.revision = rev;
+            let bytes = serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+            agents.insert(key.as_bytes(), bytes)?;
+            Ok(Some(stored))
+        });
+        let out = res.map_err(|e: TransactionError<String>| backend(e))?;
+        if out.is_some() {
+            self.durable().await?;
+        }
+        Ok(out)
     }
 
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
@@ -286,7 +314,15 @@ impl Store for SledStore {
     }
 
     async fn delete_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>> {
-        self.remove_json(&self.agents, id.to_string().as_bytes()).await
+        // A transaction, so that it serializes with `compare_and_put_agent`.
+        let key = id.to_string();
+        let res = self.agents.transaction(|agents| Ok(agents.remove(key.as_bytes())?));
+        let old = res.map_err(|e: TransactionError<String>| backend(e))?;
+        let out = old.map(|v| dec(key.as_bytes(), &v)).transpose()?;
+        if out.is_some() {
+            self.durable().await?;
+        }
+        Ok(out)
     }
 
     async fn create_join_token(&self, token: &JoinToken) -> Result<()> {

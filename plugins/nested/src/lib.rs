@@ -38,7 +38,7 @@ pub struct NestedConfig {
     /// The parent's bundle (PEM), for the first contact.
     pub trust_bundle_path: PathBuf,
     /// A join token from the parent, for the first contact; unused once attested.
-    pub join_token: Option<String>,
+    pub join_token: Option<tessera_identity::Secret>,
     /// Where the agent SVID, key and the parent's bundle are kept.
     pub state_dir: PathBuf,
     /// Deadline of each call.
@@ -50,7 +50,7 @@ impl std::fmt::Debug for NestedConfig {
         f.debug_struct("NestedConfig")
             .field("server_address", &self.server_address)
             .field("state_dir", &self.state_dir)
-            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field("join_token", &self.join_token)
             .finish_non_exhaustive()
     }
 }
@@ -129,7 +129,7 @@ impl NestedUpstream {
     }
 
     async fn attest(cfg: &NestedConfig) -> Result<(Identity, Vec<Vec<u8>>), UpstreamError> {
-        let token = cfg.join_token.as_deref().ok_or_else(|| {
+        let token = cfg.join_token.as_ref().map(tessera_identity::Secret::expose).ok_or_else(|| {
             cfg_err(format!(
                 "no agent SVID in {} and no join_token: generate one on the parent with `tessera-server token generate`",
                 cfg.state_dir.display()
@@ -159,7 +159,7 @@ impl NestedUpstream {
         };
         let ident = identity(chain, key)?;
         save(&cfg.state_dir, &ident, &roots)?;
-        tracing::info!(agent_id = %id, parent = %cfg.server_address, "Attested to the parent Tessera server");
+        tracing::info!(agent_id = %tessera_identity::ids::LogId(&id), parent = %cfg.server_address, "Attested to the parent Tessera server");
         Ok((ident, roots))
     }
 

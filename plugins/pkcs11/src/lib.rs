@@ -39,7 +39,7 @@ pub struct Pkcs11Config {
     /// The label of the token holding the keys.
     pub token_label: String,
     /// The user PIN. Read from a file or the environment by the caller; never logged.
-    pub pin: String,
+    pub pin: tessera_identity::Secret,
     /// Prefix of the key labels (`<prefix><slot id>`), so several servers can share a token.
     pub key_label_prefix: String,
 }
@@ -133,7 +133,7 @@ impl Pkcs11KeyManager {
         }
         let slot = found.ok_or_else(|| OpenError(format!("no token labelled {:?}", cfg.token_label)))?;
         let session = ctx.open_rw_session(slot).map_err(e("opening a session"))?;
-        match session.login(UserType::User, Some(&AuthPin::new(cfg.pin.clone().into()))) {
+        match session.login(UserType::User, Some(&AuthPin::new(cfg.pin.expose().to_owned().into()))) {
             Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
             Err(err) => return Err(OpenError(format!("login to token {:?} failed: {err}", cfg.token_label))),
         }

@@ -34,7 +34,7 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 #[derive(Clone, PartialEq, Eq)]
 pub enum VaultAuth {
     /// A token (`X-Vault-Token`).
-    Token(String),
+    Token(tessera_identity::Secret),
     /// Kubernetes login at `auth/<mount>/login` with a service account token, read from
     /// `token_path` at every login (projected tokens rotate).
     Kubernetes {
@@ -52,7 +52,7 @@ pub enum VaultAuth {
         /// The role ID.
         role_id: String,
         /// The secret ID.
-        secret_id: String,
+        secret_id: tessera_identity::Secret,
     },
 }
 
@@ -184,17 +184,17 @@ impl VaultUpstream {
         match &self.cfg.auth {
             VaultAuth::Token(t) => {
                 // Learn whether the token has a lease to renew.
-                let v = self.call("GET", "auth/token/lookup-self", None, Some(t)).await.map_err(cfg_err)?;
+                let v = self.call("GET", "auth/token/lookup-self", None, Some(t.expose())).await.map_err(cfg_err)?;
                 let ttl = v["data"]["ttl"].as_u64().unwrap_or(0);
                 Ok(Token {
-                    value: t.clone(),
+                    value: t.expose().to_owned(),
                     lease: (ttl > 0).then(|| Duration::from_secs(ttl)),
                     obtained: Instant::now(),
                     renewable: v["data"]["renewable"].as_bool().unwrap_or(false),
                 })
             }
             VaultAuth::AppRole { mount, role_id, secret_id } => {
-                self.login_at(mount, json!({"role_id": role_id, "secret_id": secret_id}), "AppRole").await
+                self.login_at(mount, json!({"role_id": role_id, "secret_id": secret_id.expose()}), "AppRole").await
             }
             VaultAuth::Kubernetes { mount, role, token_path } => {
                 let jwt = std::fs::read_to_string(token_path).map_err(|e| {
