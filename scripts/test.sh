@@ -56,6 +56,25 @@ passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/)
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 rm -f "$log"
 
+step "No process left behind by the tests"
+# Every process a test starts (servers, agents, plugins, Envoy, OpenBao, cfssl, PostgreSQL)
+# must be stopped by the test, also when it fails. Anything of ours still running now is a
+# leak: report it and fail.
+strays=""
+for p in /proc/[0-9]*; do
+  exe="$(readlink "$p/exe" 2>/dev/null || true)"
+  case "$exe" in
+    "$PWD"/target/*|*/bin/cfssl|*/postgresql/*/bin/postgres)
+      strays+="$(basename "$p") $exe $(tr '\0' ' ' < "$p/cmdline" 2>/dev/null | cut -c1-160)"$'\n' ;;
+  esac
+done
+if [ -n "$strays" ]; then
+  printf 'processes left running by the tests:\n%s' "$strays"
+  exit 1
+else
+  echo "none"
+fi
+
 step "Fuzzing (each target for a bounded time; needs a nightly toolchain)"
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   if [ ! -x target/tools/bin/cargo-fuzz ]; then

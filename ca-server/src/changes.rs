@@ -76,7 +76,7 @@ impl ChangeFeed {
         every: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut seen = store.entry_changes(u64::MAX).await.map(|c| c.revision).unwrap_or(0);
+        let mut seen = store.entry_changes(u64::MAX, 0).await.map(|c| c.revision).unwrap_or(0);
         let mut bundle_open = true;
         loop {
             tokio::select! {
@@ -91,7 +91,7 @@ impl ChangeFeed {
                 _ = self.entries.notified() => {}
                 _ = tokio::time::sleep(every) => {}
             }
-            if let Ok(c) = store.entry_changes(seen).await
+            if let Ok(c) = store.entry_changes(seen, 0).await
                 && c.revision != seen
             {
                 seen = c.revision;

@@ -593,7 +593,7 @@ async fn run_server(config: &Path, instance_id: Option<&str>) -> anyhow::Result<
     let cfg = Config::load_with(config, instance_id)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tessera_svc::init_logging(filter);
     let server = crate::app::Server::start(cfg).await?;
     tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
     server.shutdown().await;

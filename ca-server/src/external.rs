@@ -1,10 +1,19 @@
 //! The host side of external plugins (`tessera.plugin.v1`): an upstream authority served by
-//! another process on a Unix socket. The server checks the executable's SHA-256 before every
-//! start, starts it with `TESSERA_PLUGIN_SOCKET`, waits for the socket, checks `Info`, sends
-//! `Configure`, and then supervises it: a health check (`Info`) every 2 s, and a restart with
-//! backoff (1 s doubling to 30 s) when the process exits or stops answering. Every call has a
-//! deadline. While the plugin is down the CA keeps signing with its current intermediate;
-//! only preparing a new one waits for the plugin.
+//! another process on a Unix socket. The server opens the executable, checks the SHA-256 of
+//! what it read from that open file before every start, and runs that same open file (through
+//! `/proc/self/fd`, so a file swapped in at the path afterwards is not what runs); an
+//! executable that other users may write to is refused. It starts it with
+//! `TESSERA_PLUGIN_SOCKET`, waits for the socket, checks `Info`, sends `Configure`, and then
+//! supervises it: a health check (`Info`) every 2 s, and a restart with backoff (1 s doubling
+//! to 30 s) when the process exits or stops answering. Every call has a deadline. While the
+//! plugin is down the CA keeps signing with its current intermediate; only preparing a new
+//! one waits for the plugin.
+//!
+//! A plugin dies with its server however the server dies: its stdin is a pipe whose other end
+//! only the server holds, and the plugin contract (docs/plugins.md) is to exit when stdin
+//! reaches end of file, which the kernel makes happen when the server exits, `kill -9`
+//! included. As a second net, the plugin's pid is kept next to its socket, and a server that
+//! starts and finds a plugin of a previous run still there (same executable) kills it.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -48,6 +57,15 @@ struct Running {
     child: Child,
     client: UpstreamAuthorityClient<Channel>,
     name: String,
+    /// The write end of the plugin's stdin: never written, closed when the server exits.
+    _lifeline: Option<tokio::process::ChildStdin>,
+}
+
+/// The plugin executable, opened and checked: run it through `/proc/self/fd`.
+struct Executable {
+    file: std::fs::File,
+    /// A script (`#!`): its interpreter reads it again by path, so it runs by path.
+    script: bool,
 }
 
 /// An upstream authority in another process.
@@ -124,35 +142,105 @@ impl ExternalUpstream {
         }
     }
 
-    fn verify_checksum(&self) -> Result<(), UpstreamError> {
-        let Some(want) = &self.settings.checksum else { return Ok(()) };
-        let bytes = std::fs::read(&self.settings.command)
-            .map_err(|e| cfg_err(format!("cannot read {}: {e}", self.settings.command.display())))?;
-        let got = tessera_identity::x509::hex_lower(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        if &got != want {
+    /// Opens the executable, refuses one that others may write to, and checks the SHA-256 of
+    /// the bytes read from that open file.
+    fn open_checked(&self) -> Result<Executable, UpstreamError> {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::PermissionsExt;
+        let path = &self.settings.command;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| cfg_err(format!("cannot open {}: {e}", path.display())))?;
+        let meta = file.metadata().map_err(|e| cfg_err(format!("{}: {e}", path.display())))?;
+        if meta.permissions().mode() & 0o022 != 0 {
             return Err(cfg_err(format!(
-                "{} has SHA-256 {got}, not the configured checksum {want}; refusing to run it",
-                self.settings.command.display()
+                "{} is writable by group or others (mode {:o}); refusing to run it",
+                path.display(),
+                meta.permissions().mode() & 0o7777
             )));
         }
-        Ok(())
+        let mut head = [0u8; 2];
+        let script = file.read_exact(&mut head).is_ok() && &head == b"#!";
+        file.rewind().map_err(|e| cfg_err(format!("{}: {e}", path.display())))?;
+        if let Some(want) = &self.settings.checksum {
+            if script {
+                return Err(cfg_err(format!(
+                    "{} is a script: its interpreter would read it again by path after the check; with a checksum, the plugin must be a binary",
+                    path.display()
+                )));
+            }
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| cfg_err(format!("cannot read {}: {e}", path.display())))?;
+                if n == 0 {
+                    break;
+                }
+                ctx.update(buf.get(..n).unwrap_or_default());
+            }
+            let got = tessera_identity::x509::hex_lower(ctx.finish().as_ref());
+            if &got != want {
+                return Err(cfg_err(format!(
+                    "{} has SHA-256 {got}, not the configured checksum {want}; refusing to run it",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Executable { file, script })
+    }
+
+    /// Kills a plugin a previous server run left behind (its pid file names a live process
+    /// running the same executable), so that it cannot outlive us twice.
+    fn reap_stale(&self, exe: &Executable) {
+        use std::os::unix::fs::MetadataExt;
+        let pid_file = self.pid_file();
+        let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<i32>().ok()) else {
+            return;
+        };
+        let Ok(me) = exe.file.metadata() else { return };
+        let same =
+            std::fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino());
+        if same && let Some(p) = rustix::process::Pid::from_raw(pid) {
+            warn!(pid, "A plugin from a previous run is still running; stopping it");
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+        let _ = std::fs::remove_file(pid_file);
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        let mut p = self.settings.socket.clone().into_os_string();
+        p.push(".pid");
+        PathBuf::from(p)
     }
 
     async fn spawn(&self) -> Result<Running, UpstreamError> {
-        self.verify_checksum()?;
+        use std::os::fd::AsRawFd;
+        let exe = self.open_checked()?;
         let sock = &self.settings.socket;
         if let Some(dir) = sock.parent() {
             tessera_plugins::fsutil::ensure_private_dir(dir)
                 .map_err(|e| cfg_err(format!("cannot create {}: {e}", dir.display())))?;
         }
+        self.reap_stale(&exe);
         let _ = std::fs::remove_file(sock);
-        let mut child = Command::new(&self.settings.command)
+        // The checked open file itself, not the path (which could now name another file).
+        let program = if exe.script {
+            self.settings.command.clone()
+        } else {
+            PathBuf::from(format!("/proc/self/fd/{}", exe.file.as_raw_fd()))
+        };
+        let mut child = Command::new(&program)
+            .arg0(&self.settings.command)
             .args(&self.settings.args)
             .env("TESSERA_PLUGIN_SOCKET", sock)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| cfg_err(format!("cannot start {}: {e}", self.settings.command.display())))?;
+        drop(exe);
+        let lifeline = child.stdin.take();
+        if let Some(pid) = child.id() {
+            let _ = tessera_plugins::fsutil::atomic_write(&self.pid_file(), pid.to_string().as_bytes(), 0o600);
+        }
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let channel = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -198,7 +286,7 @@ impl ExternalUpstream {
         .map_err(|_| cfg_err("Configure timed out"))?
         .map_err(|e| cfg_err(format!("plugin {:?} refused its configuration: {}", info.name, e.message())))?;
         info!(plugin = %info.name, pid = child.id(), "External plugin started");
-        Ok(Running { child, client, name: info.name })
+        Ok(Running { child, client, name: info.name, _lifeline: lifeline })
     }
 
     async fn client(&self) -> Result<UpstreamAuthorityClient<Channel>, UpstreamError> {

@@ -143,6 +143,31 @@ async fn sync_is_incremental_and_scoped_to_the_agent() {
     t.stop().await;
 }
 
+/// F11 of the second review: an incremental sync tells an agent nothing about other agents'
+/// entries, not even that they changed or were deleted.
+#[tokio::test]
+async fn incremental_sync_reveals_nothing_about_other_agents_entries() {
+    let mut t = TestServer::start().await;
+    let mut a = t.attested_agent().await;
+    let other = t.attested_agent().await;
+    let mine = t.create_entry("spiffe://example.org/web", &a.id.to_string()).await;
+    let theirs = t.create_entry("spiffe://example.org/db", &other.id.to_string()).await;
+    let mut changed = theirs.clone();
+    changed.dns_names = vec!["db.local".into()];
+    t.admin.update_entry(admin::UpdateEntryRequest { entry: Some(changed) }).await.unwrap();
+    let gone = t.create_entry("spiffe://example.org/cache", &other.id.to_string()).await;
+    t.admin.delete_entry(admin::EntryId { id: gone.id.clone() }).await.unwrap();
+    t.admin.delete_entry(admin::EntryId { id: mine.id.clone() }).await.unwrap();
+    // From the first revision: every change since is replayed, but only ours is told.
+    let r = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 1 }).await.unwrap().into_inner();
+    assert_eq!(r.removed_ids, vec![mine.id.clone()], "another agent's entries leaked");
+    assert!(r.upserted.is_empty());
+    for id in [&theirs.id, &gone.id] {
+        assert!(!r.removed_ids.contains(id) && !r.upserted.iter().any(|e| &e.id == id), "{id} leaked");
+    }
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn node_alias_from_join_token_authorizes_its_children() {
     let mut t = TestServer::start().await;

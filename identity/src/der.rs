@@ -22,7 +22,7 @@ fn read_len(buf: &[u8], pos: &mut usize) -> Option<usize> {
     Some(len)
 }
 
-fn read_tlv<'a>(buf: &'a [u8], pos: &mut usize, tag: u8) -> Option<&'a [u8]> {
+pub(crate) fn read_tlv<'a>(buf: &'a [u8], pos: &mut usize, tag: u8) -> Option<&'a [u8]> {
     if *buf.get(*pos)? != tag {
         return None;
     }
@@ -110,13 +110,13 @@ fn write_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
-fn write_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
+pub(crate) fn write_tlv(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
     out.push(tag);
     write_len(out, value.len());
     out.extend_from_slice(value);
 }
 
-fn write_uint(out: &mut Vec<u8>, int: &[u8]) {
+pub(crate) fn write_uint(out: &mut Vec<u8>, int: &[u8]) {
     let int = strip_leading_zeros(int);
     let mut v = Vec::with_capacity(int.len() + 1);
     if int.first().is_none_or(|b| b & 0x80 != 0) {

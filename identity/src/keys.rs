@@ -129,9 +129,10 @@ impl PrivateKey {
             .map_err(|e| KeyError::Rejected(e.to_string()))
     }
 
-    /// A rustls private key, for TLS.
-    pub fn to_rustls(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
-        rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(self.der.to_vec()))
+    /// A rustls view of the key, for loading a signing key (borrowed: no copy of the key
+    /// bytes is made outside this zeroizing value).
+    pub fn to_rustls(&self) -> rustls_pki_types::PrivateKeyDer<'_> {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(self.der.as_slice()))
     }
 }
 

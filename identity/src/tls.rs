@@ -147,6 +147,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// Always presents one certificate and key.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// A client config that authenticates the server by SPIFFE ID and presents `client` (chain,
 /// key) when given.
 pub fn client_config(
@@ -163,7 +177,13 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match client {
         Some((chain, key)) => {
-            builder.with_client_auth_cert(chain, key.to_rustls()).map_err(|e| TlsError::Config(e.to_string()))?
+            // The signing key is loaded from a borrowed view of the key, so no owned copy of
+            // the key bytes outlives this call unzeroized (rustls' `with_client_auth_cert`
+            // would take one by value).
+            let signer = rustls::crypto::ring::sign::any_supported_type(&key.to_rustls())
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+            let ck = Arc::new(rustls::sign::CertifiedKey::new(chain, signer));
+            builder.with_client_cert_resolver(Arc::new(ClientCert(ck)))
         }
         None => builder.with_no_client_auth(),
     };

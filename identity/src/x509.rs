@@ -75,6 +75,81 @@ pub struct LeafSpec<'a> {
     pub issuer_not_after: i64,
     /// Serial number octets.
     pub serial: [u8; 16],
+    /// What the holder may renew by presenting this certificate (Istio CA API), if anything.
+    pub renewal_grant: Option<&'a RenewalGrant>,
+}
+
+/// OID of Tessera's renewal-grant extension, a private arc under 2.25 (ITU-T X.667).
+pub const RENEWAL_GRANT_OID: &[u64] = &[2, 25, 6_016_170_186_473_862_163];
+
+/// The pod a token was bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+}
+
+/// A non-critical extension in certificates the Istio CA API issued on a service-account
+/// token: the holder may renew the certificate by presenting it, within what the token
+/// proved. Only our CA writes it (it is in the signed part; CSR extensions are never copied),
+/// so certificates an agent obtained never carry it and cannot be renewed over the Istio API.
+/// A renewal carries the grant on unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalGrant {
+    /// Unix seconds: when the token was checked. Renewals stop a configured time after it.
+    pub authorized_at: i64,
+    /// The cluster whose token it was.
+    pub cluster: String,
+    /// The pod the token was bound to, when it was: renewals stop when that pod is gone.
+    pub pod: Option<PodRef>,
+}
+
+impl RenewalGrant {
+    /// `SEQUENCE { INTEGER authorized_at, UTF8String cluster, UTF8String pod namespace,
+    /// UTF8String pod name, UTF8String pod uid }` (empty strings without a pod).
+    pub fn to_der(&self) -> Vec<u8> {
+        use crate::der::{write_tlv, write_uint};
+        let mut body = Vec::new();
+        write_uint(&mut body, &u64::try_from(self.authorized_at).unwrap_or(0).to_be_bytes());
+        let empty = String::new();
+        let (ns, name, uid) = match &self.pod {
+            Some(p) => (&p.namespace, &p.name, &p.uid),
+            None => (&empty, &empty, &empty),
+        };
+        for s in [&self.cluster, ns, name, uid] {
+            write_tlv(&mut body, 0x0c, s.as_bytes());
+        }
+        let mut out = Vec::with_capacity(body.len() + 4);
+        write_tlv(&mut out, 0x30, &body);
+        out
+    }
+
+    /// Parses [`RenewalGrant::to_der`]'s output; `None` for anything else.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        use crate::der::read_tlv;
+        let mut pos = 0;
+        let seq = read_tlv(der, &mut pos, 0x30)?;
+        if pos != der.len() {
+            return None;
+        }
+        let mut p = 0;
+        let int = read_tlv(seq, &mut p, 0x02)?;
+        if int.len() > 9 || int.first().is_some_and(|b| b & 0x80 != 0) {
+            return None;
+        }
+        let at = int.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+        let mut text = || -> Option<String> { String::from_utf8(read_tlv(seq, &mut p, 0x0c)?.to_vec()).ok() };
+        let (cluster, ns, name, uid) = (text()?, text()?, text()?, text()?);
+        if p != seq.len() {
+            return None;
+        }
+        let pod = (!uid.is_empty() || !name.is_empty()).then_some(PodRef { namespace: ns, name, uid });
+        Some(Self { authorized_at: i64::try_from(at).ok()?, cluster, pod })
+    }
 }
 
 /// Certificate parameters for an X509-SVID leaf.
@@ -101,6 +176,9 @@ pub fn leaf_params(spec: &LeafSpec<'_>) -> Result<CertificateParams, ProfileErro
     p.serial_number = Some(SerialNumber::from_slice(&spec.serial));
     p.use_authority_key_identifier_extension = true;
     p.key_identifier_method = KeyIdMethod::Sha256;
+    if let Some(g) = spec.renewal_grant {
+        p.custom_extensions.push(rcgen::CustomExtension::from_oid_content(RENEWAL_GRANT_OID, g.to_der()));
+    }
     Ok(p)
 }
 
@@ -147,6 +225,8 @@ pub struct CertFacts {
     pub is_ca: bool,
     /// The SubjectPublicKeyInfo, DER.
     pub spki: Vec<u8>,
+    /// The renewal grant, when the certificate carries one that parses.
+    pub renewal_grant: Option<RenewalGrant>,
 }
 
 impl CertFacts {
@@ -174,8 +254,14 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts, ProfileError> {
         uris: Vec::new(),
         is_ca: cert.is_ca(),
         spki: cert.public_key().raw.to_vec(),
+        renewal_grant: None,
     };
+    let grant_oid = x509_parser::der_parser::oid::Oid::from(RENEWAL_GRANT_OID).ok();
     for ext in cert.extensions() {
+        if grant_oid.as_ref() == Some(&ext.oid) {
+            facts.renewal_grant = RenewalGrant::from_der(ext.value);
+            continue;
+        }
         match ext.parsed_extension() {
             ParsedExtension::SubjectKeyIdentifier(k) => facts.subject_key_id = Some(hex_lower(k.0)),
             ParsedExtension::AuthorityKeyIdentifier(a) => {
@@ -269,6 +355,7 @@ mod tests {
             not_after: 1_000,
             issuer_not_after: 2_000_000_000,
             serial: random_serial().unwrap(),
+            renewal_grant: None,
         };
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         leaf_params(&spec).unwrap().signed_by(&leaf_key, &issuer).unwrap().der().to_vec()
@@ -296,6 +383,7 @@ mod tests {
             not_after: 101,
             issuer_not_after: 100,
             serial: [1; 16],
+            renewal_grant: None,
         };
         assert_eq!(leaf_params(&spec).unwrap_err(), ProfileError::PastIssuer { requested: 101, issuer: 100 });
     }

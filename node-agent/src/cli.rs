@@ -206,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = Config::load(&config)?;
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            tessera_svc::init_logging(filter);
             let agent = crate::app::Agent::start(cfg).await?;
             tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
             agent.shutdown().await;

@@ -124,8 +124,16 @@ pub fn secret_for(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Opt
     }
 }
 
-fn to_any(s: &Secret) -> Any {
-    Any { type_url: SECRET_TYPE.into(), value: s.encode_to_vec() }
+/// Encodes a secret, then zeroes the private key it held: the encoded copy is the only one
+/// left, and the codec clears it once it is sent.
+fn to_any(mut s: Secret) -> Any {
+    let any = Any { type_url: SECRET_TYPE.into(), value: s.encode_to_vec() };
+    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type
+        && let Some(DataSource { specifier: Some(Specifier::InlineBytes(key)), .. }) = &mut t.private_key
+    {
+        zeroize::Zeroize::zeroize(key);
+    }
+    any
 }
 
 /// A short content hash, used as a version.
@@ -157,7 +165,7 @@ impl Sds {
 /// SotW: the resources for `names`, and their joint version.
 fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, String) {
     let ids = snap.identities(sel);
-    let any: Vec<Any> = names.iter().filter_map(|n| secret_for(n, snap, &ids)).map(|s| to_any(&s)).collect();
+    let any: Vec<Any> = names.iter().filter_map(|n| secret_for(n, snap, &ids)).map(to_any).collect();
     let parts: Vec<&[u8]> = any.iter().map(|a| a.value.as_slice()).collect();
     let version = version_of(&parts);
     (any, version)
@@ -198,8 +206,10 @@ impl Responder for Sotw {
             }
             let Some(n) = &self.names else { continue };
             let snap = self.snaps.borrow_and_update().clone();
-            let (resources, version) = sotw(n, &snap, &self.caller.selectors);
+            let (mut resources, version) = sotw(n, &snap, &self.caller.selectors);
             if resources.is_empty() || version == self.sent_version {
+                // Not sent: clear the keys they hold before they are dropped.
+                resources.iter_mut().for_each(|r| zeroize::Zeroize::zeroize(&mut r.value));
                 continue;
             }
             if let Err(e) = self.caller.check() {
@@ -272,9 +282,11 @@ impl Responder for Delta {
             for name in &self.subscribed {
                 match secret_for(name, &snap, &ids) {
                     Some(s) => {
-                        let any = to_any(&s);
+                        let mut any = to_any(s);
                         let version = version_of(&[&any.value]);
-                        if self.held.get(name) != Some(&version) {
+                        if self.held.get(name) == Some(&version) {
+                            zeroize::Zeroize::zeroize(&mut any.value);
+                        } else {
                             self.held.insert(name.clone(), version.clone());
                             resources.push(Resource {
                                 name: name.clone(),

@@ -46,7 +46,7 @@ impl SdsServer {
 
     fn grpc<T, U>(&self) -> Grpc<LeanCodec<T, U>>
     where
-        T: prost::Message + Send + 'static,
+        T: prost::Message + tessera_proto::codec::Scrub + Send + 'static,
         U: prost::Message + Default + Send + 'static,
     {
         Grpc::new(LeanCodec::default()).apply_max_message_size_config(Some(self.max_decoding), None)

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tessera_identity::{Bundle, TrustDomain, unix_now};
+use tessera_proto::codec::Scrub;
 use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tonic::{Request, Response, Status};
@@ -103,7 +104,7 @@ impl WorkloadApi {
     /// what it last sent.
     fn stream<T, F>(&self, caller: Caller, build: F) -> ResponseStream<T>
     where
-        T: prost::Message + Send + 'static,
+        T: prost::Message + Scrub + Send + 'static,
         F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
     {
         let watch = Watch {
@@ -133,7 +134,7 @@ struct Watch<F> {
 
 impl<T, F> Responder for Watch<F>
 where
-    T: prost::Message + Send + 'static,
+    T: prost::Message + Scrub + Send + 'static,
     F: Fn(&Snapshot, &[Arc<WorkloadSvid>]) -> T + Send + 'static,
 {
     type Message = T;
@@ -157,12 +158,15 @@ where
                 self.ended = true;
                 return Some(Err(e));
             }
-            let msg = (self.build)(&snap, &ids);
-            let digest = ring::digest::digest(&ring::digest::SHA256, &msg.encode_to_vec());
+            let mut msg = (self.build)(&snap, &ids);
+            let encoded = zeroize::Zeroizing::new(msg.encode_to_vec());
+            let digest = ring::digest::digest(&ring::digest::SHA256, &encoded);
             if self.last.as_ref().map(AsRef::as_ref) != Some(digest.as_ref()) {
                 self.last = Some(digest);
                 return Some(Ok(msg));
             }
+            // Not sent: clear the keys it holds before it is dropped.
+            msg.scrub();
         }
     }
 }

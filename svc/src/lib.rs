@@ -21,6 +21,17 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
+/// Logs to stderr through `filter`, with colour escape codes only when stderr is a terminal
+/// (never in a file or a pipe that a collector reads).
+pub fn init_logging(filter: tracing_subscriber::EnvFilter) {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 /// Runs a binary's async main: installs the ring crypto provider, builds the runtime, and
 /// turns an error into one `Error: ...` line on stderr and exit code 1. A `tonic::Status`
 /// prints as `<code>: <message>`.

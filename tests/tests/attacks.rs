@@ -557,3 +557,78 @@ fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_a
     assert!(m("tessera_server_connections_refused_total{listener=\"agent_api\",reason=\"limit\"}") >= 1);
     assert!(m("tessera_server_connections_idle_closed_total{listener=\"agent_api\"}") >= 250);
 }
+
+/// F5 of the second review: join tokens never reach a log. Tokens are created (one for the
+/// agent, some never used), the agent attests, a bad attestation is tried with an unused
+/// token, the agent is evicted and keeps calling; then the server's and the agent's whole log
+/// output, at debug level, is searched for every token value. Logs written to a file carry
+/// no terminal colour codes either.
+#[test]
+fn join_tokens_never_reach_the_server_or_agent_logs() {
+    let tokens = std::cell::RefCell::new(Vec::<String>::new());
+    let alias = "spiffe://example.org/node/logs";
+    let mesh = tessera_e2e::Mesh::start_attested(
+        "example.org",
+        "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"",
+        "1s",
+        |t| t.replace("log_level = \"info\"", "log_level = \"debug\""),
+        alias,
+        |server| {
+            let mut generate = |args: &[&str]| {
+                let mut all = vec!["token", "generate", "--output", "json"];
+                all.extend_from_slice(args);
+                let v: serde_json::Value = serde_json::from_str(&server.cli_ok(&all)).unwrap();
+                let t = v["token"].as_str().unwrap().to_owned();
+                tokens.borrow_mut().push(t.clone());
+                t
+            };
+            let used = generate(&["--spiffe-id", alias]);
+            generate(&["--spiffe-id", "spiffe://example.org/node/unused"]);
+            generate(&[]);
+            generate(&[]);
+            format!("join_token = \"{used}\"\nlog_level = \"debug\"\n")
+        },
+    );
+    let tokens = tokens.into_inner();
+    let id = "spiffe://example.org/logged";
+    mesh.register(id, &[]);
+    tessera_e2e::wait_for(
+        20,
+        "the workload's SVID",
+        || String::from_utf8_lossy(&mesh.agent_cli(&["api", "fetch", "x509"]).stdout).contains(id),
+        String::new,
+    );
+    // A refused attestation with an unused token (a CSR for another ID).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let roots = tessera_identity::pem::decode_certs(mesh.server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
+        let server_id =
+            tessera_identity::server_id(&tessera_identity::TrustDomain::new("example.org").unwrap()).unwrap();
+        let tls = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id), None).unwrap();
+        let cfg = std::fs::read_to_string(mesh.dir.path().join("server.toml")).unwrap();
+        let addr = cfg.lines().find_map(|l| l.strip_prefix("agent_api_address = \"")).unwrap().trim_end_matches('"');
+        let mut anon = AgentClient::new(tessera_svc::connect::tls(addr, tls).await.unwrap());
+        let key = PrivateKey::generate_ec_p256().unwrap();
+        let csr = tessera_identity::csr::build_csr(&SpiffeId::new("spiffe://example.org/not-me").unwrap(), &[], &key)
+            .unwrap();
+        let data = agent::AttestationData { r#type: "join_token".into(), payload: tokens[2].clone().into_bytes() };
+        let e = anon.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    });
+    // The agent evicted: it keeps calling and is refused (both sides log that).
+    let agents: serde_json::Value =
+        serde_json::from_str(&mesh.server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    let agent_id = agents["agents"][0]["spiffe_id"].as_str().unwrap().to_owned();
+    mesh.server.cli_ok(&["agent", "evict", "--spiffe-id", &agent_id]);
+    std::thread::sleep(Duration::from_secs(3));
+    let server_log = mesh.server.log();
+    let agent_log = std::fs::read_to_string(mesh.dir.path().join("agent.log")).unwrap();
+    assert!(server_log.contains("Join token created") && server_log.contains("Agent evicted"), "{server_log}");
+    assert!(agent_log.contains("Agent attested"), "{agent_log}");
+    for (name, log) in [("server", &server_log), ("agent", &agent_log)] {
+        for t in &tokens {
+            assert!(!log.contains(t.as_str()), "the {name} log holds a join token:\n{log}");
+        }
+        assert!(!log.contains('\u{1b}'), "the {name} log, written to a file, holds terminal escape codes");
+    }
+}

@@ -156,4 +156,23 @@ fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_die
     std::fs::copy(new_dir.join("ca.pem"), dir.path().join("ca.pem")).unwrap();
     assert_eq!(verify("svid3"), 2);
     assert!(server.log().contains("External plugin is down"), "{}", server.log());
+
+    // The plugin dies with its server, however the server dies: kill -9 the server and the
+    // plugin is gone within a second (its stdin, a pipe only the server held, is closed).
+    let mut server = server;
+    let pid = plugin_pid(&health).expect("plugin pid in /ready");
+    server.kill9();
+    let gone_by = Instant::now() + Duration::from_secs(1);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(Instant::now() < gone_by, "plugin {pid} outlived its killed server by a second");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A restarted server starts its plugin afresh on the same socket path.
+    server.spawn();
+    let (code, body) = http_get(&health, "/ready").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(plugin_pid(&health).is_some_and(|p| p != pid));
+    server.stop();
 }

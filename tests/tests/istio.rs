@@ -351,12 +351,240 @@ fn istio_agent_gets_certificates_and_every_bad_request_is_refused_with_its_code(
         assert!(call(&ch, Call::new(&token, "cluster-a", c)).await.is_ok(), "a token still works");
     });
 
-    // Refusals of authenticated callers are audited.
-    let audit = env.server.cli_ok(&["audit", "show", "--spiffe-id", "spiffe://cluster.local/ns/tools/sa/debug"]);
+    // Refusals of authenticated callers are audited under the identity they asked for, with
+    // the caller beside it: "who tried to get cart's certificate?" has an answer.
+    let audit = env.server.cli_ok(&[
+        "audit",
+        "show",
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        "--caller",
+        "istio:cluster-a:tools/debug",
+    ]);
     assert!(audit.contains("denied") || audit.contains("Denied"), "{audit}");
     let issued = env.server.cli_ok(&["audit", "show", "--caller", "istio:cluster-b:web/frontend"]);
     assert!(issued.contains("ns/web/sa/frontend"), "{issued}");
     // The API server saw no writes from the CA API.
     assert!(env.a.writes().iter().all(|(m, p)| m == "POST" && p.ends_with("/tokenreviews")), "{:?}", env.a.writes());
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// The `[istio]` section for cluster `a` (TokenReview through its kubeconfig `kc`).
+fn istio_section(port: u16, kc: &Path, extra: &str) -> String {
+    format!(
+        "\n[istio]\naddress = \"127.0.0.1:{port}\"\ndns_names = [\"{HOST}\"]\n{extra}\n[[istio.clusters]]\ncluster_id = \"cluster-a\"\nkubeconfig = \"{}\"\naudiences = [\"istio-ca\"]\n",
+        kc.display()
+    )
+}
+
+/// An X509-SVID a real agent serves: (chain PEM, key).
+async fn agent_svid(socket: &Path, id: &str) -> (String, rcgen::KeyPair) {
+    let mut c = tessera_agent::cli::workload_client(socket).await.unwrap();
+    let resp = c
+        .fetch_x509svid(tessera_proto::workload::X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let s = resp.svids.iter().find(|s| s.spiffe_id == id).unwrap_or_else(|| panic!("no SVID for {id}"));
+    let certs = split_der(&s.x509_svid);
+    let chain = tessera_identity::pem::encode_certs(certs.iter().map(Vec::as_slice));
+    let key = rcgen::KeyPair::try_from(s.x509_svid_key.as_slice()).unwrap();
+    (chain, key)
+}
+
+/// F6 of the second review: certificates an agent obtained (for `ns/*/sa/*` identities) are
+/// not renewable over the Istio CA API, so banning or evicting the agent, or deleting the
+/// entry, stops every path that renews them. Certificates this API issued on a token renew by
+/// certificate only while the token's pod exists and within `certificate_renewal_max_age`.
+#[test]
+fn agent_obtained_identities_renew_nothing_at_the_istio_ca_api_and_token_grants_are_bounded() {
+    let a = FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    a.add_node("node-1", "node-uid-1", &[]);
+    a.add_pod(pod("shop", "cart-1", "pod-uid-cart", "cart", "node-1"));
+    a.add_pod(pod("istio-system", "ztunnel-n1", "pod-uid-zt1", "ztunnel", "node-1"));
+    let kc_dir = tempfile::tempdir().unwrap();
+    let kc = kc_dir.path().join("a.kubeconfig");
+    a.write_kubeconfig(&kc, "cluster-a");
+    let port = free_port();
+    let ca = "ca_ttl = \"72h\"\ndefault_x509_svid_ttl = \"1h\"";
+    let mesh = tessera_e2e::Mesh::start_custom(TD, ca, "1s", |t| {
+        t + &istio_section(
+            port,
+            &kc,
+            "certificate_renewal_max_age = \"4s\"\ntrusted_node_accounts = [\"istio-system/ztunnel\"]",
+        )
+    });
+    let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+    let pay = "spiffe://cluster.local/ns/shop/sa/pay";
+    mesh.register(cart, &[]);
+    let pay_entry = mesh.register(pay, &[]);
+    // A second agent of the same server, to be evicted.
+    let token: serde_json::Value = serde_json::from_str(&mesh.server.cli_ok(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        "spiffe://cluster.local/node/second",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let d = mesh.dir.path();
+    let second_cfg = std::fs::read_to_string(&mesh.agent_config)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("join_token") && !l.starts_with("health_address"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(&d.join("agent.sock").display().to_string(), &d.join("second.sock").display().to_string())
+        .replace(&d.join("agent\"").display().to_string(), &d.join("second\"").display().to_string())
+        + &format!(
+            "\njoin_token = \"{}\"\nhealth_address = \"127.0.0.1:{}\"\n",
+            token["token"].as_str().unwrap(),
+            free_port()
+        );
+    let second_cfg_path = d.join("second.toml");
+    std::fs::write(&second_cfg_path, second_cfg).unwrap();
+    let mut cmd = std::process::Command::new(tessera_e2e::bin("tessera-agent"));
+    cmd.args(["run", "--config"]).arg(&second_cfg_path);
+    let mut second = tessera_e2e::Proc::spawn(cmd, d.join("second.log"));
+    let second_sock = d.join("second.sock");
+    second.wait_until(30, "the second agent", || std::os::unix::net::UnixStream::connect(&second_sock).is_ok());
+    let web = "spiffe://cluster.local/ns/web/sa/frontend";
+    mesh.server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        web,
+        "--parent-id",
+        "spiffe://cluster.local/node/second",
+        "--selector",
+        &format!("unix:uid:{}", tessera_e2e::my_uid()),
+    ]);
+    let roots_pem = mesh.server.cli_ok(&["bundle", "show"]);
+    let env = Env {
+        _dir: tempfile::tempdir().unwrap(),
+        server: ServerProc { child: None, dir: d.to_owned(), socket: mesh.server.socket.clone(), config: d.into() },
+        addr: format!("127.0.0.1:{port}"),
+        roots_pem,
+        a,
+        b: FakeCluster::start("https://unused.example"),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let renew = |chain: String, key: rcgen::KeyPair, id: &'static str| {
+            let env = &env;
+            async move {
+                let ch = channel(env, Some((&chain, &key))).await;
+                let (c, _) = csr(id, None);
+                call(&ch, Call { token: None, cluster: None, csr: c, ttl: 0, impersonate: None }).await
+            }
+        };
+        let wait_svid = |socket: std::path::PathBuf, id: &'static str| async move {
+            for _ in 0..100 {
+                let mut c = tessera_agent::cli::workload_client(&socket).await.unwrap();
+                if let Ok(r) = c.fetch_x509svid(tessera_proto::workload::X509svidRequest {}).await
+                    && let Ok(Some(m)) = r.into_inner().message().await
+                    && m.svids.iter().any(|s| s.spiffe_id == id)
+                {
+                    return agent_svid(&socket, id).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("no SVID for {id}");
+        };
+        let (cart_chain, cart_key) = wait_svid(mesh.socket.clone(), cart).await;
+        let (pay_chain, pay_key) = wait_svid(mesh.socket.clone(), pay).await;
+        let (web_chain, web_key) = wait_svid(d.join("second.sock"), web).await;
+
+        // Entry deleted: its SVID renews nothing.
+        mesh.server.cli_ok(&["entry", "delete", "--entry-id", &pay_entry]);
+        let m = assert_code(renew(pay_chain, pay_key, pay).await, Code::Unauthenticated, "deleted entry's SVID");
+        assert!(m.contains("not issued by this API"), "{m}");
+        // Agent banned: what it obtained renews nothing.
+        mesh.server.cli_ok(&[
+            "agent",
+            "ban",
+            "--spiffe-id",
+            &agent_id(&mesh.server, "spiffe://cluster.local/node/e2e"),
+        ]);
+        assert_code(renew(cart_chain, cart_key, cart).await, Code::Unauthenticated, "banned agent's SVID");
+        // Agent evicted: the same.
+        mesh.server.cli_ok(&[
+            "agent",
+            "evict",
+            "--spiffe-id",
+            &agent_id(&mesh.server, "spiffe://cluster.local/node/second"),
+        ]);
+        assert_code(renew(web_chain, web_key, web).await, Code::Unauthenticated, "evicted agent's SVID");
+
+        // A certificate issued on a token renews by certificate, carrying the same grant...
+        let ch = channel(&env, None).await;
+        let tok = env.a.token("shop", "cart", Some("cart-1"), AUD, 3600);
+        let (c, key) = csr(cart, None);
+        let resp = call(&ch, Call::new(&tok, "cluster-a", c)).await.unwrap();
+        let grant = leaf_facts(&resp).renewal_grant.expect("a token-issued certificate carries a grant");
+        assert_eq!(grant.pod.as_ref().map(|p| p.uid.as_str()), Some("pod-uid-cart"));
+        let chain = resp.cert_chain[..resp.cert_chain.len() - 1].concat();
+        let renewed = renew(chain.clone(), key, cart).await.unwrap();
+        assert_eq!(leaf_facts(&renewed).renewal_grant, Some(grant), "a renewal carries the grant unchanged");
+        // ... until its pod is gone,
+        env.a.add_pod(pod("shop", "cart-9", "pod-uid-cart-9", "cart", "node-1"));
+        let tok9 = env.a.token("shop", "cart", Some("cart-9"), AUD, 3600);
+        let (c, key9) = csr(cart, None);
+        let r9 = call(&ch, Call::new(&tok9, "cluster-a", c)).await.unwrap();
+        let chain9 = r9.cert_chain[..r9.cert_chain.len() - 1].concat();
+        env.a.delete_pod("shop", "cart-9");
+        let m = assert_code(renew(chain9, key9, cart).await, Code::Unauthenticated, "renewal after the pod is gone");
+        assert!(m.contains("cart-9"), "{m}");
+        // ... and no longer than certificate_renewal_max_age after the token was checked.
+        let (c, key) = csr(cart, None);
+        let fresh = call(&ch, Call::new(&tok, "cluster-a", c)).await.unwrap();
+        let chain = fresh.cert_chain[..fresh.cert_chain.len() - 1].concat();
+        tokio::time::sleep(Duration::from_millis(5500)).await;
+        let m = assert_code(renew(chain, key, cart).await, Code::Unauthenticated, "renewal past the max age");
+        assert!(m.contains("certificate_renewal_max_age"), "{m}");
+        // Certificates issued by impersonation (ztunnel's) carry no grant: they renew nothing.
+        let zt = env.a.token("istio-system", "ztunnel", Some("ztunnel-n1"), AUD, 3600);
+        let (c, _) = csr(cart, None);
+        let mut imp = Call::new(&zt, "cluster-a", c);
+        imp.impersonate = Some(cart);
+        let issued = call(&ch, imp).await.unwrap();
+        assert_eq!(leaf_facts(&issued).uris, vec![cart.to_owned()]);
+        assert!(leaf_facts(&issued).renewal_grant.is_none(), "an impersonated certificate carries a grant");
+    });
+    drop(second);
+}
+
+/// The agent whose alias entry is `alias`.
+fn agent_id(server: &ServerProc, alias: &str) -> String {
+    let entries: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["entry", "show", "--output", "json"])).unwrap();
+    entries["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["spiffe_id"] == alias)
+        .and_then(|e| e["parent_id"].as_str())
+        .unwrap_or_else(|| panic!("no alias entry {alias}: {entries}"))
+        .to_owned()
+}
+
+/// Concatenated DER certificates, one by one.
+fn split_der(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while b.len() > 2 {
+        let (len, hdr) = match b[1] {
+            n if n < 0x80 => (usize::from(n), 2),
+            0x81 => (usize::from(b[2]), 3),
+            0x82 => ((usize::from(b[2]) << 8) | usize::from(b[3]), 4),
+            _ => panic!("certificate too long"),
+        };
+        out.push(b[..hdr + len].to_vec());
+        b = &b[hdr + len..];
+    }
+    out
 }

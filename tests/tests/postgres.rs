@@ -72,7 +72,7 @@ async fn postgres_passes_the_store_conformance_suite_and_holds_up_between_replic
     let mut seen = BTreeSet::new();
     let mut since = 0;
     loop {
-        let ch = a.entry_changes(since).await.unwrap();
+        let ch = a.entry_changes(since, 100_000).await.unwrap();
         if ch.changed.is_empty() {
             break;
         }

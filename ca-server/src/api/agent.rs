@@ -29,6 +29,9 @@ use crate::store::{AgentRecord, AuditKind, Entry};
 
 /// How deep node-alias chains are followed.
 const MAX_ALIAS_DEPTH: usize = 8;
+/// Most entry changes an incremental sync replays; an agent further behind gets a full
+/// answer instead.
+const MAX_SYNC_REPLAY: usize = 10_000;
 
 /// The Agent API service.
 #[derive(Debug, Clone)]
@@ -319,22 +322,36 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let caller = self.caller(&req).await?;
         let since = req.into_inner().since_revision;
-        let changes = self.issuance.store.entry_changes(since).await.map_err(ApiError::from)?;
+        // The changes (or, for a full sync, just the newest revision) are read before the
+        // authorized set, so that nothing written in between is missed.
+        let limit = if since == 0 { 0 } else { MAX_SYNC_REPLAY };
+        let changes = self.issuance.store.entry_changes(since, limit).await.map_err(ApiError::from)?;
         let authorized = self.authorized(&caller).await?;
         let mut resp = pb::SyncEntriesResponse {
             revision: changes.revision,
             upserted: vec![],
-            removed_ids: changes.deleted,
+            removed_ids: vec![],
             authorized_digest: authorized_digest(&authorized),
             tainted_authority_ids: self.issuance.ca.tainted_authority_ids(),
         };
-        if since == 0 {
+        if since == 0 || changes.truncated {
+            // A full answer. After a truncated replay the agent's merge leaves a digest that
+            // differs when it held something it should drop, and it asks again from 0.
             resp.upserted = authorized.values().map(entry_to_pb).collect();
         } else {
+            // Only what concerns this agent: its authorized entries that changed, and the
+            // deletions of entries that hung under it (or its aliases). An entry that moved
+            // away shows as a digest mismatch, and the agent does a full sync.
+            let parents: HashSet<&SpiffeId> =
+                std::iter::once(&caller.id).chain(authorized.values().map(|e| &e.spiffe_id)).collect();
             for e in &changes.changed {
-                match authorized.get(&e.id) {
-                    Some(a) => resp.upserted.push(entry_to_pb(a)),
-                    None => resp.removed_ids.push(e.id.clone()),
+                if let Some(a) = authorized.get(&e.id) {
+                    resp.upserted.push(entry_to_pb(a));
+                }
+            }
+            for d in changes.deleted {
+                if d.parent_id.as_ref().is_some_and(|p| parents.contains(p)) {
+                    resp.removed_ids.push(d.id);
                 }
             }
         }

@@ -182,7 +182,7 @@ pub struct Issuance {
 impl Issuance {
     /// Checks the CSR, signs, and records the issuance durably before returning it.
     pub async fn x509(&self, req: X509Request<'_>, csr_der: Vec<u8>) -> Result<IssuedX509, ApiError> {
-        self.x509_with(req, move |id, dns| {
+        self.x509_with(req, None, move |id, dns| {
             let csr = CheckedCsr::from_der(&csr_der)?;
             csr.check_names(id, dns)?;
             Ok(csr)
@@ -192,16 +192,18 @@ impl Issuance {
 
     /// Like [`Issuance::x509`], with the caller's own CSR check: `check` gets the identity and
     /// the allowed DNS names and returns the checked CSR or the refusal (which is audited).
+    /// `renewal_grant` goes into the certificate (Istio CA API issuances on a token).
     pub async fn x509_with(
         &self,
         req: X509Request<'_>,
+        renewal_grant: Option<tessera_identity::x509::RenewalGrant>,
         check: impl FnOnce(&SpiffeId, &[String]) -> Result<CheckedCsr, ApiError> + Send + 'static,
     ) -> Result<IssuedX509, ApiError> {
         let ca = self.ca.clone();
         let (id, dns, ttl) = (req.spiffe_id.clone(), req.dns_names.to_vec(), req.ttl);
         let work = move || -> Result<IssuedX509, ApiError> {
             let csr = check(&id, &dns)?;
-            Ok(ca.sign_x509_svid(&id, &dns, &csr, ttl)?)
+            Ok(ca.sign_x509_svid(&id, &dns, &csr, ttl, renewal_grant.as_ref())?)
         };
         // With a software EC CA key, one verify and one signature take ~60 µs: cheaper on the
         // worker than a hop to the blocking pool and back (docs/performance.md). RSA and HSM

@@ -390,8 +390,9 @@ impl Ca {
         dns_names: &[String],
         csr: &CheckedCsr,
         ttl: Option<Duration>,
+        renewal_grant: Option<&tessera_identity::x509::RenewalGrant>,
     ) -> Result<IssuedX509, CaError> {
-        self.sign_leaf(id, dns_names, csr.public_key(), csr.is_rsa(), ttl)
+        self.sign_leaf(id, dns_names, csr.public_key(), csr.is_rsa(), ttl, renewal_grant)
     }
 
     /// Signs a downstream server's CA (nested upstream): the CSR's only URI SAN must be our
@@ -435,7 +436,7 @@ impl Ca {
     ) -> Result<(IssuedX509, PrivateKey), CaError> {
         let key = PrivateKey::generate_ec_p256().map_err(|e| CaError::Signing(e.to_string()))?;
         let kp = key.to_rcgen().map_err(|e| CaError::Signing(e.to_string()))?;
-        let issued = self.sign_leaf(id, dns_names, &kp, false, Some(ttl))?;
+        let issued = self.sign_leaf(id, dns_names, &kp, false, Some(ttl), None)?;
         Ok((issued, key))
     }
 
@@ -446,6 +447,7 @@ impl Ca {
         public_key: &impl PublicKeyData,
         rsa: bool,
         ttl: Option<Duration>,
+        renewal_grant: Option<&tessera_identity::x509::RenewalGrant>,
     ) -> Result<IssuedX509, CaError> {
         let auth = self.active_x509()?;
         let now = unix_now();
@@ -463,6 +465,7 @@ impl Ca {
             not_after,
             issuer_not_after: auth.entry.not_after,
             serial,
+            renewal_grant,
         };
         let cert =
             leaf_params(&spec)?.signed_by(public_key, &auth.issuer).map_err(|e| CaError::Signing(e.to_string()))?;

@@ -25,6 +25,12 @@ pub(crate) struct RawIstio {
     clusters: Vec<RawCluster>,
     #[serde(default = "yes")]
     certificate_auth: bool,
+    #[serde(default = "renewal_max_age")]
+    certificate_renewal_max_age: String,
+}
+
+fn renewal_max_age() -> String {
+    "168h".into()
 }
 
 fn yes() -> bool {
@@ -103,8 +109,12 @@ pub struct IstioConfig {
     pub trusted_node_accounts: Vec<(String, String)>,
     /// The clusters whose tokens are accepted.
     pub clusters: Vec<IstioCluster>,
-    /// Accept a still-valid workload certificate instead of a token (istio-agent's renewal).
+    /// Accept a still-valid workload certificate instead of a token (istio-agent's renewal):
+    /// only certificates this API issued on a token, carrying its renewal grant.
     pub certificate_auth: bool,
+    /// How long after the token was checked certificates may still be renewed by presenting
+    /// them; then the client must present a token again.
+    pub certificate_renewal_max_age: Duration,
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -198,6 +208,7 @@ impl RawIstio {
             trusted_node_accounts,
             clusters,
             certificate_auth: self.certificate_auth,
+            certificate_renewal_max_age: dur("istio.certificate_renewal_max_age", &self.certificate_renewal_max_age)?,
         })
     }
 }

@@ -2,12 +2,21 @@
 //! istio-agent and ztunnel get their workload certificates from Tessera instead of istiod.
 //!
 //! A caller is authenticated by, first success wins: a client certificate (an unexpired SVID
-//! `spiffe://<td>/ns/<ns>/sa/<sa>` from us, for renewal); a Kubernetes service-account token
+//! `spiffe://<td>/ns/<ns>/sa/<sa>` that this API issued on a token, for renewal); a
+//! Kubernetes service-account token
 //! (`authorization: Bearer`), validated for the cluster the `clusterid` header names, online
 //! by TokenReview or offline against the issuer's JWKS. The certificate is for
 //! `spiffe://<td>/ns/<ns>/sa/<sa>`, and the CSR must ask for exactly that URI SAN and nothing
 //! else. A trusted node account (ztunnel) may ask for another service account's identity
 //! (`metadata.ImpersonatedIdentity`) when that account has a pod on the caller's node.
+//!
+//! Renewal by certificate is bounded by the token it started from: a certificate issued on a
+//! token (for the caller's own identity) carries a [`RenewalGrant`] naming when the token was
+//! checked and the pod it was bound to; presenting it renews only while that pod exists and
+//! for `certificate_renewal_max_age` after the check, and the renewed certificate carries the
+//! same grant. Certificates an agent obtained (Agent API) or that were issued by impersonation
+//! carry none and renew nothing here, so banning or evicting an agent, or deleting an entry,
+//! leaves no path that keeps renewing what it obtained.
 //!
 //! What it is not: no istiod features (no XDS, no `istio-ca-root-cert` here: see
 //! `tessera_k8s::publish`).
@@ -21,6 +30,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use tessera_identity::SpiffeId;
 use tessera_identity::csr::{CheckedCsr, CsrError};
+use tessera_identity::x509::{PodRef, RenewalGrant};
 use tessera_k8s::jwks::{JwksSource, JwksValidator};
 use tessera_k8s::review::TokenReviewer;
 use tessera_k8s::token::parse_istio_identity;
@@ -62,6 +72,9 @@ struct Caller {
     service_account: String,
     /// Set when authenticated by token: the token's facts and its cluster.
     token: Option<(ServiceAccountToken, usize)>,
+    /// What a certificate issued to this caller for its own identity may renew: a new grant
+    /// for a token, the presented certificate's grant for a renewal.
+    grant: RenewalGrant,
     /// For the audit log.
     label: String,
 }
@@ -125,6 +138,14 @@ fn strict_csr(der: &[u8], id: &SpiffeId) -> Result<CheckedCsr, ApiError> {
     Ok(csr)
 }
 
+/// The identity a request asks to impersonate (`metadata.ImpersonatedIdentity`), if any.
+fn impersonated(metadata: Option<&prost_types::Struct>) -> Option<&str> {
+    metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)).and_then(|v| match &v.kind {
+        Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
+        _ => None,
+    })
+}
+
 fn bearer<T>(req: &Request<T>) -> Option<&str> {
     let v = req.metadata().get("authorization")?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
@@ -148,8 +169,9 @@ impl IstioCa {
         self.issuance.ca.trust_domain()
     }
 
-    /// The caller from its client certificate, when it presented an Istio identity of ours.
-    fn by_certificate<T>(&self, req: &Request<T>) -> Result<Option<Caller>, ApiError> {
+    /// The caller from its client certificate, when it presented an Istio identity of ours
+    /// that this API issued on a token, and the grant it carries still holds.
+    async fn by_certificate<T>(&self, req: &Request<T>) -> Result<Option<Caller>, ApiError> {
         let Some(certs) = req.extensions().get::<crate::api::tls::PeerCerts>().and_then(|p| p.0.clone()) else {
             return Ok(None);
         };
@@ -169,7 +191,52 @@ impl IstioCa {
         let Some((ns, sa)) = parse_istio_identity(&id, self.td()).map(|(n, s)| (n.to_owned(), s.to_owned())) else {
             return Ok(None);
         };
-        Ok(Some(Caller { label: format!("istio:cert:{id}"), id, namespace: ns, service_account: sa, token: None }))
+        let grant = facts.renewal_grant.ok_or_else(|| {
+            ApiError::Unauthenticated(
+                "the client certificate was not issued by this API on a service-account token, so it renews nothing here: authenticate with a token".into(),
+            )
+        })?;
+        self.check_grant(&grant).await?;
+        Ok(Some(Caller {
+            label: format!("istio:cert:{id}"),
+            id,
+            namespace: ns,
+            service_account: sa,
+            token: None,
+            grant,
+        }))
+    }
+
+    /// Whether a renewal grant still holds: within `certificate_renewal_max_age` of its token,
+    /// and, when the token was bound to a pod of a cluster we can ask, that pod still exists.
+    async fn check_grant(&self, g: &RenewalGrant) -> Result<(), ApiError> {
+        let age = tessera_identity::unix_now().saturating_sub(g.authorized_at);
+        if age > i64::try_from(self.cfg.certificate_renewal_max_age.as_secs()).unwrap_or(i64::MAX) {
+            return Err(ApiError::Unauthenticated(format!(
+                "the token behind this certificate was checked {age}s ago, over istio.certificate_renewal_max_age: authenticate with a token"
+            )));
+        }
+        let Some(cluster) = self.clusters.iter().find(|c| c.id == g.cluster) else {
+            return Err(ApiError::Unauthenticated(format!(
+                "the certificate was granted for cluster {:?}, which is no longer configured",
+                g.cluster
+            )));
+        };
+        if let (Some(pod), Some(api)) = (&g.pod, &cluster.api) {
+            let found = Api::<Pod>::namespaced(api.clone(), &pod.namespace)
+                .get_opt(&pod.name)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("cluster {}: {e}", cluster.id)))?;
+            let live = found
+                .is_some_and(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()) && tessera_k8s::pod_is_live(&p));
+            if !live {
+                return Err(ApiError::Unauthenticated(format!(
+                    "the pod {}/{} this certificate was granted to is gone: authenticate with a token",
+                    pod.namespace, pod.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The caller from its service-account token and `clusterid` header.
@@ -198,17 +265,25 @@ impl IstioCa {
             other => ApiError::Unavailable(format!("cluster {}: cannot validate the token: {other}", cluster.id)),
         })?;
         let id = sat.istio_identity(self.td()).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
+        let pod = match (&sat.pod_name, &sat.pod_uid) {
+            (Some(name), Some(uid)) => {
+                Some(PodRef { namespace: sat.namespace.clone(), name: name.clone(), uid: uid.clone() })
+            }
+            _ => None,
+        };
+        let grant = RenewalGrant { authorized_at: tessera_identity::unix_now(), cluster: cluster.id.clone(), pod };
         Ok(Caller {
             label: format!("istio:{}:{}/{}", cluster.id, sat.namespace, sat.service_account),
             id,
             namespace: sat.namespace.clone(),
             service_account: sat.service_account.clone(),
             token: Some((sat, index)),
+            grant,
         })
     }
 
     async fn authenticate<T>(&self, req: &Request<T>, impersonating: bool) -> Result<Caller, ApiError> {
-        let cert = if self.cfg.certificate_auth { self.by_certificate(req) } else { Ok(None) };
+        let cert = if self.cfg.certificate_auth { self.by_certificate(req).await } else { Ok(None) };
         // Impersonation needs the node the token is bound to: prefer the token then.
         if impersonating && let Some(token) = bearer(req) {
             return self.by_token(req, token).await;
@@ -227,11 +302,7 @@ impl IstioCa {
 
     /// The identity to issue: the caller's, or the impersonated one when the caller may.
     async fn target(&self, caller: &Caller, metadata: Option<&prost_types::Struct>) -> Result<SpiffeId, ApiError> {
-        let asked = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)).and_then(|v| match &v.kind {
-            Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.as_str()),
-            _ => None,
-        });
-        let Some(asked) = asked else { return Ok(caller.id.clone()) };
+        let Some(asked) = impersonated(metadata) else { return Ok(caller.id.clone()) };
         let trusted = self
             .cfg
             .trusted_node_accounts
@@ -317,21 +388,36 @@ impl IstioCa {
         Ok(asked)
     }
 
-    /// Leaf, intermediates, then the root that signed the last of them.
+    /// Leaf and intermediates, then one last element holding every root of our bundle,
+    /// PEM-concatenated, the root that signed this chain first. Istio's clients (istio-agent,
+    /// ztunnel) take their peer trust store from that last element, so during a CA rotation
+    /// it must hold the prepared, active and old roots alike, as istiod's does.
     fn response_chain(&self, chain: &[Vec<u8>]) -> Result<Vec<String>, ApiError> {
-        let last = chain.last().ok_or_else(|| ApiError::Internal("empty chain".into()))?;
+        let bundle = self.issuance.ca.bundle();
+        let is_root = |c: &[u8]| bundle.x509_authorities.iter().any(|r| r.as_ref() == c);
+        // The chain without its root (a self-signed CA's chain ends in it).
+        let path: Vec<&Vec<u8>> = chain.iter().filter(|c| !is_root(c)).collect();
+        let last = path.last().ok_or_else(|| ApiError::Internal("chain without a leaf".into()))?;
         let aki =
             tessera_identity::x509::cert_facts(last).map_err(|e| ApiError::Internal(e.to_string()))?.authority_key_id;
-        let bundle = self.issuance.ca.bundle();
-        let root = bundle
+        let signing = bundle
             .x509_authorities
             .iter()
-            .find(|r| aki.is_some() && tessera_identity::x509::cert_facts(r).ok().and_then(|f| f.subject_key_id) == aki)
+            .position(|r| {
+                aki.is_some() && tessera_identity::x509::cert_facts(r).ok().and_then(|f| f.subject_key_id) == aki
+            })
             .ok_or_else(|| ApiError::Unavailable("the bundle holds no root for the signing CA yet".into()))?;
-        let mut out: Vec<String> = chain.iter().map(|c| tessera_identity::pem::encode("CERTIFICATE", c)).collect();
-        if root.as_ref() != last.as_slice() {
-            out.push(tessera_identity::pem::encode("CERTIFICATE", root));
+        let mut roots = String::new();
+        if let Some(r) = bundle.x509_authorities.get(signing) {
+            roots.push_str(&tessera_identity::pem::encode("CERTIFICATE", r));
         }
+        for (i, r) in bundle.x509_authorities.iter().enumerate() {
+            if i != signing {
+                roots.push_str(&tessera_identity::pem::encode("CERTIFICATE", r));
+            }
+        }
+        let mut out: Vec<String> = path.iter().map(|c| tessera_identity::pem::encode("CERTIFICATE", c)).collect();
+        out.push(roots);
         Ok(out)
     }
 
@@ -352,10 +438,15 @@ impl IstioCa {
         let target = match self.target(&caller, r.metadata.as_ref()).await {
             Ok(t) => t,
             Err(e) => {
-                self.issuance.deny(&caller.id, &caller.label, &e).await;
+                // Recorded under the identity asked for, with the caller beside it, so that
+                // "who tried to get this workload's certificate" has an answer.
+                let asked = impersonated(r.metadata.as_ref()).and_then(|s| SpiffeId::new(s).ok());
+                self.issuance.deny(asked.as_ref().unwrap_or(&caller.id), &caller.label, &e).await;
                 return Err(e);
             }
         };
+        // Only a certificate for the caller's own identity can be renewed by presenting it.
+        let grant = (target == caller.id).then(|| caller.grant.clone());
         let ttl = self.ttl(r.validity_duration)?;
         let der = tessera_identity::pem::decode_csr(r.csr.as_bytes())
             .map_err(|e| ApiError::InvalidArgument(format!("csr: {e}")))?;
@@ -369,6 +460,7 @@ impl IstioCa {
                     caller: &caller.label,
                     kind: AuditKind::X509Svid,
                 },
+                grant,
                 move |id, _| strict_csr(&der, id),
             )
             .await?;

@@ -57,24 +57,34 @@ async fn entries(s: &dyn Store) {
         matches!(s.create_entry(entry("c", "spiffe://td/w1", parent)).await, Err(StoreError::AlreadyExists(_))),
         "same SPIFFE ID, parent and selectors must be refused"
     );
-    let base = s.entry_changes(0).await.unwrap();
+    let base = s.entry_changes(0, 100).await.unwrap();
     assert_eq!(base.changed.len(), 2);
     assert_eq!(base.revision, b.revision);
-    let unchanged = s.entry_changes(base.revision).await.unwrap();
+    let unchanged = s.entry_changes(base.revision, 100).await.unwrap();
     assert!(unchanged.changed.is_empty() && unchanged.deleted.is_empty(), "unchanged store reported changes");
 
     let mut a2 = a.clone();
     a2.dns_names = vec!["w1.local".into()];
     let a2 = s.update_entry(a2).await.unwrap();
     assert!(a2.revision > b.revision);
-    let ch = s.entry_changes(base.revision).await.unwrap();
+    let ch = s.entry_changes(base.revision, 100).await.unwrap();
     assert_eq!(ch.changed.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["a"]);
     assert_eq!(ch.changed[0].dns_names, vec!["w1.local".to_owned()]);
 
     assert!(s.delete_entry("b").await.unwrap().is_some());
     assert!(s.delete_entry("b").await.unwrap().is_none());
-    let ch = s.entry_changes(a2.revision).await.unwrap();
-    assert_eq!(ch.deleted, vec!["b".to_owned()]);
+    let ch = s.entry_changes(a2.revision, 100).await.unwrap();
+    assert_eq!(ch.deleted, vec![DeletedEntry { id: "b".into(), parent_id: Some(SpiffeId::new(parent).unwrap()) }]);
+    // A replay is bounded: over the limit, only the revision comes back.
+    let capped = s.entry_changes(0, 1).await.unwrap();
+    assert!(capped.truncated && capped.changed.is_empty() && capped.deleted.is_empty(), "{capped:?}");
+    assert_eq!(capped.revision, ch.revision);
+    let revision_only = s.entry_changes(0, 0).await.unwrap();
+    assert!(revision_only.truncated);
+    assert_eq!(
+        s.entry_changes(ch.revision, 0).await.unwrap(),
+        EntryChanges { revision: ch.revision, ..Default::default() }
+    );
     assert!(ch.changed.is_empty());
 
     let by_parent = s.entries_by_parent(&SpiffeId::new(parent).unwrap()).await.unwrap();

@@ -16,8 +16,8 @@ pub mod sled;
 
 pub use audit::{AuditEvent, AuditKind, AuditRecord, AuditVerdict};
 pub use records::{
-    AgentRecord, CaJournal, EndpointProfile, Entry, EntryChanges, FederationRelationship, JoinToken, JwtKeyEntry,
-    SlotStatus, X509CaEntry,
+    AgentRecord, CaJournal, DeletedEntry, EndpointProfile, Entry, EntryChanges, FederationRelationship, JoinToken,
+    JwtKeyEntry, SlotStatus, X509CaEntry,
 };
 
 /// Store errors.
@@ -64,8 +64,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn list_entries(&self) -> Result<Vec<Entry>>;
     /// Entries whose parent is `parent`.
     async fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>>;
-    /// What changed after revision `since`: O(changes), not O(entries).
-    async fn entry_changes(&self, since: u64) -> Result<EntryChanges>;
+    /// What changed after revision `since`, at most `limit` changes: O(changes), not
+    /// O(entries). Over the limit, `truncated` is set and nothing else is read; `limit` 0
+    /// reads only the newest revision.
+    async fn entry_changes(&self, since: u64, limit: usize) -> Result<EntryChanges>;
 
     // --- attested agents ---
 

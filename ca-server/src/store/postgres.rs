@@ -406,23 +406,29 @@ impl Store for PostgresStore {
         rows.iter().map(|r| from_json(&parent.to_string(), r.get::<_, &str>(0))).collect()
     }
 
-    async fn entry_changes(&self, since: u64) -> Result<EntryChanges> {
+    async fn entry_changes(&self, since: u64, limit: usize) -> Result<EntryChanges> {
         let c = self.pool.get().await?;
         let since = i64::try_from(since).unwrap_or(i64::MAX);
         let newest: i64 =
             c.query_one("SELECT COALESCE(MAX(revision), 0) FROM entries", &[]).await.map_err(backend)?.get(0);
+        let mut out = EntryChanges { revision: rev(newest), ..Default::default() };
+        let over = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
         let rows = c
             .query(
-                "SELECT id, deleted, body FROM entries WHERE revision > $1 AND revision <= $2 ORDER BY revision",
-                &[&since, &newest],
+                "SELECT id, deleted, body, parent_id FROM entries WHERE revision > $1 AND revision <= $2 ORDER BY revision LIMIT $3",
+                &[&since, &newest, &over],
             )
             .await
             .map_err(backend)?;
-        let mut out = EntryChanges { revision: rev(newest), changed: Vec::new(), deleted: Vec::new() };
+        if rows.len() > limit {
+            out.truncated = true;
+            return Ok(out);
+        }
         for r in rows {
             let id: &str = r.get(0);
             if r.get::<_, bool>(1) {
-                out.deleted.push(id.to_owned());
+                let parent_id = SpiffeId::new(r.get::<_, &str>(3)).ok();
+                out.deleted.push(super::DeletedEntry { id: id.to_owned(), parent_id });
             } else {
                 out.changed.push(from_json(id, r.get::<_, &str>(2))?);
             }

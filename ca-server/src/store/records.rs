@@ -47,8 +47,20 @@ pub struct EntryChanges {
     pub revision: u64,
     /// Entries created or updated after `since`, current state.
     pub changed: Vec<Entry>,
-    /// IDs deleted after `since`.
-    pub deleted: Vec<String>,
+    /// Entries deleted after `since`.
+    pub deleted: Vec<DeletedEntry>,
+    /// More than the asked limit changed after `since`: `changed` and `deleted` are empty
+    /// and the caller must start over from the full state.
+    pub truncated: bool,
+}
+
+/// A deleted entry, as its tombstone remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedEntry {
+    /// The entry ID.
+    pub id: String,
+    /// Its parent when it was deleted; `None` for tombstones written before it was kept.
+    pub parent_id: Option<SpiffeId>,
 }
 
 /// An attested agent.

@@ -70,10 +70,16 @@ fn parent_key(parent: &str, id: &str) -> Vec<u8> {
     k
 }
 
-fn rev_value(kind: u8, id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + id.len());
+/// A revision record: kind, entry ID, and for tombstones a NUL and the parent ID.
+fn rev_value(kind: u8, id: &str, parent: Option<&SpiffeId>) -> Vec<u8> {
+    let parent = parent.map(ToString::to_string);
+    let mut v = Vec::with_capacity(2 + id.len() + parent.as_ref().map_or(0, String::len));
     v.push(kind);
     v.extend_from_slice(id.as_bytes());
+    if let Some(p) = parent {
+        v.push(0);
+        v.extend_from_slice(p.as_bytes());
+    }
     v
 }
 
@@ -170,7 +176,7 @@ impl SledStore {
                 }
                 if delete {
                     entries.remove(entry.id.as_bytes())?;
-                    by_rev.insert(&rev.to_be_bytes(), rev_value(TOMBSTONE, &entry.id))?;
+                    by_rev.insert(&rev.to_be_bytes(), rev_value(TOMBSTONE, &entry.id, Some(&entry.parent_id)))?;
                 } else {
                     let mut stored: Entry = serde_json::from_slice(&value)
                         .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
@@ -178,7 +184,7 @@ impl SledStore {
                     let bytes =
                         serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
                     entries.insert(entry.id.as_bytes(), bytes)?;
-                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id))?;
+                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id, None))?;
                     by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
                 }
                 Ok(rev)
@@ -252,18 +258,26 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    async fn entry_changes(&self, since: u64) -> Result<EntryChanges> {
+    async fn entry_changes(&self, since: u64, limit: usize) -> Result<EntryChanges> {
         let mut out =
             EntryChanges { revision: read_u64(self.meta.get(META_ENTRY_REV).map_err(backend)?), ..Default::default() };
         let start = since.saturating_add(1).to_be_bytes();
+        if self.by_rev.range(start..).nth(limit).is_some() {
+            out.truncated = true;
+            return Ok(out);
+        }
         for kv in self.by_rev.range(start..) {
             let (k, v) = kv.map_err(backend)?;
-            let (kind, id) = v
+            let (kind, rest) = v
                 .split_first()
                 .ok_or_else(|| StoreError::Corrupt { key: format!("{k:?}"), reason: "empty revision record".into() })?;
+            let (id, parent) = match rest.iter().position(|b| *b == 0) {
+                Some(i) => (&rest[..i], SpiffeId::new(&String::from_utf8_lossy(&rest[i + 1..])).ok()),
+                None => (rest, None),
+            };
             let id = String::from_utf8_lossy(id).into_owned();
             match *kind {
-                TOMBSTONE => out.deleted.push(id),
+                TOMBSTONE => out.deleted.push(super::DeletedEntry { id, parent_id: parent }),
                 _ => {
                     if let Some(e) = Self::get_json(&self.entries, id.as_bytes())? {
                         out.changed.push(e);

@@ -83,6 +83,7 @@ fn crypto_rate(csrs: &[Vec<u8>], id: &SpiffeId) -> Result<f64> {
             not_after: 3600,
             issuer_not_after: 7200,
             serial: [1; 16],
+            renewal_grant: None,
         };
         tessera_identity::x509::leaf_params(&spec)?.signed_by(csr.public_key(), &issuer)?;
         n += 1;

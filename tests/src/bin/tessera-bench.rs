@@ -63,6 +63,7 @@ fn crypto_floor() -> Result<Duration> {
             not_after: 3600,
             issuer_not_after: 7200,
             serial: [1; 16],
+            renewal_grant: None,
         };
         let issuer = rcgen::Issuer::new(tessera_identity::x509::ca_params(id.trust_domain(), 0, 7200, [2; 16])?, &kp);
         tessera_identity::x509::leaf_params(&spec)?.signed_by(checked.public_key(), &issuer)?;

@@ -9,6 +9,10 @@
 //! polled every `poll_seconds` (default 60) and a change is sent to the server as a root
 //! update.
 //!
+//! Like every plugin, it exits when its server does: when stdin (a pipe only the server
+//! holds) reaches end of file. (Not `PR_SET_PDEATHSIG`: that fires when the *thread* that
+//! started us exits, which in a thread-pooled server is not the server's death.)
+//!
 //! What it is not: a production bridge (no TLS or auth to cfssl: run it on loopback).
 
 use std::time::Duration;
@@ -178,6 +182,14 @@ async fn main() -> std::process::ExitCode {
         eprintln!("tessera-upstream-cfssl: TESSERA_PLUGIN_SOCKET is not set (the Tessera server starts this plugin)");
         return std::process::ExitCode::FAILURE;
     };
+    // Die with the server, however it dies: the kernel closes the server's end of our stdin
+    // when it exits (the plugin contract, docs/plugins.md).
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while std::io::Read::read(&mut stdin, &mut sink).is_ok_and(|n| n > 0) {}
+        std::process::exit(0);
+    });
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
         Ok(l) => l,
