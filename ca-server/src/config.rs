@@ -747,6 +747,35 @@ pub struct Config {
     pub bundle_publishers: Vec<crate::publish::PublisherConfig>,
 }
 
+/// Refuses an Istio configuration whose workload certificates are too long-lived for the CA's
+/// rotation. A prepared CA sits in the bundle for a third of `ca_ttl` before it signs (from
+/// ½ to ⅚ of the CA's life). An Istio client learns new roots only when it renews, at half
+/// its certificate's life, so that third must cover half the longest certificate, plus a
+/// tenth of it for renewal jitter, clock skew and retries; else its peers' new certificates
+/// fail its handshakes until it renews (istio #30946, #31111).
+fn istio_rotation_fits(
+    istio: crate::istio::config::IstioConfig,
+    ca_ttl: Duration,
+) -> Result<crate::istio::config::IstioConfig, ConfigError> {
+    let window = ca_ttl / 3;
+    let need = istio.max_ttl / 2 + istio.max_ttl / 10;
+    if window < need {
+        let h = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs() / 60 * 60)).to_string();
+        return Err(ConfigError::Invalid {
+            key: "istio.max_workload_cert_ttl",
+            reason: format!(
+                "a new CA is in the bundle for a third of ca.ca_ttl ({}) before it signs, but Istio clients holding {} certificates may learn it only {} later (at half life, plus a tenth for jitter and clock skew): raise ca.ca_ttl to at least {} or lower istio.max_workload_cert_ttl to at most {} (docs/istio.md, CA rotation)",
+                h(window),
+                h(istio.max_ttl),
+                h(need),
+                h(need * 3),
+                h(window * 5 / 3),
+            ),
+        });
+    }
+    Ok(istio)
+}
+
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     let d = humantime::parse_duration(s).map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })?;
     if d.is_zero() {
@@ -1140,7 +1169,10 @@ impl Config {
             federation,
             upstream_authority,
             node_attestors,
-            istio: raw.istio.map(crate::istio::config::RawIstio::validate).transpose()?,
+            istio: match raw.istio.map(crate::istio::config::RawIstio::validate).transpose()? {
+                Some(i) => Some(istio_rotation_fits(i, ca_ttl)?),
+                None => None,
+            },
             bundle_publishers: raw
                 .bundle_publisher
                 .unwrap_or_default()

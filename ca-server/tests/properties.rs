@@ -11,7 +11,7 @@ data_dir = "/tmp/x"
 [server]
 agent_api_address = "127.0.0.1:0"
 [ca]
-ca_ttl = "24h"
+ca_ttl = "96h"
 default_x509_svid_ttl = "1h"
 [istio]
 address = "127.0.0.1:15012"

@@ -574,7 +574,7 @@ fn join_tokens_never_reach_the_server_or_agent_logs() {
         |t| t.replace("log_level = \"info\"", "log_level = \"debug\""),
         alias,
         |server| {
-            let mut generate = |args: &[&str]| {
+            let generate = |args: &[&str]| {
                 let mut all = vec!["token", "generate", "--output", "json"];
                 all.extend_from_slice(args);
                 let v: serde_json::Value = serde_json::from_str(&server.cli_ok(&all)).unwrap();

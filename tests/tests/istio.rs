@@ -67,7 +67,7 @@ audiences = ["istio-ca"]
         kc = kubeconfig.display(),
         jwks = jwks.display()
     );
-    let ca = "ca_ttl = \"72h\"\ndefault_x509_svid_ttl = \"1h\"";
+    let ca = "ca_ttl = \"96h\"\ndefault_x509_svid_ttl = \"1h\"";
     let server = ServerProc::start_in(dir.path(), TD, ca, &extra);
     let roots_pem = server.cli_ok(&["bundle", "show"]);
     Env { _dir: dir, server, addr: format!("127.0.0.1:{port}"), roots_pem, a, b }
@@ -75,8 +75,13 @@ audiences = ["istio-ca"]
 
 /// A channel as istio-agent opens it: TLS, host name `HOST` checked against the roots.
 async fn channel(env: &Env, client_cert: Option<(&str, &rcgen::KeyPair)>) -> Channel {
+    ca_channel(&env.addr, &env.roots_pem, client_cert).await
+}
+
+/// The same to `addr`, trusting `roots_pem`.
+async fn ca_channel(addr: &str, roots_pem: &str, client_cert: Option<(&str, &rcgen::KeyPair)>) -> Channel {
     let mut roots = rustls::RootCertStore::empty();
-    for c in tessera_identity::pem::decode_certs(env.roots_pem.as_bytes()).unwrap() {
+    for c in tessera_identity::pem::decode_certs(roots_pem.as_bytes()).unwrap() {
         roots.add(c).unwrap();
     }
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -94,7 +99,7 @@ async fn channel(env: &Env, client_cert: Option<(&str, &rcgen::KeyPair)>) -> Cha
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let target = env.addr.clone();
+    let target = addr.to_owned();
     tonic::transport::Endpoint::from_static("https://tessera.tessera-system.svc:15012")
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, target) = (connector.clone(), target.clone());
@@ -410,7 +415,7 @@ fn agent_obtained_identities_renew_nothing_at_the_istio_ca_api_and_token_grants_
     let kc = kc_dir.path().join("a.kubeconfig");
     a.write_kubeconfig(&kc, "cluster-a");
     let port = free_port();
-    let ca = "ca_ttl = \"72h\"\ndefault_x509_svid_ttl = \"1h\"";
+    let ca = "ca_ttl = \"96h\"\ndefault_x509_svid_ttl = \"1h\"";
     let mesh = tessera_e2e::Mesh::start_custom(TD, ca, "1s", |t| {
         t + &istio_section(
             port,
@@ -587,4 +592,188 @@ fn split_der(mut b: &[u8]) -> Vec<Vec<u8>> {
         b = &b[hdr + len..];
     }
     out
+}
+
+/// A client of the Istio CA API that behaves as ztunnel does: it asks for its certificate with
+/// its token, trusts for its peers exactly the last element of its latest answer, and renews
+/// at half life.
+struct Workload {
+    id: &'static str,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    peer_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    renew_at: std::time::Instant,
+    /// Authority key ID of the leaf (which CA signed it).
+    issuer: String,
+}
+
+impl Workload {
+    async fn fetch(id: &'static str, addr: &str, ca_roots_pem: &str, token: &str) -> Workload {
+        let ch = ca_channel(addr, ca_roots_pem, None).await;
+        let (c, key) = csr(id, None);
+        let resp = call(&ch, Call::new(token, "cluster-b", c)).await.unwrap();
+        let last = resp.cert_chain.last().unwrap();
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = resp.cert_chain[..resp.cert_chain.len() - 1]
+            .iter()
+            .flat_map(|p| tessera_identity::pem::decode_certs(p.as_bytes()).unwrap())
+            .map(Into::into)
+            .collect();
+        let facts = tessera_identity::x509::cert_facts(&chain[0]).unwrap();
+        let life = u64::try_from(facts.not_after - tessera_identity::unix_now()).unwrap_or(0);
+        Workload {
+            id,
+            peer_roots: tessera_identity::pem::decode_certs(last.as_bytes())
+                .unwrap()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+            chain,
+            key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            renew_at: std::time::Instant::now() + Duration::from_millis(life * 1000 / 2),
+            issuer: facts.authority_key_id.unwrap_or_default(),
+        }
+    }
+}
+
+/// One mTLS handshake from `client` to `server` over loopback, each side checking the other
+/// against its own peer trust store, as two ztunnels do. Err names the side that refused.
+async fn handshake(server: &Workload, client: &Workload) -> Result<(), String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    for r in &server.peer_roots {
+        store.add(r.clone()).map_err(|e| e.to_string())?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let scfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server.chain.clone(), server.key.clone_key())
+        .map_err(|e| e.to_string())?;
+    let td = tessera_identity::TrustDomain::new(TD).unwrap();
+    let cverifier = tessera_identity::tls::SpiffeServerVerifier::new(
+        &client.peer_roots,
+        tessera_identity::tls::Authorize::MemberOf(td),
+        &provider,
+    )
+    .map_err(|e| e.to_string())?;
+    let ccfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(cverifier))
+        .with_client_auth_cert(client.chain.clone(), client.key.clone_key())
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(scfg));
+    let serve = async move {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let mut s = acceptor.accept(tcp).await.map_err(|e| format!("{} refused {}: {e}", "server", "client"))?;
+        use tokio::io::AsyncWriteExt;
+        s.write_all(b"ok").await.map_err(|e| e.to_string())?;
+        s.shutdown().await.map_err(|e| e.to_string())
+    };
+    let connect = async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from("peer").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(ccfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("client refused server: {e}"))?;
+        let mut buf = [0u8; 2];
+        use tokio::io::AsyncReadExt;
+        s.read_exact(&mut buf).await.map_err(|e| format!("server refused client: {e}"))?;
+        Ok::<_, String>(())
+    };
+    let (a, b) = tokio::join!(serve, connect);
+    a.and(b).map_err(|e| format!("{} ⇄ {}: {e}", client.id, server.id))
+}
+
+/// Issue 15: two workloads keep doing mTLS with each other through a whole CA rotation
+/// (prepare, activate, the old CA expired and pruned), each renewing at half life and
+/// trusting only what its latest `CreateCertificate` answer's last element holds, as
+/// ztunnel does. Before the last element held every root, a workload with a certificate of
+/// one CA refused a peer holding one of the other, for up to half a certificate lifetime.
+#[test]
+fn istio_workloads_keep_trusting_each_other_through_a_ca_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = FakeCluster::start("https://oidc.cluster-b.example");
+    let jwks = dir.path().join("b-jwks.json");
+    std::fs::write(&jwks, b.jwks()).unwrap();
+    let port = free_port();
+    // A 20 s CA: prepared at 10 s, active at ~16.7 s, expired at 20 s. Workload certificates
+    // of at most 10 s fit its rotation (a third of 20 s is over 0.6 × 10 s).
+    let extra = format!(
+        "\n[istio]\naddress = \"127.0.0.1:{port}\"\ndns_names = [\"{HOST}\"]\ndefault_workload_cert_ttl = \"10s\"\nmax_workload_cert_ttl = \"10s\"\n[[istio.clusters]]\ncluster_id = \"cluster-b\"\njwks_path = \"{}\"\nissuer = \"https://oidc.cluster-b.example\"\naudiences = [\"istio-ca\"]\n",
+        jwks.display()
+    );
+    let text = tessera_e2e::server_config_for(TD, dir.path(), "ca_ttl = \"20s\"\ndefault_x509_svid_ttl = \"5s\"")
+        .replace("[server]\n", "[server]\nrotation_check_interval = \"500ms\"\nagent_svid_ttl = \"5s\"\n")
+        + &extra;
+    let server = ServerProc::start_text(dir.path(), &text);
+    let addr = format!("127.0.0.1:{port}");
+    let authorities = || -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&server.cli_ok(&["localauthority", "x509", "show", "--output", "json"])).unwrap();
+        v["authorities"].as_array().unwrap().iter().map(|a| a["authority_id"].as_str().unwrap().to_owned()).collect()
+    };
+    let first = authorities();
+    assert_eq!(first.len(), 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (ok, failed, mixed, renewals) = rt.block_on(async {
+        let token_a = b.token("shop", "cart", None, AUD, 3600);
+        let token_b = b.token("shop", "pay", None, AUD, 3600);
+        let (cart, pay) = ("spiffe://cluster.local/ns/shop/sa/cart", "spiffe://cluster.local/ns/shop/sa/pay");
+        // The CA connection trusts the published bundle (istio-ca-root-cert), read afresh.
+        let roots = || server.cli_ok(&["bundle", "show"]);
+        let mut a = Workload::fetch(cart, &addr, &roots(), &token_a).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await; // out of step, as real pods are
+        let mut w = Workload::fetch(pay, &addr, &roots(), &token_b).await;
+        let (mut ok, mut failed, mut mixed, mut renewals) = (0u32, Vec::new(), 0u32, 0u32);
+        let deadline = std::time::Instant::now() + Duration::from_secs(45);
+        loop {
+            let now = std::time::Instant::now();
+            if now >= a.renew_at {
+                a = Workload::fetch(cart, &addr, &roots(), &token_a).await;
+                renewals += 1;
+            }
+            if now >= w.renew_at {
+                w = Workload::fetch(pay, &addr, &roots(), &token_b).await;
+                renewals += 1;
+            }
+            for (s, c) in [(&a, &w), (&w, &a)] {
+                match handshake(s, c).await {
+                    Ok(()) => {
+                        ok += 1;
+                        if a.issuer != w.issuer {
+                            mixed += 1;
+                        }
+                    }
+                    Err(e) => failed.push(e),
+                }
+            }
+            let now_authorities = authorities();
+            if !now_authorities.contains(&first[0]) || now >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (ok, failed, mixed, renewals)
+    });
+    eprintln!(
+        "rotation: {ok} handshakes, {} failed, {mixed} between certificates of different CAs, {renewals} renewals",
+        failed.len()
+    );
+    assert!(!authorities().contains(&first[0]), "the first CA was not pruned within 45 s: {:?}", authorities());
+    assert!(
+        failed.is_empty(),
+        "{} of {} handshakes failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(mixed > 0, "no handshake between certificates of the two CAs: the rotation was not exercised");
 }

@@ -25,15 +25,27 @@ const WEB_UID: &str = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d";
 const OTHER_NODE_UID: &str = "22222222-3333-4444-8555-666666666666";
 
 /// A cgroup (v1, `pids` controller) shaped like a kubelet's, removed on drop.
-struct PodCgroup(PathBuf);
+struct PodCgroup(PathBuf, Vec<PathBuf>);
 
 impl PodCgroup {
     fn new(pod_uid: &str) -> Self {
-        let dir = Path::new("/sys/fs/cgroup/pids/kubepods/besteffort").join(format!("pod{pod_uid}")).join(CID);
+        Self::under("kubepods/besteffort", pod_uid)
+    }
+
+    /// The same shape under `base` (relative to the `pids` hierarchy's root).
+    fn under(base: &str, pod_uid: &str) -> Self {
+        let dir = Path::new("/sys/fs/cgroup/pids").join(base).join(format!("pod{pod_uid}")).join(CID);
+        // Only the directories this creates are removed again.
+        let created: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| *a != Path::new("/sys/fs/cgroup/pids"))
+            .filter(|a| !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
             panic!("cannot create cgroup {} (the test needs root and cgroupfs): {e}", dir.display())
         });
-        Self(dir)
+        Self(dir, created)
     }
 
     /// Runs `tessera-agent api fetch x509` inside this cgroup (the shell moves itself in,
@@ -57,7 +69,7 @@ impl PodCgroup {
 impl Drop for PodCgroup {
     fn drop(&mut self) {
         // Innermost first; a parent still holding another test's pod stays.
-        for dir in self.0.ancestors().take(4) {
+        for dir in self.0.ancestors().take(4).chain(self.1.iter().map(PathBuf::as_path)) {
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -159,6 +171,12 @@ type = "unix"
     // A process outside the pod gets nothing.
     let outside = mesh.agent_cli(&["api", "fetch", "x509"]);
     assert!(!text(&outside).contains(cart), "a process outside the pod got the pod's SVID: {}", text(&outside));
+    // Nor does one that places itself in a look-alike of the pod's cgroup inside a subtree a
+    // user may write to (systemd's user manager delegates one): only the kubelet's own
+    // `kubepods` under the cgroup root counts (F2 of the second review).
+    let delegated = PodCgroup::under("user.slice/user-1000.slice/user@1000.service/kubepods/besteffort", CART_UID);
+    let out = delegated.fetch(&mesh.socket).wait_with_output().unwrap();
+    assert!(!text(&out).contains(cart), "a delegated cgroup posed as the pod: {}", text(&out));
 
     // With auto_pod_identity, a pod on the agent's node gets spiffe://<td>/ns/<ns>/sa/<sa>
     // without any entry; a pod of a service account with no pod on this node does not.
