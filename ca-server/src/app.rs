@@ -221,7 +221,7 @@ impl Server {
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
         let gate = |name: &'static str| ConnGate::new(cfg.connections, metrics.listener(name));
-        let incoming_tls = incoming(listener, tls.clone(), 1024, gate("agent_api"));
+        let incoming_tls = incoming(listener, tls.clone(), 1024, gate("agent_api"), Some(cfg.trust_domain.clone()));
         tasks.spawn(
             async move {
                 let res = grpc_server()
@@ -248,7 +248,7 @@ impl Server {
                     .map_err(io(format!("cannot bind the Istio CA API on {}", ic.address)))?;
                 let a = l.local_addr().map_err(io("Istio CA API address"))?;
                 let server = IstioCertificateServiceServer::new(svc).max_decoding_message_size(64 * 1024);
-                let incoming_tls = incoming(l, tls.clone(), 1024, gate("istio_ca"));
+                let incoming_tls = incoming(l, tls.clone(), 1024, gate("istio_ca"), None);
                 let mut rx = shutdown_rx.clone();
                 tasks.spawn(
                     async move {

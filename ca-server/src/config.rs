@@ -175,7 +175,7 @@ impl Default for RawServer {
             rate_limit_attestations_per_minute: 60.0,
             max_connections: 16_384,
             connection_idle_timeout: "60s".into(),
-            max_anonymous_connections_per_ip: 64,
+            max_anonymous_connections_per_ip: 256,
         }
     }
 }
@@ -184,7 +184,7 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 struct RawCa {
     key_type: String,
-    ca_ttl: String,
+    ca_ttl: Option<String>,
     default_x509_svid_ttl: String,
     default_jwt_svid_ttl: String,
     max_x509_svid_ttl: Option<String>,
@@ -195,7 +195,7 @@ impl Default for RawCa {
     fn default() -> Self {
         Self {
             key_type: "ec-p256".into(),
-            ca_ttl: "24h".into(),
+            ca_ttl: None,
             default_x509_svid_ttl: "1h".into(),
             default_jwt_svid_ttl: "5m".into(),
             max_x509_svid_ttl: None,
@@ -747,6 +747,16 @@ pub struct Config {
     pub bundle_publishers: Vec<crate::publish::PublisherConfig>,
 }
 
+/// `ca.ca_ttl` when the config sets none: 24h, or, with the Istio CA API on, long enough for
+/// its longest workload certificates to learn a new root before it signs (1.8 ×
+/// `istio.max_workload_cert_ttl`, rounded up to the hour: 87h for the default 48h).
+fn default_ca_ttl(istio: Option<&crate::istio::config::IstioConfig>) -> Duration {
+    let day = Duration::from_secs(24 * 3600);
+    let Some(i) = istio else { return day };
+    let need = (i.max_ttl / 2 + i.max_ttl / 10) * 3;
+    day.max(Duration::from_secs(need.as_secs().div_ceil(3600) * 3600))
+}
+
 /// Refuses an Istio configuration whose workload certificates are too long-lived for the CA's
 /// rotation. A prepared CA sits in the bundle for a third of `ca_ttl` before it signs (from
 /// ½ to ⅚ of the CA's life). An Istio client learns new roots only when it renews, at half
@@ -760,7 +770,10 @@ fn istio_rotation_fits(
     let window = ca_ttl / 3;
     let need = istio.max_ttl / 2 + istio.max_ttl / 10;
     if window < need {
-        let h = |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs() / 60 * 60)).to_string();
+        let h = |d: Duration| {
+            let hours = d.as_secs_f64() / 3600.0;
+            if hours.fract() < 0.05 { format!("{hours:.0}h") } else { format!("{hours:.1}h") }
+        };
         return Err(ConfigError::Invalid {
             key: "istio.max_workload_cert_ttl",
             reason: format!(
@@ -1013,7 +1026,11 @@ impl Config {
         let key_type = raw.ca.key_type.parse().map_err(|e: tessera_identity::keys::UnknownKeyType| {
             ConfigError::Invalid { key: "ca.key_type", reason: e.to_string() }
         })?;
-        let ca_ttl = dur("ca.ca_ttl", &raw.ca.ca_ttl)?;
+        let istio = raw.istio.map(crate::istio::config::RawIstio::validate).transpose()?;
+        let ca_ttl = match &raw.ca.ca_ttl {
+            Some(s) => dur("ca.ca_ttl", s)?,
+            None => default_ca_ttl(istio.as_ref()),
+        };
         let default_x509_svid_ttl = dur("ca.default_x509_svid_ttl", &raw.ca.default_x509_svid_ttl)?;
         let max_x509_svid_ttl = match &raw.ca.max_x509_svid_ttl {
             Some(s) => dur("ca.max_x509_svid_ttl", s)?,
@@ -1169,7 +1186,7 @@ impl Config {
             federation,
             upstream_authority,
             node_attestors,
-            istio: match raw.istio.map(crate::istio::config::RawIstio::validate).transpose()? {
+            istio: match istio {
                 Some(i) => Some(istio_rotation_fits(i, ca_ttl)?),
                 None => None,
             },
@@ -1219,6 +1236,26 @@ type = "disk"
 [store]
 type = "sled"
 "#;
+
+    const ISTIO: &str = "[istio]\naddress = \"127.0.0.1:15012\"\n[[istio.clusters]]\ncluster_id = \"c\"\njwks_path = \"/tmp/j\"\nissuer = \"https://k\"\n";
+
+    /// Issue 15: a CA whose rotation is shorter than Istio clients need to learn its new root
+    /// is refused; without an explicit `ca_ttl`, the default is long enough.
+    #[test]
+    fn the_ca_rotation_must_fit_the_longest_istio_certificate() {
+        let e = Config::from_toml(&format!("{CONTRACT}{ISTIO}")).unwrap_err().to_string();
+        assert!(e.contains("istio.max_workload_cert_ttl") && e.contains("ca.ca_ttl"), "{e}");
+        assert!(e.contains("at least 86.4h") && e.contains("(8h)"), "the message names the ca_ttl needed: {e}");
+        let c = Config::from_toml(&format!("{}{ISTIO}", CONTRACT.replace("ca_ttl = \"24h\"\n", ""))).unwrap();
+        assert_eq!(c.ca.ca_ttl, Duration::from_secs(87 * 3600), "the default follows the Istio maximum");
+        let lower =
+            ISTIO.replace("[[istio", "max_workload_cert_ttl = \"12h\"\ndefault_workload_cert_ttl = \"12h\"\n[[istio");
+        Config::from_toml(&format!("{CONTRACT}{lower}")).unwrap();
+        assert_eq!(
+            Config::from_toml(&CONTRACT.replace("ca_ttl = \"24h\"\n", "")).unwrap().ca.ca_ttl,
+            Duration::from_secs(86_400)
+        );
+    }
 
     #[test]
     fn the_documented_contract_parses() {

@@ -2,7 +2,8 @@
 //! another process on a Unix socket. The server opens the executable, checks the SHA-256 of
 //! what it read from that open file before every start, and runs that same open file (through
 //! `/proc/self/fd`, so a file swapped in at the path afterwards is not what runs); an
-//! executable that other users may write to is refused. It starts it with
+//! executable that other users may write to, or that neither root nor the server's user
+//! owns, is refused. It starts it with
 //! `TESSERA_PLUGIN_SOCKET`, waits for the socket, checks `Info`, sends `Configure`, and then
 //! supervises it: a health check (`Info`) every 2 s, and a restart with backoff (1 s doubling
 //! to 30 s) when the process exits or stops answering. Every call has a deadline. While the
@@ -156,6 +157,17 @@ impl ExternalUpstream {
                 "{} is writable by group or others (mode {:o}); refusing to run it",
                 path.display(),
                 meta.permissions().mode() & 0o7777
+            )));
+        }
+        // Its owner could rewrite it between the check and the start: only root or the
+        // server's own user may own it.
+        use std::os::unix::fs::MetadataExt;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(cfg_err(format!(
+                "{} is owned by uid {}, neither root nor the server's user ({me}); refusing to run it",
+                path.display(),
+                meta.uid()
             )));
         }
         let mut head = [0u8; 2];

@@ -184,19 +184,117 @@ pub fn parse_under(cgroup_file: &str, root: &CgroupRoot) -> Result<PodContainer,
     }
 }
 
+/// The absolute paths a path relative to the reader's cgroup namespace (`/../../<tail>`) can
+/// stand for, under the kubelet's layout at `root`: the tail must hold the pod segment, and
+/// what is above it is rebuilt from the kubelet's naming (the systemd driver's slice names
+/// carry their ancestry; for cgroupfs, with and without a QoS level).
+fn absolute_candidates(root: &CgroupRoot, tail: &[&str]) -> Vec<Vec<String>> {
+    let rootc: Vec<&str> = root.parts.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for (i, seg) in tail.iter().enumerate() {
+        let above: Vec<&str> = tail.get(..i).unwrap_or_default().to_vec();
+        let below: Vec<String> = tail.get(i..).unwrap_or_default().iter().map(|s| (*s).to_owned()).collect();
+        // cgroupfs: `pod<uid>`; whatever of the tail is above it must end the rebuilt path.
+        if seg.strip_prefix("pod").is_some_and(is_uid) {
+            let mut shapes: Vec<Vec<&str>> = vec![vec!["kubepods"]];
+            shapes.extend(QOS.iter().map(|q| vec!["kubepods", *q]));
+            for shape in shapes {
+                let abs: Vec<&str> = rootc.iter().chain(shape.iter()).copied().collect();
+                if abs.ends_with(&above) {
+                    let mut abs: Vec<String> = abs.iter().map(|s| (*s).to_owned()).collect();
+                    abs.extend(below.iter().cloned());
+                    out.push(abs);
+                }
+            }
+        }
+        // systemd: `<a>-<b>-…-pod<uid_>.slice` names all its ancestors.
+        if let Some((prefix, _)) = seg.strip_suffix(".slice").and_then(|s| s.rsplit_once("-pod")) {
+            let names: Vec<&str> = prefix.split('-').collect();
+            let mut abs: Vec<String> =
+                (1..=names.len()).map(|d| slice_name(names.get(..d).unwrap_or_default())).collect();
+            abs.extend(below.iter().cloned());
+            out.push(abs);
+        }
+    }
+    out
+}
+
+/// Whether `pid` is listed in the `cgroup.procs` of the cgroup at `path` (absolute) of the
+/// hierarchy a `/proc/<pid>/cgroup` line names, under the host's cgroup file system at
+/// `cgroupfs`. The kernel writes that list: a process is in the cgroup if and only if it is
+/// there.
+fn is_member(cgroupfs: &std::path::Path, line: &str, path: &[String], pid: u32) -> bool {
+    let mut parts = line.splitn(3, ':');
+    let (Some(_), Some(controllers)) = (parts.next(), parts.next()) else { return false };
+    let mut dir = cgroupfs.to_path_buf();
+    if !controllers.is_empty() {
+        // cgroup v1: one hierarchy per controller set, mounted under its name.
+        dir.push(controllers.strip_prefix("name=").unwrap_or(controllers));
+    }
+    for p in path {
+        dir.push(p);
+    }
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse::<u32>() == Ok(pid)))
+}
+
+/// The pod and container of process `pid` from its cgroup file, anchored at the kubelet's
+/// cgroup `root`. Absolute paths are read as they are. Paths relative to the reader's cgroup
+/// namespace (an agent that is not in the host's) are rebuilt into the absolute paths the
+/// kubelet would have used, and accepted only when the host's cgroup file system, mounted at
+/// `cgroupfs`, lists `pid` in that very cgroup.
+pub fn resolve(
+    cgroup_file: &str,
+    root: &CgroupRoot,
+    cgroupfs: &std::path::Path,
+    pid: u32,
+) -> Result<PodContainer, NotAPod> {
+    match parse_under(cgroup_file, root) {
+        Err(NotAPod::RelativePaths) => {}
+        other => return other,
+    }
+    let mut found: Option<PodContainer> = None;
+    for line in cgroup_file.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or_default();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let ups = segments.iter().take_while(|s| **s == "..").count();
+        if ups == 0 {
+            continue;
+        }
+        let tail = segments.get(ups..).unwrap_or_default();
+        if tail.iter().any(|s| *s == ".." || *s == ".") {
+            continue;
+        }
+        for abs in absolute_candidates(root, tail) {
+            let refs: Vec<&str> = abs.iter().map(String::as_str).collect();
+            let Some(pc) = anchored(root, &refs) else { continue };
+            if !is_member(cgroupfs, line, &abs, pid) {
+                continue;
+            }
+            match &found {
+                Some(f) if *f != pc => return Err(NotAPod::Conflicting),
+                _ => found = Some(pc),
+            }
+        }
+    }
+    found.ok_or(NotAPod::RelativePaths)
+}
+
 /// [`parse_under`] with the kubelet's default root, `/`; `None` when no pod is found.
 pub fn parse(cgroup_file: &str) -> Option<PodContainer> {
     parse_under(cgroup_file, &CgroupRoot::default()).ok()
 }
 
-/// Reads `/proc/<pid>/cgroup` (under `proc_root`, normally `/proc`) and finds the pod.
+/// Reads `/proc/<pid>/cgroup` (under `proc_root`, normally `/proc`) and finds the pod
+/// ([`resolve`], with the host's cgroup file system at `cgroupfs`).
 pub fn for_pid(
     proc_root: &std::path::Path,
     pid: u32,
     root: &CgroupRoot,
+    cgroupfs: &std::path::Path,
 ) -> std::io::Result<Result<PodContainer, NotAPod>> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?;
-    Ok(parse_under(&text, root))
+    Ok(resolve(&text, root, cgroupfs, pid))
 }
 
 #[cfg(test)]
@@ -304,5 +402,87 @@ mod tests {
         assert_eq!(parse("0::/user.slice/user-0.slice/session-1.scope\n4:memory:/docker/abc\n"), None);
         assert_eq!(parse("0::/kubepods/podnot-a-uid/x\n"), None);
         assert_eq!(parse(""), None);
+    }
+
+    fn procs(dir: &std::path::Path, pids: &[u32]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let text: String = pids.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(dir.join("cgroup.procs"), text).unwrap();
+    }
+
+    #[test]
+    fn relative_paths_count_only_when_the_host_cgroupfs_lists_the_process_in_the_kubelets_cgroup() {
+        let fs = tempfile::tempdir().unwrap();
+        let root = CgroupRoot::default();
+        // systemd driver, cgroup v2: the agent shares only `kubepods.slice` with the caller.
+        let leaf = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope"
+        );
+        procs(&fs.path().join(&leaf), &[4242]);
+        let rel = format!(
+            "0::/../../kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope\n"
+        );
+        let pc = resolve(&rel, &root, fs.path(), 4242).unwrap();
+        assert_eq!((pc.pod_uid.as_str(), pc.container_id.as_deref()), (UID, Some(CID)));
+        // The same path for a pid the kernel does not list there: refused.
+        assert_eq!(resolve(&rel, &root, fs.path(), 4243), Err(NotAPod::RelativePaths));
+        // cgroupfs driver, cgroup v1: the QoS level is rebuilt and confirmed.
+        procs(&fs.path().join(format!("pids/kubepods/besteffort/pod{UID}/{CID}")), &[77]);
+        let v1 = format!("5:pids:/../../pod{UID}/{CID}\n");
+        assert_eq!(resolve(&v1, &root, fs.path(), 77).unwrap().container_id.as_deref(), Some(CID));
+        // A delegated subtree: no rebuilt path anchors, whatever its cgroup.procs lists.
+        let evil = format!("user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/{CID}");
+        procs(&fs.path().join(&evil), &[666]);
+        let rel_evil = format!("0::/../../../../{evil}\n");
+        assert_eq!(resolve(&rel_evil, &root, fs.path(), 666), Err(NotAPod::RelativePaths));
+        // A relative path naming the victim's cgroup, from a process that is not in it.
+        assert_eq!(resolve(&rel, &root, fs.path(), 666), Err(NotAPod::RelativePaths));
+        // Without a host cgroupfs to confirm it, nothing is taken.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(resolve(&rel, &root, empty.path(), 4242), Err(NotAPod::RelativePaths));
+    }
+
+    /// A real cgroup and a real cgroup namespace: the reader sees the caller's path relative to
+    /// its own cgroup (`/../../pod<uid>/<cid>`), and the host's cgroupfs confirms it.
+    #[test]
+    fn a_reader_in_another_cgroup_namespace_resolves_a_real_pod_cgroup() {
+        use std::process::Command;
+        let base = std::path::Path::new("/sys/fs/cgroup/pids");
+        let target_uid = "0f0e0d0c-0b0a-4909-8807-060504030201";
+        let reader_uid = "1f1e1d1c-1b1a-4919-8817-161514131211";
+        let (t_dir, r_dir) = (
+            base.join(format!("kubepods/besteffort/pod{target_uid}/{CID}")),
+            base.join(format!("kubepods/besteffort/pod{reader_uid}/{CID}")),
+        );
+        if std::fs::create_dir_all(&t_dir).is_err() || std::fs::create_dir_all(&r_dir).is_err() {
+            eprintln!("SKIPPED: cannot create v1 pids cgroups here (needs root and cgroup v1)");
+            return;
+        }
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = sleeper.id();
+        std::fs::write(t_dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        let script = format!("echo $$ > {}/cgroup.procs && exec unshare -C cat /proc/{pid}/cgroup", r_dir.display());
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let result = resolve(&text, &CgroupRoot::default(), std::path::Path::new("/sys/fs/cgroup"), pid);
+        let listed = std::fs::read_to_string(t_dir.join("cgroup.procs")).unwrap_or_default();
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        // Once the process is gone, the kernel no longer lists it: the same path is refused.
+        let after = resolve(&text, &CgroupRoot::default(), std::path::Path::new("/sys/fs/cgroup"), pid);
+        for d in [&t_dir, &r_dir] {
+            for dir in d.ancestors().take(4) {
+                let _ = std::fs::remove_dir(dir); // fails while another test's pod is there
+            }
+        }
+        if !out.status.success() {
+            eprintln!("SKIPPED: `unshare -C` is not allowed here: {}", String::from_utf8_lossy(&out.stderr));
+            return;
+        }
+        let line = text.lines().find(|l| l.contains(":pids:")).unwrap_or_default().to_owned();
+        assert!(line.contains(&format!("/../../pod{target_uid}/{CID}")), "the reader saw {line:?}");
+        let pc = result.unwrap_or_else(|e| panic!("{e:?} for {text} ({listed})"));
+        assert_eq!((pc.pod_uid.as_str(), pc.container_id.as_deref()), (target_uid, Some(CID)));
+        assert_eq!(after, Err(NotAPod::RelativePaths));
     }
 }

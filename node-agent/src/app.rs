@@ -102,12 +102,14 @@ impl Agent {
             .max_decoding_message_size(64 * 1024);
         let sds = SdsServer::new(Sds::new(manager.clone(), callers), 1024 * 1024);
         let mut rx = shutdown_rx.clone();
+        let incoming = crate::socket::incoming(uds, crate::socket::gate(manager.metrics.socket_connections.clone()));
         tasks.spawn(
             async move {
                 let res = tonic::transport::Server::builder()
+                    .layer(tessera_svc::listener::TrackStreamsLayer(crate::socket::activity_of))
                     .add_service(workload)
                     .add_service(sds)
-                    .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(uds), async move {
+                    .serve_with_incoming_shutdown(incoming, async move {
                         let _ = rx.changed().await;
                     })
                     .await;

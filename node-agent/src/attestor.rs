@@ -31,7 +31,11 @@ use async_trait::async_trait;
 use tessera_identity::Selector;
 
 /// Executables larger than this are not hashed (no `unix:sha256` selector).
-pub const MAX_HASHED_BYTES: u64 = 1 << 30;
+pub const MAX_HASHED_BYTES: u64 = 256 << 20;
+/// Executables not in the cache that one uid may have hashed: a burst, then a steady rate.
+/// Past it a caller gets no `unix:sha256` selector (fails closed) until the budget refills.
+const HASHES_BURST: f64 = 20.0;
+const HASHES_PER_SECOND: f64 = 1.0;
 /// Hashes kept, most recently used first.
 const HASH_CACHE_ENTRIES: usize = 1024;
 
@@ -74,13 +78,14 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
 pub type WantsExeHash = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What identifies a process over time: its start time (clock ticks since boot, from
-/// `/proc/<pid>/stat`) and the device and inode of the executable it runs. A pid reused by
-/// another process, or a process that exec()s another file, has another stamp.
+/// `/proc/<pid>/stat`, readable by anyone) and the device and inode of the executable it runs
+/// (when the agent may read `/proc/<pid>/exe`: the same user, or `CAP_SYS_PTRACE`). A pid
+/// reused by another process has another start time; a process that exec()s another file
+/// has another executable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessStamp {
     start_time: u64,
-    dev: u64,
-    ino: u64,
+    exe: Option<(u64, u64)>,
 }
 
 impl ProcessStamp {
@@ -95,8 +100,8 @@ impl ProcessStamp {
             .nth(19)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unreadable /proc/<pid>/stat"))?;
-        let exe = std::fs::metadata(dir.join("exe"))?;
-        Ok(Self { start_time, dev: exe.dev(), ino: exe.ino() })
+        let exe = std::fs::metadata(dir.join("exe")).ok().map(|m| (m.dev(), m.ino()));
+        Ok(Self { start_time, exe })
     }
 }
 
@@ -155,6 +160,10 @@ pub struct UnixAttestor {
     root: PathBuf,
     hashes: Arc<Mutex<HashCache>>,
     wants_hash: WantsExeHash,
+    /// One hash at a time (held on the blocking pool while hashing).
+    hashing: Arc<Mutex<()>>,
+    /// Uncached hashes left per uid, and when that was counted.
+    budgets: Arc<Mutex<HashMap<u32, (f64, std::time::Instant)>>>,
 }
 
 impl std::fmt::Debug for UnixAttestor {
@@ -199,9 +208,37 @@ fn sha256_of(mut f: std::fs::File, limit: u64) -> Option<String> {
     Some(tessera_identity::x509::hex_lower(ctx.finish().as_ref()))
 }
 
+/// What hashing may use: the cache, the one-at-a-time lock, and the caller's budget.
+struct Hashing<'a> {
+    cache: &'a Mutex<HashCache>,
+    lock: &'a Mutex<()>,
+    budgets: &'a Mutex<HashMap<u32, (f64, std::time::Instant)>>,
+    uid: u32,
+}
+
+impl Hashing<'_> {
+    /// Takes one uncached hash from the uid's budget.
+    fn spend(&self) -> bool {
+        let Ok(mut b) = self.budgets.lock() else { return false };
+        let now = std::time::Instant::now();
+        if b.len() > 10_000 {
+            b.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * HASHES_PER_SECOND < HASHES_BURST);
+        }
+        let (tokens, at) = b.entry(self.uid).or_insert((HASHES_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * HASHES_PER_SECOND).min(HASHES_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The executable's selectors, computed off the async workers: `path` when the path the link
 /// names is, in our mount namespace, the file the process runs; `sha256` of that file.
-fn exe_selectors(root: &Path, pid: i32, hash: bool, cache: &Mutex<HashCache>) -> Vec<Selector> {
+fn exe_selectors(root: &Path, pid: i32, hashing: Option<Hashing<'_>>) -> Vec<Selector> {
     let link = root.join(format!("proc/{pid}/exe"));
     // Opening the link itself opens the file the kernel runs, whatever mount namespace the
     // process is in. A process that exits mid-attestation loses only these selectors.
@@ -216,14 +253,26 @@ fn exe_selectors(root: &Path, pid: i32, hash: bool, cache: &Mutex<HashCache>) ->
             out.push(Selector { kind: "unix".into(), value: format!("path:{}", named.display()) });
         }
     }
-    if hash && meta.is_file() && meta.len() <= MAX_HASHED_BYTES {
+    if let Some(hs) = hashing
+        && meta.is_file()
+        && meta.len() <= MAX_HASHED_BYTES
+    {
         let key = FileKey::of(&meta);
-        let cached = cache.lock().ok().and_then(|mut c| c.get(&key));
+        let cached = hs.cache.lock().ok().and_then(|mut c| c.get(&key));
         let h = match cached {
             Some(h) => Some(h),
+            None if !hs.spend() => {
+                tracing::warn!(
+                    pid,
+                    uid = hs.uid,
+                    "Caller's uid is over its executable-hashing budget: no unix:sha256 selector"
+                );
+                None
+            }
             None => {
+                let _one_at_a_time = hs.lock.lock();
                 let h = sha256_of(file, MAX_HASHED_BYTES);
-                if let (Some(h), Ok(mut c)) = (&h, cache.lock()) {
+                if let (Some(h), Ok(mut c)) = (&h, hs.cache.lock()) {
                     c.put(key, h.clone());
                 }
                 h
@@ -239,7 +288,13 @@ fn exe_selectors(root: &Path, pid: i32, hash: bool, cache: &Mutex<HashCache>) ->
 impl UnixAttestor {
     /// An attestor reading `/proc` and `/etc` under `root` (tests use a fake root).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), hashes: Arc::default(), wants_hash: Arc::new(|| true) }
+        Self {
+            root: root.into(),
+            hashes: Arc::default(),
+            wants_hash: Arc::new(|| true),
+            hashing: Arc::default(),
+            budgets: Arc::default(),
+        }
     }
 
     /// Hash executables only while `wants_hash` says some entry uses `unix:sha256`.
@@ -268,9 +323,13 @@ impl WorkloadAttestor for UnixAttestor {
         }
         if let Some(pid) = peer.pid.filter(|p| *p > 0) {
             let (root, cache, hash) = (self.root.clone(), self.hashes.clone(), (self.wants_hash)());
-            let exe = tokio::task::spawn_blocking(move || exe_selectors(&root, pid, hash, &cache))
-                .await
-                .map_err(|e| AttestError::Process { pid, reason: e.to_string() })?;
+            let (lock, budgets, uid) = (self.hashing.clone(), self.budgets.clone(), peer.uid);
+            let exe = tokio::task::spawn_blocking(move || {
+                let hashing = hash.then(|| Hashing { cache: &cache, lock: &lock, budgets: &budgets, uid });
+                exe_selectors(&root, pid, hashing)
+            })
+            .await
+            .map_err(|e| AttestError::Process { pid, reason: e.to_string() })?;
             out.extend(exe);
         }
         Ok(out)

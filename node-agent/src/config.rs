@@ -75,6 +75,7 @@ struct RawAttestor {
     max_poll_attempts: Option<u32>,
     poll_retry_interval: Option<String>,
     cgroup_root: Option<String>,
+    cgroupfs_path: Option<PathBuf>,
 }
 
 /// The default projected token of the agent's pod for `k8s_psat`.
@@ -109,6 +110,10 @@ pub struct K8sAttestorSettings {
     /// The kubelet's cgroup root (its `cgroupRoot` setting, `/` by default): a caller is in a
     /// pod only when its cgroup sits right under it, where the kubelet puts pods.
     pub cgroup_root: tessera_k8s::cgroup::CgroupRoot,
+    /// The host's cgroup file system (`/sys/fs/cgroup` by default). When the agent is not in
+    /// the host's cgroup namespace, a caller's cgroup is confirmed there (the kernel lists
+    /// the caller's pid in that cgroup's `cgroup.procs`).
+    pub cgroupfs_path: PathBuf,
 }
 
 /// A workload attestor (`[[workload_attestor]] type = "…"`).
@@ -297,6 +302,7 @@ impl Config {
                         max_poll_attempts: a.max_poll_attempts.unwrap_or(60).clamp(1, 600),
                         poll_retry_interval,
                         cgroup_root,
+                        cgroupfs_path: a.cgroupfs_path.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
                     })
                 }
                 other => {
@@ -313,6 +319,7 @@ impl Config {
                     || a.max_poll_attempts.is_some()
                     || a.poll_retry_interval.is_some()
                     || a.cgroup_root.is_some()
+                    || a.cgroupfs_path.is_some()
                     || a.skip_kubelet_verification)
             {
                 return Err(ConfigError::Invalid {

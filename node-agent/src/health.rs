@@ -38,6 +38,7 @@ fn metrics(mgr: &Manager) -> String {
     }
     tessera_svc::listener::render_headers(&mut out, "tessera_agent");
     m.health_connections.render(&mut out, "tessera_agent", "health");
+    m.socket_connections.render(&mut out, "tessera_agent", "socket");
     out
 }
 

@@ -105,15 +105,21 @@ impl WorkloadAttestor for K8sAttestor {
 
     async fn attest(&self, peer: PeerCred) -> Result<Vec<Selector>, AttestError> {
         let Some(pid) = peer.pid.filter(|p| *p > 0) else { return Ok(Vec::new()) };
-        let place = tessera_k8s::cgroup::for_pid(&self.proc_root, pid.unsigned_abs(), &self.settings.cgroup_root)
-            .map_err(|e| AttestError::Process { pid, reason: e.to_string() })?;
+        let place = tessera_k8s::cgroup::for_pid(
+            &self.proc_root,
+            pid.unsigned_abs(),
+            &self.settings.cgroup_root,
+            &self.settings.cgroupfs_path,
+        )
+        .map_err(|e| AttestError::Process { pid, reason: e.to_string() })?;
         let place = match place {
             Ok(p) => p,
             Err(NotAPod::RelativePaths) => {
                 if !self.warned_relative.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     warn!(
                         pid,
-                        "Cgroup paths are relative to the agent's cgroup namespace, so pods cannot be told apart from look-alikes: run the agent in the host's cgroup namespace (a privileged container does, on containerd and CRI-O); callers get no k8s selectors"
+                        cgroupfs = %self.settings.cgroupfs_path.display(),
+                        "Cgroup paths are relative to the agent's cgroup namespace and the host's cgroup file system at cgroupfs_path does not confirm them: mount the host's /sys/fs/cgroup (read-only) and point cgroupfs_path at it, or run the agent in the host's cgroup namespace; callers get no k8s selectors"
                     );
                 }
                 return Ok(Vec::new());

@@ -22,5 +22,6 @@ pub mod k8s_attestor;
 pub mod manager;
 pub mod sds;
 pub mod sds_server;
+pub mod socket;
 pub mod streams;
 pub mod workload_api;

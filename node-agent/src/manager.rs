@@ -198,6 +198,8 @@ pub struct AgentMetrics {
     pub change_notices: AtomicU64,
     /// The health listener's connections.
     pub health_connections: Arc<tessera_svc::listener::ConnStats>,
+    /// The agent socket's connections.
+    pub socket_connections: Arc<tessera_svc::listener::ConnStats>,
 }
 
 struct CachedJwt {

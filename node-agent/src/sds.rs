@@ -162,6 +162,20 @@ impl Sds {
     }
 }
 
+/// The resource names of a state-of-the-world request, each once, bounded like a delta
+/// stream's subscriptions: a request repeating a name thousands of times must not make the
+/// agent build thousands of secrets.
+fn checked_names(names: Vec<String>) -> Result<Vec<String>, Status> {
+    let mut seen = BTreeSet::new();
+    let unique: Vec<String> = names.into_iter().filter(|n| seen.insert(n.clone())).collect();
+    if unique.len() > MAX_SUBSCRIBED || unique.iter().any(|n| n.len() > MAX_NAME_BYTES) {
+        return Err(Status::resource_exhausted(format!(
+            "an SDS request may name at most {MAX_SUBSCRIBED} resources of at most {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    Ok(unique)
+}
+
 /// SotW: the resources for `names`, and their joint version.
 fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, String) {
     let ids = snap.identities(sel);
@@ -198,8 +212,12 @@ impl Responder for Sotw {
                     if let Some(err) = &r.error_detail {
                         warn!(version = %r.version_info, code = err.code, message = %err.message, "Envoy rejected (NACK) an SDS response");
                     }
-                    if self.names.as_ref() != Some(&r.resource_names) {
-                        self.names = Some(r.resource_names);
+                    let names = match checked_names(r.resource_names) {
+                        Ok(n) => n,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    if self.names.as_ref() != Some(&names) {
+                        self.names = Some(names);
                     }
                 }
                 c = self.snaps.changed() => if c.is_err() { return None },
@@ -344,8 +362,8 @@ impl Sds {
     /// `FetchSecrets`: one answer.
     pub async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
         let caller = self.callers.attest(&req).await?;
-        let r = req.into_inner();
-        let (resources, version) = sotw(&r.resource_names, &self.mgr.snapshot(), &caller.selectors);
+        let names = checked_names(req.into_inner().resource_names)?;
+        let (resources, version) = sotw(&names, &self.mgr.snapshot(), &caller.selectors);
         caller.check()?;
         Ok(Response::new(DiscoveryResponse {
             version_info: version,

@@ -31,6 +31,9 @@ const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecr
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 const FETCH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
 
+/// Largest SDS answer the agent sends.
+const MAX_ENCODING: usize = 16 * 1024 * 1024;
+
 /// The SDS service for tonic's router.
 #[derive(Debug, Clone)]
 pub struct SdsServer {
@@ -49,7 +52,8 @@ impl SdsServer {
         T: prost::Message + tessera_proto::codec::Scrub + Send + 'static,
         U: prost::Message + Default + Send + 'static,
     {
-        Grpc::new(LeanCodec::default()).apply_max_message_size_config(Some(self.max_decoding), None)
+        // Answers are bounded too: a few secrets per stream, never megabytes.
+        Grpc::new(LeanCodec::default()).apply_max_message_size_config(Some(self.max_decoding), Some(MAX_ENCODING))
     }
 }
 

@@ -863,6 +863,16 @@ async fn a_delta_sds_stream_cannot_subscribe_without_bound() {
     let mut inbound = sds.delta_secrets(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let e = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("no answer").unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // State of the world: one name repeated 100,000 times is one resource, not 100,000.
+    let r = sds
+        .fetch_secrets(DiscoveryRequest { resource_names: vec!["ROOTCA".into(); 100_000], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.resources.len(), 1);
+    let many: Vec<String> = (0..2000).map(|i| format!("spiffe://example.org/y{i}")).collect();
+    let e = sds.fetch_secrets(DiscoveryRequest { resource_names: many, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     env.stop().await;
 }
 

@@ -65,10 +65,7 @@ pub async fn serve(
             c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
             _ = shutdown.changed() => break,
         };
-        let Some(mut slot) = gate.admit() else { continue };
-        if !gate.admit_anonymous(&mut slot, peer.ip()) {
-            continue;
-        }
+        let Some(slot) = gate.admit(Some(peer.ip())) else { continue };
         let idle = gate.limits().idle_timeout;
         let probe = probe.clone();
         tokio::spawn(async move {

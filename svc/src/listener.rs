@@ -32,7 +32,8 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// A connection without an open stream (request) for this long is closed.
     pub idle_timeout: Duration,
-    /// Open connections per source IP that present no client certificate.
+    /// Open connections per source IP, counted from accept, except those the listener
+    /// exempts once they have authenticated (agents on the Agent API).
     pub max_anonymous_per_ip: usize,
 }
 
@@ -88,13 +89,16 @@ pub fn render_headers(out: &mut String, prefix: &str) {
     );
 }
 
+/// Open connections per address.
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 /// Admits connections within a listener's bounds.
 #[derive(Debug, Clone)]
 pub struct ConnGate {
     limits: ConnLimits,
     stats: Arc<ConnStats>,
     permits: Arc<Semaphore>,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_ip: PerIp,
 }
 
 impl ConnGate {
@@ -118,32 +122,33 @@ impl ConnGate {
         self.stats.clone()
     }
 
-    /// A slot for a new connection, or `None` (counted) at the cap.
-    pub fn admit(&self) -> Option<ConnSlot> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.stats.open.fetch_add(1, Ordering::Relaxed);
-                Some(ConnSlot { _permit: permit, stats: self.stats.clone(), ip: None })
+    /// A slot for a new connection from `ip` (`None` for a Unix socket), counted against the
+    /// listener's cap and, from the moment it is accepted, against `ip`'s share (so that one
+    /// address cannot hold the handshakes in flight either); `None` (counted) over either.
+    pub fn admit(&self, ip: Option<IpAddr>) -> Option<ConnSlot> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let mut slot = ConnSlot { _permit: permit, stats: self.stats.clone(), ip: None };
+        if let Some(ip) = ip {
+            let Ok(mut m) = self.per_ip.lock() else { return None };
+            let n = m.entry(ip).or_insert(0);
+            if *n >= self.limits.max_anonymous_per_ip {
+                self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
-            Err(_) => {
-                self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+            *n += 1;
+            slot.ip = Some((ip, self.per_ip.clone()));
         }
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        Some(slot)
     }
 
-    /// Counts `slot` against `ip`'s share of connections without a client certificate;
-    /// false (counted) when `ip` is at its cap.
-    pub fn admit_anonymous(&self, slot: &mut ConnSlot, ip: IpAddr) -> bool {
-        let Ok(mut m) = self.per_ip.lock() else { return false };
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.limits.max_anonymous_per_ip {
-            self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        *n += 1;
-        slot.ip = Some((ip, self.per_ip.clone()));
-        true
+    /// Takes `slot` out of its address's share: the peer authenticated as a caller that may
+    /// hold many connections from one address (an agent, behind the node's address).
+    pub fn exempt(&self, slot: &mut ConnSlot) {
+        slot.release_ip();
     }
 }
 
@@ -152,12 +157,11 @@ impl ConnGate {
 pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
     stats: Arc<ConnStats>,
-    ip: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    ip: Option<(IpAddr, PerIp)>,
 }
 
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+impl ConnSlot {
+    fn release_ip(&mut self) {
         if let Some((ip, m)) = self.ip.take()
             && let Ok(mut m) = m.lock()
             && let Some(n) = m.get_mut(&ip)
@@ -167,6 +171,13 @@ impl Drop for ConnSlot {
                 m.remove(&ip);
             }
         }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.release_ip();
     }
 }
 
@@ -430,20 +441,20 @@ mod tests {
 
     #[test]
     fn the_gate_holds_its_caps_and_frees_places_on_drop() {
-        let g = gate(3, 2);
+        let g = gate(4, 2);
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let mut a = g.admit().unwrap();
-        let mut b = g.admit().unwrap();
-        let mut c = g.admit().unwrap();
-        assert!(g.admit().is_none(), "over the cap");
-        assert!(g.admit_anonymous(&mut a, ip) && g.admit_anonymous(&mut b, ip));
-        assert!(!g.admit_anonymous(&mut c, ip), "over the per-IP cap");
-        assert!(g.admit_anonymous(&mut c, "10.0.0.2".parse().unwrap()));
+        let a = g.admit(Some(ip)).unwrap();
+        let mut b = g.admit(Some(ip)).unwrap();
+        assert!(g.admit(Some(ip)).is_none(), "over the per-IP cap, counted from accept");
+        let _c = g.admit(Some("10.0.0.2".parse().unwrap())).unwrap();
+        // An authenticated agent leaves its address's share.
+        g.exempt(&mut b);
+        let _d = g.admit(Some(ip)).unwrap();
+        assert!(g.admit(None).is_none(), "over the cap");
         drop(a);
-        let mut d = g.admit().unwrap();
-        assert!(g.admit_anonymous(&mut d, ip), "the place of a closed connection is free again");
+        let _e = g.admit(Some(ip)).unwrap_or_else(|| panic!("the place of a closed connection is free again"));
         let s = g.stats();
-        assert_eq!(s.open.load(Ordering::Relaxed), 3);
+        assert_eq!(s.open.load(Ordering::Relaxed), 4);
         assert_eq!(s.refused_limit.load(Ordering::Relaxed), 1);
         assert_eq!(s.refused_per_ip.load(Ordering::Relaxed), 1);
     }
@@ -452,7 +463,7 @@ mod tests {
     async fn an_idle_connection_ends_and_one_with_an_open_stream_does_not() {
         let (a, mut peer) = tokio::io::duplex(64);
         let g = gate(8, 8);
-        let mut io = IdleIo::streams(a, Duration::from_secs(60), g.admit());
+        let mut io = IdleIo::streams(a, Duration::from_secs(60), g.admit(None));
         let activity = io.activity();
         let stream = activity.stream();
         let mut buf = [0u8; 8];

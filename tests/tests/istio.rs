@@ -616,17 +616,12 @@ impl Workload {
         let chain: Vec<rustls_pki_types::CertificateDer<'static>> = resp.cert_chain[..resp.cert_chain.len() - 1]
             .iter()
             .flat_map(|p| tessera_identity::pem::decode_certs(p.as_bytes()).unwrap())
-            .map(Into::into)
             .collect();
         let facts = tessera_identity::x509::cert_facts(&chain[0]).unwrap();
         let life = u64::try_from(facts.not_after - tessera_identity::unix_now()).unwrap_or(0);
         Workload {
             id,
-            peer_roots: tessera_identity::pem::decode_certs(last.as_bytes())
-                .unwrap()
-                .into_iter()
-                .map(Into::into)
-                .collect(),
+            peer_roots: tessera_identity::pem::decode_certs(last.as_bytes()).unwrap(),
             chain,
             key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             renew_at: std::time::Instant::now() + Duration::from_millis(life * 1000 / 2),

@@ -471,7 +471,11 @@ impl Admin for AdminService {
                 return Ok(Response::new(agent_to_pb(&stored)));
             }
         }
-        Err(ApiError::Unavailable(format!("agent {id} keeps changing; the ban was not applied, retry")).into())
+        Err(ApiError::Unavailable(format!(
+            "agent {} keeps changing; the ban was not applied, retry",
+            tessera_identity::ids::redact_join_token(&id)
+        ))
+        .into())
     }
 
     async fn verify_audit(&self, _req: Request<pb::VerifyAuditRequest>) -> R<pb::VerifyAuditResponse> {

@@ -43,6 +43,8 @@ pub struct AgentService {
     /// JWT-SVIDs have a budget of their own, so that a workload asking for many audiences
     /// cannot starve its node's X.509 signing.
     jwt_limit: Arc<RateLimiter<SpiffeId>>,
+    /// Agent renewals too: heavy signing must not keep an agent from renewing itself.
+    renew_limit: Arc<RateLimiter<SpiffeId>>,
     attest_limit: Arc<RateLimiter<std::net::IpAddr>>,
 }
 
@@ -50,6 +52,8 @@ pub struct AgentService {
 struct Caller {
     id: SpiffeId,
     record: AgentRecord,
+    /// Hex serial of the SVID the caller presented.
+    serial: String,
 }
 
 impl AgentService {
@@ -59,6 +63,7 @@ impl AgentService {
         let svid_rate = cfg.rate_limit_svids_per_second;
         let svid_limit = RateLimiter::new(svid_rate, svid_rate.max(cfg.max_batch_size as f64));
         let jwt_limit = RateLimiter::new(svid_rate, svid_rate.max(1.0));
+        let renew_limit = RateLimiter::new(svid_rate, svid_rate.max(1.0));
         let attest_rate = cfg.rate_limit_attestations_per_minute / 60.0;
         let attest_limit = RateLimiter::new(attest_rate, cfg.rate_limit_attestations_per_minute.max(1.0));
         Self {
@@ -67,6 +72,7 @@ impl AgentService {
             attestors: Arc::new(attestors),
             svid_limit: Arc::new(svid_limit),
             jwt_limit: Arc::new(jwt_limit),
+            renew_limit: Arc::new(renew_limit),
             attest_limit: Arc::new(attest_limit),
         }
     }
@@ -115,7 +121,7 @@ impl AgentService {
                 LogId(&id)
             )));
         }
-        Ok(Caller { id, record })
+        Ok(Caller { id, record, serial: facts.serial })
     }
 
     /// Entries the agent may obtain SVIDs for, by ID: registered ones and those its
@@ -172,7 +178,7 @@ impl AgentService {
         }
         let id = &record.spiffe_id;
         let e = match store.get_agent(id).await? {
-            Some(now) if now.banned => ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id))),
+            Some(now) if now.banned => ApiError::PermissionDenied(format!("agent {} is banned", LogId(id))),
             None if expected.is_some() => ApiError::PermissionDenied(format!(
                 "agent {} was evicted during its {what}; it must attest again",
                 LogId(id)
@@ -299,13 +305,17 @@ impl Agent for AgentService {
         req: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let caller = self.caller(&req).await?;
-        // Renewals spend the same per-agent budget as workload SVIDs.
-        self.spend_svids(&caller.id, 1).await?;
+        // Renewals are rate-limited per agent like signing, from a bucket of their own.
+        self.spend(&self.renew_limit, &caller.id, 1).await?;
         let csr = req.into_inner().csr;
         let issued = self.sign_agent_svid(&caller.id, csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
         let mut record = caller.record;
         let expected = record.revision;
-        record.previous_serial = std::mem::replace(&mut record.serial, issued.serial.clone());
+        // The SVID that stays valid during the switch is the one the agent presented: if the
+        // answer of an earlier renewal never reached it (or was not made durable), its SVID
+        // must keep working, or two such failures would lock it out.
+        record.serial = issued.serial.clone();
+        record.previous_serial = caller.serial;
         record.expires_at = issued.not_after;
         record.renewed_at = unix_now();
         // Conditional on the revision `caller()` read: if the agent was banned, evicted or
@@ -498,7 +508,7 @@ impl Agent for AgentService {
         let Some(entry) = authorized.values().find(|e| e.downstream) else {
             let e = ApiError::PermissionDenied(format!(
                 "agent {} has no downstream entry; create one with `entry create --downstream`",
-                caller.id
+                LogId(&caller.id)
             ));
             self.issuance.deny(&caller.id, &caller.id.to_string(), &e).await;
             return Err(e.into());

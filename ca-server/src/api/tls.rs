@@ -241,13 +241,17 @@ impl tokio::io::AsyncWrite for AgentConn {
 
 /// Accepts TCP connections within `gate`'s bounds, completes TLS handshakes (bounded in time
 /// and in number at once), and yields the TLS streams for tonic's `serve_with_incoming`. A
-/// connection over the cap is closed at once; one whose client presents no certificate also
-/// counts against its IP address's share.
+/// connection over the cap, or over its address's share (counted from accept, so one address
+/// cannot hold the handshakes in flight), is closed at once. Once the handshake is done, a
+/// peer presenting an agent SVID of `agents` leaves its address's share: many agents may sit
+/// behind one address, and each holds one connection. No other certificate does (a workload
+/// SVID proves nothing about how many connections its holder should have).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<AgentTls>,
     max_pending_handshakes: usize,
     gate: ConnGate,
+    agents: Option<tessera_identity::TrustDomain>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<AgentConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
@@ -261,8 +265,8 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(mut slot) = gate.admit() else {
-                debug!(%peer, "At the connection limit; closing the new connection");
+            let Some(mut slot) = gate.admit(Some(peer.ip())) else {
+                debug!(%peer, "At the connection limit or this address's share; closing the new connection");
                 continue;
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -273,18 +277,25 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let (tx, gate) = (tx.clone(), gate.clone());
+            let (tx, gate, agents) = (tx.clone(), gate.clone(), agents.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         // The permit bounds handshakes in flight; tonic owns the stream now.
                         drop(permit);
-                        if stream.get_ref().1.peer_certificates().is_none()
-                            && !gate.admit_anonymous(&mut slot, peer.ip())
-                        {
-                            debug!(%peer, "Too many connections without a client certificate from this address");
-                            return;
+                        let is_agent = |td: &tessera_identity::TrustDomain| {
+                            stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|leaf| tessera_identity::x509::cert_facts(leaf).ok())
+                                .and_then(|f| f.spiffe_id())
+                                .is_some_and(|id| tessera_identity::ids::is_agent_id(&id, td))
+                        };
+                        if agents.as_ref().is_some_and(is_agent) {
+                            gate.exempt(&mut slot);
                         }
                         let idle = gate.limits().idle_timeout;
                         let _ = tx.send(Ok(AgentConn(IdleIo::streams(stream, idle, Some(slot))))).await;

@@ -168,14 +168,10 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         // Every caller is anonymous here: the cap and the per-IP share both apply.
-        let Some(mut slot) = gate.admit() else {
-            debug!(%peer, "Bundle endpoint at its connection limit; dropping connection");
+        let Some(slot) = gate.admit(Some(peer.ip())) else {
+            debug!(%peer, "Bundle endpoint at its connection limit (or this address's share); dropping connection");
             continue;
         };
-        if !gate.admit_anonymous(&mut slot, peer.ip()) {
-            debug!(%peer, "Too many bundle endpoint connections from this address");
-            continue;
-        }
         let (acceptor, ca, idle) = (acceptor.clone(), ca.clone(), gate.limits().idle_timeout);
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

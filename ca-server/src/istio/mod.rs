@@ -86,7 +86,15 @@ pub struct IstioCa {
     cfg: Arc<IstioConfig>,
     clusters: Arc<Vec<Cluster>>,
     limit: Arc<crate::api::limits::RateLimiter<std::net::IpAddr>>,
+    /// The authority IDs of this trust domain's own CAs (every replica's journal), and when
+    /// they were last read: only a certificate one of them issued may carry a renewal grant.
+    own: Arc<std::sync::Mutex<(Option<std::time::Instant>, std::collections::HashSet<String>)>>,
 }
+
+/// How often the set of own authorities is read again when a certificate names another.
+const OWN_AUTHORITIES_REFRESH: Duration = Duration::from_secs(5);
+/// How far in the future a grant's time may be (clock skew between replicas).
+const GRANT_SKEW_SECS: i64 = 300;
 
 async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
     let bad = |e: tessera_k8s::K8sError| StartError::Istio(format!("cluster {}: {e}", c.cluster_id));
@@ -162,7 +170,13 @@ impl IstioCa {
             clusters.push(build_cluster(c).await?);
         }
         let limit = crate::api::limits::RateLimiter::new(rate_per_second, rate_per_second.max(1.0));
-        Ok(Self { issuance, cfg: Arc::new(cfg), clusters: Arc::new(clusters), limit: Arc::new(limit) })
+        Ok(Self {
+            issuance,
+            cfg: Arc::new(cfg),
+            clusters: Arc::new(clusters),
+            limit: Arc::new(limit),
+            own: Arc::default(),
+        })
     }
 
     fn td(&self) -> &tessera_identity::TrustDomain {
@@ -196,6 +210,7 @@ impl IstioCa {
                 "the client certificate was not issued by this API on a service-account token, so it renews nothing here: authenticate with a token".into(),
             )
         })?;
+        self.check_issuer(facts.authority_key_id.as_deref()).await?;
         self.check_grant(&grant).await?;
         Ok(Some(Caller {
             label: format!("istio:cert:{id}"),
@@ -209,7 +224,38 @@ impl IstioCa {
 
     /// Whether a renewal grant still holds: within `certificate_renewal_max_age` of its token,
     /// and, when the token was bound to a pod of a cluster we can ask, that pod still exists.
+    /// Refuses a certificate that none of our own CAs (this replica's or another's) issued:
+    /// a downstream (nested) server's CA chains to our roots too, but a grant it wrote proves
+    /// nothing here.
+    async fn check_issuer(&self, aki: Option<&str>) -> Result<(), ApiError> {
+        let refused = || {
+            ApiError::Unauthenticated(
+                "the client certificate was not issued by this trust domain's own CA (a downstream CA's certificates renew nothing here): authenticate with a token".into(),
+            )
+        };
+        let aki = aki.ok_or_else(refused)?;
+        let cached = self.own.lock().map(|o| (o.1.contains(aki), o.0)).unwrap_or((false, None));
+        match cached {
+            (true, _) => return Ok(()),
+            (false, Some(at)) if at.elapsed() < OWN_AUTHORITIES_REFRESH => return Err(refused()),
+            _ => {}
+        }
+        let mut ids: std::collections::HashSet<String> =
+            self.issuance.ca.x509_authorities().into_iter().map(|a| a.authority_id).collect();
+        for (_, journal) in self.issuance.store.list_journals().await? {
+            ids.extend(journal.x509.into_iter().map(|e| e.authority_id));
+        }
+        let known = ids.contains(aki);
+        if let Ok(mut o) = self.own.lock() {
+            *o = (Some(std::time::Instant::now()), ids);
+        }
+        if known { Ok(()) } else { Err(refused()) }
+    }
+
     async fn check_grant(&self, g: &RenewalGrant) -> Result<(), ApiError> {
+        if g.authorized_at > tessera_identity::unix_now() + GRANT_SKEW_SECS {
+            return Err(ApiError::Unauthenticated("the certificate's renewal grant is dated in the future".into()));
+        }
         let age = tessera_identity::unix_now().saturating_sub(g.authorized_at);
         if age > i64::try_from(self.cfg.certificate_renewal_max_age.as_secs()).unwrap_or(i64::MAX) {
             return Err(ApiError::Unauthenticated(format!(
@@ -400,13 +446,18 @@ impl IstioCa {
         let last = path.last().ok_or_else(|| ApiError::Internal("chain without a leaf".into()))?;
         let aki =
             tessera_identity::x509::cert_facts(last).map_err(|e| ApiError::Internal(e.to_string()))?.authority_key_id;
+        if bundle.x509_authorities.is_empty() {
+            return Err(ApiError::Unavailable("the bundle holds no root yet".into()));
+        }
+        // The signing root first when it can be told (by its key identifier); an upstream root
+        // without one still goes in, with the others.
         let signing = bundle
             .x509_authorities
             .iter()
             .position(|r| {
                 aki.is_some() && tessera_identity::x509::cert_facts(r).ok().and_then(|f| f.subject_key_id) == aki
             })
-            .ok_or_else(|| ApiError::Unavailable("the bundle holds no root for the signing CA yet".into()))?;
+            .unwrap_or(0);
         let mut roots = String::new();
         if let Some(r) = bundle.x509_authorities.get(signing) {
             roots.push_str(&tessera_identity::pem::encode("CERTIFICATE", r));

@@ -211,6 +211,10 @@ async fn bundles_and_journal(s: &dyn Store) {
     s.save_journal("server-1", &j).await.unwrap();
     assert_eq!(s.load_journal("server-1").await.unwrap().unwrap(), j);
     assert!(s.load_journal("server-2").await.unwrap().is_none(), "journals are per server");
+    s.save_journal("server-2", &CaJournal::default()).await.unwrap();
+    let all = s.list_journals().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.contains(&("server-1".to_owned(), j.clone())), "{all:?}");
 }
 
 async fn audit_chain(s: &dyn Store) {

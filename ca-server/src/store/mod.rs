@@ -126,6 +126,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn load_journal(&self, server: &str) -> Result<Option<CaJournal>>;
     /// Replaces the journal of `server`.
     async fn save_journal(&self, server: &str, journal: &CaJournal) -> Result<()>;
+    /// Every server instance's journal (all replicas sharing the store).
+    async fn list_journals(&self) -> Result<Vec<(String, CaJournal)>>;
 
     // --- audit log (append-only, hash-chained) ---
 

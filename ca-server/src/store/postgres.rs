@@ -565,6 +565,17 @@ impl Store for PostgresStore {
         self.get_body("SELECT body FROM ca_journals WHERE server = $1", server).await
     }
 
+    async fn list_journals(&self) -> Result<Vec<(String, CaJournal)>> {
+        let c = self.pool.get().await?;
+        let rows = c.query("SELECT server, body FROM ca_journals ORDER BY server", &[]).await.map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let server: &str = r.get(0);
+                Ok((server.to_owned(), from_json(server, r.get::<_, &str>(1))?))
+            })
+            .collect()
+    }
+
     async fn save_journal(&self, server: &str, journal: &CaJournal) -> Result<()> {
         let sql = "INSERT INTO ca_journals (server, body) VALUES ($1, $2) ON CONFLICT (server) DO UPDATE SET body = $2";
         self.exec(sql, server, &to_json(journal)?).await.map(|_| ())

@@ -272,7 +272,10 @@ impl Store for SledStore {
                 .split_first()
                 .ok_or_else(|| StoreError::Corrupt { key: format!("{k:?}"), reason: "empty revision record".into() })?;
             let (id, parent) = match rest.iter().position(|b| *b == 0) {
-                Some(i) => (&rest[..i], SpiffeId::new(&String::from_utf8_lossy(&rest[i + 1..])).ok()),
+                Some(i) => (
+                    rest.get(..i).unwrap_or_default(),
+                    SpiffeId::new(String::from_utf8_lossy(rest.get(i + 1..).unwrap_or_default())).ok(),
+                ),
                 None => (rest, None),
             };
             let id = String::from_utf8_lossy(id).into_owned();
@@ -416,6 +419,16 @@ impl Store for SledStore {
 
     async fn save_journal(&self, server: &str, journal: &CaJournal) -> Result<()> {
         self.put_json(&self.journal, server.as_bytes(), journal).await
+    }
+
+    async fn list_journals(&self) -> Result<Vec<(String, CaJournal)>> {
+        self.journal
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(backend)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), dec(&k, &v)?))
+            })
+            .collect()
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<AuditRecord> {
