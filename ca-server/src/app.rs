@@ -221,7 +221,8 @@ impl Server {
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
         let gate = |name: &'static str| ConnGate::new(cfg.connections, metrics.listener(name));
-        let incoming_tls = incoming(listener, tls.clone(), 1024, gate("agent_api"), Some(cfg.trust_domain.clone()));
+        let agents = Some((cfg.trust_domain.clone(), store.clone()));
+        let incoming_tls = incoming(listener, tls.clone(), 1024, gate("agent_api"), agents);
         tasks.spawn(
             async move {
                 let res = grpc_server()
@@ -339,7 +340,12 @@ impl Server {
             .await
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address"))?;
-        let health_gate = gate("health");
+        // Probes and scrapers: a small share per address (loopback has a reserve).
+        let health_limits = tessera_svc::listener::ConnLimits {
+            max_anonymous_per_ip: cfg.connections.max_anonymous_per_ip.min(16),
+            ..cfg.connections
+        };
+        let health_gate = ConnGate::new(health_limits, metrics.listener("health"));
         let health = Health { ca: ca.clone(), store: store.clone(), metrics };
         tasks.spawn(
             tessera_svc::health::serve(hl, Arc::new(health), health_gate, shutdown_rx).instrument(info_span!("health")),

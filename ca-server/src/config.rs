@@ -157,6 +157,7 @@ struct RawServer {
     max_connections: usize,
     connection_idle_timeout: String,
     max_anonymous_connections_per_ip: usize,
+    max_connections_per_agent: usize,
 }
 
 impl Default for RawServer {
@@ -176,6 +177,7 @@ impl Default for RawServer {
             max_connections: 16_384,
             connection_idle_timeout: "60s".into(),
             max_anonymous_connections_per_ip: 256,
+            max_connections_per_agent: 8,
         }
     }
 }
@@ -1146,6 +1148,12 @@ impl Config {
                 reason: "must be 1 to server.max_connections".into(),
             });
         }
+        if !(1..=s.max_connections).contains(&s.max_connections_per_agent) {
+            return Err(ConfigError::Invalid {
+                key: "server.max_connections_per_agent",
+                reason: "must be 1 to server.max_connections".into(),
+            });
+        }
         let idle = dur("server.connection_idle_timeout", &s.connection_idle_timeout)?;
         if idle < Duration::from_secs(1) || idle > Duration::from_secs(3600) {
             return Err(ConfigError::Invalid {
@@ -1172,6 +1180,7 @@ impl Config {
                 max_connections: s.max_connections,
                 idle_timeout: idle,
                 max_anonymous_per_ip: s.max_anonymous_connections_per_ip,
+                max_per_peer: s.max_connections_per_agent,
             },
             ca: CaConfig {
                 key_type,

@@ -168,6 +168,23 @@ async fn incremental_sync_reveals_nothing_about_other_agents_entries() {
     t.stop().await;
 }
 
+/// A banned agent's open change stream (which keeps its connection from going idle) ends
+/// at the ban, not whenever the agent lets go of it.
+#[tokio::test]
+async fn a_ban_ends_the_agents_open_change_stream() {
+    let mut t = TestServer::start().await;
+    let mut a = t.attested_agent().await;
+    let mut stream = a.client.watch_changes(agent::WatchChangesRequest {}).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    t.admin.ban_agent(admin::AgentId { spiffe_id: a.id.to_string() }).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream outlived the ban")
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn node_alias_from_join_token_authorizes_its_children() {
     let mut t = TestServer::start().await;

@@ -280,6 +280,15 @@ pub fn cert_facts(der: &[u8]) -> Result<CertFacts, ProfileError> {
     Ok(facts)
 }
 
+/// True when `leaf_der` carries a valid signature by the key of the certificate `issuer_der`.
+pub fn signed_by(leaf_der: &[u8], issuer_der: &[u8]) -> bool {
+    let (Ok((_, leaf)), Ok((_, issuer))) = (X509Certificate::from_der(leaf_der), X509Certificate::from_der(issuer_der))
+    else {
+        return false;
+    };
+    leaf.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
 /// Lower-case hex.
 pub fn hex_lower(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -280,6 +280,18 @@ pub fn resolve(
     found.ok_or(NotAPod::RelativePaths)
 }
 
+/// The pod UID a cgroup file names anywhere, unverified: only for sharing out resources
+/// (connections) per pod, never for identity.
+pub fn pod_uid_hint(cgroup_file: &str) -> Option<String> {
+    cgroup_file.lines().flat_map(|l| l.splitn(3, ':').nth(2).unwrap_or_default().split('/')).find_map(|seg| {
+        if let Some(uid) = seg.strip_prefix("pod").filter(|u| is_uid(u)) {
+            return Some(uid.to_owned());
+        }
+        let uid = seg.strip_suffix(".slice")?.rsplit_once("-pod")?.1.replace('_', "-");
+        is_uid(&uid).then_some(uid)
+    })
+}
+
 /// [`parse_under`] with the kubelet's default root, `/`; `None` when no pod is found.
 pub fn parse(cgroup_file: &str) -> Option<PodContainer> {
     parse_under(cgroup_file, &CgroupRoot::default()).ok()

@@ -130,11 +130,13 @@ impl Agent {
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;
         let health_addr = hl.local_addr().map_err(io("health address".into()))?;
         let probe = Arc::new(crate::health::AgentProbe(manager.clone()));
-        // Probes and scrapers only: a small cap, and idle connections closed after a minute.
+        // Probes and scrapers only: a small cap, a small share per address, idle connections
+        // closed after 10 s (loopback, where the chart's probes come from, has a reserve).
         let limits = tessera_svc::listener::ConnLimits {
             max_connections: 256,
-            idle_timeout: std::time::Duration::from_secs(60),
-            max_anonymous_per_ip: 64,
+            idle_timeout: std::time::Duration::from_secs(10),
+            max_anonymous_per_ip: 16,
+            max_per_peer: 16,
         };
         let gate = tessera_svc::listener::ConnGate::new(limits, manager.metrics.health_connections.clone());
         tasks.spawn(tessera_svc::health::serve(hl, probe, gate, shutdown_rx).instrument(info_span!("health")));

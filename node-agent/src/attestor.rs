@@ -160,8 +160,8 @@ pub struct UnixAttestor {
     root: PathBuf,
     hashes: Arc<Mutex<HashCache>>,
     wants_hash: WantsExeHash,
-    /// One hash at a time (held on the blocking pool while hashing).
-    hashing: Arc<Mutex<()>>,
+    /// One hash at a time (held on the blocking pool while hashing), and how many wait.
+    hashing: Arc<(Mutex<()>, std::sync::atomic::AtomicUsize)>,
     /// Uncached hashes left per uid, and when that was counted.
     budgets: Arc<Mutex<HashMap<u32, (f64, std::time::Instant)>>>,
 }
@@ -208,10 +208,22 @@ fn sha256_of(mut f: std::fs::File, limit: u64) -> Option<String> {
     Some(tessera_identity::x509::hex_lower(ctx.finish().as_ref()))
 }
 
+/// Callers that may wait for the hashing lock; past that, no hash.
+const MAX_HASH_WAITERS: usize = 8;
+
+/// Decrements a waiting count when dropped.
+struct Leave<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// What hashing may use: the cache, the one-at-a-time lock, and the caller's budget.
 struct Hashing<'a> {
     cache: &'a Mutex<HashCache>,
-    lock: &'a Mutex<()>,
+    lock: &'a (Mutex<()>, std::sync::atomic::AtomicUsize),
     budgets: &'a Mutex<HashMap<u32, (f64, std::time::Instant)>>,
     uid: u32,
 }
@@ -270,7 +282,16 @@ fn exe_selectors(root: &Path, pid: i32, hashing: Option<Hashing<'_>>) -> Vec<Sel
                 None
             }
             None => {
-                let _one_at_a_time = hs.lock.lock();
+                // A bounded queue: past it, callers get no hash rather than a blocking-pool
+                // thread each, waiting.
+                use std::sync::atomic::Ordering;
+                let waiting = hs.lock.1.fetch_add(1, Ordering::SeqCst);
+                let _leave = Leave(&hs.lock.1);
+                if waiting >= MAX_HASH_WAITERS {
+                    tracing::warn!(pid, "Too many executables waiting to be hashed: no unix:sha256 selector");
+                    return out;
+                }
+                let _one_at_a_time = hs.lock.0.lock();
                 let h = sha256_of(file, MAX_HASHED_BYTES);
                 if let (Some(h), Ok(mut c)) = (&h, hs.cache.lock()) {
                     c.put(key, h.clone());

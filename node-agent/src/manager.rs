@@ -573,7 +573,8 @@ impl Manager {
         if now >= inner.identity.not_after {
             return Err(AgentError::Attestation(format!(
                 "agent SVID {} expired at {}; re-attest with a new join token (see docs/agent.md)",
-                inner.identity.id, inner.identity.not_after
+                tessera_identity::ids::LogId(&inner.identity.id),
+                inner.identity.not_after
             )));
         }
         if now >= inner.identity.renew_at() {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tessera_svc::listener::{Activity, ConnGate, ConnLimits, IdleIo};
+use tessera_svc::listener::{Activity, ConnGate, ConnLimits, IdleIo, Share};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
@@ -20,7 +20,10 @@ use tracing::{debug, warn};
 use crate::attestor::{PeerCred, ProcessStamp};
 
 /// Open connections on the agent socket at most.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS: usize = 8192;
+/// Open connections of one caller at most: one uid, and within it one pod when the caller's
+/// cgroup names one (many pods' containers share a uid, such as Istio's 1337).
+pub const MAX_PER_CALLER: usize = 64;
 /// A connection without an open stream or call for this long is closed (clients reconnect).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -77,7 +80,8 @@ pub fn gate(stats: Arc<tessera_svc::listener::ConnStats>) -> ConnGate {
     let limits = ConnLimits {
         max_connections: MAX_CONNECTIONS,
         idle_timeout: IDLE_TIMEOUT,
-        max_anonymous_per_ip: MAX_CONNECTIONS,
+        max_anonymous_per_ip: MAX_PER_CALLER,
+        max_per_peer: MAX_PER_CALLER,
     };
     ConnGate::new(limits, stats)
 }
@@ -97,12 +101,22 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(slot) = gate.admit(None) else {
-                debug!("Agent socket at its connection limit; closing the new connection");
-                continue;
-            };
             let Ok(cred) = stream.peer_cred() else { continue };
             let cred = PeerCred { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() };
+            // One caller's share: its uid, and its pod when its cgroup names one.
+            let pod = cred
+                .pid
+                .filter(|p| *p > 0)
+                .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok())
+                .and_then(|t| tessera_k8s::cgroup::pod_uid_hint(&t));
+            let share = Share::Name(format!("{}/{}", cred.uid, pod.unwrap_or_default()));
+            let Some(slot) = gate.admit(Some(share)) else {
+                debug!(
+                    uid = cred.uid,
+                    "Agent socket at its connection limit, or this caller's share; closing the new connection"
+                );
+                continue;
+            };
             let stamp =
                 cred.pid.filter(|p| *p > 0).and_then(|p| ProcessStamp::read(std::path::Path::new("/proc"), p).ok());
             let io = IdleIo::streams(stream, gate.limits().idle_timeout, Some(slot));

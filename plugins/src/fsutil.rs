@@ -4,9 +4,9 @@
 //! The temp file has a random name and is created with `O_CREAT | O_EXCL | O_NOFOLLOW` and
 //! its final mode (0600 for keys) in the target directory, so nothing planted there (a
 //! symlink, a file made in advance) receives the content; `rename` replaces a symlink at the
-//! target rather than following it. A directory that other users may write to (without the
-//! sticky bit) is refused: whoever can write there could swap the files a workload reads (its
-//! roots included).
+//! target rather than following it. A directory that other users may write to is refused,
+//! sticky or not: whoever can write there could swap (or plant first) the files a workload
+//! reads, its roots included.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -18,9 +18,9 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let meta = fs::metadata(dir)?;
-    // Writable by others and not sticky: anyone may replace the files. (In a sticky
-    // directory, such as /tmp, others may add files but not replace ours.)
-    if meta.permissions().mode() & 0o1002 == 0o002 {
+    // Writable by others: anyone may replace the files, or (sticky, as /tmp) plant one at the
+    // target's name first, for a workload to read.
+    if meta.permissions().mode() & 0o002 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(

@@ -53,19 +53,37 @@ async fn handle(probe: &dyn Probe, req: &Request<Incoming>) -> Response<Full<Byt
     r
 }
 
-/// Serves `probe` on `listener` until `shutdown` fires.
+/// Connections from loopback, apart from the listener's cap.
+const LOOPBACK_CONNECTIONS: usize = 64;
+
+/// Serves `probe` on `listener` until `shutdown` fires, within `gate` (connections from
+/// loopback within a reserve of their own).
 pub async fn serve(
     listener: TcpListener,
     probe: Arc<dyn Probe>,
     gate: crate::listener::ConnGate,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let reserved = crate::listener::ConnLimits {
+        max_connections: LOOPBACK_CONNECTIONS,
+        max_anonymous_per_ip: LOOPBACK_CONNECTIONS,
+        max_per_peer: LOOPBACK_CONNECTIONS,
+        ..gate.limits()
+    };
+    let loopback = crate::listener::ConnGate::new(reserved, gate.stats());
     loop {
         let (tcp, peer) = tokio::select! {
             c = listener.accept() => match c { Ok(c) => c, Err(_) => continue },
             _ = shutdown.changed() => break,
         };
-        let Some(slot) = gate.admit(Some(peer.ip())) else { continue };
+        // Loopback has places of its own: a probe on 127.0.0.1 (the kubelet's, with the
+        // host's network) gets in however many other addresses hold.
+        let slot = if peer.ip().is_loopback() {
+            loopback.admit(None)
+        } else {
+            gate.admit(Some(crate::listener::Share::Ip(peer.ip())))
+        };
+        let Some(slot) = slot else { continue };
         let idle = gate.limits().idle_timeout;
         let probe = probe.clone();
         tokio::spawn(async move {

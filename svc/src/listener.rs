@@ -32,9 +32,12 @@ pub struct ConnLimits {
     pub max_connections: usize,
     /// A connection without an open stream (request) for this long is closed.
     pub idle_timeout: Duration,
-    /// Open connections per source IP, counted from accept, except those the listener
-    /// exempts once they have authenticated (agents on the Agent API).
+    /// Open connections per share (a source IP, a local user), counted from accept; a
+    /// listener may move an authenticated peer to a share of its own (agents on the Agent
+    /// API).
     pub max_anonymous_per_ip: usize,
+    /// Open connections per authenticated peer, once the listener moved it to its own share.
+    pub max_per_peer: usize,
 }
 
 /// Counters of one listener, for `/metrics`.
@@ -89,8 +92,19 @@ pub fn render_headers(out: &mut String, prefix: &str) {
     );
 }
 
-/// Open connections per address.
-type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+/// Whose share of a listener's connections a connection counts in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// A source address (TCP listeners).
+    Ip(IpAddr),
+    /// A local user (the agent's Unix socket).
+    Uid(u32),
+    /// An authenticated peer, by name (an agent's SPIFFE ID on the Agent API).
+    Name(String),
+}
+
+/// Open connections per share.
+type Shares = Arc<Mutex<HashMap<Share, usize>>>;
 
 /// Admits connections within a listener's bounds.
 #[derive(Debug, Clone)]
@@ -98,7 +112,7 @@ pub struct ConnGate {
     limits: ConnLimits,
     stats: Arc<ConnStats>,
     permits: Arc<Semaphore>,
-    per_ip: PerIp,
+    shares: Shares,
 }
 
 impl ConnGate {
@@ -108,7 +122,7 @@ impl ConnGate {
             limits,
             stats,
             permits: Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS))),
-            per_ip: Arc::default(),
+            shares: Arc::default(),
         }
     }
 
@@ -122,33 +136,43 @@ impl ConnGate {
         self.stats.clone()
     }
 
-    /// A slot for a new connection from `ip` (`None` for a Unix socket), counted against the
-    /// listener's cap and, from the moment it is accepted, against `ip`'s share (so that one
-    /// address cannot hold the handshakes in flight either); `None` (counted) over either.
-    pub fn admit(&self, ip: Option<IpAddr>) -> Option<ConnSlot> {
+    /// A slot for a new connection, counted against the listener's cap and, from the moment
+    /// it is accepted, against `share` (at most `max_anonymous_per_ip` each: so that one
+    /// address, or one local user, cannot take the whole listener nor hold its TLS handshakes
+    /// in flight); `None` (counted) over either.
+    pub fn admit(&self, share: Option<Share>) -> Option<ConnSlot> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let mut slot = ConnSlot { _permit: permit, stats: self.stats.clone(), ip: None };
-        if let Some(ip) = ip {
-            let Ok(mut m) = self.per_ip.lock() else { return None };
-            let n = m.entry(ip).or_insert(0);
-            if *n >= self.limits.max_anonymous_per_ip {
-                self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
-            *n += 1;
-            slot.ip = Some((ip, self.per_ip.clone()));
-        }
         self.stats.open.fetch_add(1, Ordering::Relaxed);
+        let mut slot = ConnSlot { _permit: permit, stats: self.stats.clone(), share: None };
+        if let Some(share) = share
+            && !self.move_to(&mut slot, share, self.limits.max_anonymous_per_ip)
+        {
+            return None;
+        }
         Some(slot)
     }
 
-    /// Takes `slot` out of its address's share: the peer authenticated as a caller that may
-    /// hold many connections from one address (an agent, behind the node's address).
-    pub fn exempt(&self, slot: &mut ConnSlot) {
-        slot.release_ip();
+    /// Moves `slot` from its share to `share`, which holds at most `limit` connections
+    /// (an authenticated agent moves from its address's share to its own). False (counted,
+    /// and the slot keeps its share) when `share` is full.
+    pub fn move_to(&self, slot: &mut ConnSlot, share: Share, limit: usize) -> bool {
+        let Ok(mut m) = self.shares.lock() else { return false };
+        let n = m.entry(share.clone()).or_insert(0);
+        if *n >= limit {
+            self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            if *n == 0 {
+                m.remove(&share);
+            }
+            return false;
+        }
+        *n += 1;
+        drop(m);
+        slot.release_share();
+        slot.share = Some((share, self.shares.clone()));
+        true
     }
 }
 
@@ -157,18 +181,18 @@ impl ConnGate {
 pub struct ConnSlot {
     _permit: OwnedSemaphorePermit,
     stats: Arc<ConnStats>,
-    ip: Option<(IpAddr, PerIp)>,
+    share: Option<(Share, Shares)>,
 }
 
 impl ConnSlot {
-    fn release_ip(&mut self) {
-        if let Some((ip, m)) = self.ip.take()
+    fn release_share(&mut self) {
+        if let Some((share, m)) = self.share.take()
             && let Ok(mut m) = m.lock()
-            && let Some(n) = m.get_mut(&ip)
+            && let Some(n) = m.get_mut(&share)
         {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                m.remove(&ip);
+                m.remove(&share);
             }
         }
     }
@@ -177,7 +201,7 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
-        self.release_ip();
+        self.release_share();
     }
 }
 
@@ -434,7 +458,12 @@ mod tests {
 
     fn gate(max: usize, per_ip: usize) -> ConnGate {
         ConnGate::new(
-            ConnLimits { max_connections: max, idle_timeout: Duration::from_secs(1), max_anonymous_per_ip: per_ip },
+            ConnLimits {
+                max_connections: max,
+                idle_timeout: Duration::from_secs(1),
+                max_anonymous_per_ip: per_ip,
+                max_per_peer: per_ip,
+            },
             Arc::default(),
         )
     }
@@ -442,21 +471,24 @@ mod tests {
     #[test]
     fn the_gate_holds_its_caps_and_frees_places_on_drop() {
         let g = gate(4, 2);
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let a = g.admit(Some(ip)).unwrap();
-        let mut b = g.admit(Some(ip)).unwrap();
-        assert!(g.admit(Some(ip)).is_none(), "over the per-IP cap, counted from accept");
-        let _c = g.admit(Some("10.0.0.2".parse().unwrap())).unwrap();
-        // An authenticated agent leaves its address's share.
-        g.exempt(&mut b);
-        let _d = g.admit(Some(ip)).unwrap();
+        let ip = |s: &str| Some(Share::Ip(s.parse().unwrap()));
+        let a = g.admit(ip("10.0.0.1")).unwrap();
+        let mut b = g.admit(ip("10.0.0.1")).unwrap();
+        assert!(g.admit(ip("10.0.0.1")).is_none(), "over the per-IP cap, counted from accept");
+        let _c = g.admit(ip("10.0.0.2")).unwrap();
+        // An authenticated agent moves to a share of its own (of one connection here).
+        assert!(g.move_to(&mut b, Share::Name("agent-1".into()), 1));
+        let _d = g.admit(ip("10.0.0.1")).unwrap();
         assert!(g.admit(None).is_none(), "over the cap");
         drop(a);
-        let _e = g.admit(Some(ip)).unwrap_or_else(|| panic!("the place of a closed connection is free again"));
+        let mut e = g.admit(ip("10.0.0.1")).unwrap_or_else(|| panic!("the place of a closed connection is free again"));
+        assert!(!g.move_to(&mut e, Share::Name("agent-1".into()), 1), "a second connection of the same agent");
         let s = g.stats();
-        assert_eq!(s.open.load(Ordering::Relaxed), 4);
+        assert_eq!(s.open.load(Ordering::Relaxed), 4, "refusals leave the open count right");
         assert_eq!(s.refused_limit.load(Ordering::Relaxed), 1);
-        assert_eq!(s.refused_per_ip.load(Ordering::Relaxed), 1);
+        assert_eq!(s.refused_per_ip.load(Ordering::Relaxed), 2);
+        drop((b, e));
+        assert_eq!(s.open.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -450,6 +450,9 @@ impl Admin for AdminService {
     async fn evict_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
         let a = self.agent(&req.into_inner().spiffe_id).await?;
         self.issuance.store.delete_agent(&a.spiffe_id).await.map_err(ApiError::from)?;
+        // Wakes every change stream (each checks its agent), so that the evicted agent's
+        // ends now rather than at its next 30 s check.
+        self.issuance.changes.notify();
         info!(agent_id = %tessera_identity::ids::LogId(&a.spiffe_id), "Agent evicted");
         Ok(Response::new(agent_to_pb(&a)))
     }
@@ -468,6 +471,9 @@ impl Admin for AdminService {
                 self.issuance.store.compare_and_put_agent(&a, Some(expected)).await.map_err(ApiError::from)?
             {
                 info!(agent_id = %tessera_identity::ids::LogId(&stored.spiffe_id), "Agent banned");
+                // Wakes every change stream (each checks its agent), so that the banned agent's
+                // ends now rather than at its next 30 s check.
+                self.issuance.changes.notify();
                 return Ok(Response::new(agent_to_pb(&stored)));
             }
         }

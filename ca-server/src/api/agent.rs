@@ -27,6 +27,9 @@ use crate::attest::NodeAttestor;
 use crate::config::Config;
 use crate::store::{AgentRecord, AuditKind, Entry};
 
+/// How often an open `WatchChanges` stream checks that its agent is still attested.
+const WATCH_RECHECK: Duration = Duration::from_secs(30);
+
 /// How deep node-alias chains are followed.
 const MAX_ALIAS_DEPTH: usize = 8;
 /// Most entry changes an incremental sync replays; an agent further behind gets a full
@@ -478,19 +481,46 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
-        self.caller(&req).await?;
+        let caller = self.caller(&req).await?;
         let rx = self.issuance.changes.subscribe();
+        let store = self.issuance.store.clone();
         // The current generation at once, then one message per change; a burst that comes
-        // faster than the agent reads is one message. The stream ends when the server stops.
-        let notices = futures_util::stream::unfold((rx, true), |(mut rx, first)| async move {
-            if !first && rx.changed().await.is_err() {
+        // faster than the agent reads is one message. The stream ends when the server stops,
+        // and, because it would otherwise hold its connection open, when the agent is banned
+        // or evicted or its SVID is replaced: checked on every change and every 30 s.
+        let state = (rx, true, store, caller.id, caller.serial);
+        let notices = futures_util::stream::unfold(state, |(mut rx, first, store, id, serial)| async move {
+            if !first {
+                loop {
+                    let changed = tokio::select! {
+                        c = rx.changed() => { if c.is_err() { return None } true }
+                        _ = tokio::time::sleep(WATCH_RECHECK) => false,
+                    };
+                    let current = match store.get_agent(&id).await {
+                        Ok(Some(r)) => !r.banned && (r.serial == serial || r.previous_serial == serial),
+                        Ok(None) => false,
+                        Err(_) => true, // a store outage is not a ban: keep the stream
+                    };
+                    if !current {
+                        let e = ApiError::PermissionDenied(format!(
+                            "agent {} is no longer attested with this SVID (banned, evicted or renewed)",
+                            LogId(&id)
+                        ));
+                        return Some((Err(e.into()), (rx, false, store, id, String::new())));
+                    }
+                    if changed {
+                        break;
+                    }
+                }
+            }
+            if serial.is_empty() {
                 return None;
             }
             let feed = *rx.borrow_and_update();
             if feed.closed {
                 return None;
             }
-            Some((Ok(pb::WatchChangesResponse { generation: feed.generation }), (rx, false)))
+            Some((Ok(pb::WatchChangesResponse { generation: feed.generation }), (rx, false, store, id, serial)))
         });
         Ok(Response::new(Box::pin(notices)))
     }

@@ -15,7 +15,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::CertificateDer;
 use tessera_identity::{Bundle, SpiffeId, unix_now};
-use tessera_svc::listener::{Activity, ConnGate, IdleIo};
+use tessera_svc::listener::{Activity, ConnGate, IdleIo, Share};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -239,11 +239,26 @@ impl tokio::io::AsyncWrite for AgentConn {
     }
 }
 
+/// The agent a TLS peer is, when it presents an SVID that is the current (or previous) one of
+/// an attested, unbanned agent of `td`.
+async fn current_agent(
+    stream: &TlsStream<TcpStream>,
+    td: &tessera_identity::TrustDomain,
+    store: &dyn crate::store::Store,
+) -> Option<SpiffeId> {
+    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let facts = tessera_identity::x509::cert_facts(leaf).ok()?;
+    let id = facts.spiffe_id().filter(|id| tessera_identity::ids::is_agent_id(id, td))?;
+    let rec = store.get_agent(&id).await.ok()??;
+    (!rec.banned && (facts.serial == rec.serial || facts.serial == rec.previous_serial)).then_some(id)
+}
+
 /// Accepts TCP connections within `gate`'s bounds, completes TLS handshakes (bounded in time
 /// and in number at once), and yields the TLS streams for tonic's `serve_with_incoming`. A
 /// connection over the cap, or over its address's share (counted from accept, so one address
 /// cannot hold the handshakes in flight), is closed at once. Once the handshake is done, a
-/// peer presenting an agent SVID of `agents` leaves its address's share: many agents may sit
+/// peer presenting the current SVID of an attested, unbanned agent of `agents` moves from its
+/// address's share to one of its own (`server.max_connections_per_agent`): many agents may sit
 /// behind one address, and each holds one connection. No other certificate does (a workload
 /// SVID proves nothing about how many connections its holder should have).
 pub fn incoming(
@@ -251,7 +266,7 @@ pub fn incoming(
     tls: Arc<AgentTls>,
     max_pending_handshakes: usize,
     gate: ConnGate,
-    agents: Option<tessera_identity::TrustDomain>,
+    agents: Option<(tessera_identity::TrustDomain, Arc<dyn crate::store::Store>)>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<AgentConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
@@ -265,7 +280,7 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(mut slot) = gate.admit(Some(peer.ip())) else {
+            let Some(mut slot) = gate.admit(Some(Share::Ip(peer.ip()))) else {
                 debug!(%peer, "At the connection limit or this address's share; closing the new connection");
                 continue;
             };
@@ -284,18 +299,12 @@ pub fn incoming(
                     Ok(Ok(stream)) => {
                         // The permit bounds handshakes in flight; tonic owns the stream now.
                         drop(permit);
-                        let is_agent = |td: &tessera_identity::TrustDomain| {
-                            stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|leaf| tessera_identity::x509::cert_facts(leaf).ok())
-                                .and_then(|f| f.spiffe_id())
-                                .is_some_and(|id| tessera_identity::ids::is_agent_id(&id, td))
-                        };
-                        if agents.as_ref().is_some_and(is_agent) {
-                            gate.exempt(&mut slot);
+                        if let Some((td, store)) = &agents
+                            && let Some(agent) = current_agent(&stream, td, store.as_ref()).await
+                            && !gate.move_to(&mut slot, Share::Name(agent.to_string()), gate.limits().max_per_peer)
+                        {
+                            debug!(%peer, "Too many connections for this agent");
+                            return;
                         }
                         let idle = gate.limits().idle_timeout;
                         let _ = tx.send(Ok(AgentConn(IdleIo::streams(stream, idle, Some(slot))))).await;

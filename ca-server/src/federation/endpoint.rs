@@ -168,7 +168,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         // Every caller is anonymous here: the cap and the per-IP share both apply.
-        let Some(slot) = gate.admit(Some(peer.ip())) else {
+        let Some(slot) = gate.admit(Some(tessera_svc::listener::Share::Ip(peer.ip()))) else {
             debug!(%peer, "Bundle endpoint at its connection limit (or this address's share); dropping connection");
             continue;
         };

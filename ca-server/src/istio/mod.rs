@@ -86,10 +86,13 @@ pub struct IstioCa {
     cfg: Arc<IstioConfig>,
     clusters: Arc<Vec<Cluster>>,
     limit: Arc<crate::api::limits::RateLimiter<std::net::IpAddr>>,
-    /// The authority IDs of this trust domain's own CAs (every replica's journal), and when
-    /// they were last read: only a certificate one of them issued may carry a renewal grant.
-    own: Arc<std::sync::Mutex<(Option<std::time::Instant>, std::collections::HashSet<String>)>>,
+    /// This trust domain's own CAs (every replica's journal) by authority ID, and when they
+    /// were last read: only a certificate one of them signed may carry a renewal grant.
+    own: Arc<std::sync::Mutex<OwnAuthorities>>,
 }
+
+/// Own CA certificates (DER) by authority ID, and when they were read.
+type OwnAuthorities = (Option<std::time::Instant>, std::collections::HashMap<String, Vec<u8>>);
 
 /// How often the set of own authorities is read again when a certificate names another.
 const OWN_AUTHORITIES_REFRESH: Duration = Duration::from_secs(5);
@@ -210,7 +213,7 @@ impl IstioCa {
                 "the client certificate was not issued by this API on a service-account token, so it renews nothing here: authenticate with a token".into(),
             )
         })?;
-        self.check_issuer(facts.authority_key_id.as_deref()).await?;
+        self.check_issuer(leaf, facts.authority_key_id.as_deref()).await?;
         self.check_grant(&grant).await?;
         Ok(Some(Caller {
             label: format!("istio:cert:{id}"),
@@ -227,29 +230,40 @@ impl IstioCa {
     /// Refuses a certificate that none of our own CAs (this replica's or another's) issued:
     /// a downstream (nested) server's CA chains to our roots too, but a grant it wrote proves
     /// nothing here.
-    async fn check_issuer(&self, aki: Option<&str>) -> Result<(), ApiError> {
+    async fn check_issuer(&self, leaf: &[u8], aki: Option<&str>) -> Result<(), ApiError> {
         let refused = || {
             ApiError::Unauthenticated(
                 "the client certificate was not issued by this trust domain's own CA (a downstream CA's certificates renew nothing here): authenticate with a token".into(),
             )
         };
         let aki = aki.ok_or_else(refused)?;
-        let cached = self.own.lock().map(|o| (o.1.contains(aki), o.0)).unwrap_or((false, None));
+        // The authority key ID is only what the signer wrote: the signature is checked
+        // against that authority's own certificate.
+        let signed = |own: &std::collections::HashMap<String, Vec<u8>>| {
+            own.get(aki).is_some_and(|ca| tessera_identity::x509::signed_by(leaf, ca))
+        };
+        let cached = self.own.lock().map(|o| (signed(&o.1), o.0)).unwrap_or((false, None));
         match cached {
             (true, _) => return Ok(()),
             (false, Some(at)) if at.elapsed() < OWN_AUTHORITIES_REFRESH => return Err(refused()),
             _ => {}
         }
-        let mut ids: std::collections::HashSet<String> =
-            self.issuance.ca.x509_authorities().into_iter().map(|a| a.authority_id).collect();
+        let mut own: std::collections::HashMap<String, Vec<u8>> =
+            self.issuance.ca.x509_authorities().into_iter().map(|a| (a.authority_id, a.certificate)).collect();
         for (_, journal) in self.issuance.store.list_journals().await? {
-            ids.extend(journal.x509.into_iter().map(|e| e.authority_id));
+            for e in journal.x509 {
+                use base64::Engine;
+                let der = e.chain.first().and_then(|c| base64::engine::general_purpose::STANDARD.decode(c).ok());
+                if let Some(der) = der {
+                    own.entry(e.authority_id).or_insert(der);
+                }
+            }
         }
-        let known = ids.contains(aki);
+        let ok = signed(&own);
         if let Ok(mut o) = self.own.lock() {
-            *o = (Some(std::time::Instant::now()), ids);
+            *o = (Some(std::time::Instant::now()), own);
         }
-        if known { Ok(()) } else { Err(refused()) }
+        if ok { Ok(()) } else { Err(refused()) }
     }
 
     async fn check_grant(&self, g: &RenewalGrant) -> Result<(), ApiError> {

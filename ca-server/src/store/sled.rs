@@ -266,7 +266,7 @@ impl Store for SledStore {
             out.truncated = true;
             return Ok(out);
         }
-        for kv in self.by_rev.range(start..) {
+        for kv in self.by_rev.range(start..).take(limit) {
             let (k, v) = kv.map_err(backend)?;
             let (kind, rest) = v
                 .split_first()
@@ -300,7 +300,10 @@ impl Store for SledStore {
                 None => None,
                 Some(v) => Some(
                     serde_json::from_slice::<AgentRecord>(&v)
-                        .map_err(|e| ConflictableTransactionError::Abort(format!("agent {key} is corrupt: {e}")))?
+                        .map_err(|e| {
+                            let shown = tessera_identity::ids::redact_join_token(&key);
+                            ConflictableTransactionError::Abort(format!("agent {shown} is corrupt: {e}"))
+                        })?
                         .revision,
                 ),
             };

@@ -393,7 +393,7 @@ async fn main() -> Result<()> {
         // per-address cap is for.
         t.replace(
             "[server]\n",
-            "[server]\nrate_limit_svids_per_second = 0\nrate_limit_attestations_per_minute = 0\nmax_anonymous_connections_per_ip = 4096\n",
+            "[server]\nrate_limit_svids_per_second = 0\nrate_limit_attestations_per_minute = 0\nmax_anonymous_connections_per_ip = 4096\nmax_connections_per_agent = 4096\n",
         )
             + &istio_cfg
     });
