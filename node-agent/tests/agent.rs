@@ -898,6 +898,20 @@ async fn validate_jwtsvid_uses_only_the_bundles_the_caller_federates_with() {
         .await
         .unwrap();
     let token = peer_token(&key, "peer-k", "spiffe://peer.org/caller", "me");
+    // Another workload on this node federates with peer.org, so the agent holds its bundle;
+    // this caller's entry does not.
+    let mut other = env.entry.clone();
+    other.id = String::new();
+    other.spiffe_id = "spiffe://example.org/federating".into();
+    other.selectors = vec![types::Selector { r#type: "unix".into(), value: "uid:54321".into() }];
+    other.federates_with = vec!["peer.org".into()];
+    admin.create_entry(admin::CreateEntryRequest { entry: Some(other) }).await.unwrap();
+    let agent = env.agent.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.manager.snapshot().federated.keys().any(|td| td.as_str() == "peer.org") {
+        assert!(Instant::now() < deadline, "the agent never got peer.org's bundle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut c = env.workload().await;
     let e = c
         .validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() })

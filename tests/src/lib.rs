@@ -413,6 +413,16 @@ impl Mesh {
         v["entries"][0]["id"].as_str().unwrap().to_owned()
     }
 
+    /// Waits up to 20 s until the agent serves `spiffe_id` to this process.
+    pub fn wait_for_svid(&self, spiffe_id: &str) {
+        wait_for(
+            20,
+            &format!("an SVID for {spiffe_id}"),
+            || String::from_utf8_lossy(&self.agent_cli(&["api", "fetch", "x509"]).stdout).contains(spiffe_id),
+            String::new,
+        );
+    }
+
     /// Runs `tessera-agent api ...` against this agent.
     pub fn agent_cli(&self, args: &[&str]) -> Output {
         run_cli("tessera-agent", &self.socket, args)

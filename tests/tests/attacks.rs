@@ -546,12 +546,7 @@ fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_a
     assert!(tls_connection(&rt, &addr, one).is_some(), "no connection accepted after the idle ones were closed");
     let again = "spiffe://example.org/after";
     mesh.register(again, &[]);
-    tessera_e2e::wait_for(
-        20,
-        "an SVID afterwards",
-        || String::from_utf8_lossy(&mesh.agent_cli(&["api", "fetch", "x509"]).stdout).contains(again),
-        String::new,
-    );
+    mesh.wait_for_svid(again);
     let m = |l: &str| metric(&health, l);
     assert!(m("tessera_server_connections_refused_total{listener=\"agent_api\",reason=\"per_ip\"}") >= 1);
     assert!(m("tessera_server_connections_refused_total{listener=\"agent_api\",reason=\"limit\"}") >= 1);
@@ -592,12 +587,7 @@ fn join_tokens_never_reach_the_server_or_agent_logs() {
     let tokens = tokens.into_inner();
     let id = "spiffe://example.org/logged";
     mesh.register(id, &[]);
-    tessera_e2e::wait_for(
-        20,
-        "the workload's SVID",
-        || String::from_utf8_lossy(&mesh.agent_cli(&["api", "fetch", "x509"]).stdout).contains(id),
-        String::new,
-    );
+    mesh.wait_for_svid(id);
     // A refused attestation with an unused token (a CSR for another ID).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
