@@ -29,9 +29,9 @@ use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
 use crate::istio::IstioCa;
 use crate::metrics::Metrics;
-use crate::store::Store;
-use crate::store::postgres::PostgresStore;
-use crate::store::sled::SledStore;
+use tessera_store::Store;
+use tessera_store::postgres::PostgresStore;
+use tessera_store::sled::SledStore;
 use tessera_svc::listener::ConnGate;
 
 /// Errors starting the server.
@@ -48,7 +48,7 @@ pub enum StartError {
     },
     /// The store cannot open.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] tessera_store::StoreError),
     /// The key manager failed.
     #[error(transparent)]
     KeyManager(#[from] tessera_plugins::KeyManagerError),

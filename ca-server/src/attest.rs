@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tessera_identity::{Selector, SpiffeId, TrustDomain, agent_id, unix_now};
 
 use crate::api::ApiError;
-use crate::store::{AgentRecord, Entry, Store};
+use tessera_store::{AgentRecord, Entry, Store};
 
 /// Proves a node's identity from attestation data.
 #[async_trait]

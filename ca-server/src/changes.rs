@@ -16,7 +16,7 @@ use std::time::Duration;
 use tessera_identity::Bundle;
 use tokio::sync::{Notify, watch};
 
-use crate::store::Store;
+use tessera_store::Store;
 
 /// The feed's state: a generation that grows on every change, and whether the server is
 /// stopping (streams end).

@@ -11,7 +11,7 @@ use tessera_identity::{KeyType, SpiffeId, TrustDomain};
 
 use tessera_plugins::upstream::disk::DiskFiles;
 
-use crate::store::{EndpointProfile, FederationRelationship};
+use tessera_store::{EndpointProfile, FederationRelationship};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::ca::Ca;
 use crate::metrics::{Gauges, Metrics};
-use crate::store::Store;
+use tessera_store::Store;
 
 /// What the health endpoints read.
 #[derive(Debug, Clone)]

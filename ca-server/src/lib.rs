@@ -2,7 +2,7 @@
 //!
 //! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]; plugin
 //! processes are hosted by [`external`]; node attestors in [`attest`]), the CA core ([`ca`]: where a CSR becomes a
-//! certificate), storage ([`store`]), the gRPC services ([`api`]: Agent API over mTLS, Admin
+//! certificate; storage is the `tessera-store` crate), the gRPC services ([`api`]: Agent API over mTLS, Admin
 //! API on a local socket; [`changes`] tells agents to sync now), federation ([`federation`]: our bundle endpoint and peers'
 //! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
 //! admin CLI ([`cli`]).
@@ -26,4 +26,3 @@ pub mod health;
 pub mod istio;
 pub mod metrics;
 pub mod publish;
-pub mod store;

@@ -285,11 +285,11 @@ async fn batch_signing_signs_only_what_the_agent_may_have() {
 
     // Exactly one workload SVID was issued; the refusals are audited, and the chain holds.
     let audit = t.server().store.audit_range(1, 1000).await.unwrap();
-    let issued: Vec<_> = audit.iter().filter(|r| r.event.kind == tessera_server::store::AuditKind::X509Svid).collect();
+    let issued: Vec<_> = audit.iter().filter(|r| r.event.kind == tessera_store::AuditKind::X509Svid).collect();
     assert_eq!(issued.len(), 1);
     assert_eq!(issued[0].event.spiffe_id, "spiffe://example.org/web");
     assert_eq!(issued[0].event.caller, a.id.to_string());
-    assert!(audit.iter().filter(|r| r.event.kind == tessera_server::store::AuditKind::Denied).count() >= 7);
+    assert!(audit.iter().filter(|r| r.event.kind == tessera_store::AuditKind::Denied).count() >= 7);
     assert!(t.admin.verify_audit(admin::VerifyAuditRequest {}).await.unwrap().into_inner().ok);
     t.stop().await;
 }

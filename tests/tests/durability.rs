@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tessera_e2e::ServerProc;
 use tessera_proto::admin::v1 as admin;
-use tessera_server::store::Store;
+use tessera_store::Store;
 
 const ROUNDS: usize = 50;
 
@@ -75,13 +75,13 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
         acknowledged.extend(acked);
 
         // The store opens after SIGKILL and holds every acknowledged issuance.
-        let store = tessera_server::store::sled::SledStore::open(&d.path().join("data/store"))
+        let store = tessera_store::sled::SledStore::open(&d.path().join("data/store"))
             .unwrap_or_else(|e| panic!("round {round}: store does not open after kill -9: {e}"));
         let logged: HashSet<String> =
             rt.block_on(store.audit_range(1, usize::MAX)).unwrap().into_iter().map(|r| r.event.serial).collect();
         let missing: Vec<_> = acknowledged.iter().filter(|s| !logged.contains(*s)).collect();
         assert!(missing.is_empty(), "round {round}: {} acknowledged SVIDs missing from the audit log", missing.len());
-        let verdict = rt.block_on(tessera_server::store::verify_audit(&store)).unwrap();
+        let verdict = rt.block_on(tessera_store::verify_audit(&store)).unwrap();
         assert!(verdict.ok, "round {round}: {verdict:?}");
         drop(store);
 

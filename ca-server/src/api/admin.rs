@@ -19,7 +19,7 @@ use super::convert::{
 use super::{ApiError, Issuance, X509Request};
 use crate::config::Config;
 use crate::federation::{Federation, Refreshed};
-use crate::store::{AuditKind, FederationRelationship, JoinToken, verify_audit};
+use tessera_store::{AuditKind, FederationRelationship, JoinToken, verify_audit};
 
 /// The Admin API service.
 #[derive(Debug, Clone)]
@@ -122,7 +122,7 @@ impl AdminService {
         }
     }
 
-    async fn agent(&self, id: &str) -> Result<crate::store::AgentRecord, ApiError> {
+    async fn agent(&self, id: &str) -> Result<tessera_store::AgentRecord, ApiError> {
         let id = parse_spiffe_id(id)?;
         self.issuance.store.get_agent(&id).await?.ok_or_else(|| ApiError::NotFound(format!("agent {id} not found")))
     }
@@ -160,7 +160,7 @@ impl Admin for AdminService {
         let alias_entry = match alias {
             None => None,
             Some(spiffe_id) => {
-                let e = crate::store::Entry {
+                let e = tessera_store::Entry {
                     id: random_id()?,
                     spiffe_id,
                     parent_id: agent.clone(),
@@ -501,7 +501,7 @@ impl Admin for AdminService {
             0 => 100,
             n => usize::try_from(n).unwrap_or(1000).min(1000),
         };
-        let matches = |rec: &crate::store::AuditRecord| {
+        let matches = |rec: &tessera_store::AuditRecord| {
             let e = &rec.event;
             (r.spiffe_id.is_empty() || e.spiffe_id == r.spiffe_id)
                 && (r.caller.is_empty() || e.caller == r.caller)

@@ -25,7 +25,7 @@ use super::limits::RateLimiter;
 use super::{ApiError, Issuance, X509Request};
 use crate::attest::NodeAttestor;
 use crate::config::Config;
-use crate::store::{AgentRecord, AuditKind, Entry};
+use tessera_store::{AgentRecord, AuditKind, Entry};
 
 /// How often an open `WatchChanges` stream checks that its agent is still attested.
 const WATCH_RECHECK: Duration = Duration::from_secs(30);

@@ -8,7 +8,7 @@ use tessera_proto::types::v1 as pb;
 
 use super::ApiError;
 use crate::config::CaConfig;
-use crate::store::{AgentRecord, EndpointProfile, Entry, FederationRelationship};
+use tessera_store::{AgentRecord, EndpointProfile, Entry, FederationRelationship};
 
 /// Store entry → wire.
 pub fn entry_to_pb(e: &Entry) -> pb::Entry {

@@ -22,7 +22,7 @@ use tracing::{debug, error, warn};
 use crate::ca::{Ca, CaError, IssuedJwt, IssuedX509};
 use crate::changes::ChangeFeed;
 use crate::metrics::Metrics;
-use crate::store::{AuditEvent, AuditKind, Store, StoreError};
+use tessera_store::{AuditEvent, AuditKind, Store, StoreError};
 
 /// A request failure, mapped to a gRPC status in exactly one place ([`From<ApiError> for Status`]).
 #[derive(Debug, thiserror::Error)]

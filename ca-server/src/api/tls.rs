@@ -244,7 +244,7 @@ impl tokio::io::AsyncWrite for AgentConn {
 async fn current_agent(
     stream: &TlsStream<TcpStream>,
     td: &tessera_identity::TrustDomain,
-    store: &dyn crate::store::Store,
+    store: &dyn tessera_store::Store,
 ) -> Option<SpiffeId> {
     let leaf = stream.get_ref().1.peer_certificates()?.first()?;
     let facts = tessera_identity::x509::cert_facts(leaf).ok()?;
@@ -266,7 +266,7 @@ pub fn incoming(
     tls: Arc<AgentTls>,
     max_pending_handshakes: usize,
     gate: ConnGate,
-    agents: Option<(tessera_identity::TrustDomain, Arc<dyn crate::store::Store>)>,
+    agents: Option<(tessera_identity::TrustDomain, Arc<dyn tessera_store::Store>)>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<AgentConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));

@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::CaConfig;
-use crate::store::{AuditEvent, AuditKind, CaJournal, JwtKeyEntry, SlotStatus, Store, StoreError, X509CaEntry};
+use tessera_store::{AuditEvent, AuditKind, CaJournal, JwtKeyEntry, SlotStatus, Store, StoreError, X509CaEntry};
 
 /// Clock skew allowance: leaves are valid from this many seconds before issuance.
 const BACKDATE_SECS: i64 = 10;

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::changes::ChangeFeed;
 use crate::config::ConfiguredPeer;
-use crate::store::{EndpointProfile, FederationRelationship, Store, StoreError};
+use tessera_store::{EndpointProfile, FederationRelationship, Store, StoreError};
 
 /// Refresh period when the peer's document carries no hint.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);

@@ -43,7 +43,7 @@ use tracing::warn;
 use self::config::{IstioCluster, IstioConfig, TokenValidation};
 use crate::api::{ApiError, Issuance, X509Request};
 use crate::app::StartError;
-use crate::store::AuditKind;
+use tessera_store::AuditKind;
 
 /// The metadata key ztunnel sets to ask for another workload's certificate.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";

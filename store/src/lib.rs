@@ -1,7 +1,13 @@
-//! Storage: one [`Store`] trait for everything the server persists, with sled as the embedded
-//! implementation. A write is durable when the call returns (the implementation flushes to disk
-//! before acknowledging). PostgreSQL implements the same trait in a later issue and runs the
-//! same [`conformance`] suite.
+//! Tessera's storage: one [`Store`] trait for everything the server persists (registration
+//! entries with revisions, agents written by compare-and-set, join tokens, bundles,
+//! federation relationships, CA journals, the hash-chained audit log), the records it holds,
+//! and two implementations: sled, embedded, one process (feature `sled`), and PostgreSQL,
+//! shared by several server replicas (feature `postgres`). A write is durable when the call
+//! returns. Both pass one conformance suite (feature `test-util`).
+//!
+//! What it is not: no policy (who may write what is the server's), no gRPC, no CA.
+
+#![forbid(unsafe_code)]
 
 use std::fmt;
 
@@ -9,9 +15,12 @@ use async_trait::async_trait;
 use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 
 pub mod audit;
+#[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod records;
+#[cfg(feature = "sled")]
 pub mod sled;
 
 pub use audit::{AuditEvent, AuditKind, AuditRecord, AuditVerdict};

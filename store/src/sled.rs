@@ -468,7 +468,7 @@ mod tests {
     async fn sled_store_passes_the_conformance_suite() {
         let d = tempfile::tempdir().unwrap();
         let store = SledStore::open(&d.path().join("store")).unwrap();
-        crate::store::conformance::run(&store).await;
+        crate::conformance::run(&store).await;
     }
 
     #[tokio::test]
@@ -477,11 +477,8 @@ mod tests {
         let path = d.path().join("store");
         {
             let store = SledStore::open(&path).unwrap();
-            store
-                .create_entry(crate::store::conformance::entry("e1", "spiffe://td/w", "spiffe://td/agent"))
-                .await
-                .unwrap();
-            store.append_audit(crate::store::conformance::event("spiffe://td/w")).await.unwrap();
+            store.create_entry(crate::conformance::entry("e1", "spiffe://td/w", "spiffe://td/agent")).await.unwrap();
+            store.append_audit(crate::conformance::event("spiffe://td/w")).await.unwrap();
         }
         let store = SledStore::open(&path).unwrap();
         assert!(store.get_entry("e1").await.unwrap().is_some());
