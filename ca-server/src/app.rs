@@ -16,11 +16,10 @@ use tokio::task::JoinSet;
 use tonic::transport::server::UdsConnectInfo;
 use tracing::{Instrument, info, info_span};
 
-use crate::api::Issuance;
+use crate::api::Shared;
 use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
 use crate::api::tls::{AgentTls, incoming};
-use crate::ca::Ca;
 use crate::catalog::Catalog;
 use crate::changes::ChangeFeed;
 use crate::config::{Config, ServingProfile, StoreKind};
@@ -29,6 +28,7 @@ use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
 use crate::istio::IstioCa;
 use crate::metrics::Metrics;
+use tessera_ca::{Ca, CaDeps, Issuance, SystemClock};
 use tessera_store::Store;
 use tessera_store::postgres::PostgresStore;
 use tessera_store::sled::SledStore;
@@ -54,7 +54,10 @@ pub enum StartError {
     KeyManager(#[from] tessera_plugins::KeyManagerError),
     /// The CA cannot start.
     #[error(transparent)]
-    Ca(#[from] crate::ca::CaError),
+    Ca(#[from] tessera_ca::CaError),
+    /// The server cannot make its own TLS identity.
+    #[error(transparent)]
+    ServerTls(#[from] crate::api::tls::ServerTlsError),
     /// Federation cannot start (a bootstrap bundle, the bundle endpoint's certificate).
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
@@ -170,19 +173,23 @@ impl Server {
             }
         };
         let catalog = Catalog::build(&cfg).await?;
-        let ca = Ca::start(
-            cfg.trust_domain.clone(),
-            cfg.ca.clone(),
-            &cfg.instance_id,
-            catalog.key_manager.clone(),
-            catalog.upstream.clone(),
-            store.clone(),
-        )
+        let ca = Ca::start(CaDeps {
+            trust_domain: cfg.trust_domain.clone(),
+            config: cfg.ca.clone(),
+            instance: cfg.instance_id.clone(),
+            key_manager: catalog.key_manager.clone(),
+            upstream: catalog.upstream.clone(),
+            store: store.clone(),
+            clock: Arc::new(SystemClock),
+        })
         .await?;
         let metrics = Arc::new(Metrics::default());
         let changes = ChangeFeed::default();
-        let issuance =
-            Issuance { ca: ca.clone(), store: store.clone(), metrics: metrics.clone(), changes: changes.clone() };
+        let shared = Shared {
+            issuance: Issuance::new(ca.clone(), metrics.issuance.clone()),
+            metrics: metrics.clone(),
+            changes: changes.clone(),
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tasks.spawn(
@@ -216,7 +223,7 @@ impl Server {
             .await
             .map_err(io(format!("cannot bind Agent API on {}", cfg.agent_api_address)))?;
         let agent_api_addr = listener.local_addr().map_err(io("agent api address"))?;
-        let agent = AgentServer::new(AgentService::new(issuance.clone(), cfg.clone(), catalog.node_attestors.clone()))
+        let agent = AgentServer::new(AgentService::new(shared.clone(), cfg.clone(), catalog.node_attestors.clone()))
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(16 * 1024 * 1024);
         let mut rx = shutdown_rx.clone();
@@ -243,7 +250,7 @@ impl Server {
         let istio_addr = match &cfg.istio {
             None => None,
             Some(ic) => {
-                let svc = IstioCa::new(issuance.clone(), ic.clone(), cfg.rate_limit_svids_per_second).await?;
+                let svc = IstioCa::new(shared.clone(), ic.clone(), cfg.rate_limit_svids_per_second).await?;
                 let l = TcpListener::bind(ic.address)
                     .await
                     .map_err(io(format!("cannot bind the Istio CA API on {}", ic.address)))?;
@@ -315,7 +322,7 @@ impl Server {
         // Admin API: local Unix socket only.
         let (uds, owner) = bind_admin_socket(&cfg.admin_socket).await?;
         let admin = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(issuance.clone(), cfg.clone(), federation.clone()))
+            AdminServer::new(AdminService::new(shared.clone(), cfg.clone(), federation.clone()))
                 .max_decoding_message_size(4 * 1024 * 1024),
             admin_peer_check(owner),
         );

@@ -5,17 +5,19 @@
 
 use std::sync::Arc;
 
-use tessera_plugins::{DiskKeyManager, DiskUpstream, KeyManager, MemoryKeyManager, UpstreamAuthority};
+use tessera_plugin_external::ExternalUpstream;
+use tessera_plugin_k8s_psat::PsatAttestor;
+use tessera_plugins::{
+    DiskKeyManager, DiskUpstream, JoinTokenAttestor, KeyManager, MemoryKeyManager, NodeAttestor, UpstreamAuthority,
+};
 
 use crate::app::StartError;
-use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use tessera_plugin_nested::{NestedConfig, NestedUpstream};
 use tessera_plugin_vault::{VaultAuth, VaultConfig, VaultUpstream};
 
 use crate::config::{
     Config, KeyManagerKind, NodeAttestorKind, PinSource, Pkcs11Settings, UpstreamConfig, VaultAuthSettings,
 };
-use crate::external::ExternalUpstream;
 
 /// The plugins one server runs.
 #[derive(Debug)]
@@ -38,7 +40,7 @@ impl Catalog {
             KeyManagerKind::Memory => Arc::new(MemoryKeyManager::new()),
             KeyManagerKind::Pkcs11(p) => Arc::new(open_pkcs11(p)?),
         };
-        let upstream_err = |e| StartError::Ca(crate::ca::CaError::Upstream(e));
+        let upstream_err = |e| StartError::Ca(tessera_ca::CaError::Upstream(e));
         let (upstream, external): (Option<Arc<dyn UpstreamAuthority>>, _) = match &cfg.upstream_authority {
             None => (None, None),
             Some(UpstreamConfig::Disk(files)) => {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_identity::{KeyType, SpiffeId, TrustDomain};
+use tessera_identity::{SpiffeId, TrustDomain};
 
 use tessera_plugins::upstream::disk::DiskFiles;
 
@@ -242,25 +242,7 @@ fn default_psat_audience() -> Vec<String> {
     vec!["tessera-server".into()]
 }
 
-/// One cluster of the `k8s_psat` node attestor.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PsatCluster {
-    /// The name agents send (and that appears in their IDs).
-    pub name: String,
-    /// API server access; `None`: in-cluster.
-    pub kubeconfig: Option<PathBuf>,
-    /// Audiences the agent's token must carry.
-    pub audience: Vec<String>,
-    /// `(namespace, service account)` of the agent DaemonSet.
-    pub service_account_allow_list: Vec<(String, String)>,
-    /// Node labels that become selectors.
-    pub allowed_node_label_keys: Vec<String>,
-    /// Agent pod labels that become selectors.
-    pub allowed_pod_label_keys: Vec<String>,
-    /// Every service account with a pod on the agent's node gets
-    /// `spiffe://<td>/ns/<ns>/sa/<sa>` without a registration entry.
-    pub auto_pod_identity: bool,
-}
+pub use tessera_plugin_k8s_psat::PsatCluster;
 
 fn psat_clusters(
     raw: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
@@ -514,7 +496,7 @@ pub enum UpstreamConfig {
     /// CA certificate and key files (or Istio's `cacerts` directory).
     Disk(DiskFiles),
     /// A plugin process speaking `tessera.plugin.v1`.
-    External(crate::external::ExternalSettings),
+    External(tessera_plugin_external::ExternalSettings),
     /// Vault or OpenBao's PKI engine.
     Vault(VaultSettings),
     /// A parent Tessera server of the same trust domain.
@@ -680,22 +662,7 @@ pub struct FederationConfig {
     pub trust_domains: Vec<ConfiguredPeer>,
 }
 
-/// CA settings.
-#[derive(Debug, Clone)]
-pub struct CaConfig {
-    /// CA key algorithm.
-    pub key_type: KeyType,
-    /// Lifetime of each CA certificate.
-    pub ca_ttl: Duration,
-    /// X509-SVID lifetime when the entry sets none.
-    pub default_x509_svid_ttl: Duration,
-    /// JWT-SVID lifetime when the entry sets none.
-    pub default_jwt_svid_ttl: Duration,
-    /// Largest X509-SVID TTL an entry or mint may ask for.
-    pub max_x509_svid_ttl: Duration,
-    /// Largest JWT-SVID TTL an entry or mint may ask for.
-    pub max_jwt_svid_ttl: Duration,
-}
+pub use tessera_ca::CaConfig;
 
 /// Validated server configuration.
 #[derive(Debug, Clone)]
@@ -875,7 +842,7 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
             };
             let plugin_config_json = serde_json::to_string(&u.plugin_config.unwrap_or_default())
                 .map_err(|e| ConfigError::Invalid { key: "upstream_authority.plugin_config", reason: e.to_string() })?;
-            Ok(UpstreamConfig::External(crate::external::ExternalSettings {
+            Ok(UpstreamConfig::External(tessera_plugin_external::ExternalSettings {
                 command,
                 args: u.args.unwrap_or_default(),
                 checksum,

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use crate::ca::Ca;
 use crate::metrics::{Gauges, Metrics};
+use tessera_ca::Ca;
 use tessera_store::Store;
 
 /// What the health endpoints read.

@@ -1,26 +1,23 @@
 //! Tessera's CA server, as a library that `main.rs` only wires.
 //!
-//! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]; plugin
-//! processes are hosted by [`external`]; node attestors in [`attest`]), the CA core ([`ca`]: where a CSR becomes a
-//! certificate; storage is the `tessera-store` crate), the gRPC services ([`api`]: Agent API over mTLS, Admin
+//! What it is: configuration ([`config`]), the plugin catalog ([`catalog`]: builds the
+//! configured plugins from their crates and hands the rest of the server only their traits), the CA core is the `tessera-ca` crate and storage the `tessera-store` crate; the gRPC services ([`api`]: Agent API over mTLS, Admin
 //! API on a local socket; [`changes`] tells agents to sync now), federation ([`federation`]: our bundle endpoint and peers'
 //! bundles), health and metrics ([`health`]), process wiring ([`app`]) and the
 //! admin CLI ([`cli`]).
 //!
-//! What it is not: no plugin implementations (they live in `tessera-plugins`), no agent logic,
+//! What it is not: no plugin implementations (`tessera-plugins` has the traits and built-ins, each other plugin
+//! has its own crate under `plugins/`), no agent logic,
 //! no SPIFFE parsing rules (they live in `tessera-identity`).
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod app;
-pub mod attest;
-pub mod ca;
 pub mod catalog;
 pub mod changes;
 pub mod cli;
 pub mod config;
-pub mod external;
 pub mod federation;
 pub mod health;
 pub mod istio;

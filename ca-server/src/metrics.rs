@@ -3,48 +3,23 @@
 //! ID as a label value.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use crate::api::ApiError;
+use tessera_ca::{IssuanceCounters, ResultCounter};
 
-/// A counter split by `result` = ok | denied | error.
-#[derive(Debug, Default)]
-pub struct ResultCounter {
-    ok: AtomicU64,
-    denied: AtomicU64,
-    error: AtomicU64,
-}
-
-impl ResultCounter {
-    /// One success.
-    pub fn ok(&self) {
-        self.ok.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// One failure: `denied` for the caller's fault, `error` for ours.
-    pub fn failed(&self, e: &ApiError) {
-        let c = match e {
-            ApiError::Internal(_) | ApiError::Unavailable(_) => &self.error,
-            _ => &self.denied,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (label, v) in [("ok", &self.ok), ("denied", &self.denied), ("error", &self.error)] {
-            let _ = writeln!(out, "{name}{{result=\"{label}\"}} {}", v.load(Ordering::Relaxed));
-        }
+fn render_results(c: &ResultCounter, out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    let (ok, denied, error) = c.counts();
+    for (label, v) in [("ok", ok), ("denied", denied), ("error", error)] {
+        let _ = writeln!(out, "{name}{{result=\"{label}\"}} {v}");
     }
 }
 
 /// The server's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// X509-SVIDs issued (workload, agent and admin mints).
-    pub x509_issued: ResultCounter,
-    /// JWT-SVIDs issued.
-    pub jwt_issued: ResultCounter,
+    /// X509-SVIDs and JWT-SVIDs issued (counted by the issuance path).
+    pub issuance: std::sync::Arc<IssuanceCounters>,
     /// Agent attestations.
     pub attestations: ResultCounter,
     /// Signing calls refused by the per-agent rate limit.
@@ -84,9 +59,24 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(2048);
-        self.x509_issued.render(&mut out, "tessera_server_x509_svids_issued_total", "X509-SVIDs signed, by result.");
-        self.jwt_issued.render(&mut out, "tessera_server_jwt_svids_issued_total", "JWT-SVIDs minted, by result.");
-        self.attestations.render(&mut out, "tessera_server_agent_attestations_total", "Agent attestations, by result.");
+        render_results(
+            &self.issuance.x509,
+            &mut out,
+            "tessera_server_x509_svids_issued_total",
+            "X509-SVIDs signed, by result.",
+        );
+        render_results(
+            &self.issuance.jwt,
+            &mut out,
+            "tessera_server_jwt_svids_issued_total",
+            "JWT-SVIDs minted, by result.",
+        );
+        render_results(
+            &self.attestations,
+            &mut out,
+            "tessera_server_agent_attestations_total",
+            "Agent attestations, by result.",
+        );
         let gauges = [
             (
                 "tessera_server_ready",

@@ -16,15 +16,17 @@ use super::convert::{
     agent_to_pb, bundle_from_pb, bundle_to_pb, entry_from_pb, entry_to_pb, federation_from_pb, federation_to_pb,
     selector_from_pb,
 };
-use super::{ApiError, Issuance, X509Request};
+use super::{ApiError, Shared};
 use crate::config::Config;
 use crate::federation::{Federation, Refreshed};
+use tessera_ca::{Issuance, X509Request};
 use tessera_store::{AuditKind, FederationRelationship, JoinToken, verify_audit};
 
 /// The Admin API service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
     issuance: Issuance,
+    changes: crate::changes::ChangeFeed,
     cfg: Arc<Config>,
     federation: Arc<Federation>,
 }
@@ -50,8 +52,8 @@ fn ttl_arg(field: &str, secs: i64, max: Duration) -> Result<Option<Duration>, Ap
 
 impl AdminService {
     /// A service over the shared issuance path.
-    pub fn new(issuance: Issuance, cfg: Arc<Config>, federation: Arc<Federation>) -> Self {
-        Self { issuance, cfg, federation }
+    pub fn new(shared: Shared, cfg: Arc<Config>, federation: Arc<Federation>) -> Self {
+        Self { issuance: shared.issuance, changes: shared.changes, cfg, federation }
     }
 
     async fn relationship(&self, td: &tessera_identity::TrustDomain) -> Result<FederationRelationship, ApiError> {
@@ -94,7 +96,7 @@ impl AdminService {
                 return Err(ApiError::InvalidArgument("bootstrap bundle has no keys".into()));
             }
             self.issuance.store.put_bundle(&b).await?;
-            self.issuance.changes.notify();
+            self.changes.notify();
         }
         self.issuance.store.put_federation(&rel).await?;
         self.federation.relationships_changed(td);
@@ -176,7 +178,7 @@ impl Admin for AdminService {
                     revision: 0,
                 };
                 let stored = self.issuance.store.create_entry(e).await.map_err(ApiError::from)?;
-                self.issuance.changes.entries_written();
+                self.changes.entries_written();
                 Some(entry_to_pb(&stored))
             }
         };
@@ -193,7 +195,7 @@ impl Admin for AdminService {
         }
         entry.created_at = unix_now();
         let stored = self.issuance.store.create_entry(entry).await.map_err(ApiError::from)?;
-        self.issuance.changes.entries_written();
+        self.changes.entries_written();
         info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, "Entry created");
         Ok(Response::new(entry_to_pb(&stored)))
     }
@@ -206,7 +208,7 @@ impl Admin for AdminService {
         }
         let entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
         let stored = self.issuance.store.update_entry(entry).await.map_err(ApiError::from)?;
-        self.issuance.changes.entries_written();
+        self.changes.entries_written();
         Ok(Response::new(entry_to_pb(&stored)))
     }
 
@@ -219,7 +221,7 @@ impl Admin for AdminService {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("entry {id} not found")))?;
-        self.issuance.changes.entries_written();
+        self.changes.entries_written();
         info!(entry_id = %id, "Entry deleted");
         Ok(Response::new(entry_to_pb(&e)))
     }
@@ -297,7 +299,7 @@ impl Admin for AdminService {
             return Err(ApiError::InvalidArgument("bundle has no X.509 or JWT authorities".into()).into());
         }
         self.issuance.store.put_bundle(&b).await.map_err(ApiError::from)?;
-        self.issuance.changes.notify();
+        self.changes.notify();
         info!(trust_domain = %b.trust_domain, "Federated bundle set");
         Ok(Response::new(bundle_to_pb(&b)))
     }
@@ -313,7 +315,7 @@ impl Admin for AdminService {
         if !self.issuance.store.delete_bundle(&td).await.map_err(ApiError::from)? {
             return Err(ApiError::NotFound(format!("no federated bundle for {td}")).into());
         }
-        self.issuance.changes.notify();
+        self.changes.notify();
         Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
     }
 
@@ -387,7 +389,7 @@ impl Admin for AdminService {
         let ttl = ttl_arg("ttl", r.ttl, self.cfg.ca.max_x509_svid_ttl)?;
         let req =
             X509Request { spiffe_id: &id, dns_names: &r.dns_names, ttl, caller: "admin", kind: AuditKind::X509Svid };
-        let issued = self.issuance.x509(req, r.csr).await?;
+        let issued = self.issuance.x509::<ApiError>(req, r.csr).await?;
         Ok(Response::new(pb::MintX509SvidResponse {
             svid: Some(types::X509Svid {
                 spiffe_id: id.to_string(),
@@ -403,7 +405,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let id = parse_member_id(&r.spiffe_id, self.issuance.ca.trust_domain()).map_err(ApiError::from)?;
         let ttl = ttl_arg("ttl", r.ttl, self.cfg.ca.max_jwt_svid_ttl)?;
-        let jwt = self.issuance.jwt(&id, r.audience, ttl, "admin").await?;
+        let jwt = self.issuance.jwt::<ApiError>(&id, r.audience, ttl, "admin").await?;
         Ok(Response::new(pb::MintJwtSvidResponse { token: jwt.token, expires_at: jwt.expires_at }))
     }
 
@@ -452,7 +454,7 @@ impl Admin for AdminService {
         self.issuance.store.delete_agent(&a.spiffe_id).await.map_err(ApiError::from)?;
         // Wakes every change stream (each checks its agent), so that the evicted agent's
         // ends now rather than at its next 30 s check.
-        self.issuance.changes.notify();
+        self.changes.notify();
         info!(agent_id = %tessera_identity::ids::LogId(&a.spiffe_id), "Agent evicted");
         Ok(Response::new(agent_to_pb(&a)))
     }
@@ -473,7 +475,7 @@ impl Admin for AdminService {
                 info!(agent_id = %tessera_identity::ids::LogId(&stored.spiffe_id), "Agent banned");
                 // Wakes every change stream (each checks its agent), so that the banned agent's
                 // ends now rather than at its next 30 s check.
-                self.issuance.changes.notify();
+                self.changes.notify();
                 return Ok(Response::new(agent_to_pb(&stored)));
             }
         }

@@ -22,9 +22,10 @@ use tracing::{info, instrument, warn};
 
 use super::convert::{bundle_to_pb, entry_to_pb};
 use super::limits::RateLimiter;
-use super::{ApiError, Issuance, X509Request};
-use crate::attest::NodeAttestor;
+use super::{ApiError, Shared};
 use crate::config::Config;
+use tessera_ca::{Issuance, X509Request};
+use tessera_plugins::NodeAttestor;
 use tessera_store::{AgentRecord, AuditKind, Entry};
 
 /// How often an open `WatchChanges` stream checks that its agent is still attested.
@@ -40,6 +41,8 @@ const MAX_SYNC_REPLAY: usize = 10_000;
 #[derive(Debug, Clone)]
 pub struct AgentService {
     issuance: Issuance,
+    metrics: Arc<crate::metrics::Metrics>,
+    changes: crate::changes::ChangeFeed,
     cfg: Arc<Config>,
     attestors: Arc<Vec<Arc<dyn NodeAttestor>>>,
     svid_limit: Arc<RateLimiter<SpiffeId>>,
@@ -61,7 +64,8 @@ struct Caller {
 
 impl AgentService {
     /// A service over the shared issuance path.
-    pub fn new(issuance: Issuance, cfg: Arc<Config>, attestors: Vec<Arc<dyn NodeAttestor>>) -> Self {
+    pub fn new(shared: Shared, cfg: Arc<Config>, attestors: Vec<Arc<dyn NodeAttestor>>) -> Self {
+        let Shared { issuance, metrics, changes } = shared;
         // A second's worth of SVIDs, and never less than one full batch, may come at once.
         let svid_rate = cfg.rate_limit_svids_per_second;
         let svid_limit = RateLimiter::new(svid_rate, svid_rate.max(cfg.max_batch_size as f64));
@@ -71,6 +75,8 @@ impl AgentService {
         let attest_limit = RateLimiter::new(attest_rate, cfg.rate_limit_attestations_per_minute.max(1.0));
         Self {
             issuance,
+            metrics,
+            changes,
             cfg,
             attestors: Arc::new(attestors),
             svid_limit: Arc::new(svid_limit),
@@ -90,7 +96,7 @@ impl AgentService {
         if limit.check(caller, n as f64) {
             return Ok(());
         }
-        self.issuance.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let e = ApiError::ResourceExhausted(format!(
             "agent {} is over its signing rate limit ({} SVIDs/s); retry later",
             LogId(caller),
@@ -201,7 +207,7 @@ impl AgentService {
         csr: Vec<u8>,
         caller: &str,
         kind: AuditKind,
-    ) -> Result<crate::ca::IssuedX509, ApiError> {
+    ) -> Result<tessera_ca::IssuedX509, ApiError> {
         let req = X509Request { spiffe_id: id, dns_names: &[], ttl: Some(self.cfg.agent_svid_ttl), caller, kind };
         self.issuance.x509(req, csr).await
     }
@@ -212,7 +218,7 @@ pub fn authorized_digest(entries: &BTreeMap<String, Entry>) -> Vec<u8> {
     tessera_identity::authorized_digest(entries.iter().map(|(id, e)| (id.as_str(), e.revision)))
 }
 
-fn svid_pb(spiffe_id: &SpiffeId, issued: &crate::ca::IssuedX509) -> tessera_proto::types::v1::X509Svid {
+fn svid_pb(spiffe_id: &SpiffeId, issued: &tessera_ca::IssuedX509) -> tessera_proto::types::v1::X509Svid {
     tessera_proto::types::v1::X509Svid {
         spiffe_id: spiffe_id.to_string(),
         cert_chain: issued.chain.clone(),
@@ -231,8 +237,8 @@ impl Agent for AgentService {
         if let Some(ip) = ip
             && !self.attest_limit.check(&ip, 1.0)
         {
-            self.issuance.metrics.rate_limited_attestations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.issuance.metrics.attestations.failed(&ApiError::ResourceExhausted(String::new()));
+            self.metrics.rate_limited_attestations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.attestations.failed(&ApiError::ResourceExhausted(String::new()));
             return Err(ApiError::ResourceExhausted(format!(
                 "too many attestation attempts from {ip} ({}/min); retry later",
                 self.cfg.rate_limit_attestations_per_minute
@@ -250,7 +256,7 @@ impl Agent for AgentService {
             ))
         })?;
         let td = self.issuance.ca.trust_domain();
-        let id = attestor.identify(td, &data.payload)?;
+        let id = attestor.identify(td, &data.payload).map_err(ApiError::from)?;
         // Check the CSR before consuming anything: bad input must change nothing.
         tessera_identity::csr::CheckedCsr::from_der(&r.csr)
             .and_then(|c| c.check_names(&id, &[]))
@@ -261,7 +267,7 @@ impl Agent for AgentService {
         // must not be able to write to the audit chain.
         if existing.as_ref().is_some_and(|a| a.banned) {
             let e = ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id)));
-            self.issuance.metrics.attestations.failed(&e);
+            self.metrics.attestations.failed(&e);
             warn!(agent_id = %LogId(&id), reason = %e, "Attestation refused");
             return Err(e.into());
         }
@@ -272,7 +278,8 @@ impl Agent for AgentService {
         let selectors = match attestor.verify(self.issuance.store.as_ref(), &data.payload).await {
             Ok(s) => s,
             Err(e) => {
-                self.issuance.metrics.attestations.failed(&e);
+                let e = ApiError::from(e);
+                self.metrics.attestations.failed(&e);
                 warn!(agent_id = %LogId(&id), reason = %redact_join_token(&e.to_string()), "Attestation refused");
                 return Err(e.into());
             }
@@ -291,10 +298,10 @@ impl Agent for AgentService {
             revision: 0,
         };
         if let Err(e) = self.store_agent(&record, expected, "attestation").await {
-            self.issuance.metrics.attestations.failed(&e);
+            self.metrics.attestations.failed(&e);
             return Err(e.into());
         }
-        self.issuance.metrics.attestations.ok();
+        self.metrics.attestations.ok();
         info!(agent_id = %LogId(&id), "Agent attested");
         Ok(Response::new(pb::AttestAgentResponse {
             svid: Some(svid_pb(&id, &issued)),
@@ -401,7 +408,7 @@ impl Agent for AgentService {
                     if let Some(entry) = self.issuance.store.get_entry(&p.entry_id).await.ok().flatten() {
                         self.issuance.deny(&entry.spiffe_id, &caller_s, &e).await;
                     }
-                    self.issuance.metrics.x509_issued.failed(&e);
+                    self.metrics.issuance.x509.failed(&e);
                     Err(e)
                 }
                 Some(entry) => {
@@ -445,7 +452,7 @@ impl Agent for AgentService {
             ApiError::PermissionDenied(format!("entry {:?} is not authorized for this agent", r.entry_id))
         })?;
         let ttl = (entry.jwt_svid_ttl > 0).then(|| Duration::from_secs(u64::from(entry.jwt_svid_ttl)));
-        let jwt = self.issuance.jwt(&entry.spiffe_id, r.audience, ttl, &caller.id.to_string()).await?;
+        let jwt = self.issuance.jwt::<ApiError>(&entry.spiffe_id, r.audience, ttl, &caller.id.to_string()).await?;
         Ok(Response::new(pb::NewJwtSvidResponse {
             token: jwt.token,
             spiffe_id: entry.spiffe_id.to_string(),
@@ -482,7 +489,7 @@ impl Agent for AgentService {
         req: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
         let caller = self.caller(&req).await?;
-        let rx = self.issuance.changes.subscribe();
+        let rx = self.changes.subscribe();
         let store = self.issuance.store.clone();
         // The current generation at once, then one message per change; a burst that comes
         // faster than the agent reads is one message. The stream ends when the server stops,
@@ -565,7 +572,8 @@ impl Agent for AgentService {
                 &caller.id.to_string(),
                 "downstream CA",
             )
-            .await?;
+            .await
+            .map_err(ApiError::from)?;
         info!(downstream = %entry.spiffe_id, agent = %LogId(&caller.id), serial = %issued.serial, "Signed a downstream CA");
         let roots = |b: &tessera_identity::Bundle| b.x509_authorities.iter().map(|c| c.to_vec()).collect::<Vec<_>>();
         let mut bundle_rx = self.issuance.ca.subscribe_bundle();

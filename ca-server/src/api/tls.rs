@@ -22,7 +22,22 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
-use crate::ca::{Ca, CaError};
+use tessera_ca::{Ca, CaError};
+
+/// Why the server cannot make or renew its own TLS identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerTlsError {
+    /// The CA cannot sign it.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// rustls refuses the key.
+    #[error("server key: {0}")]
+    Key(rustls::Error),
+    /// The trust domain makes no server ID.
+    #[error("server ID: {0}")]
+    Id(#[from] tessera_identity::IdError),
+}
 
 /// Time allowed for a TLS handshake before the connection is dropped (slow-loris bound).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,7 +61,7 @@ impl ServerIdentity {
     }
 
     /// Re-issues the server SVID when missing, past half life, or issued by another CA.
-    fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, CaError> {
+    fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, ServerTlsError> {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
         let now = unix_now();
         let tainted = ca.tainted_authority_ids();
@@ -60,8 +75,8 @@ impl ServerIdentity {
         }
         let (svid, key) = ca.issue_own_svid(id, &self.dns_names, ttl)?;
         let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
-        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key.to_rustls())
-            .map_err(|e| CaError::Signing(e.to_string()))?;
+        let signing_key =
+            rustls::crypto::ring::sign::any_supported_type(&key.to_rustls()).map_err(ServerTlsError::Key)?;
         let ck = Arc::new(CertifiedKey::new(chain, signing_key));
         if let Ok(mut cur) = self.current.write() {
             *cur = Some((ck, now, svid.not_after));
@@ -111,9 +126,9 @@ fn server_config(bundle: &Bundle, identity: Arc<ServerIdentity>) -> Result<Arc<r
 impl AgentTls {
     /// Issues the first server SVID (with `dns_names` as DNS SANs, for clients that check a
     /// host name, such as istio-agent) and builds the first configuration.
-    pub fn new(ca: &Ca, ttl: Duration, dns_names: Vec<String>) -> Result<Arc<Self>, CaError> {
+    pub fn new(ca: &Ca, ttl: Duration, dns_names: Vec<String>) -> Result<Arc<Self>, ServerTlsError> {
         let identity = Arc::new(ServerIdentity::new(dns_names));
-        let id = tessera_identity::server_id(ca.trust_domain()).map_err(|e| CaError::InvalidState(e.to_string()))?;
+        let id = tessera_identity::server_id(ca.trust_domain())?;
         identity.refresh(ca, &id, ttl)?;
         let tls = Arc::new(Self { identity, config: RwLock::new(None) });
         tls.rebuild(&ca.bundle());

@@ -41,8 +41,9 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use self::config::{IstioCluster, IstioConfig, TokenValidation};
-use crate::api::{ApiError, Issuance, X509Request};
+use crate::api::{ApiError, Shared};
 use crate::app::StartError;
+use tessera_ca::{Issuance, X509Request};
 use tessera_store::AuditKind;
 
 /// The metadata key ztunnel sets to ask for another workload's certificate.
@@ -83,6 +84,7 @@ struct Caller {
 #[derive(Debug, Clone)]
 pub struct IstioCa {
     issuance: Issuance,
+    metrics: Arc<crate::metrics::Metrics>,
     cfg: Arc<IstioConfig>,
     clusters: Arc<Vec<Cluster>>,
     limit: Arc<crate::api::limits::RateLimiter<std::net::IpAddr>>,
@@ -167,14 +169,15 @@ impl IstioCa {
     /// Connects to every configured cluster (or reads its JWKS).
     /// `rate_per_second` bounds requests per client IP address (0: unlimited), before any
     /// token is reviewed.
-    pub async fn new(issuance: Issuance, cfg: IstioConfig, rate_per_second: f64) -> Result<Self, StartError> {
+    pub async fn new(shared: Shared, cfg: IstioConfig, rate_per_second: f64) -> Result<Self, StartError> {
         let mut clusters = Vec::with_capacity(cfg.clusters.len());
         for c in &cfg.clusters {
             clusters.push(build_cluster(c).await?);
         }
         let limit = crate::api::limits::RateLimiter::new(rate_per_second, rate_per_second.max(1.0));
         Ok(Self {
-            issuance,
+            issuance: shared.issuance,
+            metrics: shared.metrics,
             cfg: Arc::new(cfg),
             clusters: Arc::new(clusters),
             limit: Arc::new(limit),
@@ -493,7 +496,7 @@ impl IstioCa {
         if let Some(ip) = req.extensions().get::<crate::api::tls::PeerCerts>().and_then(|p| p.1)
             && !self.limit.check(&ip, 1.0)
         {
-            self.issuance.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.rate_limited_svids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(ApiError::ResourceExhausted(format!("too many certificate requests from {ip}; retry later")));
         }
         let impersonating =

@@ -1,67 +1,40 @@
-//! Node attestation on the server: the [`NodeAttestor`] trait and the built-in `join_token`
-//! attestor. The catalog builds the configured attestors (`[[node_attestor]] type = "…"`);
-//! `AttestAgent` dispatches on the attestation data's type.
+//! The `k8s_psat` node attestor: an agent proves its node with a projected service-account
+//! token of its DaemonSet pod, checked by a TokenReview in the named cluster, and the pod and
+//! node it names are looked up in that cluster's API. Optionally (`auto_pod_identity`) every
+//! service account with a live pod on the agent's node gets its Istio-shaped identity without
+//! a registration entry.
 //!
-//! An attestation has two steps so that bad input changes nothing: [`NodeAttestor::identify`]
-//! names the agent from the payload without consuming anything (the CSR is then checked
-//! against that ID), and [`NodeAttestor::verify`] proves it, consuming one-use material.
+//! What it is not: not the agent side (the agent reads its token in `tessera-agent`), and no
+//! Kubernetes client code of its own: TokenReview, pod liveness and the payload format are in
+//! `tessera-k8s`.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
 
 use async_trait::async_trait;
-use tessera_identity::{Selector, SpiffeId, TrustDomain, agent_id, unix_now};
-
-use crate::api::ApiError;
+use tessera_identity::{Selector, SpiffeId, TrustDomain, agent_id};
+use tessera_plugins::{AttestError, NodeAttestor};
 use tessera_store::{AgentRecord, Entry, Store};
 
-/// Proves a node's identity from attestation data.
-#[async_trait]
-pub trait NodeAttestor: Send + Sync + std::fmt::Debug {
-    /// The attestation type it handles (`AttestationData.type`), e.g. `join_token`.
-    fn kind(&self) -> &'static str;
-    /// The agent ID this payload claims; consumes nothing.
-    fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, ApiError>;
-    /// Proves the claim (consuming one-use material) and returns the node's selectors.
-    async fn verify(&self, store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, ApiError>;
-    /// Entries an agent attested by this attestor holds without registration (none by
-    /// default; `k8s_psat` with `auto_pod_identity` implies one per service account with a pod
-    /// on the agent's node).
-    async fn implied_entries(&self, _agent: &AgentRecord, _td: &TrustDomain) -> Result<Vec<Entry>, ApiError> {
-        Ok(Vec::new())
-    }
-}
-
-/// `join_token`: a one-use token from `tessera-server token generate`; the agent ID is
-/// `spiffe://<td>/tessera/agent/join_token/<token>`, as in SPIRE.
-#[derive(Debug, Default)]
-pub struct JoinTokenAttestor;
-
-fn token(payload: &[u8]) -> Result<&str, ApiError> {
-    let t = std::str::from_utf8(payload).map_err(|_| ApiError::InvalidArgument("join token is not UTF-8".into()))?;
-    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::InvalidArgument("join token is malformed".into()));
-    }
-    Ok(t)
-}
-
-#[async_trait]
-impl NodeAttestor for JoinTokenAttestor {
-    fn kind(&self) -> &'static str {
-        "join_token"
-    }
-
-    fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, ApiError> {
-        Ok(agent_id(td, "join_token", token(payload)?)?)
-    }
-
-    async fn verify(&self, store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, ApiError> {
-        let t = token(payload)?;
-        let Some(jt) = store.take_join_token(t).await? else {
-            return Err(ApiError::PermissionDenied("join token does not exist or has already been used".into()));
-        };
-        if jt.expires_at <= unix_now() {
-            return Err(ApiError::PermissionDenied("join token has expired".into()));
-        }
-        Ok(Vec::new())
-    }
+/// One cluster of the `k8s_psat` node attestor (`[[node_attestor]] clusters.<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsatCluster {
+    /// The name agents send (and that appears in their IDs).
+    pub name: String,
+    /// API server access; `None`: in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Audiences the agent's token must carry.
+    pub audience: Vec<String>,
+    /// `(namespace, service account)` of the agent DaemonSet.
+    pub service_account_allow_list: Vec<(String, String)>,
+    /// Node labels that become selectors.
+    pub allowed_node_label_keys: Vec<String>,
+    /// Agent pod labels that become selectors.
+    pub allowed_pod_label_keys: Vec<String>,
+    /// Every service account with a pod on the agent's node gets
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>` without a registration entry.
+    pub auto_pod_identity: bool,
 }
 
 /// `k8s_psat`: a projected service-account token of the agent's DaemonSet pod, proven by a
@@ -70,7 +43,7 @@ impl NodeAttestor for JoinTokenAttestor {
 /// describe the cluster, the agent's pod and its node. A token is not one-use: an agent whose
 /// SVID expired attests again with a fresh token and keeps its ID.
 pub struct PsatAttestor {
-    clusters: Vec<PsatCluster>,
+    clusters: Vec<Cluster>,
     /// `(cluster, node)` → when listed, and the `(namespace, service account)` pairs of its pods.
     node_pods: std::sync::Mutex<std::collections::HashMap<NodeKey, (std::time::Instant, Vec<ServiceAccountRef>)>>,
 }
@@ -83,8 +56,8 @@ type ServiceAccountRef = (String, String);
 /// How long a node's pod list is reused for implied entries.
 const NODE_PODS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
-struct PsatCluster {
-    cfg: crate::config::PsatCluster,
+struct Cluster {
+    cfg: PsatCluster,
     client: kube::Client,
     reviewer: tessera_k8s::review::TokenReviewer,
 }
@@ -96,16 +69,16 @@ impl std::fmt::Debug for PsatAttestor {
     }
 }
 
-fn psat_refused(e: tessera_k8s::K8sError) -> ApiError {
+fn psat_refused(e: tessera_k8s::K8sError) -> AttestError {
     match e {
-        tessera_k8s::K8sError::Unauthenticated(m) => ApiError::PermissionDenied(m),
-        other => ApiError::Unavailable(other.to_string()),
+        tessera_k8s::K8sError::Unauthenticated(m) => AttestError::Refused(m),
+        other => AttestError::Unavailable(other.to_string()),
     }
 }
 
 impl PsatAttestor {
     /// Connects to every cluster's API server.
-    pub async fn new(clusters: &[crate::config::PsatCluster]) -> Result<Self, tessera_k8s::K8sError> {
+    pub async fn new(clusters: &[PsatCluster]) -> Result<Self, tessera_k8s::K8sError> {
         let mut out = Vec::with_capacity(clusters.len());
         for c in clusters {
             let client = tessera_k8s::connect(c.kubeconfig.as_deref()).await?;
@@ -113,7 +86,7 @@ impl PsatAttestor {
                 tessera_k8s::ClusterClient { name: c.name.clone(), client: client.clone() },
                 c.audience.clone(),
             );
-            out.push(PsatCluster { cfg: c.clone(), client, reviewer });
+            out.push(Cluster { cfg: c.clone(), client, reviewer });
         }
         Ok(Self { clusters: out, node_pods: std::sync::Mutex::default() })
     }
@@ -123,10 +96,10 @@ impl PsatAttestor {
     /// reused after the agent's node was replaced).
     async fn service_accounts_on(
         &self,
-        cluster: &PsatCluster,
+        cluster: &Cluster,
         node: &str,
         node_uid: &str,
-    ) -> Result<Vec<(String, String)>, ApiError> {
+    ) -> Result<Vec<(String, String)>, AttestError> {
         let key = (cluster.cfg.name.clone(), format!("{node}/{node_uid}"));
         if let Ok(cache) = self.node_pods.lock()
             && let Some((at, sas)) = cache.get(&key)
@@ -159,11 +132,11 @@ impl PsatAttestor {
 
     async fn list_service_accounts(
         &self,
-        cluster: &PsatCluster,
+        cluster: &Cluster,
         node: &str,
         node_uid: &str,
-    ) -> Result<Vec<(String, String)>, ApiError> {
-        let api_err = |e: kube::Error| ApiError::Unavailable(format!("cluster {}: {node}: {e}", cluster.cfg.name));
+    ) -> Result<Vec<(String, String)>, AttestError> {
+        let api_err = |e: kube::Error| AttestError::Unavailable(format!("cluster {}: {node}: {e}", cluster.cfg.name));
         let current = kube::Api::<k8s_openapi::api::core::v1::Node>::all(cluster.client.clone())
             .get_opt(node)
             .await
@@ -192,11 +165,11 @@ impl PsatAttestor {
         Ok(sas)
     }
 
-    fn cluster(&self, name: &str) -> Result<&PsatCluster, ApiError> {
+    fn cluster(&self, name: &str) -> Result<&Cluster, AttestError> {
         self.clusters
             .iter()
             .find(|c| c.cfg.name == name)
-            .ok_or_else(|| ApiError::PermissionDenied(format!("cluster {name:?} is not configured for k8s_psat")))
+            .ok_or_else(|| AttestError::Refused(format!("cluster {name:?} is not configured for k8s_psat")))
     }
 }
 
@@ -206,18 +179,16 @@ impl NodeAttestor for PsatAttestor {
         tessera_k8s::psat::KIND
     }
 
-    fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, ApiError> {
-        let p =
-            tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    fn identify(&self, td: &TrustDomain, payload: &[u8]) -> Result<SpiffeId, AttestError> {
+        let p = tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| AttestError::Malformed(e.to_string()))?;
         self.cluster(&p.cluster)?;
-        let suffix = p.agent_suffix().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let suffix = p.agent_suffix().map_err(|e| AttestError::Malformed(e.to_string()))?;
         Ok(agent_id(td, tessera_k8s::psat::KIND, &suffix)?)
     }
 
-    async fn verify(&self, _store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, ApiError> {
+    async fn verify(&self, _store: &dyn Store, payload: &[u8]) -> Result<Vec<Selector>, AttestError> {
         use k8s_openapi::api::core::v1::{Node, Pod};
-        let p =
-            tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let p = tessera_k8s::psat::Payload::from_bytes(payload).map_err(|e| AttestError::Malformed(e.to_string()))?;
         let cluster = self.cluster(&p.cluster)?;
         let claimed_node_uid = tessera_k8s::psat::node_uid_claim(&p.token).map_err(psat_refused)?;
         let sat =
@@ -228,35 +199,36 @@ impl NodeAttestor for PsatAttestor {
             .iter()
             .any(|(ns, sa)| *ns == sat.namespace && *sa == sat.service_account);
         if !allowed {
-            return Err(ApiError::PermissionDenied(format!(
+            return Err(AttestError::Refused(format!(
                 "service account {}:{} is not in the k8s_psat allow list of cluster {}",
                 sat.namespace, sat.service_account, cluster.cfg.name
             )));
         }
         let pod_name = sat.pod_name.clone().ok_or_else(|| {
-            ApiError::PermissionDenied("token is not bound to a pod (use a projected service account token)".into())
+            AttestError::Refused("token is not bound to a pod (use a projected service account token)".into())
         })?;
-        let api_err = |e: kube::Error| ApiError::Unavailable(format!("cluster {}: {e}", cluster.cfg.name));
+        let api_err = |e: kube::Error| AttestError::Unavailable(format!("cluster {}: {e}", cluster.cfg.name));
         let pod = kube::Api::<Pod>::namespaced(cluster.client.clone(), &sat.namespace)
             .get_opt(&pod_name)
             .await
             .map_err(api_err)?
-            .ok_or_else(|| ApiError::PermissionDenied(format!("pod {}/{pod_name} does not exist", sat.namespace)))?;
+            .ok_or_else(|| AttestError::Refused(format!("pod {}/{pod_name} does not exist", sat.namespace)))?;
         if sat.pod_uid.is_some() && pod.metadata.uid != sat.pod_uid {
-            return Err(ApiError::PermissionDenied(format!("pod {}/{pod_name} was replaced", sat.namespace)));
+            return Err(AttestError::Refused(format!("pod {}/{pod_name} was replaced", sat.namespace)));
         }
-        let node_name =
-            pod.spec.as_ref().and_then(|s| s.node_name.clone()).ok_or_else(|| {
-                ApiError::PermissionDenied(format!("pod {}/{pod_name} is not scheduled", sat.namespace))
-            })?;
+        let node_name = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .ok_or_else(|| AttestError::Refused(format!("pod {}/{pod_name} is not scheduled", sat.namespace)))?;
         let node = kube::Api::<Node>::all(cluster.client.clone())
             .get_opt(&node_name)
             .await
             .map_err(api_err)?
-            .ok_or_else(|| ApiError::PermissionDenied(format!("node {node_name} does not exist")))?;
+            .ok_or_else(|| AttestError::Refused(format!("node {node_name} does not exist")))?;
         let node_uid = node.metadata.uid.clone().unwrap_or_default();
         if node_uid != claimed_node_uid {
-            return Err(ApiError::PermissionDenied(format!(
+            return Err(AttestError::Refused(format!(
                 "the token names node UID {claimed_node_uid}, but the pod runs on node {node_name} ({node_uid})"
             )));
         }
@@ -282,10 +254,10 @@ impl NodeAttestor for PsatAttestor {
                 values.push(format!("agent_pod_label:{k}:{v}"));
             }
         }
-        values.iter().map(|v| Selector::new(tessera_k8s::psat::KIND, v).map_err(ApiError::from)).collect()
+        values.iter().map(|v| Selector::new(tessera_k8s::psat::KIND, v).map_err(AttestError::from)).collect()
     }
 
-    async fn implied_entries(&self, agent: &AgentRecord, td: &TrustDomain) -> Result<Vec<Entry>, ApiError> {
+    async fn implied_entries(&self, agent: &AgentRecord, td: &TrustDomain) -> Result<Vec<Entry>, AttestError> {
         let Some(cluster_name) =
             agent.spiffe_id.path().strip_prefix("/tessera/agent/k8s_psat/").and_then(|r| r.split('/').next())
         else {

@@ -15,6 +15,12 @@
 //! reaches end of file, which the kernel makes happen when the server exits, `kill -9`
 //! included. As a second net, the plugin's pid is kept next to its socket, and a server that
 //! starts and finds a plugin of a previous run still there (same executable) kills it.
+//!
+//! What it is not: no CA logic (the server's CA core asks it through the
+//! `UpstreamAuthority` trait) and no plugin: the process it runs is the plugin
+//! (`plugins/examples/cfssl-upstream` is one).
+
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::Stdio;
