@@ -289,7 +289,7 @@ impl IstioCa {
             let found = Api::<Pod>::namespaced(api.clone(), &pod.namespace)
                 .get_opt(&pod.name)
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("cluster {}: {e}", cluster.id)))?;
+                .map_err(|e| cluster_unavailable(&cluster.id, &e))?;
             let live = found
                 .is_some_and(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()) && tessera_k8s::pod_is_live(&p));
             if !live {
@@ -325,7 +325,7 @@ impl IstioCa {
             tessera_k8s::K8sError::Unauthenticated(m) => {
                 ApiError::Unauthenticated(format!("cluster {}: {m}", cluster.id))
             }
-            other => ApiError::Unavailable(format!("cluster {}: cannot validate the token: {other}", cluster.id)),
+            other => cluster_unavailable(&cluster.id, &format!("cannot validate the token: {other}")),
         })?;
         let id = sat.istio_identity(self.td()).map_err(|e| ApiError::Unauthenticated(e.to_string()))?;
         let pod = match (&sat.pod_name, &sat.pod_uid) {
@@ -405,7 +405,7 @@ impl IstioCa {
             (None, Some(pod)) => Api::<Pod>::namespaced(api.clone(), &sat.namespace)
                 .get_opt(pod)
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("cluster {}: {e}", cluster.id)))?
+                .map_err(|e| cluster_unavailable(&cluster.id, &e))?
                 .filter(|p| sat.pod_uid.is_none() || p.metadata.uid == sat.pod_uid)
                 .and_then(|p| p.spec.and_then(|s| s.node_name))
                 .ok_or_else(|| {
@@ -420,7 +420,7 @@ impl IstioCa {
         let pods = Api::<Pod>::namespaced(api.clone(), ns)
             .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
             .await
-            .map_err(|e| ApiError::Unavailable(format!("cluster {}: listing pods: {e}", cluster.id)))?;
+            .map_err(|e| cluster_unavailable(&cluster.id, &format!("listing pods: {e}")))?;
         let on_node = pods.items.iter().filter(|p| tessera_k8s::pod_is_live(p)).any(|p| {
             p.spec.as_ref().is_some_and(|s| {
                 s.node_name.as_deref() == Some(node.as_str())
@@ -552,4 +552,9 @@ impl IstioCertificateService for IstioCa {
             }
         }
     }
+}
+
+/// A cluster's API server failed: the peer is told so, the log gets the detail.
+fn cluster_unavailable(cluster: &str, e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::Backend { what: crate::api::status::CLUSTER_UNAVAILABLE, detail: format!("cluster {cluster}: {e}") }
 }
