@@ -141,7 +141,7 @@ impl Agent {
         let gate = tessera_svc::listener::ConnGate::new(limits, manager.metrics.health_connections.clone());
         tasks.spawn(tessera_svc::health::serve(hl, probe, gate, shutdown_rx).instrument(info_span!("health")));
 
-        info!(agent_id = %tessera_identity::ids::LogId(&manager.agent_id().await), socket = %cfg.socket_path.display(), health = %health_addr, "Agent started");
+        info!(agent_id = %tessera_identity::ids::LogId(&manager.agent_id()), socket = %cfg.socket_path.display(), health = %health_addr, "Agent started");
         Ok(Self { manager, socket_path: cfg.socket_path.clone(), health_addr, shutdown, tasks })
     }
 

@@ -1,7 +1,8 @@
 //! Tessera's node agent, as a library that `main.rs` only wires.
 //!
-//! What it is: attestation to the server and the agent's own SVID ([`client`]), the SVID cache
-//! and rotation ([`manager`]), workload attestation ([`attestor`], [`k8s_attestor`], [`callers`]), the SPIFFE
+//! What it is: the SVID cache and rotation, with attestation and the agent's own SVID
+//! through `tessera-agent-api` ([`manager`]; the bundle file in [`client`]), the one mapping
+//! of its errors to gRPC statuses ([`status`]), workload attestation ([`attestor`], [`k8s_attestor`], [`callers`]), the SPIFFE
 //! Workload API ([`workload_api`]) and Envoy SDS ([`sds`], routed by [`sds_server`]; both APIs stream through [`streams`]) on one Unix socket, cert files for
 //! proxyless gRPC ([`files`]), health ([`health`]), wiring ([`app`]) and the CLI ([`cli`]).
 //!
@@ -23,5 +24,6 @@ pub mod manager;
 pub mod sds;
 pub mod sds_server;
 pub mod socket;
+pub mod status;
 pub mod streams;
 pub mod workload_api;

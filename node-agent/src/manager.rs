@@ -10,10 +10,13 @@
 //! Consumers (Workload API, SDS, cert files) read [`Snapshot`]s from a `watch` channel.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use parking_lot::Mutex;
+use tessera_agent_api::wire::bundle_from_pb;
+use tessera_agent_api::{AgentIdentity, ClientError, IdentityFiles, connect_any, server_tls};
 use tessera_identity::{Bundle, PrivateKey, Selector, SpiffeId, TrustDomain, unix_now};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_client::AgentClient;
@@ -22,7 +25,7 @@ use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::client::{AgentIdentity, ClientError, connect_any, load_state, save_bundle, save_identity, server_tls};
+use crate::client::{load_state, save_bundle};
 use crate::config::{Bootstrap, Config};
 
 /// Most CSRs sent in one batch (the server's default limit).
@@ -58,27 +61,17 @@ impl NoticeBudget {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AgentError {
-    /// Reaching the server or reading state failed.
+    /// Reaching the server, a call it refused, or the agent's own files.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// The server refused a call.
-    #[error("server refused {call}: {status}")]
-    Refused {
-        /// Which call.
-        call: &'static str,
-        /// The status (code and message).
-        status: String,
-    },
     /// The agent cannot attest (no SVID and no usable join token).
     #[error("{0}")]
     Attestation(String),
-    /// Key or CSR generation failed.
-    #[error("key generation: {0}")]
-    Key(String),
-}
-
-fn refused(call: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
-    move |s| AgentError::Refused { call, status: format!("{:?}: {}", s.code(), s.message()) }
+    /// A workload asks for new JWT-SVIDs faster than its entry's budget.
+    #[error(
+        "{0} asks for new JWT-SVIDs faster than {JWT_MINTS_PER_SECOND}/s (burst {JWT_MINTS_BURST}); reuse audiences or retry later"
+    )]
+    JwtBudget(SpiffeId),
 }
 
 /// A registration entry as the agent holds it.
@@ -280,8 +273,10 @@ impl JwtCache {
     }
 }
 
-struct Inner {
-    identity: AgentIdentity,
+/// What the manager holds. Behind a plain (non-async) lock that is never held across an
+/// `.await`: network calls work on copies, and only their results are written back.
+struct State {
+    identity: Arc<AgentIdentity>,
     client: Option<AgentClient<Channel>>,
     revision: u64,
     entries: BTreeMap<String, AgentEntry>,
@@ -291,10 +286,21 @@ struct Inner {
     generation: u64,
 }
 
+/// The entries a sync pass received.
+struct EntrySync {
+    entries: BTreeMap<String, AgentEntry>,
+    revision: u64,
+    tainted_authority_ids: Vec<String>,
+}
+
 /// The manager. Start it with [`Manager::start`], then spawn [`Manager::run`].
 pub struct Manager {
     cfg: Arc<Config>,
-    inner: tokio::sync::Mutex<Inner>,
+    files: IdentityFiles,
+    state: Mutex<State>,
+    /// One sync pass at a time. Only sync passes take it: a Workload API call never waits
+    /// for one.
+    pass: tokio::sync::Mutex<()>,
     tx: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<JwtCache>,
     synced: AtomicBool,
@@ -321,23 +327,6 @@ fn entries_digest(entries: &BTreeMap<String, AgentEntry>) -> Vec<u8> {
     tessera_identity::authorized_digest(entries.iter().map(|(id, e)| (id.as_str(), e.revision)))
 }
 
-fn bundle_from_pb(b: &types::Bundle) -> Result<Bundle, String> {
-    let mut out = Bundle::new(TrustDomain::new(&b.trust_domain).map_err(|e| e.to_string())?);
-    for c in &b.x509_authorities {
-        out.add_x509_authority(c);
-    }
-    for k in &b.jwt_authorities {
-        out.add_jwt_authority(tessera_identity::JwtAuthority {
-            key_id: k.key_id.clone(),
-            public_key: k.public_key.clone(),
-            expires_at: k.expires_at,
-        });
-    }
-    out.sequence_number = b.sequence_number;
-    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
-    Ok(out)
-}
-
 /// The attestation to send and the agent ID it claims.
 fn attestation_data(cfg: &Config) -> Result<(pb::AttestationData, SpiffeId), AgentError> {
     if let Some(p) = &cfg.psat {
@@ -362,7 +351,7 @@ fn attestation_data(cfg: &Config) -> Result<(pb::AttestationData, SpiffeId), Age
     Ok((pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }, id))
 }
 
-async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
+async fn attest(cfg: &Config, files: &IdentityFiles) -> Result<(AgentIdentity, Bundle), AgentError> {
     let (data, id) = attestation_data(cfg)?;
     let tls = match &cfg.bootstrap {
         Bootstrap::Insecure => {
@@ -374,43 +363,32 @@ async fn attest(cfg: &Config) -> Result<(AgentIdentity, Bundle), AgentError> {
                 std::fs::read(path).map_err(|e| ClientError::State { path: path.clone(), reason: e.to_string() })?;
             let certs = tessera_identity::pem::decode_certs(&pem)
                 .map_err(|e| ClientError::State { path: path.clone(), reason: e.to_string() })?;
-            let mut b = Bundle::new(cfg.trust_domain.clone());
-            for c in certs {
-                b.add_x509_authority(&c);
-            }
-            server_tls(&cfg.trust_domain, &b, None)?
+            server_tls(&cfg.trust_domain, &certs, None)?
         }
     };
-    let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
-    let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| AgentError::Key(e.to_string()))?;
     let (mut client, _) = connect_any(&cfg.servers, 0, tls).await?;
-    let resp = client
-        .attest_agent(pb::AttestAgentRequest { data: Some(data), csr })
-        .await
-        .map_err(refused("AttestAgent"))?
-        .into_inner();
-    let svid = resp.svid.ok_or_else(|| AgentError::Attestation("server sent no SVID".into()))?;
-    let bundle = bundle_from_pb(&resp.bundle.unwrap_or_default()).map_err(AgentError::Attestation)?;
-    let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
-    save_identity(&cfg.data_dir, &identity)?;
-    save_bundle(&cfg.data_dir, &bundle)?;
+    let (identity, bundle) = tessera_agent_api::attest(&mut client, data, &id, None).await?;
+    let bundle = bundle_from_pb(&bundle.unwrap_or_default()).map_err(|e| AgentError::Attestation(e.to_string()))?;
+    files.save(&identity)?;
+    save_bundle(files, &bundle)?;
     info!(agent_id = %tessera_identity::ids::LogId(&identity.id), "Agent attested");
     Ok((identity, bundle))
 }
 
 impl Manager {
-    /// Loads the persisted identity, or attests with the join token on first start.
+    /// Loads the persisted identity, or attests on first start (or when it has expired).
     pub async fn start(cfg: Arc<Config>) -> Result<Arc<Self>, AgentError> {
-        let (identity, bundle) = match load_state(&cfg.data_dir, &cfg.trust_domain)? {
+        let files = IdentityFiles::new(&cfg.data_dir);
+        let (identity, bundle) = match load_state(&files, &cfg.trust_domain)? {
             Some((id, b)) if id.not_after > unix_now() => {
                 info!(agent_id = %tessera_identity::ids::LogId(&id.id), not_after = id.not_after, "Using the persisted agent SVID");
                 (id, b)
             }
             Some((id, _)) => {
                 warn!(agent_id = %tessera_identity::ids::LogId(&id.id), "The persisted agent SVID has expired: attesting again");
-                attest(&cfg).await?
+                attest(&cfg, &files).await?
             }
-            None => attest(&cfg).await?,
+            None => attest(&cfg, &files).await?,
         };
         let bundle = Arc::new(bundle);
         let snapshot = Snapshot {
@@ -423,8 +401,9 @@ impl Manager {
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Ok(Arc::new(Self {
             cfg,
-            inner: tokio::sync::Mutex::new(Inner {
-                identity,
+            files,
+            state: Mutex::new(State {
+                identity: Arc::new(identity),
                 client: None,
                 revision: 0,
                 entries: BTreeMap::new(),
@@ -433,6 +412,7 @@ impl Manager {
                 federated: BTreeMap::new(),
                 generation: 0,
             }),
+            pass: tokio::sync::Mutex::new(()),
             tx,
             jwt_cache: Mutex::default(),
             synced: AtomicBool::new(false),
@@ -443,8 +423,8 @@ impl Manager {
     }
 
     /// The agent's SPIFFE ID.
-    pub async fn agent_id(&self) -> SpiffeId {
-        self.inner.lock().await.identity.id.clone()
+    pub fn agent_id(&self) -> SpiffeId {
+        self.state.lock().identity.id.clone()
     }
 
     /// Snapshots as they change.
@@ -484,7 +464,7 @@ impl Manager {
                     failures = failures.saturating_add(1);
                     self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, failures, "Sync with the server failed; serving cached SVIDs");
-                    self.inner.lock().await.client = None;
+                    self.state.lock().client = None;
                     // Next time, start with the next replica.
                     let n = self.cfg.servers.len().max(1);
                     let _ = self.current.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
@@ -519,13 +499,13 @@ impl Manager {
                 _ = shutdown.changed() => return,
             };
             match outcome {
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                Err(AgentError::Client(ClientError::Refused { code: tonic::Code::Unimplemented, .. })) => {
                     info!("The server does not send change notices; polling every sync interval");
                     return;
                 }
-                Err(s) => {
+                Err(e) => {
                     failures = failures.saturating_add(1);
-                    debug!(code = ?s.code(), message = s.message(), failures, "Change notice stream lost");
+                    debug!(error = %e, failures, "Change notice stream lost");
                 }
                 Ok(()) => failures = 0,
             }
@@ -539,56 +519,91 @@ impl Manager {
 
     /// One stream, until it ends. Each notice wakes the sync loop; so does the first, since
     /// changes may have been missed while no stream was open.
-    async fn watch_once(&self) -> Result<(), tonic::Status> {
-        let mut client = {
-            let mut inner = self.inner.lock().await;
-            self.client(&mut inner).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?
-        };
-        let mut notices = client.watch_changes(pb::WatchChangesRequest {}).await?.into_inner();
-        while notices.message().await?.is_some() {
+    async fn watch_once(&self) -> Result<(), AgentError> {
+        const CALL: &str = "WatchChanges";
+        let mut client = self.client().await?;
+        let mut notices =
+            client.watch_changes(pb::WatchChangesRequest {}).await.map_err(ClientError::refused(CALL))?.into_inner();
+        while notices.message().await.map_err(ClientError::refused(CALL))?.is_some() {
             self.metrics.change_notices.fetch_add(1, Ordering::Relaxed);
             self.wake.notify_one();
         }
         Ok(())
     }
 
-    async fn client(&self, inner: &mut Inner) -> Result<AgentClient<Channel>, AgentError> {
-        if let Some(c) = &inner.client {
-            return Ok(c.clone());
-        }
-        let tls = server_tls(&self.cfg.trust_domain, &inner.bundle, Some(&inner.identity))?;
+    /// A connected client, authenticated with the current agent SVID: the cached one, or a
+    /// new connection to the first replica that answers. No lock is held while connecting.
+    async fn client(&self) -> Result<AgentClient<Channel>, AgentError> {
+        let (identity, bundle) = {
+            let s = self.state.lock();
+            if let Some(c) = &s.client {
+                return Ok(c.clone());
+            }
+            (s.identity.clone(), s.bundle.clone())
+        };
+        let tls = server_tls(&self.cfg.trust_domain, &bundle.x509_authorities, Some(&identity))?;
         let (c, i) = connect_any(&self.cfg.servers, self.current.load(Ordering::Relaxed), tls).await?;
         self.current.store(i, Ordering::Relaxed);
-        inner.client = Some(c.clone());
+        let mut s = self.state.lock();
+        // Keep it only if the identity and bundle it was made with are still current.
+        if Arc::ptr_eq(&s.identity, &identity) && Arc::ptr_eq(&s.bundle, &bundle) {
+            s.client = Some(c.clone());
+        }
         Ok(c)
     }
 
-    /// One pass: renew the agent SVID, sync entries and bundles, mint what is due, publish.
-    /// Returns when the next SVID (or the agent SVID) is due, Unix seconds.
+    /// One pass, in named steps: the agent SVID, entries, taints, bundles, workload SVIDs,
+    /// publication. Returns when the next SVID (or the agent SVID) is due, Unix seconds.
     pub async fn sync_once(&self) -> Result<i64, AgentError> {
-        let mut inner = self.inner.lock().await;
-        let mut changed = false;
+        let _pass = self.pass.lock().await;
         let now = unix_now();
+        self.renew_agent_if_due(now).await?;
+        let mut client = self.client().await?;
+        let received = self.fetch_entries(&mut client).await?;
+        let mut changed = self.apply_entries(&received);
+        let force = self.apply_taints(&received.tainted_authority_ids, &mut client).await?;
+        changed |= self.fetch_bundles(&mut client).await?;
+        let due = self.due(now, &force);
+        for batch in due.chunks(BATCH) {
+            changed |= self.mint(&mut client, batch).await?;
+        }
+        if changed {
+            self.publish();
+        }
+        let s = self.state.lock();
+        Ok(s.svids.values().map(|v| v.rotate_at).chain([s.identity.renew_at()]).min().unwrap_or(now + 60))
+    }
 
-        if now >= inner.identity.not_after {
+    /// The agent SVID: an expired one is an error (the agent must attest again); one past
+    /// half its life is renewed.
+    async fn renew_agent_if_due(&self, now: i64) -> Result<(), AgentError> {
+        let identity = self.state.lock().identity.clone();
+        if now >= identity.not_after {
             return Err(AgentError::Attestation(format!(
                 "agent SVID {} expired at {}; re-attest with a new join token (see docs/agent.md)",
-                tessera_identity::ids::LogId(&inner.identity.id),
-                inner.identity.not_after
+                tessera_identity::ids::LogId(&identity.id),
+                identity.not_after
             )));
         }
-        if now >= inner.identity.renew_at() {
-            self.renew_agent(&mut inner).await?;
+        if now >= identity.renew_at() {
+            self.renew_agent().await?;
         }
-        let mut client = self.client(&mut inner).await?;
+        Ok(())
+    }
 
-        // Entries, incrementally.
+    /// Entries, incrementally by store revision, checked against the server's digest (a
+    /// full sync when they differ).
+    async fn fetch_entries(&self, client: &mut AgentClient<Channel>) -> Result<EntrySync, AgentError> {
+        const CALL: &str = "SyncEntries";
+        let (since, mut entries) = {
+            let s = self.state.lock();
+            (s.revision, s.entries.clone())
+        };
         let resp = client
-            .sync_entries(pb::SyncEntriesRequest { since_revision: inner.revision })
+            .sync_entries(pb::SyncEntriesRequest { since_revision: since })
             .await
-            .map_err(refused("SyncEntries"))?
+            .map_err(ClientError::refused(CALL))?
             .into_inner();
-        let mut entries = inner.entries.clone();
         for id in &resp.removed_ids {
             entries.remove(id);
         }
@@ -605,53 +620,79 @@ impl Manager {
             let full = client
                 .sync_entries(pb::SyncEntriesRequest { since_revision: 0 })
                 .await
-                .map_err(refused("SyncEntries"))?
+                .map_err(ClientError::refused(CALL))?
                 .into_inner();
             entries =
                 full.upserted.iter().filter_map(|e| AgentEntry::from_pb(e).ok()).map(|e| (e.id.clone(), e)).collect();
         }
-        if entries != inner.entries {
-            changed = true;
+        Ok(EntrySync { entries, revision: resp.revision, tainted_authority_ids: resp.tainted_authority_ids })
+    }
+
+    /// Takes the received entries; SVIDs whose entry vanished or whose identity changed are
+    /// dropped at once. True when anything changed.
+    fn apply_entries(&self, received: &EntrySync) -> bool {
+        let mut s = self.state.lock();
+        let mut changed = received.entries != s.entries;
+        s.revision = received.revision;
+        let before = s.svids.len();
+        s.svids.retain(|id, svid| received.entries.get(id).is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id));
+        changed |= s.svids.len() != before;
+        s.entries = received.entries.clone();
+        changed
+    }
+
+    /// SVIDs signed by a tainted authority are due now (returned), and so is the agent's
+    /// own (renewed here, and `client` reconnected with it).
+    async fn apply_taints(
+        &self,
+        tainted_ids: &[String],
+        client: &mut AgentClient<Channel>,
+    ) -> Result<std::collections::HashSet<String>, AgentError> {
+        let mut force = std::collections::HashSet::new();
+        if tainted_ids.is_empty() {
+            return Ok(force);
         }
-        inner.revision = resp.revision;
-        // SVIDs signed by a tainted authority are due now, and so is our own.
-        let mut force: std::collections::HashSet<String> = std::collections::HashSet::new();
-        if !resp.tainted_authority_ids.is_empty() {
-            let tainted = |chain: &[Vec<u8>]| {
-                chain
-                    .first()
-                    .and_then(|c| tessera_identity::x509::cert_facts(c).ok())
-                    .and_then(|f| f.authority_key_id)
-                    .is_some_and(|aki| resp.tainted_authority_ids.contains(&aki))
-            };
-            for (id, svid) in &inner.svids {
+        let tainted = |chain: &[Vec<u8>]| {
+            chain
+                .first()
+                .and_then(|c| tessera_identity::x509::cert_facts(c).ok())
+                .and_then(|f| f.authority_key_id)
+                .is_some_and(|aki| tainted_ids.contains(&aki))
+        };
+        let own_tainted = {
+            let s = self.state.lock();
+            for (id, svid) in &s.svids {
                 if tainted(&svid.chain) {
                     warn!(spiffe_id = %svid.entry.spiffe_id, serial = %svid.serial, "SVID signed by a tainted authority; replacing it now");
                     force.insert(id.clone());
                 }
             }
-            if tainted(&inner.identity.chain) {
-                warn!("Agent SVID signed by a tainted authority; renewing it now");
-                self.renew_agent(&mut inner).await?;
-                inner.client = None;
-                client = self.client(&mut inner).await?;
-            }
+            tainted(&s.identity.chain)
+        };
+        if own_tainted {
+            warn!("Agent SVID signed by a tainted authority; renewing it now");
+            self.renew_agent().await?;
+            *client = self.client().await?;
         }
-        // SVIDs whose entry vanished or whose identity changed are dropped at once.
-        let before = inner.svids.len();
-        inner.svids.retain(|id, svid| entries.get(id).is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id));
-        changed |= inner.svids.len() != before;
-        inner.entries = entries;
+        Ok(force)
+    }
 
-        // Bundles.
-        let b = client.fetch_bundles(pb::FetchBundlesRequest {}).await.map_err(refused("FetchBundles"))?.into_inner();
+    /// Our bundle (saved to disk, and a reconnection with its roots) and the federated ones.
+    /// True when either changed.
+    async fn fetch_bundles(&self, client: &mut AgentClient<Channel>) -> Result<bool, AgentError> {
+        const CALL: &str = "FetchBundles";
+        let b =
+            client.fetch_bundles(pb::FetchBundlesRequest {}).await.map_err(ClientError::refused(CALL))?.into_inner();
+        let mut changed = false;
         if let Some(own) = b.bundle {
-            let own = bundle_from_pb(&own).map_err(|e| AgentError::Refused { call: "FetchBundles", status: e })?;
-            if own != *inner.bundle && !own.x509_authorities.is_empty() {
-                save_bundle(&self.cfg.data_dir, &own)?;
+            let own = bundle_from_pb(&own).map_err(|e| ClientError::Malformed { call: CALL, reason: e.to_string() })?;
+            let differs = own != *self.state.lock().bundle;
+            if differs && !own.x509_authorities.is_empty() {
+                save_bundle(&self.files, &own)?;
                 info!(sequence = own.sequence_number, roots = own.x509_authorities.len(), "Trust bundle updated");
-                inner.bundle = Arc::new(own);
-                inner.client = None; // reconnect with the new roots
+                let mut s = self.state.lock();
+                s.bundle = Arc::new(own);
+                s.client = None; // reconnect with the new roots
                 changed = true;
             }
         }
@@ -661,72 +702,66 @@ impl Manager {
             .filter_map(|f| bundle_from_pb(f).ok())
             .map(|f| (f.trust_domain.clone(), Arc::new(f)))
             .collect();
-        if federated != inner.federated {
-            inner.federated = federated;
+        let mut s = self.state.lock();
+        if federated != s.federated {
+            s.federated = federated;
             changed = true;
         }
-
-        // Workload SVIDs that are missing, due, or whose entry changed. Entries without
-        // selectors are node aliases (SPIRE's semantics): they authorize children, and no
-        // workload can ever match them, so no SVID is minted for them.
-        let due: Vec<AgentEntry> = inner
-            .entries
-            .values()
-            .filter(|e| !e.selectors.is_empty())
-            .filter(|e| match inner.svids.get(&e.id) {
-                None => true,
-                Some(s) => s.rotate_at <= now || s.entry.revision != e.revision || force.contains(&e.id),
-            })
-            .cloned()
-            .collect();
-        for batch in due.chunks(BATCH) {
-            changed |= self.mint(&mut client, &mut inner, batch).await?;
-        }
-
-        if changed {
-            inner.generation += 1;
-            let mut svids: Vec<Arc<WorkloadSvid>> = inner.svids.values().cloned().collect();
-            svids.sort_by(|a, b| (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id)));
-            let wants_exe_hash = inner
-                .entries
-                .values()
-                .any(|e| e.selectors.iter().any(|s| s.kind == "unix" && s.value.starts_with("sha256:")));
-            let snap = Snapshot {
-                svids,
-                bundle: inner.bundle.clone(),
-                federated: inner.federated.clone(),
-                generation: inner.generation,
-                wants_exe_hash,
-            };
-            self.tx.send_replace(Arc::new(snap));
-        }
-        let next =
-            inner.svids.values().map(|s| s.rotate_at).chain([inner.identity.renew_at()]).min().unwrap_or(now + 60);
-        Ok(next)
+        Ok(changed)
     }
 
-    async fn mint(
-        &self,
-        client: &mut AgentClient<Channel>,
-        inner: &mut Inner,
-        batch: &[AgentEntry],
-    ) -> Result<bool, AgentError> {
+    /// Workload SVIDs that are missing, due, forced, or whose entry changed. Entries without
+    /// selectors are node aliases (SPIRE's semantics): they authorize children, and no
+    /// workload can ever match them, so no SVID is minted for them.
+    fn due(&self, now: i64, force: &std::collections::HashSet<String>) -> Vec<AgentEntry> {
+        let s = self.state.lock();
+        s.entries
+            .values()
+            .filter(|e| !e.selectors.is_empty())
+            .filter(|e| match s.svids.get(&e.id) {
+                None => true,
+                Some(v) => v.rotate_at <= now || v.entry.revision != e.revision || force.contains(&e.id),
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Publishes a new snapshot to the Workload API, SDS and cert files.
+    fn publish(&self) {
+        let mut s = self.state.lock();
+        s.generation += 1;
+        let mut svids: Vec<Arc<WorkloadSvid>> = s.svids.values().cloned().collect();
+        svids.sort_by(|a, b| (a.entry.created_at, &a.entry.id).cmp(&(b.entry.created_at, &b.entry.id)));
+        let wants_exe_hash =
+            s.entries.values().any(|e| e.selectors.iter().any(|x| x.kind == "unix" && x.value.starts_with("sha256:")));
+        let snap = Snapshot {
+            svids,
+            bundle: s.bundle.clone(),
+            federated: s.federated.clone(),
+            generation: s.generation,
+            wants_exe_hash,
+        };
+        self.tx.send_replace(Arc::new(snap));
+    }
+
+    /// One batch: keys made here, CSRs signed by the server, the results kept.
+    async fn mint(&self, client: &mut AgentClient<Channel>, batch: &[AgentEntry]) -> Result<bool, AgentError> {
         let mut keys = HashMap::with_capacity(batch.len());
         let mut params = Vec::with_capacity(batch.len());
         for e in batch {
-            let key = PrivateKey::generate_ec_p256().map_err(|x| AgentError::Key(x.to_string()))?;
+            let key = PrivateKey::generate_ec_p256().map_err(|x| ClientError::Key(x.to_string()))?;
             let csr = tessera_identity::csr::build_csr(&e.spiffe_id, &e.dns_names, &key)
-                .map_err(|x| AgentError::Key(x.to_string()))?;
+                .map_err(|x| ClientError::Key(x.to_string()))?;
             params.push(pb::X509SvidParams { entry_id: e.id.clone(), csr });
             keys.insert(e.id.clone(), (e.clone(), key));
         }
         let results = client
             .batch_new_x509_svid(pb::BatchNewX509SvidRequest { params })
             .await
-            .map_err(refused("BatchNewX509Svid"))?
+            .map_err(ClientError::refused("BatchNewX509Svid"))?
             .into_inner()
             .results;
-        let mut changed = false;
+        let mut issued = Vec::with_capacity(results.len());
         for r in results {
             let Some((entry, key)) = keys.remove(&r.entry_id) else { continue };
             let status = r.status.unwrap_or_default();
@@ -754,67 +789,58 @@ impl Manager {
             };
             debug!(spiffe_id = %ws.entry.spiffe_id, serial = %ws.serial, rotate_at, "Workload SVID issued");
             self.metrics.svids_issued.fetch_add(1, Ordering::Relaxed);
-            inner.svids.insert(r.entry_id, Arc::new(ws));
-            changed = true;
+            issued.push((r.entry_id, Arc::new(ws)));
         }
+        let changed = !issued.is_empty();
+        self.state.lock().svids.extend(issued);
         Ok(changed)
     }
 
-    async fn renew_agent(&self, inner: &mut Inner) -> Result<(), AgentError> {
-        let mut client = self.client(inner).await?;
-        let key = PrivateKey::generate_ec_p256().map_err(|e| AgentError::Key(e.to_string()))?;
-        let csr = tessera_identity::csr::build_csr(&inner.identity.id, &[], &key)
-            .map_err(|e| AgentError::Key(e.to_string()))?;
-        let svid =
-            client.renew_agent(pb::RenewAgentRequest { csr }).await.map_err(refused("RenewAgent"))?.into_inner().svid;
-        let svid =
-            svid.ok_or_else(|| AgentError::Refused { call: "RenewAgent", status: "no SVID in response".into() })?;
-        let identity = AgentIdentity::new(svid.cert_chain, key).map_err(AgentError::Attestation)?;
-        save_identity(&self.cfg.data_dir, &identity)?;
+    /// Renews the agent SVID over a new key, saves it, and drops the connection made with
+    /// the old one.
+    async fn renew_agent(&self) -> Result<(), AgentError> {
+        let mut client = self.client().await?;
+        let current = self.state.lock().identity.clone();
+        let identity = tessera_agent_api::renew(&mut client, &current, None).await?;
+        self.files.save(&identity)?;
         info!(agent_id = %tessera_identity::ids::LogId(&identity.id), not_after = identity.not_after, "Agent SVID renewed");
-        inner.identity = identity;
-        inner.client = None;
+        let mut s = self.state.lock();
+        s.identity = Arc::new(identity);
+        s.client = None;
         Ok(())
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache while it is in its first half of
-    /// life, else freshly minted by the server.
-    pub async fn jwt_svid(&self, entry: &AgentEntry, audience: &[String]) -> Result<String, tonic::Status> {
+    /// life, else freshly minted by the server. Never waits for a sync pass.
+    pub async fn jwt_svid(&self, entry: &AgentEntry, audience: &[String]) -> Result<String, AgentError> {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
         let key = (entry.id.clone(), aud.clone());
         let now = unix_now();
         {
-            let mut cache = self.jwt_cache.lock().map_err(|_| tonic::Status::internal("JWT cache lock poisoned"))?;
+            let mut cache = self.jwt_cache.lock();
             if let Some(token) = cache.get(&key, now) {
                 return Ok(token);
             }
             if !cache.spend(&entry.id) {
-                return Err(tonic::Status::resource_exhausted(format!(
-                    "{} asks for new JWT-SVIDs faster than {JWT_MINTS_PER_SECOND}/s (burst {JWT_MINTS_BURST}); reuse audiences or retry later",
-                    entry.spiffe_id
-                )));
+                return Err(AgentError::JwtBudget(entry.spiffe_id.clone()));
             }
         }
-        let mut client = {
-            let mut inner = self.inner.lock().await;
-            self.client(&mut inner).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?
-        };
+        let mut client = self.client().await?;
         let r = client
             .new_jwt_svid(pb::NewJwtSvidRequest { entry_id: entry.id.clone(), audience: aud })
-            .await?
+            .await
+            .map_err(ClientError::refused("NewJwtSvid"))?
             .into_inner();
-        if let Ok(mut cache) = self.jwt_cache.lock() {
-            let c = CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at, used: 0 };
-            cache.put(key, c, now);
-        }
+        let c = CachedJwt { token: r.token.clone(), issued_at: r.issued_at, expires_at: r.expires_at, used: 0 };
+        self.jwt_cache.lock().put(key, c, now);
         Ok(r.token)
     }
 
     /// JWT-SVIDs held in the cache.
     pub fn cached_jwt_svids(&self) -> usize {
-        self.jwt_cache.lock().map(|c| c.len()).unwrap_or(0)
+        self.jwt_cache.lock().len()
     }
 }
 

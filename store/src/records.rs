@@ -225,6 +225,7 @@ pub struct CaJournal {
 }
 
 /// Bundles are stored in this shape (the JWKS form would drop key expiry).
+#[cfg(any(feature = "sled", feature = "postgres"))]
 #[derive(Serialize, Deserialize)]
 pub(crate) struct StoredBundle {
     #[serde(with = "serde_str")]
@@ -235,6 +236,7 @@ pub(crate) struct StoredBundle {
     pub refresh_hint: Option<u64>,
 }
 
+#[cfg(any(feature = "sled", feature = "postgres"))]
 #[derive(Serialize, Deserialize)]
 pub(crate) struct StoredJwtKey {
     pub key_id: String,
@@ -242,6 +244,7 @@ pub(crate) struct StoredJwtKey {
     pub expires_at: i64,
 }
 
+#[cfg(any(feature = "sled", feature = "postgres"))]
 impl From<&tessera_identity::Bundle> for StoredBundle {
     fn from(b: &tessera_identity::Bundle) -> Self {
         use base64::Engine;
@@ -264,6 +267,7 @@ impl From<&tessera_identity::Bundle> for StoredBundle {
     }
 }
 
+#[cfg(any(feature = "sled", feature = "postgres"))]
 impl StoredBundle {
     /// The bundle, or `Corrupt` naming its trust domain.
     pub(crate) fn decode(self) -> Result<tessera_identity::Bundle, super::StoreError> {

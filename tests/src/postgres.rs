@@ -20,6 +20,18 @@ pub struct TestPostgres {
     pub ca_pem: Option<String>,
 }
 
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        // As root, `Proc` holds `runuser`, not the server: killing it would orphan the
+        // postmaster (which exits only a minute later, when it misses its lock file). Stop
+        // the server itself, and wait for it.
+        let _ = as_pg_user(&pg_bin("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-w", "-D"])
+            .arg(self._dir.path().join("data"))
+            .output();
+    }
+}
+
 /// Where Debian puts the server binaries (`/usr/lib/postgresql/<major>/bin`).
 pub fn pg_bin(name: &str) -> PathBuf {
     let mut majors: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")

@@ -2,7 +2,7 @@
 //! entry becomes a store [`Entry`] only with valid IDs, known selector types and TTLs in range.
 
 use tessera_identity::ids::{parse_member_id, parse_spiffe_id, parse_trust_domain};
-use tessera_identity::{Bundle, JwtAuthority, Selector, TrustDomain};
+use tessera_identity::{Bundle, Selector, TrustDomain};
 use tessera_proto::admin::v1 as admin_pb;
 use tessera_proto::types::v1 as pb;
 
@@ -101,41 +101,11 @@ fn is_join_token_parent(id: &tessera_identity::SpiffeId) -> bool {
     id.path().starts_with("/tessera/agent/join_token/")
 }
 
-/// Bundle → wire.
-pub fn bundle_to_pb(b: &Bundle) -> pb::Bundle {
-    pb::Bundle {
-        trust_domain: b.trust_domain.to_string(),
-        x509_authorities: b.x509_authorities.iter().map(|c| c.as_ref().to_vec()).collect(),
-        jwt_authorities: b
-            .jwt_authorities
-            .iter()
-            .map(|k| pb::JwtKey {
-                public_key: k.public_key.clone(),
-                key_id: k.key_id.clone(),
-                expires_at: k.expires_at,
-            })
-            .collect(),
-        sequence_number: b.sequence_number,
-        refresh_hint_seconds: b.refresh_hint.map_or(0, |h| i64::try_from(h).unwrap_or(i64::MAX)),
-    }
-}
+pub use tessera_agent_api::wire::bundle_to_pb;
 
 /// Wire → bundle, as given (no key checks): for displaying what the server sent.
 pub fn bundle_from_pb_unchecked(b: &pb::Bundle) -> Result<Bundle, ApiError> {
-    let mut out = Bundle::new(parse_trust_domain(&b.trust_domain)?);
-    for c in &b.x509_authorities {
-        out.add_x509_authority(c);
-    }
-    for k in &b.jwt_authorities {
-        out.add_jwt_authority(JwtAuthority {
-            key_id: k.key_id.clone(),
-            public_key: k.public_key.clone(),
-            expires_at: k.expires_at,
-        });
-    }
-    out.sequence_number = b.sequence_number;
-    out.refresh_hint = u64::try_from(b.refresh_hint_seconds).ok().filter(|h| *h > 0);
-    Ok(out)
+    tessera_agent_api::wire::bundle_from_pb(b).map_err(|e| ApiError::InvalidArgument(e.to_string()))
 }
 
 /// Wire → bundle, checking every certificate and key parses.

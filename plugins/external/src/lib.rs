@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tessera_plugins::upstream::{PluginHealth, RootCache};
+use tessera_plugins::upstream::{MintMessage, PluginHealth, RootCache, mint_and_follow};
 use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
 use tessera_proto::plugin::v1 as pb;
 use tessera_proto::plugin::v1::upstream_authority_client::UpstreamAuthorityClient;
@@ -392,31 +392,19 @@ impl UpstreamAuthority for ExternalUpstream {
             csr: csr.to_vec(),
             preferred_ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
         };
-        let mut stream = tokio::time::timeout(t, c.mint_x509_ca_and_subscribe(req))
-            .await
-            .map_err(|_| call_err("MintX509CaAndSubscribe timed out"))?
-            .map_err(|e| call_err(e.message().to_owned()))?
-            .into_inner();
-        let first = tokio::time::timeout(t, stream.message())
-            .await
-            .map_err(|_| call_err("no answer to MintX509CaAndSubscribe in time"))?
-            .map_err(|e| call_err(e.message().to_owned()))?
-            .ok_or_else(|| call_err("the plugin closed the stream without an answer"))?;
-        if first.x509_ca_chain.is_empty() || first.upstream_x509_roots.is_empty() {
-            return Err(call_err("the first answer must carry the CA chain and the upstream roots"));
-        }
-        self.roots.set(first.upstream_x509_roots.clone());
         // Later messages are root updates; the CA reads them through `roots()` on its
         // rotation tick. A newer subscription replaces this one.
-        let sink = self.roots.sink();
-        self.roots.follow(async move {
-            while let Ok(Some(m)) = stream.message().await {
-                if sink.set(m.upstream_x509_roots) {
-                    info!(roots = sink.get().len(), "Upstream roots updated by the plugin");
-                }
-            }
-        });
-        Ok(MintedX509Ca { chain: first.x509_ca_chain, roots: first.upstream_x509_roots })
+        let open = async move { c.mint_x509_ca_and_subscribe(req).await.map(tonic::Response::into_inner) };
+        mint_and_follow(
+            NAME,
+            "MintX509CaAndSubscribe",
+            t,
+            open,
+            |m: pb::MintX509CaResponse| MintMessage { chain: m.x509_ca_chain, roots: m.upstream_x509_roots },
+            &self.roots,
+            |roots| info!(roots = roots.len(), "Upstream roots updated by the plugin"),
+        )
+        .await
     }
 
     async fn roots(&self) -> Result<Vec<Vec<u8>>, UpstreamError> {

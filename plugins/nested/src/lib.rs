@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
-use tessera_identity::tls::Authorize;
-use tessera_identity::{PrivateKey, SpiffeId, TrustDomain, unix_now};
-use tessera_plugins::upstream::RootCache;
+use tessera_agent_api::{AgentIdentity, IdentityFiles};
+use tessera_identity::{TrustDomain, unix_now};
+use tessera_plugins::upstream::{MintMessage, RootCache, mint_and_follow};
 use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
 use tessera_proto::agent::v1 as pb;
 use tessera_proto::agent::v1::agent_client::AgentClient;
@@ -55,17 +55,11 @@ impl std::fmt::Debug for NestedConfig {
     }
 }
 
-struct Identity {
-    chain: Vec<Vec<u8>>,
-    key: PrivateKey,
-    issued_at: i64,
-    not_after: i64,
-}
-
 /// The `tessera` upstream authority.
 pub struct NestedUpstream {
     cfg: NestedConfig,
-    identity: tokio::sync::Mutex<Identity>,
+    files: IdentityFiles,
+    identity: tokio::sync::Mutex<AgentIdentity>,
     /// The parent's X.509 roots: TLS trust toward the parent and our upstream roots.
     roots: RootCache,
 }
@@ -97,38 +91,24 @@ fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, UpstreamError> {
     Ok(certs)
 }
 
-fn write(dir: &Path, name: &str, data: &[u8], mode: u32) -> Result<(), UpstreamError> {
-    tessera_plugins::fsutil::atomic_write(&dir.join(name), data, mode)
-        .map_err(|e| cfg_err(format!("cannot write {}: {e}", dir.join(name).display())))
-}
-
-fn identity(chain: Vec<Vec<u8>>, key: PrivateKey) -> Result<Identity, UpstreamError> {
-    let leaf = chain.first().ok_or_else(|| cfg_err("the parent sent no certificate"))?;
-    let f = tessera_identity::x509::cert_facts(leaf).map_err(|e| cfg_err(e.to_string()))?;
-    Ok(Identity { chain, key, issued_at: f.not_before, not_after: f.not_after })
-}
+const PARENT_BUNDLE: &str = "parent-bundle.pem";
 
 impl NestedUpstream {
     /// Loads the saved identity, or attests to the parent with the join token.
     pub async fn new(cfg: NestedConfig) -> Result<Self, UpstreamError> {
         tessera_plugins::fsutil::ensure_private_dir(&cfg.state_dir)
             .map_err(|e| cfg_err(format!("cannot create {}: {e}", cfg.state_dir.display())))?;
-        let saved = cfg.state_dir.join("agent-svid.pem");
-        let (ident, roots) = if saved.exists() {
-            let chain = read_pem_certs(&saved)?;
-            let key_pem = std::fs::read(cfg.state_dir.join("agent-key.pem"))
-                .map_err(|e| cfg_err(format!("cannot read the saved agent key: {e}")))?;
-            let key = PrivateKey::from_pem(&key_pem).map_err(|e| cfg_err(e.to_string()))?;
-            (identity(chain, key)?, read_pem_certs(&cfg.state_dir.join("parent-bundle.pem"))?)
-        } else {
-            Self::attest(&cfg).await?
+        let files = IdentityFiles::new(&cfg.state_dir);
+        let (ident, roots) = match files.load().map_err(|e| cfg_err(e.to_string()))? {
+            Some(ident) => (ident, read_pem_certs(&cfg.state_dir.join(PARENT_BUNDLE))?),
+            None => Self::attest(&cfg, &files).await?,
         };
         let cache = RootCache::default();
         cache.set(roots);
-        Ok(Self { cfg, identity: tokio::sync::Mutex::new(ident), roots: cache })
+        Ok(Self { cfg, files, identity: tokio::sync::Mutex::new(ident), roots: cache })
     }
 
-    async fn attest(cfg: &NestedConfig) -> Result<(Identity, Vec<Vec<u8>>), UpstreamError> {
+    async fn attest(cfg: &NestedConfig, files: &IdentityFiles) -> Result<(AgentIdentity, Vec<Vec<u8>>), UpstreamError> {
         let token = cfg.join_token.as_ref().map(tessera_identity::Secret::expose).ok_or_else(|| {
             cfg_err(format!(
                 "no agent SVID in {} and no join_token: generate one on the parent with `tessera-server token generate`",
@@ -138,27 +118,18 @@ impl NestedUpstream {
         let roots = read_pem_certs(&cfg.trust_bundle_path)?;
         let id =
             tessera_identity::agent_id(&cfg.trust_domain, "join_token", token).map_err(|e| cfg_err(e.to_string()))?;
-        let key = PrivateKey::generate_ec_p256().map_err(|e| cfg_err(e.to_string()))?;
-        let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| cfg_err(e.to_string()))?;
         let mut c = connect(cfg, &roots, None).await?;
-        let resp = tokio::time::timeout(
-            cfg.timeout,
-            c.attest_agent(pb::AttestAgentRequest {
-                data: Some(pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
-                csr,
-            }),
-        )
-        .await
-        .map_err(|_| cfg_err("AttestAgent timed out"))?
-        .map_err(|e| cfg_err(format!("the parent refused attestation: {}", e.message())))?
-        .into_inner();
-        let chain = resp.svid.ok_or_else(|| cfg_err("the parent sent no SVID"))?.cert_chain;
-        let roots = match resp.bundle {
+        let data = pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() };
+        let (ident, bundle) = tessera_agent_api::attest(&mut c, data, &id, Some(cfg.timeout))
+            .await
+            .map_err(|e| cfg_err(format!("attestation to the parent: {e}")))?;
+        let roots = match bundle {
             Some(b) if !b.x509_authorities.is_empty() => b.x509_authorities,
             _ => roots,
         };
-        let ident = identity(chain, key)?;
-        save(&cfg.state_dir, &ident, &roots)?;
+        files.save(&ident).map_err(|e| cfg_err(e.to_string()))?;
+        let pem = tessera_identity::pem::encode_certs(roots.iter().map(Vec::as_slice));
+        files.write_beside(PARENT_BUNDLE, pem.as_bytes(), 0o644).map_err(|e| cfg_err(e.to_string()))?;
         tracing::info!(agent_id = %tessera_identity::ids::LogId(&id), parent = %cfg.server_address, "Attested to the parent Tessera server");
         Ok((ident, roots))
     }
@@ -178,19 +149,11 @@ impl NestedUpstream {
         let roots = self.roots.get();
         let mut ident = self.identity.lock().await;
         let mut c = connect(&self.cfg, &roots, Some(&ident)).await?;
-        if unix_now() >= ident.issued_at + (ident.not_after - ident.issued_at) / 2 {
-            let leaf = ident.chain.first().ok_or_else(|| call_err("no agent SVID"))?;
-            let id: SpiffeId =
-                tessera_identity::tls::leaf_spiffe_id(leaf).ok_or_else(|| call_err("agent SVID has no ID"))?;
-            let key = PrivateKey::generate_ec_p256().map_err(|e| call_err(e.to_string()))?;
-            let csr = tessera_identity::csr::build_csr(&id, &[], &key).map_err(|e| call_err(e.to_string()))?;
-            let resp = tokio::time::timeout(self.cfg.timeout, c.renew_agent(pb::RenewAgentRequest { csr }))
+        if unix_now() >= ident.renew_at() {
+            *ident = tessera_agent_api::renew(&mut c, &ident, Some(self.cfg.timeout))
                 .await
-                .map_err(|_| call_err("RenewAgent timed out"))?
-                .map_err(|e| call_err(format!("the parent refused renewal: {}", e.message())))?
-                .into_inner();
-            *ident = identity(resp.svid.ok_or_else(|| call_err("the parent sent no SVID"))?.cert_chain, key)?;
-            save(&self.cfg.state_dir, &ident, &roots)?;
+                .map_err(|e| call_err(format!("renewal toward the parent: {e}")))?;
+            self.files.save(&ident).map_err(|e| cfg_err(e.to_string()))?;
             tracing::info!("Agent SVID toward the parent renewed");
             c = connect(&self.cfg, &roots, Some(&ident)).await?;
         }
@@ -199,44 +162,23 @@ impl NestedUpstream {
 }
 
 /// Keeps the parent's latest roots on disk (trust for the next start); a failure is logged.
-fn save_roots(dir: &Path, roots: &[Vec<u8>]) {
-    tracing::info!(roots = roots.len(), "The parent's roots changed");
+fn save_roots(files: &IdentityFiles, roots: &[Vec<u8>]) {
     let pem = tessera_identity::pem::encode_certs(roots.iter().map(Vec::as_slice));
-    if let Err(e) = write(dir, "parent-bundle.pem", pem.as_bytes(), 0o644) {
+    if let Err(e) = files.write_beside(PARENT_BUNDLE, pem.as_bytes(), 0o644) {
         tracing::warn!(error = %e, "Cannot save the parent's bundle");
     }
-}
-
-fn save(dir: &Path, ident: &Identity, roots: &[Vec<u8>]) -> Result<(), UpstreamError> {
-    write(dir, "agent-key.pem", ident.key.to_pem().as_bytes(), 0o600)?;
-    write(
-        dir,
-        "agent-svid.pem",
-        tessera_identity::pem::encode_certs(ident.chain.iter().map(Vec::as_slice)).as_bytes(),
-        0o644,
-    )?;
-    write(
-        dir,
-        "parent-bundle.pem",
-        tessera_identity::pem::encode_certs(roots.iter().map(Vec::as_slice)).as_bytes(),
-        0o644,
-    )
 }
 
 async fn connect(
     cfg: &NestedConfig,
     roots: &[Vec<u8>],
-    ident: Option<&Identity>,
+    ident: Option<&AgentIdentity>,
 ) -> Result<AgentClient<Channel>, UpstreamError> {
     let anchors: Vec<CertificateDer<'static>> = roots.iter().map(|r| CertificateDer::from(r.clone())).collect();
-    let server = tessera_identity::server_id(&cfg.trust_domain).map_err(|e| cfg_err(e.to_string()))?;
-    let client = ident.map(|i| (i.chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), &i.key));
-    let tls = tessera_identity::tls::client_config(&anchors, Authorize::Id(server), client)
-        .map_err(|e| cfg_err(e.to_string()))?;
-    let ch = tessera_svc::connect::tls(&cfg.server_address, tls)
+    let tls = tessera_agent_api::server_tls(&cfg.trust_domain, &anchors, ident).map_err(|e| cfg_err(e.to_string()))?;
+    tessera_agent_api::connect(&cfg.server_address, tls)
         .await
-        .map_err(|e| call_err(format!("cannot reach the parent at {}: {e}", cfg.server_address)))?;
-    Ok(AgentClient::new(ch))
+        .map_err(|e| call_err(format!("cannot reach the parent: {e}")))
 }
 
 #[async_trait]
@@ -252,29 +194,21 @@ impl UpstreamAuthority for NestedUpstream {
             csr: csr.to_vec(),
             preferred_ttl_seconds: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
         };
-        let mut stream = tokio::time::timeout(t, c.mint_downstream_x509_ca(req))
-            .await
-            .map_err(|_| call_err("MintDownstreamX509Ca timed out"))?
-            .map_err(|e| call_err(format!("the parent refused: {}", e.message())))?
-            .into_inner();
-        let first = tokio::time::timeout(t, stream.message())
-            .await
-            .map_err(|_| call_err("no answer from the parent in time"))?
-            .map_err(|e| call_err(e.message().to_owned()))?
-            .ok_or_else(|| call_err("the parent closed the stream without an answer"))?;
-        if first.x509_ca_chain.is_empty() || first.upstream_x509_roots.is_empty() {
-            return Err(call_err("the parent's answer lacks the CA chain or its roots"));
-        }
-        self.roots.set(first.upstream_x509_roots.clone());
-        let (sink, dir) = (self.roots.sink(), self.cfg.state_dir.clone());
-        self.roots.follow(async move {
-            while let Ok(Some(m)) = stream.message().await {
-                if sink.set(m.upstream_x509_roots) {
-                    save_roots(&dir, &sink.get());
-                }
-            }
-        });
-        Ok(MintedX509Ca { chain: first.x509_ca_chain, roots: first.upstream_x509_roots })
+        let files = self.files.clone();
+        let open = async move { c.mint_downstream_x509_ca(req).await.map(tonic::Response::into_inner) };
+        mint_and_follow(
+            NAME,
+            "MintDownstreamX509Ca",
+            t,
+            open,
+            |m: pb::MintDownstreamX509CaResponse| MintMessage { chain: m.x509_ca_chain, roots: m.upstream_x509_roots },
+            &self.roots,
+            move |roots| {
+                tracing::info!(roots = roots.len(), "The parent's roots changed");
+                save_roots(&files, roots);
+            },
+        )
+        .await
     }
 
     /// The parent's roots: pushed on the open `MintDownstreamX509Ca` stream; without one
@@ -285,7 +219,8 @@ impl UpstreamAuthority for NestedUpstream {
             match self.fetch_roots().await {
                 Ok(r) if !r.is_empty() => {
                     if self.roots.set(r) {
-                        save_roots(&self.cfg.state_dir, &self.roots.get());
+                        tracing::info!("The parent's roots changed");
+                        save_roots(&self.files, &self.roots.get());
                     }
                 }
                 Ok(_) => tracing::warn!("The parent sent an empty bundle; keeping its previous roots"),

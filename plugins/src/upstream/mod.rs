@@ -152,3 +152,58 @@ impl RootCache {
         self.follower.lock().ok().and_then(|f| f.as_ref().map(|h| !h.is_finished())).unwrap_or(false)
     }
 }
+
+/// The first answer of a mint stream and the rest of it: a CA chain and the upstream roots,
+/// then root updates.
+pub struct MintMessage {
+    /// Our new CA first, then intermediates (empty in updates).
+    pub chain: Vec<Vec<u8>>,
+    /// The upstream's roots.
+    pub roots: Vec<Vec<u8>>,
+}
+
+/// Mints over a stream whose later messages carry root updates (an external plugin's
+/// `MintX509CaAndSubscribe`, a parent Tessera's `MintDownstreamX509Ca`): opens it and waits
+/// for the first answer, each within `timeout`; checks that it carries a chain and roots;
+/// records the roots in `cache`; and follows the rest of the stream in the background,
+/// calling `on_update` with each new set of roots. A newer mint replaces the follower.
+pub async fn mint_and_follow<M, E, S>(
+    upstream: &'static str,
+    call: &'static str,
+    timeout: Duration,
+    open: impl std::future::Future<Output = Result<S, E>>,
+    read: fn(M) -> MintMessage,
+    cache: &RootCache,
+    on_update: impl Fn(&[Vec<u8>]) + Send + 'static,
+) -> Result<MintedX509Ca, UpstreamError>
+where
+    S: futures_util::Stream<Item = Result<M, E>> + Unpin + Send + 'static,
+    E: std::fmt::Display,
+    M: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let err = |reason: String| UpstreamError::Signing { upstream, reason };
+    let mut stream = tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| err(format!("{call} timed out")))?
+        .map_err(|e| err(format!("{call}: {e}")))?;
+    let first = tokio::time::timeout(timeout, stream.next())
+        .await
+        .map_err(|_| err(format!("no answer to {call} in time")))?
+        .ok_or_else(|| err(format!("{call}: the stream closed without an answer")))?
+        .map_err(|e| err(format!("{call}: {e}")))?;
+    let first = read(first);
+    if first.chain.is_empty() || first.roots.is_empty() {
+        return Err(err(format!("{call}: the first answer must carry the CA chain and the upstream roots")));
+    }
+    cache.set(first.roots.clone());
+    let sink = cache.sink();
+    cache.follow(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if sink.set(read(m).roots) {
+                on_update(&sink.get());
+            }
+        }
+    });
+    Ok(MintedX509Ca { chain: first.chain, roots: first.roots })
+}
