@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+started=$SECONDS
+step() { printf '\n==> %s  [%ds]\n' "$*" "$((SECONDS - started))"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 step "System packages"
@@ -98,5 +99,5 @@ scripts/quickstart.sh
 scripts/quickstart.sh stop
 
 echo
-echo "All checks passed."
+echo "All checks passed in $((SECONDS - started)) s."
 echo "tests: $passed passed, $failed failed"

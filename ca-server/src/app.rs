@@ -61,18 +61,15 @@ pub enum StartError {
     /// Federation cannot start (a bootstrap bundle, the bundle endpoint's certificate).
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
-    /// A secret named in the config (PIN, token) cannot be read.
-    #[error("{0}")]
-    Secret(String),
-    /// The key manager cannot be opened (HSM module, token, PIN).
-    #[error("key manager: {0}")]
-    KeyManagerConfig(String),
+    /// A plugin cannot start.
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    /// A secret named in the config (PIN, token, connection string) cannot be read.
+    #[error(transparent)]
+    Secret(#[from] tessera_plugins::SecretError),
     /// The bundle endpoint's certificate or TLS settings are unusable.
     #[error("bundle endpoint: {0}")]
     BundleEndpoint(String),
-    /// A node attestor cannot start (a cluster's kubeconfig).
-    #[error("node attestor: {0}")]
-    NodeAttestor(String),
     /// The Istio CA API cannot start (a cluster's kubeconfig or JWKS).
     #[error("istio: {0}")]
     Istio(String),

@@ -590,7 +590,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_server(config: &Path, instance_id: Option<&str>) -> anyhow::Result<()> {
-    let cfg = Config::load_with(config, instance_id)?;
+    // The binary passes the process environment in; the parser reads none itself.
+    let cfg = Config::load_with(config, instance_id, &|name| std::env::var(name).ok())?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
     tessera_svc::init_logging(filter);

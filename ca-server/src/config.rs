@@ -12,26 +12,12 @@ use tessera_identity::{SpiffeId, TrustDomain};
 use tessera_plugins::upstream::disk::DiskFiles;
 
 use tessera_store::{EndpointProfile, FederationRelationship};
+use tessera_svc::config::invalid;
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// Not TOML, or an unknown key, or a wrong type.
-    #[error("{0}")]
-    Toml(String),
-    /// A required key is missing.
-    #[error("missing required key `{0}`")]
-    Missing(&'static str),
-    /// A value is out of range or malformed.
-    #[error("invalid `{key}`: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
+pub use tessera_svc::config::ConfigError;
+
+/// Where a configuration looks up the environment variables it names.
+pub type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,46 +39,31 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     federation: RawFederation,
-    upstream_authority: Option<RawUpstream>,
+    upstream_authority: Option<toml::Table>,
     node_attestor: Option<Vec<RawPlugin>>,
     istio: Option<crate::istio::config::RawIstio>,
     bundle_publisher: Option<Vec<crate::publish::RawPublisher>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[upstream_authority] type = "disk"`, as written.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawUpstream {
-    #[serde(rename = "type")]
-    kind: String,
+struct RawDiskUpstream {
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
     chain_file: Option<PathBuf>,
     bundle_file: Option<PathBuf>,
     cacerts_dir: Option<PathBuf>,
-    command: Option<PathBuf>,
-    args: Option<Vec<String>>,
-    checksum: Option<String>,
-    call_timeout: Option<String>,
-    plugin_config: Option<toml::Table>,
-    address: Option<String>,
-    pki_mount: Option<String>,
-    issuer_ref: Option<String>,
-    namespace: Option<String>,
-    ca_cert_file: Option<PathBuf>,
-    auth_method: Option<String>,
-    token_file: Option<PathBuf>,
-    token_env: Option<String>,
-    approle_mount: Option<String>,
-    approle_role_id: Option<String>,
-    approle_secret_id_file: Option<PathBuf>,
-    approle_secret_id_env: Option<String>,
-    server_address: Option<String>,
-    trust_bundle_path: Option<PathBuf>,
-    join_token: Option<tessera_identity::Secret>,
-    k8s_mount: Option<String>,
-    k8s_role: Option<String>,
-    k8s_token_path: Option<PathBuf>,
 }
+
+/// Every key of the disk upstream's section (besides `type`).
+const DISK_KEYS: &[&str] = &[
+    "upstream_authority.cert_file",
+    "upstream_authority.key_file",
+    "upstream_authority.chain_file",
+    "upstream_authority.bundle_file",
+    "upstream_authority.cacerts_dir",
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,7 +185,7 @@ struct RawPlugin {
     #[serde(rename = "type")]
     kind: String,
     /// `k8s_psat`: the clusters whose agents may attest, by name.
-    clusters: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
+    clusters: Option<std::collections::BTreeMap<String, tessera_plugin_k8s_psat::RawPsatCluster>>,
 }
 
 impl RawPlugin {
@@ -223,77 +194,7 @@ impl RawPlugin {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPsatCluster {
-    kubeconfig: Option<PathBuf>,
-    #[serde(default = "default_psat_audience")]
-    audience: Vec<String>,
-    service_account_allow_list: Vec<String>,
-    #[serde(default)]
-    allowed_node_label_keys: Vec<String>,
-    #[serde(default)]
-    allowed_pod_label_keys: Vec<String>,
-    #[serde(default)]
-    auto_pod_identity: bool,
-}
-
-fn default_psat_audience() -> Vec<String> {
-    vec!["tessera-server".into()]
-}
-
 pub use tessera_plugin_k8s_psat::PsatCluster;
-
-fn psat_clusters(
-    raw: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
-) -> Result<Vec<PsatCluster>, ConfigError> {
-    let raw = raw.filter(|m| !m.is_empty()).ok_or(ConfigError::Invalid {
-        key: "node_attestor.clusters",
-        reason: "k8s_psat needs at least one cluster".into(),
-    })?;
-    let mut out = Vec::new();
-    for (name, c) in raw {
-        let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
-        if !ok {
-            return Err(ConfigError::Invalid {
-                key: "node_attestor.clusters",
-                reason: format!("cluster name {name:?}: use letters, digits, '-', '.', '_'"),
-            });
-        }
-        if c.audience.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "node_attestor.clusters.audience",
-                reason: "must not be empty".into(),
-            });
-        }
-        let mut allow = Vec::new();
-        for a in &c.service_account_allow_list {
-            let (ns, sa) = a.split_once(':').filter(|(n, s)| !n.is_empty() && !s.is_empty()).ok_or_else(|| {
-                ConfigError::Invalid {
-                    key: "node_attestor.clusters.service_account_allow_list",
-                    reason: format!("{a:?}: expected \"namespace:serviceaccount\""),
-                }
-            })?;
-            allow.push((ns.to_owned(), sa.to_owned()));
-        }
-        if allow.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "node_attestor.clusters.service_account_allow_list",
-                reason: format!("cluster {name:?}: name the agent's service account"),
-            });
-        }
-        out.push(PsatCluster {
-            name,
-            kubeconfig: c.kubeconfig,
-            audience: c.audience,
-            service_account_allow_list: allow,
-            allowed_node_label_keys: c.allowed_node_label_keys,
-            allowed_pod_label_keys: c.allowed_pod_label_keys,
-            auto_pod_identity: c.auto_pod_identity,
-        });
-    }
-    Ok(out)
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -318,14 +219,8 @@ fn default_key_manager() -> RawKeyManager {
     }
 }
 
-/// Where the HSM's user PIN comes from (read at start, never stored in the config).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PinSource {
-    /// A file whose content (trailing newline removed) is the PIN.
-    File(PathBuf),
-    /// An environment variable.
-    Env(String),
-}
+/// Where a secret named in the configuration is read from, at start.
+pub use tessera_plugins::SecretSource as PinSource;
 
 /// `[key_manager] type = "pkcs11"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,22 +235,20 @@ pub struct Pkcs11Settings {
     pub key_label_prefix: String,
 }
 
-fn store(s: RawStore) -> Result<StoreKind, ConfigError> {
-    let conn = match (s.connection_string, &s.connection_string_env) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid {
-                key: "store.connection_string_env",
-                reason: "set connection_string or connection_string_env, not both".into(),
-            });
-        }
-        (c, None) => c,
-        (None, Some(var)) => {
-            Some(std::env::var(var).map(tessera_identity::Secret::new).map_err(|_| ConfigError::Invalid {
-                key: "store.connection_string_env",
-                reason: format!("environment variable {var} is not set"),
-            })?)
-        }
-    };
+fn store(s: RawStore, env: &Env<'_>) -> Result<StoreKind, ConfigError> {
+    let conn =
+        match (s.connection_string, &s.connection_string_env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "store.connection_string_env",
+                    reason: "set connection_string or connection_string_env, not both".into(),
+                });
+            }
+            (c, None) => c,
+            (None, Some(var)) => Some(env(var).map(tessera_identity::Secret::new).ok_or_else(|| {
+                invalid("store.connection_string_env", format!("environment variable {var} is not set"))
+            })?),
+        };
     match (s.kind.as_str(), conn) {
         ("sled", None) if s.max_connections.is_none() && s.tls_ca_file.is_none() => Ok(StoreKind::Sled),
         ("sled", _) => Err(ConfigError::Invalid {
@@ -503,121 +396,10 @@ pub enum UpstreamConfig {
     Tessera(TesseraUpstreamSettings),
 }
 
-/// `[upstream_authority] type = "tessera"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TesseraUpstreamSettings {
-    /// The parent's Agent API, `host:port`.
-    pub server_address: String,
-    /// The parent's bundle (PEM) for the first contact.
-    pub trust_bundle_path: PathBuf,
-    /// A join token from the parent, for the first contact.
-    pub join_token: Option<tessera_identity::Secret>,
-    /// `<data_dir>/upstream`: our agent SVID and key toward the parent.
-    pub state_dir: PathBuf,
-}
+/// `[upstream_authority] type = "tessera"`: the nested upstream's own settings.
+pub use tessera_plugin_nested::NestedConfig as TesseraUpstreamSettings;
 
-/// `[upstream_authority] type = "vault"`; secrets are named by source and read at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultSettings {
-    /// `http(s)://host:port`.
-    pub address: String,
-    /// The PKI mount.
-    pub pki_mount: String,
-    /// Sign with this issuer instead of the default.
-    pub issuer_ref: Option<String>,
-    /// Vault namespace.
-    pub namespace: Option<String>,
-    /// PEM trust anchors for Vault's certificate.
-    pub ca_cert_file: Option<PathBuf>,
-    /// How to log in.
-    pub auth: VaultAuthSettings,
-}
-
-/// Vault login, with secrets by source.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VaultAuthSettings {
-    /// A token from a file or the environment.
-    Token(PinSource),
-    /// Kubernetes: a service account token file, read at every login.
-    Kubernetes {
-        /// Auth mount.
-        mount: String,
-        /// Vault role.
-        role: String,
-        /// Token file.
-        token_path: PathBuf,
-    },
-    /// AppRole: role ID inline (not a secret), secret ID from a file or the environment.
-    AppRole {
-        /// Auth mount.
-        mount: String,
-        /// Role ID.
-        role_id: String,
-        /// Secret ID source.
-        secret_id: PinSource,
-    },
-}
-
-fn secret_source(
-    file: Option<PathBuf>,
-    env: Option<String>,
-    key: &'static str,
-    what: &str,
-) -> Result<PinSource, ConfigError> {
-    match (file, env) {
-        (Some(f), None) => Ok(PinSource::File(f)),
-        (None, Some(e)) => Ok(PinSource::Env(e)),
-        _ => Err(ConfigError::Invalid {
-            key,
-            reason: format!("{what} needs exactly one of a file and an environment variable"),
-        }),
-    }
-}
-
-fn vault(u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
-    let address = u.address.ok_or(ConfigError::Missing("upstream_authority.address"))?;
-    tessera_svc::http::Url::parse(&address)
-        .map_err(|reason| ConfigError::Invalid { key: "upstream_authority.address", reason })?;
-    let auth = match u.auth_method.as_deref().unwrap_or("token") {
-        "token" => VaultAuthSettings::Token(secret_source(
-            u.token_file,
-            u.token_env,
-            "upstream_authority.token_file",
-            "auth_method \"token\" (token_file or token_env)",
-        )?),
-        "approle" => VaultAuthSettings::AppRole {
-            mount: u.approle_mount.unwrap_or_else(|| "approle".into()),
-            role_id: u.approle_role_id.ok_or(ConfigError::Missing("upstream_authority.approle_role_id"))?,
-            secret_id: secret_source(
-                u.approle_secret_id_file,
-                u.approle_secret_id_env,
-                "upstream_authority.approle_secret_id_file",
-                "auth_method \"approle\" (approle_secret_id_file or approle_secret_id_env)",
-            )?,
-        },
-        "kubernetes" => VaultAuthSettings::Kubernetes {
-            mount: u.k8s_mount.unwrap_or_else(|| "kubernetes".into()),
-            role: u.k8s_role.ok_or(ConfigError::Missing("upstream_authority.k8s_role"))?,
-            token_path: u
-                .k8s_token_path
-                .unwrap_or_else(|| "/var/run/secrets/kubernetes.io/serviceaccount/token".into()),
-        },
-        other => {
-            return Err(ConfigError::Invalid {
-                key: "upstream_authority.auth_method",
-                reason: format!("{other:?}: expected \"token\", \"approle\" or \"kubernetes\""),
-            });
-        }
-    };
-    Ok(UpstreamConfig::Vault(VaultSettings {
-        address,
-        pki_mount: u.pki_mount.unwrap_or_else(|| "pki".into()),
-        issuer_ref: u.issuer_ref,
-        namespace: u.namespace,
-        ca_cert_file: u.ca_cert_file,
-        auth,
-    }))
-}
+pub use tessera_plugin_vault::{VaultAuthSettings, VaultSettings};
 
 /// How our bundle endpoint authenticates itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -759,99 +541,66 @@ fn istio_rotation_fits(
 }
 
 fn dur(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(s).map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })?;
-    if d.is_zero() {
-        return Err(ConfigError::Invalid { key, reason: "must be greater than zero".into() });
-    }
-    Ok(d)
+    tessera_svc::config::duration(key, s, Duration::ZERO)
 }
 
 fn addr(key: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|e| ConfigError::Invalid { key, reason: format!("{s:?}: {e}") })
 }
 
-fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig, ConfigError> {
-    let external_keys = u.command.is_some()
-        || u.args.is_some()
-        || u.checksum.is_some()
-        || u.call_timeout.is_some()
-        || u.plugin_config.is_some();
-    let vault_keys = u.address.is_some()
-        || u.pki_mount.is_some()
-        || u.issuer_ref.is_some()
-        || u.namespace.is_some()
-        || u.ca_cert_file.is_some()
-        || u.auth_method.is_some()
-        || u.token_file.is_some()
-        || u.token_env.is_some()
-        || u.approle_mount.is_some()
-        || u.approle_role_id.is_some()
-        || u.approle_secret_id_file.is_some()
-        || u.approle_secret_id_env.is_some()
-        || u.k8s_mount.is_some()
-        || u.k8s_role.is_some()
-        || u.k8s_token_path.is_some();
-    let tessera_keys = u.server_address.is_some() || u.trust_bundle_path.is_some() || u.join_token.is_some();
-    if tessera_keys && u.kind != "tessera" {
-        return Err(ConfigError::Invalid {
-            key: "upstream_authority.server_address",
-            reason: format!(
-                "server_address, trust_bundle_path and join_token belong to type \"tessera\", not {:?}",
-                u.kind
-            ),
-        });
-    }
-    if vault_keys && u.kind != "vault" {
-        return Err(ConfigError::Invalid {
-            key: "upstream_authority.address",
-            reason: format!(
-                "address, pki_mount, auth_method and the other Vault keys belong to type \"vault\", not {:?}",
-                u.kind
-            ),
-        });
-    }
-    let disk_keys = u.cert_file.is_some()
-        || u.key_file.is_some()
-        || u.chain_file.is_some()
-        || u.bundle_file.is_some()
-        || u.cacerts_dir.is_some();
-    match u.kind.as_str() {
-        "disk" if external_keys => Err(ConfigError::Invalid {
-            key: "upstream_authority.command",
-            reason: "command, args, checksum, call_timeout and plugin_config belong to type \"external\"".into(),
-        }),
-        "external" if disk_keys => Err(ConfigError::Invalid {
-            key: "upstream_authority.cert_file",
-            reason: "cert_file, key_file, chain_file, bundle_file and cacerts_dir belong to type \"disk\"".into(),
-        }),
-        "external" => {
-            let command = u.command.ok_or(ConfigError::Missing("upstream_authority.command"))?;
-            let checksum = match u.checksum {
-                Some(c) => {
-                    let c = c.trim().to_ascii_lowercase();
-                    let c = c.strip_prefix("sha256:").unwrap_or(&c).to_owned();
-                    if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        return Err(ConfigError::Invalid {
-                            key: "upstream_authority.checksum",
-                            reason: "must be the SHA-256 of the executable, 64 hex digits".into(),
-                        });
-                    }
-                    Some(c)
-                }
-                None => None,
-            };
-            let plugin_config_json = serde_json::to_string(&u.plugin_config.unwrap_or_default())
-                .map_err(|e| ConfigError::Invalid { key: "upstream_authority.plugin_config", reason: e.to_string() })?;
-            Ok(UpstreamConfig::External(tessera_plugin_external::ExternalSettings {
-                command,
-                args: u.args.unwrap_or_default(),
-                checksum,
-                plugin_config_json,
-                call_timeout: dur("upstream_authority.call_timeout", u.call_timeout.as_deref().unwrap_or("30s"))?,
-                socket: data_dir.join("plugins").join("upstream.sock"),
-            }))
+/// `[upstream_authority]`: `type` picks the plugin, and each plugin parses its own keys. A
+/// key of another type is named as such.
+fn upstream(
+    mut table: toml::Table,
+    td: &TrustDomain,
+    data_dir: &std::path::Path,
+) -> Result<UpstreamConfig, ConfigError> {
+    const TYPES: [(&str, &[&str]); 4] = [
+        ("disk", DISK_KEYS),
+        ("vault", tessera_plugin_vault::settings::KEYS),
+        ("tessera", tessera_plugin_nested::KEYS),
+        ("external", tessera_plugin_external::KEYS),
+    ];
+    let kind = match table.remove("type") {
+        Some(toml::Value::String(k)) => k,
+        Some(_) => return Err(invalid("upstream_authority.type", "must be a string")),
+        None => return Err(ConfigError::Missing("upstream_authority.type")),
+    };
+    let Some((_, own)) = TYPES.iter().find(|(t, _)| *t == kind) else {
+        return Err(invalid(
+            "upstream_authority.type",
+            format!("{kind:?}: expected \"disk\", \"vault\", \"tessera\" or \"external\""),
+        ));
+    };
+    for k in table.keys() {
+        let full = format!("upstream_authority.{k}");
+        if own.contains(&full.as_str()) {
+            continue;
         }
-        "disk" => {
+        let owner = TYPES.iter().find_map(|(t, keys)| keys.iter().find(|x| **x == full).map(|x| (*t, *x)));
+        return Err(match owner {
+            Some((t, key)) => {
+                invalid(key, format!("not a key of upstream_authority.type {kind:?}: it belongs to type {t:?}"))
+            }
+            None => ConfigError::Toml(format!("unknown key `{full}`")),
+        });
+    }
+    fn section<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T, ConfigError> {
+        toml::Value::Table(table).try_into().map_err(|e| ConfigError::Toml(format!("[upstream_authority]: {e}")))
+    }
+    match kind.as_str() {
+        "vault" => Ok(UpstreamConfig::Vault(VaultSettings::try_from(section::<
+            tessera_plugin_vault::RawVaultSettings,
+        >(table)?)?)),
+        "tessera" => {
+            Ok(UpstreamConfig::Tessera(tessera_plugin_nested::NestedConfig::from_raw(section(table)?, td, data_dir)?))
+        }
+        "external" => Ok(UpstreamConfig::External(tessera_plugin_external::ExternalSettings::from_raw(
+            section(table)?,
+            data_dir,
+        )?)),
+        _ => {
+            let u: RawDiskUpstream = section(table)?;
             let files = match (u.cacerts_dir, u.cert_file, u.key_file) {
                 (Some(dir), None, None) if u.chain_file.is_none() && u.bundle_file.is_none() => {
                     DiskFiles::istio_cacerts(&dir)
@@ -860,37 +609,14 @@ fn upstream(u: RawUpstream, data_dir: &std::path::Path) -> Result<UpstreamConfig
                     DiskFiles { cert_file, key_file, chain_file: u.chain_file, bundle_file: u.bundle_file }
                 }
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "upstream_authority.cert_file",
-                        reason: "type \"disk\" takes cert_file and key_file (with optional chain_file and bundle_file), or cacerts_dir alone".into(),
-                    });
+                    return Err(invalid(
+                        "upstream_authority.cert_file",
+                        "type \"disk\" takes cert_file and key_file (with optional chain_file and bundle_file), or cacerts_dir alone",
+                    ));
                 }
             };
             Ok(UpstreamConfig::Disk(files))
         }
-        "vault" if external_keys || disk_keys => Err(ConfigError::Invalid {
-            key: "upstream_authority.type",
-            reason:
-                "type \"vault\" takes address, pki_mount, issuer_ref, namespace, ca_cert_file and the auth keys only"
-                    .into(),
-        }),
-        "vault" => vault(u),
-        "tessera" if external_keys || disk_keys => Err(ConfigError::Invalid {
-            key: "upstream_authority.type",
-            reason: "type \"tessera\" takes server_address, trust_bundle_path and join_token only".into(),
-        }),
-        "tessera" => Ok(UpstreamConfig::Tessera(TesseraUpstreamSettings {
-            server_address: u.server_address.ok_or(ConfigError::Missing("upstream_authority.server_address"))?,
-            trust_bundle_path: u
-                .trust_bundle_path
-                .ok_or(ConfigError::Missing("upstream_authority.trust_bundle_path"))?,
-            join_token: u.join_token,
-            state_dir: data_dir.join("upstream"),
-        })),
-        other => Err(ConfigError::Invalid {
-            key: "upstream_authority.type",
-            reason: format!("{other:?}: expected \"disk\", \"vault\", \"tessera\" or \"external\""),
-        }),
     }
 }
 
@@ -983,8 +709,14 @@ impl Config {
     /// Like [`Config::from_toml`], with `server.instance_id` replaced by `instance_id` when
     /// given (`tessera-server run --instance-id`, e.g. a StatefulSet pod's name).
     pub fn from_toml_with(text: &str, instance_id: Option<&str>) -> Result<Self, ConfigError> {
-        let mut raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        Self::parse(text, instance_id, &|_| None)
+    }
+
+    /// Parses and validates TOML text. A value the file names by environment variable
+    /// (`store.connection_string_env`) is looked up in `env`: parsing never reads the
+    /// process environment itself (the binary passes it in).
+    pub fn parse(text: &str, instance_id: Option<&str>, env: &Env<'_>) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = tessera_svc::config::from_toml(text)?;
         if let Some(id) = instance_id.filter(|i| !i.is_empty()) {
             raw.server.instance_id = id.to_owned();
         }
@@ -1045,7 +777,7 @@ impl Config {
                 ),
             });
         }
-        let upstream_authority = raw.upstream_authority.map(|u| upstream(u, &data_dir)).transpose()?;
+        let upstream_authority = raw.upstream_authority.map(|u| upstream(u, &trust_domain, &data_dir)).transpose()?;
         let mut node_attestors = Vec::new();
         for a in raw.node_attestor.unwrap_or_else(|| vec![RawPlugin::named("join_token")]) {
             let kind = match a.kind.as_str() {
@@ -1056,7 +788,7 @@ impl Config {
                         reason: "only k8s_psat takes clusters".into(),
                     });
                 }
-                "k8s_psat" => NodeAttestorKind::K8sPsat(psat_clusters(a.clusters)?),
+                "k8s_psat" => NodeAttestorKind::K8sPsat(PsatCluster::from_raw(a.clusters)?),
                 other => {
                     return Err(ConfigError::Invalid {
                         key: "node_attestor.type",
@@ -1158,7 +890,7 @@ impl Config {
                 max_jwt_svid_ttl,
             },
             key_manager: key_manager(raw.key_manager)?,
-            store: store(raw.store)?,
+            store: store(raw.store, env)?,
             federation,
             upstream_authority,
             node_attestors,
@@ -1175,16 +907,17 @@ impl Config {
         })
     }
 
-    /// Reads and validates a config file.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        Self::load_with(path, None)
+    /// Reads and validates a config file, looking up named variables in `env`.
+    pub fn load(path: &std::path::Path, env: &Env<'_>) -> Result<Self, ConfigError> {
+        Self::load_with(path, None, env)
     }
 
-    /// Reads a config file, overriding `server.instance_id` when `instance_id` is given.
-    pub fn load_with(path: &std::path::Path, instance_id: Option<&str>) -> Result<Self, ConfigError> {
+    /// Reads a config file, overriding `server.instance_id` when `instance_id` is given, with
+    /// `env` for the values it names by environment variable.
+    pub fn load_with(path: &std::path::Path, instance_id: Option<&str>, env: &Env<'_>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Toml(format!("cannot read config {}: {e}", path.display())))?;
-        Self::from_toml_with(&text, instance_id).map_err(|e| match e {
+        Self::parse(&text, instance_id, env).map_err(|e| match e {
             ConfigError::Toml(m) => ConfigError::Toml(format!("{}: {m}", path.display())),
             other => other,
         })

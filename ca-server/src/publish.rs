@@ -94,12 +94,7 @@ pub struct PublisherConfig {
 
 impl RawPublisher {
     pub(crate) fn validate(self) -> Result<PublisherConfig, ConfigError> {
-        let dur = |key: &'static str, s: &str| {
-            humantime::parse_duration(s)
-                .ok()
-                .filter(|d| *d >= Duration::from_secs(1))
-                .ok_or_else(|| ConfigError::Invalid { key, reason: format!("{s:?}: a duration of at least 1s") })
-        };
+        let dur = |key: &'static str, s: &str| tessera_svc::config::duration(key, s, Duration::from_secs(1));
         if !self.istio_root_cert && self.configmaps.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "bundle_publisher",

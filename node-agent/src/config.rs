@@ -8,25 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tessera_identity::{SpiffeId, TrustDomain};
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// Not TOML, an unknown key, or a wrong type.
-    #[error("{0}")]
-    Toml(String),
-    /// A required key is missing.
-    #[error("missing required key `{0}`")]
-    Missing(&'static str),
-    /// A value is malformed or out of range.
-    #[error("invalid `{key}`: {reason}")]
-    Invalid {
-        /// The key.
-        key: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
+pub use tessera_svc::config::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,8 +179,7 @@ pub struct Config {
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string().trim_end().to_owned()))?;
+        let raw: RawConfig = tessera_svc::config::from_toml(text)?;
         let td_raw = raw.trust_domain.ok_or(ConfigError::Missing("trust_domain"))?;
         let trust_domain = TrustDomain::new(&td_raw)
             .map_err(|e| ConfigError::Invalid { key: "trust_domain", reason: format!("{td_raw:?}: {e}") })?;
@@ -244,13 +225,8 @@ impl Config {
                 reason: format!("{:?}: expected error, warn, info, debug or trace", raw.log_level),
             });
         }
-        let sync_interval = humantime::parse_duration(&raw.sync_interval).map_err(|e| ConfigError::Invalid {
-            key: "sync_interval",
-            reason: format!("{:?}: {e}", raw.sync_interval),
-        })?;
-        if sync_interval < Duration::from_millis(100) {
-            return Err(ConfigError::Invalid { key: "sync_interval", reason: "must be at least 100ms".into() });
-        }
+        let sync_interval =
+            tessera_svc::config::duration("sync_interval", &raw.sync_interval, Duration::from_millis(100))?;
         let cert_files = raw
             .cert_files
             .into_iter()
@@ -270,10 +246,9 @@ impl Config {
                 "unix" => WorkloadAttestorKind::Unix,
                 "k8s" => {
                     let poll_retry_interval = match &a.poll_retry_interval {
-                        Some(s) => humantime::parse_duration(s).map_err(|e| ConfigError::Invalid {
-                            key: "workload_attestor.poll_retry_interval",
-                            reason: format!("{s:?}: {e}"),
-                        })?,
+                        Some(s) => {
+                            tessera_svc::config::duration("workload_attestor.poll_retry_interval", s, Duration::ZERO)?
+                        }
                         None => Duration::from_millis(500),
                     };
                     let kubelet_url = a.kubelet_url.clone().unwrap_or_else(|| "https://127.0.0.1:10250".into());

@@ -15,8 +15,10 @@ pub mod conformance;
 pub mod fsutil;
 pub mod key_manager;
 pub mod node_attestor;
+pub mod secret;
 pub mod upstream;
 
 pub use key_manager::{CaKey, KeyManager, KeyManagerError, disk::DiskKeyManager, memory::MemoryKeyManager};
 pub use node_attestor::{AttestError, NodeAttestor, join_token::JoinTokenAttestor};
+pub use secret::{SecretError, SecretSource};
 pub use upstream::{MintedX509Ca, UpstreamAuthority, UpstreamError, disk::DiskUpstream};

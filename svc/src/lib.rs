@@ -3,13 +3,15 @@
 //! What it is: the binaries' CLI entry (runtime, crypto provider, one-line errors), the
 //! health/metrics HTTP listener behind a small [`health::Probe`] trait, draining a task set on
 //! shutdown, the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
-//! config), and a one-shot HTTP/1.1 client for control-plane calls ([`http`]).
+//! config), a one-shot HTTP/1.1 client for control-plane calls ([`http`]), and what every
+//! configuration file shares: one error type and one duration syntax ([`config`]).
 //!
 //! What it is not: nothing about identities, CAs or SVIDs; no policy. Each binary decides what
 //! "ready" means and which TLS peer it trusts.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod connect;
 pub mod health;
 pub mod http;

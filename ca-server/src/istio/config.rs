@@ -124,13 +124,7 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 impl RawIstio {
     pub(crate) fn validate(self) -> Result<IstioConfig, ConfigError> {
         let address = self.address.parse().map_err(|e| invalid("istio.address", format!("{:?}: {e}", self.address)))?;
-        let dur = |key: &'static str, s: &str| -> Result<Duration, ConfigError> {
-            let d = humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e}")))?;
-            if d.is_zero() {
-                return Err(invalid(key, "must be greater than zero"));
-            }
-            Ok(d)
-        };
+        let dur = |key: &'static str, s: &str| tessera_svc::config::duration(key, s, Duration::ZERO);
         let default_ttl = dur("istio.default_workload_cert_ttl", &self.default_workload_cert_ttl)?;
         let max_ttl = dur("istio.max_workload_cert_ttl", &self.max_workload_cert_ttl)?;
         if max_ttl < default_ttl {

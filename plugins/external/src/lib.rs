@@ -32,6 +32,7 @@ use tessera_plugins::upstream::{MintMessage, PluginHealth, RootCache, mint_and_f
 use tessera_plugins::{MintedX509Ca, UpstreamAuthority, UpstreamError};
 use tessera_proto::plugin::v1 as pb;
 use tessera_proto::plugin::v1::upstream_authority_client::UpstreamAuthorityClient;
+use tessera_svc::config::{ConfigError, duration, invalid};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -58,6 +59,61 @@ pub struct ExternalSettings {
     pub call_timeout: Duration,
     /// The socket the plugin serves on.
     pub socket: PathBuf,
+}
+
+/// The section's keys, as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExternalSettings {
+    command: Option<PathBuf>,
+    args: Option<Vec<String>>,
+    checksum: Option<String>,
+    call_timeout: Option<String>,
+    plugin_config: Option<toml::Table>,
+}
+
+/// Every key of the section (besides `type`), as `upstream_authority.<key>`.
+pub const KEYS: &[&str] = &[
+    "upstream_authority.command",
+    "upstream_authority.args",
+    "upstream_authority.checksum",
+    "upstream_authority.call_timeout",
+    "upstream_authority.plugin_config",
+];
+
+impl ExternalSettings {
+    /// Checks the section; the plugin's socket goes under `data_dir`.
+    pub fn from_raw(u: RawExternalSettings, data_dir: &std::path::Path) -> Result<Self, ConfigError> {
+        let command = u.command.ok_or(ConfigError::Missing("upstream_authority.command"))?;
+        let checksum = match u.checksum {
+            Some(c) => {
+                let c = c.trim().to_ascii_lowercase();
+                let c = c.strip_prefix("sha256:").unwrap_or(&c).to_owned();
+                if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        "upstream_authority.checksum",
+                        "must be the SHA-256 of the executable, 64 hex digits",
+                    ));
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        let plugin_config_json = serde_json::to_string(&u.plugin_config.unwrap_or_default())
+            .map_err(|e| invalid("upstream_authority.plugin_config", e.to_string()))?;
+        Ok(ExternalSettings {
+            command,
+            args: u.args.unwrap_or_default(),
+            checksum,
+            plugin_config_json,
+            call_timeout: duration(
+                "upstream_authority.call_timeout",
+                u.call_timeout.as_deref().unwrap_or("30s"),
+                Duration::ZERO,
+            )?,
+            socket: data_dir.join("plugins").join("upstream.sock"),
+        })
+    }
 }
 
 struct Running {

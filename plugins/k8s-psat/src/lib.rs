@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use tessera_identity::{Selector, SpiffeId, TrustDomain, agent_id};
 use tessera_plugins::{AttestError, NodeAttestor};
 use tessera_store::{AgentRecord, Entry, Store};
+use tessera_svc::config::{ConfigError, invalid};
 
 /// One cluster of the `k8s_psat` node attestor (`[[node_attestor]] clusters.<name>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +36,77 @@ pub struct PsatCluster {
     /// Every service account with a pod on the agent's node gets
     /// `spiffe://<td>/ns/<ns>/sa/<sa>` without a registration entry.
     pub auto_pod_identity: bool,
+}
+
+/// One cluster's keys (`[[node_attestor]] type = "k8s_psat"`, `[node_attestor.clusters.<name>]`), as written.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPsatCluster {
+    kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_audience")]
+    audience: Vec<String>,
+    service_account_allow_list: Vec<String>,
+    #[serde(default)]
+    allowed_node_label_keys: Vec<String>,
+    #[serde(default)]
+    allowed_pod_label_keys: Vec<String>,
+    #[serde(default)]
+    auto_pod_identity: bool,
+}
+
+fn default_audience() -> Vec<String> {
+    vec!["tessera-server".into()]
+}
+
+impl PsatCluster {
+    /// Checks the `clusters` table: at least one cluster, each named with letters, digits,
+    /// `-`, `.` or `_`, with an audience and the agent's service account.
+    pub fn from_raw(
+        raw: Option<std::collections::BTreeMap<String, RawPsatCluster>>,
+    ) -> Result<Vec<PsatCluster>, ConfigError> {
+        let raw = raw
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| invalid("node_attestor.clusters", "k8s_psat needs at least one cluster"))?;
+        let mut out = Vec::new();
+        for (name, c) in raw {
+            let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    "node_attestor.clusters",
+                    format!("cluster name {name:?}: use letters, digits, '-', '.', '_'"),
+                ));
+            }
+            if c.audience.is_empty() {
+                return Err(invalid("node_attestor.clusters.audience", "must not be empty"));
+            }
+            let mut allow = Vec::new();
+            for a in &c.service_account_allow_list {
+                let (ns, sa) = a.split_once(':').filter(|(n, s)| !n.is_empty() && !s.is_empty()).ok_or_else(|| {
+                    invalid(
+                        "node_attestor.clusters.service_account_allow_list",
+                        format!("{a:?}: expected \"namespace:serviceaccount\""),
+                    )
+                })?;
+                allow.push((ns.to_owned(), sa.to_owned()));
+            }
+            if allow.is_empty() {
+                return Err(invalid(
+                    "node_attestor.clusters.service_account_allow_list",
+                    format!("cluster {name:?}: name the agent's service account"),
+                ));
+            }
+            out.push(PsatCluster {
+                name,
+                kubeconfig: c.kubeconfig,
+                audience: c.audience,
+                service_account_allow_list: allow,
+                allowed_node_label_keys: c.allowed_node_label_keys,
+                allowed_pod_label_keys: c.allowed_pod_label_keys,
+                auto_pod_identity: c.auto_pod_identity,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// `k8s_psat`: a projected service-account token of the agent's DaemonSet pod, proven by a

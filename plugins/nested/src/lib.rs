@@ -45,6 +45,40 @@ pub struct NestedConfig {
     pub timeout: Duration,
 }
 
+/// The section's keys (`[upstream_authority] type = "tessera"`), as written.
+#[derive(Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNestedSettings {
+    server_address: Option<String>,
+    trust_bundle_path: Option<PathBuf>,
+    join_token: Option<tessera_identity::Secret>,
+}
+
+/// Every key of the section (besides `type`), as `upstream_authority.<key>`.
+pub const KEYS: &[&str] =
+    &["upstream_authority.server_address", "upstream_authority.trust_bundle_path", "upstream_authority.join_token"];
+
+impl NestedConfig {
+    /// Checks the section; the agent state goes to `<data_dir>/upstream`.
+    pub fn from_raw(
+        u: RawNestedSettings,
+        trust_domain: &TrustDomain,
+        data_dir: &Path,
+    ) -> Result<Self, tessera_svc::config::ConfigError> {
+        use tessera_svc::config::ConfigError;
+        Ok(NestedConfig {
+            trust_domain: trust_domain.clone(),
+            server_address: u.server_address.ok_or(ConfigError::Missing("upstream_authority.server_address"))?,
+            trust_bundle_path: u
+                .trust_bundle_path
+                .ok_or(ConfigError::Missing("upstream_authority.trust_bundle_path"))?,
+            join_token: u.join_token,
+            state_dir: data_dir.join("upstream"),
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
 impl std::fmt::Debug for NestedConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NestedConfig")

@@ -10,11 +10,18 @@
 //! are renewed (`auth/token/renew-self`) at two thirds of their lease and logged in again
 //! when renewal fails.
 //!
+//! Its configuration section is its own ([`settings`]): parsed and checked here, secrets read
+//! at start.
+//!
 //! What it is not: no Vault agent integration, no response wrapping.
 //! The HTTP client is `tessera_svc::http` over rustls with ring: one TLS stack in the
 //! process.
 
 #![forbid(unsafe_code)]
+
+pub mod settings;
+
+pub use settings::{RawVaultSettings, VaultAuthSettings, VaultSettings};
 
 use std::fmt;
 use std::path::PathBuf;
