@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tessera_identity::{PrivateKey, SpiffeId};
 
-use crate::client::ClientError;
+use crate::error::ClientError;
 
 /// An agent's own SVID and key.
 #[derive(Debug, Clone)]

@@ -13,8 +13,10 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+mod error;
 pub mod identity;
 pub mod wire;
 
-pub use client::{ClientError, attest, connect, connect_any, renew, server_tls};
+pub use client::{attest, connect, connect_any, renew, server_tls};
+pub use error::ClientError;
 pub use identity::{AgentIdentity, IdentityFiles};

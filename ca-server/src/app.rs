@@ -71,8 +71,8 @@ pub enum StartError {
     #[error("bundle endpoint: {0}")]
     BundleEndpoint(String),
     /// The Istio CA API cannot start (a cluster's kubeconfig or JWKS).
-    #[error("istio: {0}")]
-    Istio(String),
+    #[error(transparent)]
+    Istio(#[from] crate::istio::IstioStartError),
     /// Another server holds the admin socket.
     #[error("admin socket {0} is in use by another server")]
     SocketInUse(PathBuf),

@@ -426,14 +426,7 @@ pub struct BundleEndpointConfig {
     pub refresh_hint: Duration,
 }
 
-/// One `[[federation.trust_domains]]`.
-#[derive(Debug, Clone)]
-pub struct ConfiguredPeer {
-    /// The relationship, written to the store at start (config wins over the Admin API).
-    pub relationship: FederationRelationship,
-    /// The peer's bundle to start from (SPIFFE JWKS or PEM), used while none is stored.
-    pub bootstrap_bundle_path: Option<PathBuf>,
-}
+pub use crate::federation::ConfiguredPeer;
 
 /// `[federation]`.
 #[derive(Debug, Clone, Default)]

@@ -15,8 +15,8 @@ use tessera_k8s::publish::{apply_configmap, target_namespaces};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::ConfigError;
 use tessera_ca::Ca;
+use tessera_svc::config::ConfigError;
 
 /// Istio's root certificate ConfigMap and key.
 pub const ISTIO_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";

@@ -15,7 +15,6 @@ use tessera_store::{CaJournal, JwtKeyEntry, SlotStatus, X509CaEntry};
 
 use crate::error::{CaError, UpstreamAnswerError};
 use crate::policy::Lifetime;
-use crate::slot::Slots;
 
 /// An rcgen signing key backed by a key manager key.
 pub(crate) struct KeySigner {
@@ -187,6 +186,18 @@ impl JournalEntry for JwtKeyEntry {
         // then the entry was made here a moment ago.
         let public_key = STANDARD.decode(&self.public_key).unwrap_or_default();
         vec![BundleItem::JwtKey(JwtAuthority { key_id: self.kid.clone(), public_key, expires_at: self.not_after })]
+    }
+}
+
+/// The active and the prepared authority of one kind.
+pub(crate) struct Slots<A> {
+    pub(crate) active: Option<Arc<A>>,
+    pub(crate) prepared: Option<Arc<A>>,
+}
+
+impl<A> Default for Slots<A> {
+    fn default() -> Self {
+        Self { active: None, prepared: None }
     }
 }
 

@@ -11,18 +11,6 @@ use crate::authority::{AuthorityKind, BundleChange, JournalEntry, State};
 use crate::error::CaError;
 use crate::policy::{Step, is_prunable, next_step};
 
-/// The active and the prepared authority of one kind.
-pub(crate) struct Slots<A> {
-    pub(crate) active: Option<Arc<A>>,
-    pub(crate) prepared: Option<Arc<A>>,
-}
-
-impl<A> Default for Slots<A> {
-    fn default() -> Self {
-        Self { active: None, prepared: None }
-    }
-}
-
 /// The key manager slot a successor takes: the one the active authority does not use.
 pub(crate) fn next_key_slot<K: AuthorityKind>(s: &State) -> &'static str {
     let active = K::slots(s).active.as_ref().map(|a| K::entry(a).key_slot());

@@ -24,8 +24,16 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::changes::ChangeFeed;
-use crate::config::ConfiguredPeer;
 use tessera_store::{EndpointProfile, FederationRelationship, Store, StoreError};
+
+/// One `[[federation.trust_domains]]`.
+#[derive(Debug, Clone)]
+pub struct ConfiguredPeer {
+    /// The relationship, written to the store at start (config wins over the Admin API).
+    pub relationship: FederationRelationship,
+    /// The peer's bundle to start from (SPIFFE JWKS or PEM), used while none is stored.
+    pub bootstrap_bundle_path: Option<std::path::PathBuf>,
+}
 
 /// Refresh period when the peer's document carries no hint.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);

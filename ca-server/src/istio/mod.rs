@@ -42,7 +42,6 @@ use tracing::warn;
 
 use self::config::{IstioCluster, IstioConfig, TokenValidation};
 use crate::api::{ApiError, Shared};
-use crate::app::StartError;
 use tessera_ca::{Issuance, X509Request};
 use tessera_store::AuditKind;
 
@@ -80,6 +79,11 @@ struct Caller {
     label: String,
 }
 
+/// Why the Istio CA API cannot start (a cluster's kubeconfig or JWKS).
+#[derive(Debug, thiserror::Error)]
+#[error("istio: {0}")]
+pub struct IstioStartError(String);
+
 /// The Istio CA service.
 #[derive(Debug, Clone)]
 pub struct IstioCa {
@@ -101,8 +105,8 @@ const OWN_AUTHORITIES_REFRESH: Duration = Duration::from_secs(5);
 /// How far in the future a grant's time may be (clock skew between replicas).
 const GRANT_SKEW_SECS: i64 = 300;
 
-async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
-    let bad = |e: tessera_k8s::K8sError| StartError::Istio(format!("cluster {}: {e}", c.cluster_id));
+async fn build_cluster(c: &IstioCluster) -> Result<Cluster, IstioStartError> {
+    let bad = |e: tessera_k8s::K8sError| IstioStartError(format!("cluster {}: {e}", c.cluster_id));
     let api = match (&c.validation, &c.kubeconfig) {
         (TokenValidation::TokenReview, kc) => Some(tessera_k8s::connect(kc.as_deref()).await.map_err(bad)?),
         (TokenValidation::Jwks { .. }, Some(kc)) => Some(tessera_k8s::connect(Some(kc)).await.map_err(bad)?),
@@ -110,7 +114,7 @@ async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
     };
     let tokens: Arc<dyn TokenAuthenticator> = match &c.validation {
         TokenValidation::TokenReview => {
-            let client = api.clone().ok_or_else(|| StartError::Istio("unreachable".into()))?;
+            let client = api.clone().ok_or_else(|| IstioStartError("unreachable".into()))?;
             Arc::new(TokenReviewer::new(ClusterClient { name: c.cluster_id.clone(), client }, c.audiences.clone()))
         }
         TokenValidation::Jwks { path, url, ca_file, issuer } => {
@@ -119,12 +123,12 @@ async fn build_cluster(c: &IstioCluster) -> Result<Cluster, StartError> {
                 (None, Some(u)) => {
                     let roots =
                         std::fs::read(ca_file.as_deref().unwrap_or(tessera_identity::tls::SYSTEM_CA_FILE.as_ref()))
-                            .map_err(|e| StartError::Istio(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
+                            .map_err(|e| IstioStartError(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
                     let tls = tessera_identity::tls::web_client_config(&roots)
-                        .map_err(|e| StartError::Istio(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
+                        .map_err(|e| IstioStartError(format!("cluster {}: JWKS CA file: {e}", c.cluster_id)))?;
                     JwksSource::Url { url: u.clone(), tls: Some(Arc::new(tls)) }
                 }
-                (None, None) => return Err(StartError::Istio(format!("cluster {}: no JWKS source", c.cluster_id))),
+                (None, None) => return Err(IstioStartError(format!("cluster {}: no JWKS source", c.cluster_id))),
             };
             Arc::new(JwksValidator::new(source, issuer.clone(), c.audiences.clone()).await.map_err(bad)?)
         }
@@ -169,7 +173,7 @@ impl IstioCa {
     /// Connects to every configured cluster (or reads its JWKS).
     /// `rate_per_second` bounds requests per client IP address (0: unlimited), before any
     /// token is reviewed.
-    pub async fn new(shared: Shared, cfg: IstioConfig, rate_per_second: f64) -> Result<Self, StartError> {
+    pub async fn new(shared: Shared, cfg: IstioConfig, rate_per_second: f64) -> Result<Self, IstioStartError> {
         let mut clusters = Vec::with_capacity(cfg.clusters.len());
         for c in &cfg.clusters {
             clusters.push(build_cluster(c).await?);
