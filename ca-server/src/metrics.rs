@@ -27,7 +27,7 @@ pub struct Metrics {
     /// Attestations refused by the per-IP rate limit.
     pub rate_limited_attestations: std::sync::atomic::AtomicU64,
     /// Connection counters of each TCP listener, by name.
-    listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Arc<tessera_svc::listener::ConnStats>)>>,
+    listeners: parking_lot::Mutex<Vec<(&'static str, std::sync::Arc<tessera_svc::listener::ConnStats>)>>,
 }
 
 /// Gauges read at scrape time.
@@ -47,7 +47,7 @@ impl Metrics {
     /// The connection counters of listener `name` (`agent_api`, `istio_ca`, `bundle_endpoint`,
     /// `health`), created on first use.
     pub fn listener(&self, name: &'static str) -> std::sync::Arc<tessera_svc::listener::ConnStats> {
-        let Ok(mut l) = self.listeners.lock() else { return std::sync::Arc::default() };
+        let mut l = self.listeners.lock();
         if let Some((_, s)) = l.iter().find(|(n, _)| *n == name) {
             return s.clone();
         }
@@ -99,7 +99,8 @@ impl Metrics {
             self.rate_limited_svids.load(Ordering::Relaxed),
             self.rate_limited_attestations.load(Ordering::Relaxed)
         );
-        if let Ok(listeners) = self.listeners.lock() {
+        {
+            let listeners = self.listeners.lock();
             tessera_svc::listener::render_headers(&mut out, "tessera_server");
             for (name, s) in listeners.iter() {
                 s.render(&mut out, "tessera_server", name);

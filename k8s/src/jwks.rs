@@ -6,7 +6,9 @@
 //! its pod is deleted. Use short-lived projected tokens (the default is one hour).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -115,30 +117,33 @@ impl JwksValidator {
         match &self.source {
             JwksSource::File(path) => {
                 // A file is looked at (one stat) at most once a second, not per token.
-                let due = self.cache.lock().map_or(true, |mut c| {
+                let due = {
+                    let mut c = self.cache.lock();
                     let due = force || c.fetched.is_none_or(|t| t.elapsed() >= FILE_RECHECK);
                     if due {
                         c.fetched = Some(Instant::now());
                     }
                     due
-                });
+                };
                 if !due {
                     return Ok(());
                 }
                 let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                if !force && self.cache.lock().map(|c| c.file_mtime == mtime).unwrap_or(false) {
+                if !force && self.cache.lock().file_mtime == mtime {
                     return Ok(());
                 }
                 let doc = std::fs::read(path).map_err(|e| K8sError::Jwks(format!("{}: {e}", path.display())))?;
                 let keys = tessera_identity::bundle::jwks_signing_keys(&doc)
                     .map_err(|e| K8sError::Jwks(format!("{}: {e}", path.display())))?;
-                if let Ok(mut c) = self.cache.lock() {
+                {
+                    let mut c = self.cache.lock();
                     *c = Cache { keys, file_mtime: mtime, fetched: Some(Instant::now()) };
                 }
                 Ok(())
             }
             JwksSource::Url { url, tls } => {
-                if let Ok(mut c) = self.cache.lock() {
+                {
+                    let mut c = self.cache.lock();
                     c.fetched = Some(Instant::now());
                 }
                 let parsed = tessera_svc::http::Url::parse(url).map_err(K8sError::Jwks)?;
@@ -151,7 +156,8 @@ impl JwksValidator {
                 }
                 let keys = tessera_identity::bundle::jwks_signing_keys(&body)
                     .map_err(|e| K8sError::Jwks(format!("{url}: {e}")))?;
-                if let Ok(mut c) = self.cache.lock() {
+                {
+                    let mut c = self.cache.lock();
                     *c = Cache { keys, file_mtime: None, fetched: Some(Instant::now()) };
                 }
                 Ok(())
@@ -160,7 +166,7 @@ impl JwksValidator {
     }
 
     fn key_for(&self, kid: Option<&str>) -> Option<Vec<u8>> {
-        let c = self.cache.lock().ok()?;
+        let c = self.cache.lock();
         match kid {
             Some(k) => c.keys.iter().find(|(id, _)| id == k).map(|(_, spki)| spki.clone()),
             // A token without kid is accepted only when the issuer has a single key.
@@ -172,7 +178,7 @@ impl JwksValidator {
     }
 
     fn age(&self) -> Option<Duration> {
-        self.cache.lock().ok()?.fetched.map(|t| t.elapsed())
+        self.cache.lock().fetched.map(|t| t.elapsed())
     }
 
     fn header_kid(token: &str) -> Option<String> {

@@ -20,7 +20,7 @@ pub struct LeaderElector {
     identity: String,
     duration_secs: i32,
     /// Another holder's `(holder, renewTime)` as last seen, and when it was first seen.
-    observed: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+    observed: parking_lot::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -35,7 +35,7 @@ impl LeaderElector {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration_secs: duration_secs.max(1),
-            observed: std::sync::Mutex::new(None),
+            observed: parking_lot::Mutex::new(None),
         }
     }
 
@@ -69,15 +69,15 @@ impl LeaderElector {
         let duration = std::time::Duration::from_secs(
             u64::try_from(spec.lease_duration_seconds.unwrap_or(self.duration_secs)).unwrap_or(1),
         );
-        let expired = match self.observed.lock() {
-            Ok(mut o) => match o.as_ref() {
+        let expired = {
+            let mut o = self.observed.lock();
+            match o.as_ref() {
                 Some((last, at)) if *last == seen => at.elapsed() > duration,
                 _ => {
                     *o = Some((seen, std::time::Instant::now()));
                     false
                 }
-            },
-            Err(_) => false,
+            }
         };
         if !ours && !holder.is_empty() && !expired {
             return Ok(false);

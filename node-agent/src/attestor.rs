@@ -25,7 +25,9 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use tessera_identity::Selector;
@@ -231,7 +233,7 @@ struct Hashing<'a> {
 impl Hashing<'_> {
     /// Takes one uncached hash from the uid's budget.
     fn spend(&self) -> bool {
-        let Ok(mut b) = self.budgets.lock() else { return false };
+        let mut b = self.budgets.lock();
         let now = std::time::Instant::now();
         if b.len() > 10_000 {
             b.retain(|_, (t, at)| *t + now.duration_since(*at).as_secs_f64() * HASHES_PER_SECOND < HASHES_BURST);
@@ -270,7 +272,7 @@ fn exe_selectors(root: &Path, pid: i32, hashing: Option<Hashing<'_>>) -> Vec<Sel
         && meta.len() <= MAX_HASHED_BYTES
     {
         let key = FileKey::of(&meta);
-        let cached = hs.cache.lock().ok().and_then(|mut c| c.get(&key));
+        let cached = hs.cache.lock().get(&key);
         let h = match cached {
             Some(h) => Some(h),
             None if !hs.spend() => {
@@ -293,8 +295,8 @@ fn exe_selectors(root: &Path, pid: i32, hashing: Option<Hashing<'_>>) -> Vec<Sel
                 }
                 let _one_at_a_time = hs.lock.0.lock();
                 let h = sha256_of(file, MAX_HASHED_BYTES);
-                if let (Some(h), Ok(mut c)) = (&h, hs.cache.lock()) {
-                    c.put(key, h.clone());
+                if let Some(h) = &h {
+                    hs.cache.lock().put(key, h.clone());
                 }
                 h
             }

@@ -46,7 +46,7 @@ pub struct SledStore {
     flushed: Mutex<u64>,
     audit_lock: Mutex<()>,
     /// Since when flushes fail (sled keeps failing after an I/O error until it is reopened).
-    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+    failing_since: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -111,7 +111,7 @@ impl SledStore {
             bundle_lock: Mutex::new(()),
             writes: std::sync::atomic::AtomicU64::new(0),
             flushed: Mutex::new(0),
-            failing_since: std::sync::Mutex::new(None),
+            failing_since: parking_lot::Mutex::new(None),
             audit_lock: Mutex::new(()),
         })
     }
@@ -127,7 +127,8 @@ impl SledStore {
         }
         let target = self.writes.load(std::sync::atomic::Ordering::SeqCst);
         let result = self.db.flush_async().await;
-        if let Ok(mut since) = self.failing_since.lock() {
+        {
+            let mut since = self.failing_since.lock();
             match &result {
                 Ok(_) => *since = None,
                 Err(_) => {
@@ -367,7 +368,7 @@ impl Store for SledStore {
     }
 
     fn failing_for(&self) -> Option<std::time::Duration> {
-        self.failing_since.lock().ok()?.map(|t| t.elapsed())
+        self.failing_since.lock().map(|t| t.elapsed())
     }
 
     async fn check_writable(&self) -> Result<()> {

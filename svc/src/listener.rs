@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -159,7 +161,7 @@ impl ConnGate {
     /// (an authenticated agent moves from its address's share to its own). False (counted,
     /// and the slot keeps its share) when `share` is full.
     pub fn move_to(&self, slot: &mut ConnSlot, share: Share, limit: usize) -> bool {
-        let Ok(mut m) = self.shares.lock() else { return false };
+        let mut m = self.shares.lock();
         let n = m.entry(share.clone()).or_insert(0);
         if *n >= limit {
             self.stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
@@ -186,13 +188,13 @@ pub struct ConnSlot {
 
 impl ConnSlot {
     fn release_share(&mut self) {
-        if let Some((share, m)) = self.share.take()
-            && let Ok(mut m) = m.lock()
-            && let Some(n) = m.get_mut(&share)
-        {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&share);
+        if let Some((share, m)) = self.share.take() {
+            let mut m = m.lock();
+            if let Some(n) = m.get_mut(&share) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&share);
+                }
             }
         }
     }

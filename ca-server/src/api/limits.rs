@@ -3,9 +3,9 @@
 //! configured rate up to its burst; a call that does not fit is refused whole with
 //! `ResourceExhausted`, before any work, and counted.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Buckets above this many keys are trimmed of full (idle) ones.
@@ -31,7 +31,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
         if self.per_second <= 0.0 {
             return true;
         }
-        let Ok(mut b) = self.buckets.lock() else { return true };
+        let mut b = self.buckets.lock();
         let now = Instant::now();
         if b.len() > TRIM_AT {
             let (rate, burst) = (self.per_second, self.burst);

@@ -7,7 +7,9 @@
 //! is decided per RPC in `api::agent`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -51,7 +53,7 @@ pub struct ServerIdentity {
 
 impl ResolvesServerCert for ServerIdentity {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().ok()?.as_ref().map(|(k, _, _)| k.clone())
+        self.current.read().as_ref().map(|(k, _, _)| k.clone())
     }
 }
 
@@ -65,8 +67,7 @@ impl ServerIdentity {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
         let now = unix_now();
         let tainted = ca.tainted_authority_ids();
-        if let Ok(cur) = self.current.read()
-            && let Some((ck, issued, not_after)) = cur.as_ref()
+        if let Some((ck, issued, not_after)) = self.current.read().as_ref()
             && now < issued + (not_after - issued) / 2
             && *not_after <= ca_not_after
             && !issued_by_any(ck, &tainted)
@@ -78,7 +79,8 @@ impl ServerIdentity {
         let signing_key =
             rustls::crypto::ring::sign::any_supported_type(&key.to_rustls()).map_err(ServerTlsError::Key)?;
         let ck = Arc::new(CertifiedKey::new(chain, signing_key));
-        if let Ok(mut cur) = self.current.write() {
+        {
+            let mut cur = self.current.write();
             *cur = Some((ck, now, svid.not_after));
         }
         info!(serial = %svid.serial, not_after = svid.not_after, "Server SVID issued");
@@ -138,9 +140,8 @@ impl AgentTls {
     fn rebuild(&self, bundle: &Bundle) {
         match server_config(bundle, self.identity.clone()) {
             Ok(cfg) => {
-                if let Ok(mut c) = self.config.write() {
-                    *c = Some(cfg);
-                }
+                let mut c = self.config.write();
+                *c = Some(cfg);
             }
             Err(e) => warn!(error = %e, "Cannot build Agent API TLS configuration; keeping the previous one"),
         }
@@ -153,7 +154,7 @@ impl AgentTls {
     }
 
     fn acceptor(&self) -> Option<TlsAcceptor> {
-        self.config.read().ok()?.clone().map(TlsAcceptor::from)
+        self.config.read().clone().map(TlsAcceptor::from)
     }
 
     /// Keeps the server SVID fresh and the client roots equal to the bundle.

@@ -5,7 +5,9 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::Full;
@@ -69,7 +71,7 @@ impl FileCert {
     }
 
     fn current(&self) -> Option<Arc<CertifiedKey>> {
-        let (ck, old, checked) = self.state.read().ok()?.clone();
+        let (ck, old, checked) = self.state.read().clone();
         if checked.elapsed() < RELOAD_CHECK {
             return Some(ck);
         }
@@ -88,7 +90,8 @@ impl FileCert {
         } else {
             ck
         };
-        if let Ok(mut s) = self.state.write() {
+        {
+            let mut s = self.state.write();
             *s = (ck.clone(), now, Instant::now());
         }
         Some(ck)

@@ -15,7 +15,9 @@ mod fetch;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tessera_identity::bundle::MAX_BUNDLE_JSON_LEN;
@@ -213,7 +215,8 @@ impl Federation {
 
     /// Tells the schedule that relationships changed.
     pub fn relationships_changed(&self, td: &TrustDomain) {
-        if let Ok(mut s) = self.status.lock() {
+        {
+            let mut s = self.status.lock();
             s.remove(td);
         }
         self.wake.notify_one();
@@ -221,7 +224,7 @@ impl Federation {
 
     /// The status of the peer `td`.
     pub fn status(&self, td: &TrustDomain) -> PeerStatus {
-        self.status.lock().ok().and_then(|s| s.get(td).cloned()).unwrap_or_default()
+        self.status.lock().get(td).cloned().unwrap_or_default()
     }
 
     /// Fetches `td`'s bundle now.
@@ -263,7 +266,8 @@ impl Federation {
             Err(_) => stored.as_ref().and_then(|s| s.refresh_hint),
         };
         let period = refresh_period(hint);
-        if let Ok(mut all) = self.status.lock() {
+        {
+            let mut all = self.status.lock();
             let st = all.entry(td.clone()).or_default();
             st.last_attempt = now;
             let wait = match &outcome {
@@ -325,7 +329,8 @@ impl Federation {
             let mut next = Instant::now() + DEFAULT_REFRESH;
             match self.store.list_federations().await {
                 Ok(rels) => {
-                    if let Ok(mut s) = self.status.lock() {
+                    {
+                        let mut s = self.status.lock();
                         s.retain(|td, _| rels.iter().any(|r| &r.trust_domain == td));
                     }
                     for rel in rels {

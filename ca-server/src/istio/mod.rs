@@ -94,7 +94,7 @@ pub struct IstioCa {
     limit: Arc<crate::api::limits::RateLimiter<std::net::IpAddr>>,
     /// This trust domain's own CAs (every replica's journal) by authority ID, and when they
     /// were last read: only a certificate one of them signed may carry a renewal grant.
-    own: Arc<std::sync::Mutex<OwnAuthorities>>,
+    own: Arc<parking_lot::Mutex<OwnAuthorities>>,
 }
 
 /// Own CA certificates (DER) by authority ID, and when they were read.
@@ -249,7 +249,10 @@ impl IstioCa {
         let signed = |own: &std::collections::HashMap<String, Vec<u8>>| {
             own.get(aki).is_some_and(|ca| tessera_identity::x509::signed_by(leaf, ca))
         };
-        let cached = self.own.lock().map(|o| (signed(&o.1), o.0)).unwrap_or((false, None));
+        let cached = {
+            let o = self.own.lock();
+            (signed(&o.1), o.0)
+        };
         match cached {
             (true, _) => return Ok(()),
             (false, Some(at)) if at.elapsed() < OWN_AUTHORITIES_REFRESH => return Err(refused()),
@@ -267,7 +270,8 @@ impl IstioCa {
             }
         }
         let ok = signed(&own);
-        if let Ok(mut o) = self.own.lock() {
+        {
+            let mut o = self.own.lock();
             *o = (Some(std::time::Instant::now()), own);
         }
         if ok { Ok(()) } else { Err(refused()) }

@@ -22,9 +22,9 @@
 
 #![forbid(unsafe_code)]
 
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -200,7 +200,8 @@ impl ExternalUpstream {
     }
 
     fn set_health(&self, f: impl FnOnce(&mut PluginHealth)) {
-        if let Ok(mut h) = self.health.lock() {
+        {
+            let mut h = self.health.lock();
             f(&mut h);
         }
     }
@@ -472,6 +473,6 @@ impl UpstreamAuthority for ExternalUpstream {
     }
 
     fn health(&self) -> Option<PluginHealth> {
-        self.health.lock().ok().map(|h| h.clone())
+        Some(self.health.lock().clone())
     }
 }

@@ -117,7 +117,7 @@ impl PsatCluster {
 pub struct PsatAttestor {
     clusters: Vec<Cluster>,
     /// `(cluster, node)` → when listed, and the `(namespace, service account)` pairs of its pods.
-    node_pods: std::sync::Mutex<std::collections::HashMap<NodeKey, (std::time::Instant, Vec<ServiceAccountRef>)>>,
+    node_pods: parking_lot::Mutex<std::collections::HashMap<NodeKey, (std::time::Instant, Vec<ServiceAccountRef>)>>,
 }
 
 /// `(cluster, node)`.
@@ -160,7 +160,7 @@ impl PsatAttestor {
             );
             out.push(Cluster { cfg: c.clone(), client, reviewer });
         }
-        Ok(Self { clusters: out, node_pods: std::sync::Mutex::default() })
+        Ok(Self { clusters: out, node_pods: parking_lot::Mutex::default() })
     }
 
     /// The service accounts with a live pod on `node`, cached for [`NODE_PODS_TTL`]; none
@@ -173,8 +173,7 @@ impl PsatAttestor {
         node_uid: &str,
     ) -> Result<Vec<(String, String)>, AttestError> {
         let key = (cluster.cfg.name.clone(), format!("{node}/{node_uid}"));
-        if let Ok(cache) = self.node_pods.lock()
-            && let Some((at, sas)) = cache.get(&key)
+        if let Some((at, sas)) = self.node_pods.lock().get(&key)
             && at.elapsed() < NODE_PODS_TTL
         {
             return Ok(sas.clone());
@@ -185,7 +184,7 @@ impl PsatAttestor {
             Err(e) => {
                 // The API server is unreachable: keep the last answer rather than taking the
                 // node's identities away, and say so.
-                let stale = self.node_pods.lock().ok().and_then(|c| c.get(&key).map(|(_, sas)| sas.clone()));
+                let stale = self.node_pods.lock().get(&key).map(|(_, sas)| sas.clone());
                 return match stale {
                     Some(sas) => {
                         tracing::warn!(error = %e, node, "Cannot list the node's pods; using the last list");
@@ -195,7 +194,8 @@ impl PsatAttestor {
                 };
             }
         };
-        if let Ok(mut cache) = self.node_pods.lock() {
+        {
+            let mut cache = self.node_pods.lock();
             cache.retain(|_, (at, _)| at.elapsed() < NODE_PODS_TTL * 60);
             cache.insert(key, (std::time::Instant::now(), sas.clone()));
         }

@@ -16,7 +16,9 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -75,10 +77,7 @@ struct Token {
 /// from one user would pull the module from under every other.
 fn module(path: &Path) -> Result<Pkcs11, OpenError> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let mut all = MODULES
-        .get_or_init(|| Mutex::new(HashMap::new()))
-        .lock()
-        .map_err(|_| OpenError("module table poisoned".into()))?;
+    let mut all = MODULES.get_or_init(|| Mutex::new(HashMap::new())).lock();
     if let Some(m) = all.get(path) {
         return Ok(m.clone());
     }
@@ -148,8 +147,8 @@ impl Pkcs11KeyManager {
         format!("{}{id}", self.prefix).into_bytes()
     }
 
-    fn session(&self) -> Result<std::sync::MutexGuard<'_, Session>, KeyManagerError> {
-        self.token.session.lock().map_err(|_| KeyManagerError::Sign("pkcs11 session poisoned".into()))
+    fn session(&self) -> parking_lot::MutexGuard<'_, Session> {
+        self.token.session.lock()
     }
 
     fn find(&self, s: &Session, id: &str, class: ObjectClass) -> Result<Vec<ObjectHandle>, KeyManagerError> {
@@ -219,7 +218,7 @@ impl Pkcs11KeyManager {
 impl KeyManager for Pkcs11KeyManager {
     async fn generate_key(&self, id: &str, key_type: KeyType) -> Result<Arc<dyn CaKey>, KeyManagerError> {
         check_key_id(id)?;
-        let s = self.session()?;
+        let s = self.session();
         // Replace: the slot's old pair goes first.
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             for h in self.find(&s, id, class)? {
@@ -261,7 +260,7 @@ impl KeyManager for Pkcs11KeyManager {
 
     async fn get_key(&self, id: &str) -> Result<Option<Arc<dyn CaKey>>, KeyManagerError> {
         check_key_id(id)?;
-        let s = self.session()?;
+        let s = self.session();
         Ok(self.load(&s, id)?.map(|k| Arc::new(k) as Arc<dyn CaKey>))
     }
 
@@ -312,7 +311,7 @@ impl CaKey for Pkcs11Key {
             tracing::warn!(slot = %self.id, error = %e, "HSM signature failed");
             KeyManagerError::Sign(self.id.clone())
         };
-        let s = self.token.session.lock().map_err(|_| KeyManagerError::Sign(self.id.clone()))?;
+        let s = self.token.session.lock();
         match self.key_type {
             KeyType::EcP256 | KeyType::EcP384 => {
                 let alg = if self.key_type == KeyType::EcP256 { &ring::digest::SHA256 } else { &ring::digest::SHA384 };

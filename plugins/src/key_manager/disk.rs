@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -72,13 +74,13 @@ impl KeyManager for DiskKeyManager {
         .await
         .map_err(|e| KeyManagerError::Generate(key_type, e.to_string()))??;
         let key = Arc::new(key);
-        self.cache.lock().map_err(|_| KeyManagerError::Sign(id.to_owned()))?.insert(id.to_owned(), key.clone());
+        self.cache.lock().insert(id.to_owned(), key.clone());
         Ok(key)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<Arc<dyn CaKey>>, KeyManagerError> {
         check_key_id(id)?;
-        if let Some(k) = self.cache.lock().map_err(|_| KeyManagerError::Sign(id.to_owned()))?.get(id) {
+        if let Some(k) = self.cache.lock().get(id) {
             return Ok(Some(k.clone()));
         }
         let (path, owned) = (self.path(id), id.to_owned());
@@ -87,7 +89,7 @@ impl KeyManager for DiskKeyManager {
             .map_err(|e| KeyManagerError::Corrupt { id: id.to_owned(), reason: e.to_string() })??;
         let Some(key) = loaded else { return Ok(None) };
         let key = Arc::new(key);
-        self.cache.lock().map_err(|_| KeyManagerError::Sign(id.to_owned()))?.insert(id.to_owned(), key.clone());
+        self.cache.lock().insert(id.to_owned(), key.clone());
         Ok(Some(key))
     }
 

@@ -2,7 +2,9 @@
 //! throwaway deployments; a restart means a new CA.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 use tessera_identity::KeyType;
@@ -31,13 +33,13 @@ impl KeyManager for MemoryKeyManager {
             .await
             .map_err(|e| KeyManagerError::Generate(key_type, e.to_string()))??;
         let key = Arc::new(key);
-        self.keys.lock().map_err(|_| KeyManagerError::Sign(id.to_owned()))?.insert(id.to_owned(), key.clone());
+        self.keys.lock().insert(id.to_owned(), key.clone());
         Ok(key)
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<Arc<dyn CaKey>>, KeyManagerError> {
         check_key_id(id)?;
-        let keys = self.keys.lock().map_err(|_| KeyManagerError::Sign(id.to_owned()))?;
+        let keys = self.keys.lock();
         Ok(keys.get(id).map(|k| k.clone() as Arc<dyn CaKey>))
     }
 

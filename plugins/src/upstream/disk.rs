@@ -4,8 +4,8 @@
 //! size changes, checked on every call, so a replaced root or CA is picked up without a
 //! restart; a broken replacement is refused and the previous files stay in use.
 
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -155,8 +155,8 @@ impl DiskUpstream {
     }
 
     /// Re-reads the files when they changed; keeps the loaded ones when the new ones fail.
-    fn refresh(&self) -> Result<std::sync::MutexGuard<'_, Loaded>, UpstreamError> {
-        let mut l = self.loaded.lock().map_err(|_| config_err("state poisoned"))?;
+    fn refresh(&self) -> Result<parking_lot::MutexGuard<'_, Loaded>, UpstreamError> {
+        let mut l = self.loaded.lock();
         if l.stamp != stamp(&self.files) {
             match load(&self.files) {
                 Ok(new) => {

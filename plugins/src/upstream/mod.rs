@@ -8,7 +8,9 @@
 
 pub mod disk;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -106,18 +108,17 @@ impl RootSink {
         if roots.is_empty() {
             return false;
         }
-        match self.0.lock() {
-            Ok(mut cur) if *cur != roots => {
-                *cur = roots;
-                true
-            }
-            _ => false,
+        let mut cur = self.0.lock();
+        if *cur == roots {
+            return false;
         }
+        *cur = roots;
+        true
     }
 
     /// The current roots.
     pub fn get(&self) -> Vec<Vec<u8>> {
-        self.0.lock().map(|r| r.clone()).unwrap_or_default()
+        self.0.lock().clone()
     }
 }
 
@@ -140,16 +141,14 @@ impl RootCache {
     /// Runs `task` as the follower, stopping the previous one.
     pub fn follow(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(task).abort_handle();
-        if let Ok(mut f) = self.follower.lock()
-            && let Some(old) = f.replace(handle)
-        {
+        if let Some(old) = self.follower.lock().replace(handle) {
             old.abort();
         }
     }
 
     /// True while a follower task runs.
     pub fn following(&self) -> bool {
-        self.follower.lock().ok().and_then(|f| f.as_ref().map(|h| !h.is_finished())).unwrap_or(false)
+        self.follower.lock().as_ref().is_some_and(|h| !h.is_finished())
     }
 }
 
