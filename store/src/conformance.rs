@@ -9,21 +9,13 @@ use super::*;
 
 /// A test entry.
 pub fn entry(id: &str, spiffe_id: &str, parent: &str) -> Entry {
-    Entry {
-        id: id.into(),
-        spiffe_id: SpiffeId::new(spiffe_id).unwrap(),
-        parent_id: SpiffeId::new(parent).unwrap(),
-        selectors: vec![Selector::new("unix", "uid:1000").unwrap()],
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
-        federates_with: vec![],
-        dns_names: vec![],
-        admin: false,
-        downstream: false,
-        hint: String::new(),
-        created_at: 1,
-        revision: 0,
-    }
+    Entry::new(
+        id.into(),
+        SpiffeId::new(spiffe_id).unwrap(),
+        SpiffeId::new(parent).unwrap(),
+        vec![Selector::new("unix", "uid:1000").unwrap()],
+        1,
+    )
 }
 
 /// A test audit event.

@@ -40,6 +40,34 @@ pub struct Entry {
     pub revision: u64,
 }
 
+impl Entry {
+    /// An entry with only what identifies it: server-default TTLs, no federation, no DNS
+    /// names, neither admin nor downstream, no hint; `revision` is set by the store.
+    pub fn new(
+        id: String,
+        spiffe_id: SpiffeId,
+        parent_id: SpiffeId,
+        selectors: Vec<Selector>,
+        created_at: i64,
+    ) -> Self {
+        Self {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            federates_with: Vec::new(),
+            dns_names: Vec::new(),
+            admin: false,
+            downstream: false,
+            hint: String::new(),
+            created_at,
+            revision: 0,
+        }
+    }
+}
+
 /// Result of [`super::Store::entry_changes`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EntryChanges {

@@ -162,21 +162,7 @@ impl Admin for AdminService {
         let alias_entry = match alias {
             None => None,
             Some(spiffe_id) => {
-                let e = tessera_store::Entry {
-                    id: random_id()?,
-                    spiffe_id,
-                    parent_id: agent.clone(),
-                    selectors: vec![],
-                    x509_svid_ttl: 0,
-                    jwt_svid_ttl: 0,
-                    federates_with: vec![],
-                    dns_names: vec![],
-                    admin: false,
-                    downstream: false,
-                    hint: String::new(),
-                    created_at: unix_now(),
-                    revision: 0,
-                };
+                let e = tessera_store::Entry::new(random_id()?, spiffe_id, agent.clone(), vec![], unix_now());
                 let stored = self.issuance.store.create_entry(e).await.map_err(ApiError::from)?;
                 self.changes.entries_written();
                 Some(entry_to_pb(&stored))

@@ -350,21 +350,12 @@ impl NodeAttestor for PsatAttestor {
         let mut out = Vec::new();
         for (ns, sa) in self.service_accounts_on(cluster, node, node_uid).await? {
             let Ok(id) = tessera_k8s::token::istio_identity(td, &ns, &sa) else { continue };
-            out.push(Entry {
-                id: format!("k8s-auto.{cluster_name}.{ns}.{sa}"),
-                spiffe_id: id,
-                parent_id: agent.spiffe_id.clone(),
-                selectors: vec![Selector::new("k8s", &format!("ns:{ns}"))?, Selector::new("k8s", &format!("sa:{sa}"))?],
-                x509_svid_ttl: 0,
-                jwt_svid_ttl: 0,
-                federates_with: Vec::new(),
-                dns_names: Vec::new(),
-                admin: false,
-                downstream: false,
-                hint: String::new(),
-                created_at: 0,
-                revision: 1,
-            });
+            let selectors =
+                vec![Selector::new("k8s", &format!("ns:{ns}"))?, Selector::new("k8s", &format!("sa:{sa}"))?];
+            // Never stored: revision 1 stands for "as it was derived".
+            let entry =
+                Entry::new(format!("k8s-auto.{cluster_name}.{ns}.{sa}"), id, agent.spiffe_id.clone(), selectors, 0);
+            out.push(Entry { revision: 1, ..entry });
         }
         Ok(out)
     }
