@@ -28,7 +28,7 @@ use crate::federation::endpoint::{self, FileCert};
 use crate::health::Health;
 use crate::istio::IstioCa;
 use crate::metrics::Metrics;
-use tessera_ca::{Ca, CaDeps, Issuance, SystemClock};
+use tessera_ca::{Ca, CaDeps, Clock, Issuance, SystemClock};
 use tessera_store::Store;
 use tessera_store::postgres::PostgresStore;
 use tessera_store::sled::SledStore;
@@ -152,6 +152,12 @@ fn grpc_server() -> tonic::transport::Server<
 impl Server {
     /// Opens the store, starts the CA and binds every listener.
     pub async fn start(cfg: Config) -> Result<Self, StartError> {
+        Self::start_with_clock(cfg, Arc::new(SystemClock)).await
+    }
+
+    /// The same with the CA reading `clock` (its rotation schedule, certificate times), so a
+    /// test drives rotation and expiry without waiting for them.
+    pub async fn start_with_clock(cfg: Config, clock: Arc<dyn Clock>) -> Result<Self, StartError> {
         let cfg = Arc::new(cfg);
         tessera_plugins::fsutil::ensure_private_dir(&cfg.data_dir)
             .map_err(io(format!("cannot create data_dir {}", cfg.data_dir.display())))?;
@@ -177,7 +183,7 @@ impl Server {
             key_manager: catalog.key_manager.clone(),
             upstream: catalog.upstream.clone(),
             store: store.clone(),
-            clock: Arc::new(SystemClock),
+            clock,
         })
         .await?;
         let metrics = Arc::new(Metrics::default());

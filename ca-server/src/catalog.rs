@@ -96,12 +96,6 @@ impl Catalog {
 
 /// Reads the PIN from its source and opens the token.
 fn open_pkcs11(p: &Pkcs11Settings) -> Result<tessera_plugin_pkcs11::Pkcs11KeyManager, CatalogError> {
-    let pin = p.pin.read("HSM PIN")?;
-    tessera_plugin_pkcs11::Pkcs11KeyManager::open(&tessera_plugin_pkcs11::Pkcs11Config {
-        module_path: p.module_path.clone(),
-        token_label: p.token_label.clone(),
-        pin,
-        key_label_prefix: p.key_label_prefix.clone(),
-    })
-    .map_err(|e| CatalogError::KeyManagerConfig(e.to_string()))
+    tessera_plugin_pkcs11::Pkcs11KeyManager::open(&p.clone().into_config()?)
+        .map_err(|e| CatalogError::KeyManagerConfig(e.to_string()))
 }

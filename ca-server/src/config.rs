@@ -33,8 +33,7 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     ca: RawCa,
-    #[serde(default = "default_key_manager")]
-    key_manager: RawKeyManager,
+    key_manager: Option<toml::Table>,
     #[serde(default = "default_store")]
     store: RawStore,
     #[serde(default)]
@@ -196,44 +195,10 @@ impl RawPlugin {
 
 pub use tessera_plugin_k8s_psat::PsatCluster;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKeyManager {
-    #[serde(rename = "type")]
-    kind: String,
-    module_path: Option<PathBuf>,
-    token_label: Option<String>,
-    pin_file: Option<PathBuf>,
-    pin_env: Option<String>,
-    key_label_prefix: Option<String>,
-}
-
-fn default_key_manager() -> RawKeyManager {
-    RawKeyManager {
-        kind: "disk".into(),
-        module_path: None,
-        token_label: None,
-        pin_file: None,
-        pin_env: None,
-        key_label_prefix: None,
-    }
-}
-
+/// `[key_manager] type = "pkcs11"`, owned by its plugin.
+pub use tessera_plugin_pkcs11::Pkcs11Settings;
 /// Where a secret named in the configuration is read from, at start.
 pub use tessera_plugins::SecretSource as PinSource;
-
-/// `[key_manager] type = "pkcs11"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pkcs11Settings {
-    /// The PKCS#11 module.
-    pub module_path: PathBuf,
-    /// The token's label.
-    pub token_label: String,
-    /// The user PIN's source.
-    pub pin: PinSource,
-    /// Key labels are `<prefix><slot>`.
-    pub key_label_prefix: String,
-}
 
 fn store(s: RawStore, env: &Env<'_>) -> Result<StoreKind, ConfigError> {
     let conn =
@@ -270,39 +235,30 @@ fn store(s: RawStore, env: &Env<'_>) -> Result<StoreKind, ConfigError> {
     }
 }
 
-fn key_manager(k: RawKeyManager) -> Result<KeyManagerKind, ConfigError> {
-    let pkcs11_keys = k.module_path.is_some()
-        || k.token_label.is_some()
-        || k.pin_file.is_some()
-        || k.pin_env.is_some()
-        || k.key_label_prefix.is_some();
-    match k.kind.as_str() {
-        "disk" | "memory" if pkcs11_keys => Err(ConfigError::Invalid {
-            key: "key_manager.module_path",
-            reason: format!(
-                "module_path, token_label, pin_file, pin_env and key_label_prefix belong to type \"pkcs11\", not {:?}",
-                k.kind
-            ),
-        }),
-        "disk" => Ok(KeyManagerKind::Disk),
-        "memory" => Ok(KeyManagerKind::Memory),
+/// `[key_manager]`: `type` picks the key manager; only `pkcs11` has keys of its own, parsed by
+/// its plugin. No section means `disk`.
+fn key_manager(section: Option<toml::Table>) -> Result<KeyManagerKind, ConfigError> {
+    let mut table = section.unwrap_or_default();
+    let kind = match table.remove("type") {
+        None => "disk".to_owned(),
+        Some(toml::Value::String(s)) => s,
+        Some(_) => return Err(ConfigError::Toml("[key_manager]: `type` must be a string".into())),
+    };
+    match kind.as_str() {
+        "disk" | "memory" => match table.keys().next() {
+            None => Ok(if kind == "disk" { KeyManagerKind::Disk } else { KeyManagerKind::Memory }),
+            Some(k) if tessera_plugin_pkcs11::KEYS.contains(&k.as_str()) => Err(ConfigError::Invalid {
+                key: "key_manager.module_path",
+                reason: format!(
+                    "module_path, token_label, pin_file, pin_env and key_label_prefix belong to type \"pkcs11\", not {kind:?}"
+                ),
+            }),
+            Some(k) => Err(ConfigError::Toml(format!("unknown key `key_manager.{k}`"))),
+        },
         "pkcs11" => {
-            let pin = match (k.pin_file, k.pin_env) {
-                (Some(f), None) => PinSource::File(f),
-                (None, Some(e)) => PinSource::Env(e),
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        key: "key_manager.pin_file",
-                        reason: "type \"pkcs11\" needs exactly one of pin_file and pin_env".into(),
-                    });
-                }
-            };
-            Ok(KeyManagerKind::Pkcs11(Pkcs11Settings {
-                module_path: k.module_path.ok_or(ConfigError::Missing("key_manager.module_path"))?,
-                token_label: k.token_label.ok_or(ConfigError::Missing("key_manager.token_label"))?,
-                pin,
-                key_label_prefix: k.key_label_prefix.unwrap_or_else(|| "tessera-".into()),
-            }))
+            let raw: tessera_plugin_pkcs11::RawPkcs11Settings =
+                toml::Value::Table(table).try_into().map_err(|e| ConfigError::Toml(format!("[key_manager]: {e}")))?;
+            Ok(KeyManagerKind::Pkcs11(Pkcs11Settings::try_from(raw)?))
         }
         other => Err(ConfigError::Invalid {
             key: "key_manager.type",

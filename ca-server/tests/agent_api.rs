@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::*;
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::agent::v1 as agent;
 use tessera_proto::types::v1 as types;
+use tessera_test_util::inprocess::*;
 use tonic::Code;
 
 fn attest_req(token: &str, csr: Vec<u8>) -> agent::AttestAgentRequest {

@@ -4,17 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestServer, bundle_from_pb};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 use tessera_proto::admin::v1 as admin;
+use tessera_test_util::eventually;
+use tessera_test_util::inprocess::{TestServer, bundle_from_pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -401,11 +400,7 @@ async fn two_servers_follow_each_others_bundles_including_rotation() {
     b.admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
     let want = bundle_from_pb(&b.bundle().await).x509_authorities;
     assert_eq!(want.len(), 2);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while b_roots().await != want {
-        assert!(Instant::now() < deadline, "A never fetched B's prepared CA");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(15, "A fetched B's prepared CA", async || (b_roots().await == want).then_some(())).await;
     let st = a.server().federation.status(&td_b);
     assert!(st.last_success > 0 && st.last_error.is_none(), "{st:?}");
     a.stop().await;
@@ -448,15 +443,11 @@ async fn https_web_endpoint_serves_a_file_certificate_and_reloads_it() {
     );
     // New files are served without a restart.
     let second = write(Some("spiffe://a.example/bundle-endpoint"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(10, "the new certificate served", async || {
         let (_, _, certs) = https(addr, cfg.clone(), "GET", "/").await;
-        if certs[0] == second {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new certificate was never served");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        (certs[0] == second).then_some(())
+    })
+    .await;
     // A broken file keeps the current certificate in service.
     std::fs::write(dir.path().join("tls.key"), "not a key").unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -2,10 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::*;
 use tessera_proto::admin::v1 as admin;
+use tessera_test_util::inprocess::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {

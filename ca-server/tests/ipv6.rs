@@ -3,17 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::io::{Read, Write};
 
-use common::{TD, config_text_for, csr_for};
 use tessera_identity::tls::Authorize;
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::agent::v1 as agent;
 use tessera_proto::agent::v1::agent_client::AgentClient;
 use tessera_server::app::Server;
 use tessera_server::config::Config;
+use tessera_test_util::inprocess::{TD, config_text_for, csr_for};
 
 fn get(addr: std::net::SocketAddr, path: &str) -> u16 {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -41,7 +39,7 @@ async fn agent_api_on_ipv6_loopback_and_health_on_dual_stack() {
     assert_eq!((a, b), (200, 200));
 
     // An agent attests over IPv6.
-    let mut adm = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
+    let mut adm = tessera_server::client::connect_admin(&server.admin_socket).await.unwrap();
     let token = adm
         .create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() })
         .await

@@ -4,9 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::TestServer;
 use tessera_identity::tls::{Authorize, client_config};
 use tessera_identity::x509::{PodRef, RENEWAL_GRANT_OID, RenewalGrant};
 use tessera_identity::{PrivateKey, SpiffeId};
@@ -15,6 +12,7 @@ use tessera_proto::agent::v1 as agent;
 use tessera_proto::istio::v1::auth::IstioCertificateRequest;
 use tessera_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use tessera_proto::types::v1 as types;
+use tessera_test_util::inprocess::TestServer;
 use tonic::Code;
 
 #[tokio::test]

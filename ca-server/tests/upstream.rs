@@ -5,13 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::path::Path;
 
-use common::{TestServer, bundle_from_pb, csr_for, verify_chain};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use tessera_proto::admin::v1 as admin;
+use tessera_test_util::inprocess::{TestServer, bundle_from_pb, csr_for, verify_chain};
 
 /// A CA certificate (not a SPIFFE one: a corporate root or intermediate).
 fn corporate_ca(cn: &str, issuer: Option<&Issuer<'_, KeyPair>>) -> (Vec<u8>, KeyPair, CertificateParams) {
@@ -122,7 +120,7 @@ async fn a_key_that_does_not_match_the_certificate_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "{}\n{}",
-        common::config_text_for("example.org", dir.path(), ""),
+        tessera_test_util::inprocess::config_text_for("example.org", dir.path(), ""),
         upstream_toml(up.path(), "cert_file = \"$UP/root.pem\"\nkey_file = \"$UP/root.key\"")
     );
     let cfg = tessera_server::config::Config::from_toml(&text).unwrap();

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -17,14 +17,9 @@ use tessera_proto::admin::v1 as admin;
 use tessera_proto::admin::v1::admin_client::AdminClient;
 use tessera_proto::types::v1 as types;
 use tessera_proto::workload as wl;
+use tessera_test_util::{ServerToml, eventually, my_uid};
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn my_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 struct Env {
     dir: tempfile::TempDir,
@@ -54,16 +49,14 @@ impl Env {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let server_toml = format!(
-            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nlog_level = \"warn\"\n[server]\nagent_api_address = \"127.0.0.1:0\"\nhealth_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n{server_extra}\n[ca]\nca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\"\n[key_manager]\ntype = \"memory\"\n",
-            d.join("server").display(),
-            d.join("admin.sock").display()
-        );
+        let ca = format!("ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\"");
+        let server_toml =
+            ServerToml { data: "server", server: server_extra, ..ServerToml::in_process(d, &ca) }.render();
         let server =
             tessera_server::app::Server::start(tessera_server::config::Config::from_toml(&server_toml).unwrap())
                 .await
                 .unwrap();
-        let mut admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
+        let mut admin = tessera_server::client::connect_admin(&server.admin_socket).await.unwrap();
         let token = admin
             .create_join_token(admin::CreateJoinTokenRequest {
                 ttl: 600,
@@ -199,14 +192,11 @@ async fn workload_gets_x509_and_jwt_svids_and_bundles_over_the_workload_api() {
     tokio::time::sleep(Duration::from_millis(1100)).await; // created_at has 1 s resolution
     admin.create_entry(admin::CreateEntryRequest { entry: Some(second) }).await.unwrap();
     let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let both = loop {
+    let both = eventually(10, "second identity on the stream", async || {
         let r = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
-        if r.svids.len() == 2 {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "second identity never arrived");
-    };
+        (r.svids.len() == 2).then_some(r)
+    })
+    .await;
     assert_eq!(both.svids[0].spiffe_id, "spiffe://example.org/web");
     assert_eq!(both.svids[1].spiffe_id, "spiffe://example.org/web-canary");
     assert_eq!(both.svids[1].hint, "canary");
@@ -414,22 +404,15 @@ async fn svids_rotate_at_half_life_and_cert_files_follow() {
         let pem = std::fs::read(files.join("cert-chain.pem")).ok()?;
         Some(tessera_identity::x509::cert_facts(&tessera_identity::pem::decode_certs(&pem).ok()?[0]).ok()?.serial)
     };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while serial_of_file().is_none() {
-        assert!(Instant::now() < deadline, "cert files not written");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(3, "cert files written", async || serial_of_file()).await;
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(files.join("key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
     let mut seen = std::collections::BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(12);
-    while seen.len() < 3 {
-        assert!(Instant::now() < deadline, "SVIDs did not rotate: {seen:?}");
-        if let Some(s) = serial_of_file() {
-            seen.insert(s);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(12, "three SVIDs in the cert files", async || {
+        seen.extend(serial_of_file());
+        (seen.len() >= 3).then_some(())
+    })
+    .await;
     env.stop().await;
 }
 
@@ -480,30 +463,22 @@ async fn the_agent_renews_its_own_svid_at_half_life() {
         .serial
     };
     let first = serial();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while serial() == first {
-        assert!(Instant::now() < deadline, "agent SVID not renewed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(10, "agent SVID renewed", async || (serial() != first).then_some(())).await;
     // Still serving after the renewal (the new SVID authenticates the agent).
     let mut admin = env.admin.clone();
     let mut e = env.entry.clone();
     e.dns_names = vec!["after-renewal.internal".into()];
     admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
     let mut c = env.workload().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(10, "agent still syncing after renewing its SVID", async || {
         let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
         let leaf = &tessera_identity::pem::decode_certs(
             tessera_identity::pem::encode_certs([r.svids[0].x509_svid.as_slice()]).as_bytes(),
         )
         .unwrap()[0];
-        if x509_dns(leaf).contains(&"after-renewal.internal".to_owned()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "agent stopped syncing after renewing its SVID");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        x509_dns(leaf).contains(&"after-renewal.internal".to_owned()).then_some(())
+    })
+    .await;
     env.stop().await;
 }
 
@@ -543,15 +518,11 @@ async fn federated_bundles_reach_workloads_and_envoy_for_entries_that_federate()
     e.federates_with = vec!["peer.org".into()];
     admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
     let mut c = env.workload().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let resp = loop {
+    let resp = eventually(10, "federated bundle at the workload", async || {
         let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
-        if !r.federated_bundles.is_empty() {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "federated bundle never reached the workload");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (!r.federated_bundles.is_empty()).then_some(r)
+    })
+    .await;
     assert_eq!(resp.federated_bundles.get("spiffe://peer.org").unwrap(), &peer_root.der().to_vec());
     // SDS: "ALL" has one trust bundle per trust domain, "spiffe://peer.org" the peer's roots.
     let mut sds = env.sds().await;
@@ -596,26 +567,18 @@ async fn tainting_an_authority_replaces_everything_it_signed_at_once() {
     assert_eq!(r.svids[0].x509_svid, old_svid);
 
     admin.taint_x509_authority(admin::TaintX509AuthorityRequest { authority_id: old_authority.clone() }).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let replaced = loop {
+    let replaced = eventually(10, "the workload SVID replaced after the taint", async || {
         let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
-        if r.svids[0].x509_svid != old_svid {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "the workload SVID was not replaced after the taint");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (r.svids[0].x509_svid != old_svid).then_some(r)
+    })
+    .await;
     assert_ne!(aki(&replaced.svids[0].x509_svid), old_authority, "the replacement is signed by the tainted CA");
     // The agent's own SVID was renewed too.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(10, "the agent SVID renewed after the taint", async || {
         let agents = admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
-        if agents[0].serial != agent_serial {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent SVID was not renewed after the taint");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (agents[0].serial != agent_serial).then_some(())
+    })
+    .await;
     env.stop().await;
 }
 
@@ -688,19 +651,15 @@ async fn the_agent_socket_refuses_forged_tokens_oversized_messages_and_unatteste
         sds.fetch_secrets(DiscoveryRequest { resource_names: vec!["default".into()], ..Default::default() }).await;
     assert_eq!(served(&first), 1, "the attested caller gets its secret: {first:?}");
     admin.delete_entry(admin::EntryId { id: env.entry.id.clone() }).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(5, "an unattested caller gets no secrets", async || {
         let r =
             sds.fetch_secrets(DiscoveryRequest { resource_names: vec!["default".into()], ..Default::default() }).await;
         if let Err(e) = &r {
             assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         }
-        if served(&r) == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "an unattested caller still gets secrets");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (served(&r) == 0).then_some(())
+    })
+    .await;
     env.stop().await;
 }
 
@@ -797,23 +756,11 @@ async fn one_workload_cannot_starve_its_node_of_jwt_or_x509_svids() {
     quiet.spiffe_id = "spiffe://example.org/quiet".into();
     admin.create_entry(admin::CreateEntryRequest { entry: Some(quiet) }).await.unwrap();
     let mut c = env.workload().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c
-        .fetch_x509svid(wl::X509svidRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap()
-        .svids
-        .len()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "second identity never arrived");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(10, "second identity at the workload", async || {
+        let r = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
+        (r.svids.len() >= 2).then_some(())
+    })
+    .await;
     let jwt = |aud: String, id: &str| wl::JwtsvidRequest { audience: vec![aud], spiffe_id: id.into() };
     let mut refused = None;
     for i in 0..500 {
@@ -907,11 +854,10 @@ async fn validate_jwtsvid_uses_only_the_bundles_the_caller_federates_with() {
     other.federates_with = vec!["peer.org".into()];
     admin.create_entry(admin::CreateEntryRequest { entry: Some(other) }).await.unwrap();
     let agent = env.agent.as_ref().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.manager.snapshot().federated.keys().any(|td| td.as_str() == "peer.org") {
-        assert!(Instant::now() < deadline, "the agent never got peer.org's bundle");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(10, "the agent holds peer.org's bundle", async || {
+        agent.manager.snapshot().federated.keys().any(|td| td.as_str() == "peer.org").then_some(())
+    })
+    .await;
     let mut c = env.workload().await;
     let e = c
         .validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() })
@@ -922,17 +868,11 @@ async fn validate_jwtsvid_uses_only_the_bundles_the_caller_federates_with() {
     let mut e2 = env.entry.clone();
     e2.federates_with = vec!["peer.org".into()];
     admin.update_entry(admin::UpdateEntryRequest { entry: Some(e2) }).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() }).await {
-            Ok(v) => {
-                assert_eq!(v.into_inner().spiffe_id, "spiffe://peer.org/caller");
-                break;
-            }
-            Err(e) => assert!(Instant::now() < deadline, "never validated: {e:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let v = eventually(10, "the token validates", async || {
+        c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience: "me".into(), svid: token.clone() }).await.ok()
+    })
+    .await;
+    assert_eq!(v.into_inner().spiffe_id, "spiffe://peer.org/caller");
     env.stop().await;
 }
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use tessera_e2e::{Mesh, wait_for};
+use tessera_test_util::{Mesh, wait_for};
 
 const ROUNDS: u64 = 10;
 

@@ -8,8 +8,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
-use tessera_e2e::{Mesh, bin, my_uid, wait_for};
+use tessera_test_util::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
+use tessera_test_util::{Mesh, bin, my_uid, wait_for};
 
 const CA: &str = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
 

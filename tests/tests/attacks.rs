@@ -10,12 +10,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
-use tessera_e2e::{ServerProc, free_port, server_config_for};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{PrivateKey, SpiffeId};
 use tessera_proto::agent::v1 as agent;
 use tessera_proto::agent::v1::agent_client::AgentClient;
+use tessera_test_util::fake_k8s::{FakeCluster, PSAT_AGENT_ID};
+use tessera_test_util::{ServerProc, free_port, server_config_for};
 use tonic::Code;
 
 struct Fixture {
@@ -142,7 +142,7 @@ fn bad_kubernetes_tokens_attest_nothing() {
 
 #[test]
 fn the_admin_socket_refuses_other_users() {
-    if tessera_e2e::my_uid() != 0 {
+    if tessera_test_util::my_uid() != 0 {
         panic!("this test needs root (it runs a command as `nobody`); CI runs as root");
     }
     let f = start();
@@ -153,7 +153,7 @@ fn the_admin_socket_refuses_other_users() {
     let bin_dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cli = bin_dir.path().join("tessera-server");
-    std::fs::copy(tessera_e2e::bin("tessera-server"), &cli).unwrap();
+    std::fs::copy(tessera_test_util::bin("tessera-server"), &cli).unwrap();
     std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
     let version =
         std::process::Command::new("runuser").args(["-u", "nobody", "--"]).arg(&cli).arg("--version").output().unwrap();
@@ -227,7 +227,7 @@ fn oversized_requests_and_slow_clients_are_cut_off_and_the_server_keeps_serving(
     // Admin API: a request over its 4 MiB limit is refused.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut admin = tessera_server::cli::connect_admin(&f.server.socket).await.unwrap();
+        let mut admin = tessera_server::client::connect_admin(&f.server.socket).await.unwrap();
         let e = admin
             .create_entry(tessera_proto::admin::v1::CreateEntryRequest {
                 entry: Some(tessera_proto::types::v1::Entry {
@@ -314,7 +314,7 @@ fn bans_and_evictions_hold_against_racing_renewals_and_attestations() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (mut won_before_ban, mut refused_after) = (0usize, 0usize);
     rt.block_on(async {
-        let mut admin = tessera_server::cli::connect_admin(&f.server.socket).await.unwrap();
+        let mut admin = tessera_server::client::connect_admin(&f.server.socket).await.unwrap();
         let mut anon = anonymous_agent_client(&f).await;
         let id = tessera_proto::admin::v1::AgentId { spiffe_id: PSAT_AGENT_ID.into() };
         for round in 0..ROUNDS * 2 {
@@ -437,7 +437,7 @@ fn closed(s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> b
 }
 
 fn metric(health: &str, line_start: &str) -> u64 {
-    let (_, body) = tessera_e2e::http_get(health, "/metrics").unwrap();
+    let (_, body) = tessera_test_util::http_get(health, "/metrics").unwrap();
     body.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -451,7 +451,7 @@ fn metric(health: &str, line_start: &str) -> u64 {
 #[test]
 fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_agent() {
     let health_port = free_port();
-    let mesh = tessera_e2e::Mesh::start_custom(
+    let mesh = tessera_test_util::Mesh::start_custom(
         "example.org",
         "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"",
         "5s",
@@ -514,7 +514,7 @@ fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_a
     let id = "spiffe://example.org/while-full";
     mesh.register(id, &[]);
     let got = std::cell::RefCell::new(String::new());
-    tessera_e2e::wait_for(
+    tessera_test_util::wait_for(
         20,
         "an SVID while the listener is full",
         || {
@@ -524,7 +524,7 @@ fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_a
         },
         || got.borrow().clone(),
     );
-    assert_eq!(tessera_e2e::http_get(&health, "/ready").unwrap().0, 200);
+    assert_eq!(tessera_test_util::http_get(&health, "/ready").unwrap().0, 200);
 
     // Every idle connection is closed within the idle limit (3 s, plus scheduling slack).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -562,7 +562,7 @@ fn idle_and_excess_connections_are_closed_and_the_server_keeps_signing_for_its_a
 fn join_tokens_never_reach_the_server_or_agent_logs() {
     let tokens = std::cell::RefCell::new(Vec::<String>::new());
     let alias = "spiffe://example.org/node/logs";
-    let mesh = tessera_e2e::Mesh::start_attested(
+    let mesh = tessera_test_util::Mesh::start_attested(
         "example.org",
         "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"",
         "1s",

@@ -19,7 +19,7 @@ fn repo() -> PathBuf {
 }
 
 fn helm(args: &[&str]) -> String {
-    let out = std::process::Command::new(tessera_e2e::venv_tool("helm"))
+    let out = std::process::Command::new(tessera_test_util::venv_tool("helm"))
         .args(args)
         .current_dir(repo())
         .output()

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_e2e::{ServerProc, free_port, http_get, server_config_for, wait_for};
+use tessera_test_util::{ServerProc, free_port, http_get, server_config_for, wait_for};
 
 /// A tmpfs of `size` mounted at `dir`, unmounted on drop.
 struct Tmpfs(PathBuf);
@@ -50,7 +50,7 @@ fn mint(s: &ServerProc) -> Result<String, String> {
 fn mint_many(s: &ServerProc, n: usize) -> Vec<Result<String, String>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut admin = tessera_server::cli::connect_admin(&s.socket).await.unwrap();
+        let mut admin = tessera_server::client::connect_admin(&s.socket).await.unwrap();
         let id = tessera_identity::SpiffeId::new("spiffe://example.org/w").unwrap();
         let key = tessera_identity::PrivateKey::generate_ec_p256().unwrap();
         let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
@@ -133,8 +133,11 @@ fn a_full_or_read_only_data_dir_refuses_cleanly_turns_not_ready_and_loses_nothin
     // dir, it refuses to start with a clear error, and starts once the dir is writable.
     s.stop();
     fs.remount("ro");
-    let out =
-        Command::new(tessera_e2e::bin("tessera-server")).args(["run", "--config"]).arg(&s.config).output().unwrap();
+    let out = Command::new(tessera_test_util::bin("tessera-server"))
+        .args(["run", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "started on a read-only data dir");
     assert!(stderr.contains("Read-only file system"), "unclear error: {stderr}");

@@ -9,9 +9,9 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use tessera_e2e::ServerProc;
 use tessera_proto::admin::v1 as admin;
 use tessera_store::Store;
+use tessera_test_util::ServerProc;
 
 const ROUNDS: usize = 50;
 
@@ -42,7 +42,7 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
                 let socket = socket.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut got = Vec::new();
-                    let Ok(mut c) = tessera_server::cli::connect_admin(&socket).await else { return got };
+                    let Ok(mut c) = tessera_server::client::connect_admin(&socket).await else { return got };
                     for i in 0.. {
                         let id = format!("spiffe://example.org/r{round}/w{w}/{i}");
                         let req = admin::MintX509SvidRequest {

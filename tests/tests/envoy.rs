@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tessera_e2e::envoy::{Envoy, back_config, front_config, served_serials, start_envoy};
-use tessera_e2e::{Mesh, free_port, http_get, venv_tool};
+use tessera_test_util::envoy::{Envoy, back_config, front_config, served_serials, start_envoy};
+use tessera_test_util::{Mesh, free_port, http_get, venv_tool, wait_for};
 
 struct Pair {
     mesh: Mesh,
@@ -23,15 +23,8 @@ fn pair(mode: &str, svid_ttl: &str) -> Pair {
     let mesh = Mesh::start(&format!("ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"{svid_ttl}\""), "1s");
     mesh.register("spiffe://example.org/front", &[]);
     mesh.register("spiffe://example.org/back", &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = String::from_utf8_lossy(&mesh.agent_cli(&["api", "fetch", "x509"]).stdout).into_owned();
-        if out.contains("spiffe://example.org/front") && out.contains("spiffe://example.org/back") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "entries never reached the agent: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    mesh.wait_for_svid("spiffe://example.org/front");
+    mesh.wait_for_svid("spiffe://example.org/back");
     let d = mesh.dir.path().to_owned();
     let (back_admin, back_port, front_admin, front_port) = (free_port(), free_port(), free_port(), free_port());
     let back = start_envoy(
@@ -155,17 +148,15 @@ fn traffic_keeps_succeeding_through_rotation_and_server_outage() {
     // Server back: the agent catches up (a new entry reaches it).
     p.mesh.server.spawn();
     p.mesh.register("spiffe://example.org/late", &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !String::from_utf8_lossy(&p.mesh.agent_cli(&["api", "fetch", "x509"]).stdout)
-        .contains("spiffe://example.org/late")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "agent did not catch up after the server came back: {}",
-            p.mesh.agent.as_ref().unwrap().log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        30,
+        "the agent caught up after the server came back",
+        || {
+            String::from_utf8_lossy(&p.mesh.agent_cli(&["api", "fetch", "x509"]).stdout)
+                .contains("spiffe://example.org/late")
+        },
+        || p.mesh.agent.as_ref().unwrap().log(),
+    );
     assert_eq!(http_get(&p.front_addr, "/").unwrap().0, 200);
 }
 

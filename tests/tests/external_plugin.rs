@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tessera_e2e::{Proc, ServerProc, bin, free_port, http_get, server_config};
+use tessera_test_util::{Proc, ServerProc, bin, free_port, http_get, server_config, wait_for};
 
 /// A cfssl CA made by cfssl itself, served by `cfssl serve` with a profile that issues CAs.
 fn start_cfssl(dir: &Path) -> (Proc, u16, String) {
@@ -122,17 +122,16 @@ fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_die
     let pid = plugin_pid(&health).expect("plugin pid in /ready");
     assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
     assert_eq!(verify("svid2"), 2, "signing must not need the plugin");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let restarted = metric(&health, "tessera_server_plugin_restarts_total") == Some(1)
-            && metric(&health, "tessera_server_plugin_up") == Some(1)
-            && plugin_pid(&health).is_some_and(|p| p != pid);
-        if restarted {
-            break;
-        }
-        assert!(Instant::now() < deadline, "plugin not restarted: {}", server.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for(
+        30,
+        "plugin restarted",
+        || {
+            metric(&health, "tessera_server_plugin_restarts_total") == Some(1)
+                && metric(&health, "tessera_server_plugin_up") == Some(1)
+                && plugin_pid(&health).is_some_and(|p| p != pid)
+        },
+        || server.log(),
+    );
     // cfssl gets a new root: the restarted plugin's SubscribeRoots stream carries it into our
     // bundle before anything is signed under it.
     drop(cfssl);
@@ -140,16 +139,16 @@ fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_die
     std::fs::create_dir_all(&new_dir).unwrap();
     let (_cfssl2, _, new_root) = start_cfssl_at(&new_dir, port);
     let new_der = tessera_identity::pem::decode_certs(new_root.as_bytes()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b = tessera_identity::pem::decode_certs(server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
-        if b.contains(&new_der[0]) {
+    wait_for(
+        30,
+        "cfssl's new root in the bundle",
+        || {
+            let b = tessera_identity::pem::decode_certs(server.cli_ok(&["bundle", "show"]).as_bytes()).unwrap();
             assert!(b.contains(&cfssl_der[0]), "the old root left the bundle too early");
-            break;
-        }
-        assert!(Instant::now() < deadline, "cfssl's new root never reached the bundle: {}", server.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+            b.contains(&new_der[0])
+        },
+        || server.log(),
+    );
     // The restarted plugin signs the next CA, now under cfssl's new root.
     server.cli_ok(&["localauthority", "x509", "prepare"]);
     server.cli_ok(&["localauthority", "x509", "activate"]);

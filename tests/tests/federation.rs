@@ -15,13 +15,13 @@ use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
-use tessera_e2e::envoy::{
+use tessera_identity::tls::Authorize;
+use tessera_identity::{Bundle, SpiffeId, TrustDomain};
+use tessera_test_util::envoy::{
     agent_cluster, back_config, counter_sum, envoy_binary, hcm, listener, mtls_cluster, served_serials,
     start_envoy_binary, validator_certs,
 };
-use tessera_e2e::{Mesh, ServerProc, Traffic, free_port, http_get, venv_tool, wait_for};
-use tessera_identity::tls::Authorize;
-use tessera_identity::{Bundle, SpiffeId, TrustDomain};
+use tessera_test_util::{Mesh, ServerProc, Traffic, free_port, http_get, venv_tool, wait_for};
 
 /// GETs `/` from a bundle endpoint with SPIFFE authentication of `endpoint_id`.
 fn fetch_bundle_doc(port: u16, roots_pem: &str, endpoint_id: &str) -> String {
@@ -371,7 +371,7 @@ fn one_trust_domain_across_two_clusters_under_a_shared_root() {
         &envoy_binary(),
         &d,
         "c1-front",
-        &tessera_e2e::envoy::front_config(
+        &tessera_test_util::envoy::front_config(
             f_admin,
             f_port,
             b_port,

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tessera_e2e::postgres::TestPostgres;
-use tessera_e2e::{Proc, ServerProc, bin, free_port, my_uid, server_config, wait_for};
+use tessera_test_util::postgres::TestPostgres;
+use tessera_test_util::{Proc, ServerProc, bin, free_port, my_uid, server_config, wait_for};
 
 /// A replica whose SVIDs live `svid_ttl`.
 fn replica(dir: &Path, id: &str, port: u16, db: &str, svid_ttl: &str) -> ServerProc {

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use tessera_e2e::{ServerProc, server_config};
+use tessera_test_util::{ServerProc, server_config};
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 

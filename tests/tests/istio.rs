@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost_types::{Struct, Value as PbValue, value::Kind};
-use tessera_e2e::fake_k8s::{FakeCluster, pod};
-use tessera_e2e::{ServerProc, free_port, openssl_verify};
 use tessera_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use tessera_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use tessera_test_util::fake_k8s::{FakeCluster, pod};
+use tessera_test_util::{ServerProc, free_port, openssl_verify};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -416,7 +416,7 @@ fn agent_obtained_identities_renew_nothing_at_the_istio_ca_api_and_token_grants_
     a.write_kubeconfig(&kc, "cluster-a");
     let port = free_port();
     let ca = "ca_ttl = \"96h\"\ndefault_x509_svid_ttl = \"1h\"";
-    let mesh = tessera_e2e::Mesh::start_custom(TD, ca, "1s", |t| {
+    let mesh = tessera_test_util::Mesh::start_custom(TD, ca, "1s", |t| {
         t + &istio_section(
             port,
             &kc,
@@ -453,9 +453,9 @@ fn agent_obtained_identities_renew_nothing_at_the_istio_ca_api_and_token_grants_
         );
     let second_cfg_path = d.join("second.toml");
     std::fs::write(&second_cfg_path, second_cfg).unwrap();
-    let mut cmd = std::process::Command::new(tessera_e2e::bin("tessera-agent"));
+    let mut cmd = std::process::Command::new(tessera_test_util::bin("tessera-agent"));
     cmd.args(["run", "--config"]).arg(&second_cfg_path);
-    let mut second = tessera_e2e::Proc::spawn(cmd, d.join("second.log"));
+    let mut second = tessera_test_util::Proc::spawn(cmd, d.join("second.log"));
     let second_sock = d.join("second.sock");
     second.wait_until(30, "the second agent", || std::os::unix::net::UnixStream::connect(&second_sock).is_ok());
     let web = "spiffe://cluster.local/ns/web/sa/frontend";
@@ -467,7 +467,7 @@ fn agent_obtained_identities_renew_nothing_at_the_istio_ca_api_and_token_grants_
         "--parent-id",
         "spiffe://cluster.local/node/second",
         "--selector",
-        &format!("unix:uid:{}", tessera_e2e::my_uid()),
+        &format!("unix:uid:{}", tessera_test_util::my_uid()),
     ]);
     let roots_pem = mesh.server.cli_ok(&["bundle", "show"]);
     let env = Env {
@@ -705,7 +705,7 @@ fn istio_workloads_keep_trusting_each_other_through_a_ca_rotation() {
         "\n[istio]\naddress = \"127.0.0.1:{port}\"\ndns_names = [\"{HOST}\"]\ndefault_workload_cert_ttl = \"10s\"\nmax_workload_cert_ttl = \"10s\"\n[[istio.clusters]]\ncluster_id = \"cluster-b\"\njwks_path = \"{}\"\nissuer = \"https://oidc.cluster-b.example\"\naudiences = [\"istio-ca\"]\n",
         jwks.display()
     );
-    let text = tessera_e2e::server_config_for(TD, dir.path(), "ca_ttl = \"20s\"\ndefault_x509_svid_ttl = \"5s\"")
+    let text = tessera_test_util::server_config_for(TD, dir.path(), "ca_ttl = \"20s\"\ndefault_x509_svid_ttl = \"5s\"")
         .replace("[server]\n", "[server]\nrotation_check_interval = \"500ms\"\nagent_svid_ttl = \"5s\"\n")
         + &extra;
     let server = ServerProc::start_text(dir.path(), &text);

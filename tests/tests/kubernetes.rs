@@ -1,5 +1,5 @@
 //! Kubernetes node and workload attestation with the real binaries, against a FAKE API server
-//! and kubelet (there is no real Kubernetes here; see `tessera_e2e::fake_k8s`):
+//! and kubelet (there is no real Kubernetes here; see `tessera_test_util::fake_k8s`):
 //!
 //! - the agent attests with its pod's projected token (`k8s_psat`), proven by TokenReview and
 //!   the pod's node; its ID names the cluster and the node UID; node labels become selectors;
@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tessera_e2e::fake_k8s::{FakeCluster, PSAT_AGENT_ID, pod, with_container};
-use tessera_e2e::{Mesh, bin, wait_for};
+use tessera_test_util::fake_k8s::{FakeCluster, PSAT_AGENT_ID, pod, with_container};
+use tessera_test_util::{Mesh, bin, wait_for};
 
 const CID: &str = "4f1b7c2e9d3a5b6c8e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f";
 const CART_UID: &str = "0d3f5c2a-6b1e-4c8d-9a7f-1e2d3c4b5a69";
@@ -239,7 +239,7 @@ type = "unix"
         .lines()
         .map(|l| {
             if l.starts_with("health_address") {
-                format!("health_address = \"127.0.0.1:{}\"\n", tessera_e2e::free_port())
+                format!("health_address = \"127.0.0.1:{}\"\n", tessera_test_util::free_port())
             } else {
                 format!("{l}\n")
             }
@@ -252,7 +252,7 @@ type = "unix"
 }
 
 /// The server's roots as the publisher writes them.
-fn roots(s: &tessera_e2e::ServerProc) -> String {
+fn roots(s: &tessera_test_util::ServerProc) -> String {
     s.cli_ok(&["bundle", "show"])
 }
 
@@ -279,11 +279,14 @@ resync_interval = "1s"
     let start = |name: &str| {
         let dir = files.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let text =
-            tessera_e2e::server_config_for("example.org", &dir, "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"")
-                .replace("[server]\n", &format!("[server]\ninstance_id = \"{name}\"\n"))
-                + &publisher;
-        tessera_e2e::ServerProc::start_text(&dir, &text)
+        let text = tessera_test_util::server_config_for(
+            "example.org",
+            &dir,
+            "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"",
+        )
+        .replace("[server]\n", &format!("[server]\ninstance_id = \"{name}\"\n"))
+            + &publisher;
+        tessera_test_util::ServerProc::start_text(&dir, &text)
     };
     let mut replicas = [start("a"), start("b")];
     let holder = std::cell::RefCell::new(None::<String>);

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tessera_e2e::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
-use tessera_e2e::{Mesh, ServerProc, Traffic, bin, free_port, http_get, openssl_verify, server_config, wait_for};
+use tessera_test_util::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
+use tessera_test_util::{Mesh, ServerProc, Traffic, bin, free_port, http_get, openssl_verify, server_config, wait_for};
 
 /// A join token on the parent; with `downstream`, also a downstream entry for its agent.
 fn token(parent: &ServerProc, downstream: bool) -> String {

@@ -7,10 +7,10 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tessera_e2e::postgres::TestPostgres;
 use tessera_store::conformance::{self, entry, event};
 use tessera_store::postgres::PostgresStore;
 use tessera_store::{JoinToken, Store, StoreError, verify_audit};
+use tessera_test_util::postgres::TestPostgres;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_store_conformance_suite_and_holds_up_between_replicas() {

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use tessera_e2e::{ServerProc, pkilint, run};
+use tessera_test_util::{ServerProc, pkilint, run};
 
 const CA_DEFAULT: &str = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
 
@@ -262,8 +262,10 @@ fn bad_config_is_refused_with_the_key_named() {
         ),
     ] {
         std::fs::write(&cfg, text).unwrap();
-        let out =
-            run(tessera_e2e::bin("tessera-server").to_str().unwrap(), &["run", "--config", cfg.to_str().unwrap()]);
+        let out = run(
+            tessera_test_util::bin("tessera-server").to_str().unwrap(),
+            &["run", "--config", cfg.to_str().unwrap()],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
         assert!(err.contains(needle), "{needle:?} not in {err}");

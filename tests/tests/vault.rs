@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_e2e::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
-use tessera_e2e::{
+use tessera_test_util::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
+use tessera_test_util::{
     Mesh, Proc, ServerProc, Traffic, free_port, http_call, http_get, openssl_verify, server_config, venv_tool, wait_for,
 };
 
@@ -119,7 +119,8 @@ fn openbao_signs_our_intermediate_with_approle_auth() {
     let d2 = tempfile::tempdir().unwrap();
     let bad = d2.path().join("bad.toml");
     std::fs::write(&bad, config(d2.path(), "not-the-secret")).unwrap();
-    let out = Command::new(tessera_e2e::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
+    let out =
+        Command::new(tessera_test_util::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("AppRole login failed"), "{err}");
@@ -356,7 +357,8 @@ fn openbao_kubernetes_auth_goes_through_tokenreview() {
     std::fs::write(&other, service_account_jwt().replace(".ZmFrZS1zaWduYXR1cmU", ".b3RoZXI")).unwrap();
     let bad = d2.path().join("bad.toml");
     std::fs::write(&bad, text.replace(&dir.path().display().to_string(), &d2.path().display().to_string())).unwrap();
-    let out = Command::new(tessera_e2e::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
+    let out =
+        Command::new(tessera_test_util::bin("tessera-server")).args(["run", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Kubernetes login failed"), "{err}");

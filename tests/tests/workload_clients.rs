@@ -6,18 +6,14 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use tessera_e2e::{Mesh, venv_tool};
+use tessera_test_util::{Mesh, venv_tool};
 
 #[test]
 fn py_spiffe_fetches_x509_and_jwt_svids_and_validates_the_jwt() {
     let m = Mesh::start("ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"", "500ms");
     m.register("spiffe://example.org/py", &[]);
     // The agent picks the entry up within its sync interval.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !String::from_utf8_lossy(&m.agent_cli(&["api", "fetch", "x509"]).stdout).contains("spiffe://example.org/py") {
-        assert!(std::time::Instant::now() < deadline, "entry never reached the agent");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    m.wait_for_svid("spiffe://example.org/py");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/py_spiffe_client.py");
     let out = Command::new(venv_tool("python")).arg(script).arg(&m.socket).arg("svc-a").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -36,7 +32,7 @@ fn py_spiffe_fetches_x509_and_jwt_svids_and_validates_the_jwt() {
     let out_dir = m.dir.path().join("fetched");
     let o = m.agent_cli(&["api", "fetch", "x509", "--write", out_dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v = tessera_e2e::run(
+    let v = tessera_test_util::run(
         "openssl",
         &[
             "verify",

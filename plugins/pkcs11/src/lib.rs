@@ -10,8 +10,14 @@
 //!
 //! What it is not: no token administration (initialize the token and its PIN with your HSM's
 //! tools, e.g. `softhsm2-util --init-token`), no wrapped-key import or backup.
+//!
+//! Its configuration section (`[key_manager] type = "pkcs11"`) is parsed here ([`settings`]).
 
 #![forbid(unsafe_code)]
+
+mod settings;
+
+pub use settings::{KEYS, Pkcs11Settings, RawPkcs11Settings};
 
 use std::collections::HashMap;
 use std::fmt;

@@ -23,8 +23,6 @@ use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use tessera_e2e::procfs::{cpu_secs, rss_kib};
-use tessera_e2e::{Mesh, Proc, free_port};
 use tessera_identity::tls::Authorize;
 use tessera_identity::{PrivateKey, SpiffeId};
 use tessera_proto::admin::v1 as admin;
@@ -33,6 +31,8 @@ use tessera_proto::agent::v1::agent_client::AgentClient;
 use tessera_proto::istio::v1::auth::IstioCertificateRequest;
 use tessera_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use tessera_proto::types::v1 as types;
+use tessera_test_util::procfs::{cpu_secs, rss_kib};
+use tessera_test_util::{Mesh, Proc, free_port};
 
 const POOL: usize = 256;
 const SYNC_AGENTS: usize = 1000;
@@ -364,7 +364,7 @@ async fn main() -> Result<()> {
 
     // The Istio CA API: one cluster validated offline by its issuer's keys (no API server
     // round trip in the measurement), a token and CSRs for spiffe://example.org/ns/bench/sa/w.
-    let k8s = tessera_e2e::fake_k8s::FakeCluster::start("https://kubernetes.default.svc.cluster.local");
+    let k8s = tessera_test_util::fake_k8s::FakeCluster::start("https://kubernetes.default.svc.cluster.local");
     let istio_dir = tempfile::tempdir()?;
     std::fs::write(istio_dir.path().join("jwks.json"), k8s.jwks())?;
     let istio_port = free_port();
@@ -410,7 +410,7 @@ async fn main() -> Result<()> {
     };
 
     // A bench agent attested in-process, and an entry it may sign for.
-    let mut adm = tessera_server::cli::connect_admin(&mesh.server.socket).await?;
+    let mut adm = tessera_server::client::connect_admin(&mesh.server.socket).await?;
     let token =
         adm.create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() }).await?.into_inner();
     let agent_id = SpiffeId::new(&token.agent_id)?;

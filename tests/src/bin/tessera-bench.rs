@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use tessera_e2e::procfs::rss_kib;
-use tessera_e2e::{Mesh, my_uid};
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::types::v1 as types;
+use tessera_test_util::procfs::rss_kib;
+use tessera_test_util::{Mesh, my_uid};
 use tonic::transport::Channel;
 
 const N: usize = 1000;
@@ -36,7 +36,7 @@ async fn uds(path: PathBuf) -> Result<Channel> {
 }
 
 fn metric(addr: &str, name: &str) -> Option<f64> {
-    let (_, body) = tessera_e2e::http_get(addr, "/metrics").ok()?;
+    let (_, body) = tessera_test_util::http_get(addr, "/metrics").ok()?;
     body.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()).and_then(|v| v.parse().ok())
 }
 
@@ -114,15 +114,15 @@ fn envoy_start_to_ready(
 ) -> Result<Duration> {
     let mut times = Vec::new();
     for i in 0..5 {
-        let (admin, port) = (tessera_e2e::free_port(), tessera_e2e::free_port());
+        let (admin, port) = (tessera_test_util::free_port(), tessera_test_util::free_port());
         let path = dir.join(format!("{name}-{i}.json"));
         std::fs::write(&path, serde_json::to_vec(&cfg(admin, port))?)?;
-        let mut cmd = std::process::Command::new(tessera_e2e::venv_tool("envoy"));
+        let mut cmd = std::process::Command::new(tessera_test_util::venv_tool("envoy"));
         cmd.arg("-c").arg(&path).args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "error"]);
         let t = Instant::now();
-        let mut p = tessera_e2e::Proc::spawn(cmd, dir.join(format!("{name}-{i}.log")));
+        let mut p = tessera_test_util::Proc::spawn(cmd, dir.join(format!("{name}-{i}.log")));
         let addr = format!("127.0.0.1:{admin}");
-        p.wait_until(30, name, || tessera_e2e::http_get(&addr, "/ready").map(|(c, _)| c == 200).unwrap_or(false));
+        p.wait_until(30, name, || tessera_test_util::http_get(&addr, "/ready").map(|(c, _)| c == 200).unwrap_or(false));
         times.push(t.elapsed());
     }
     times.sort();
@@ -147,7 +147,7 @@ async fn main() -> Result<()> {
             .to_owned()
     };
     let rss_idle = rss_kib(agent_pid)?;
-    let mut adm = tessera_server::cli::connect_admin(&mesh.server.socket).await?;
+    let mut adm = tessera_server::client::connect_admin(&mesh.server.socket).await?;
     let uid = my_uid();
 
     // 1,000 entries for one workload (this process's uid), parented to a node alias that the

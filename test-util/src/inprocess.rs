@@ -1,7 +1,5 @@
-//! Shared fixtures for the in-process server tests: a server on 127.0.0.1:0 with a temp dir,
-//! an admin client on its socket, and Agent API clients with or without an agent SVID.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The server in the test's process: a server on 127.0.0.1:0 with a temp dir, an admin client
+//! on its socket, and Agent API clients with or without an agent SVID.
 
 use std::path::PathBuf;
 
@@ -24,6 +22,9 @@ pub struct TestServer {
     pub admin: AdminClient<Channel>,
 }
 
+/// The `[ca]` body the in-process tests run with unless they name one.
+pub const DEFAULT_CA: &str = "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"";
+
 /// Server config for tests; `extra_ca` replaces the `[ca]` body when not empty.
 pub fn config_text(dir: &std::path::Path, extra_ca: &str) -> String {
     config_text_for(TD, dir, extra_ca)
@@ -31,24 +32,8 @@ pub fn config_text(dir: &std::path::Path, extra_ca: &str) -> String {
 
 /// The same for trust domain `td`.
 pub fn config_text_for(td: &str, dir: &std::path::Path, extra_ca: &str) -> String {
-    format!(
-        r#"
-trust_domain = "{td}"
-data_dir = "{data}"
-log_level = "warn"
-[server]
-agent_api_address = "127.0.0.1:0"
-health_address = "127.0.0.1:0"
-admin_socket = "{sock}"
-[ca]
-{ca}
-[key_manager]
-type = "memory"
-"#,
-        ca = if extra_ca.is_empty() { "ca_ttl = \"24h\"\ndefault_x509_svid_ttl = \"1h\"" } else { extra_ca },
-        data = dir.join("data").display(),
-        sock = dir.join("admin.sock").display()
-    )
+    let ca = if extra_ca.is_empty() { DEFAULT_CA } else { extra_ca };
+    crate::ServerToml { td, ..crate::ServerToml::in_process(dir, ca) }.render()
 }
 
 impl TestServer {
@@ -73,10 +58,27 @@ impl TestServer {
 
     /// A server with exactly `text` as its config, its files in `dir`.
     pub async fn start_text(dir: tempfile::TempDir, text: &str) -> Self {
+        Self::start_text_with_clock(dir, text, std::sync::Arc::new(tessera_ca::SystemClock)).await
+    }
+
+    /// A server whose CA reads `clock` (a `tessera_ca::ManualClock` in the tests that drive
+    /// rotation and expiry), with `extra_ca` as the `[ca]` body.
+    pub async fn start_with_clock(extra_ca: &str, clock: std::sync::Arc<dyn tessera_ca::Clock>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), extra_ca);
+        Self::start_text_with_clock(dir, &text, clock).await
+    }
+
+    /// A server with exactly `text` as its config and its CA on `clock`.
+    pub async fn start_text_with_clock(
+        dir: tempfile::TempDir,
+        text: &str,
+        clock: std::sync::Arc<dyn tessera_ca::Clock>,
+    ) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let cfg = Config::from_toml(text).unwrap();
-        let server = Server::start(cfg).await.unwrap();
-        let admin = tessera_server::cli::connect_admin(&server.admin_socket).await.unwrap();
+        let server = Server::start_with_clock(cfg, clock).await.unwrap();
+        let admin = tessera_server::client::connect_admin(&server.admin_socket).await.unwrap();
         Self { server: Some(server), dir, admin }
     }
 

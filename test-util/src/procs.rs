@@ -1,18 +1,15 @@
-//! Fixtures for the end-to-end tests: run the real `tessera-server` binary in a temp dir, wait
-//! for its socket (never a fixed sleep), drive its CLI, and kill it on drop.
-//!
-//! The binaries must be built first (`cargo build --bins`; `scripts/test.sh` does it).
-
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-pub mod envoy;
-pub mod fake_k8s;
-pub mod postgres;
-pub mod procfs;
+//! The real binaries as processes: `tessera-server` in a temp dir (started, health-checked,
+//! driven through its CLI, killed on drop), any child process with its log ([`Proc`]), a
+//! server and an agent together ([`Mesh`]), and steady traffic through a gateway
+//! ([`Traffic`]). The binaries must be built first (`cargo build --bins`; `scripts/test.sh`
+//! does it).
 
 use std::path::{Path, PathBuf};
+
+use crate::config::server_config_for;
+use crate::wait::{poll, wait_for};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The directory holding the built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -43,33 +40,6 @@ pub struct ServerProc {
     pub socket: PathBuf,
     /// Config file.
     pub config: PathBuf,
-}
-
-/// A server config for `dir`: loopback, ephemeral ports, disk key manager.
-pub fn server_config(dir: &Path, ca: &str) -> String {
-    server_config_for("example.org", dir, ca)
-}
-
-/// The same for trust domain `td`.
-pub fn server_config_for(td: &str, dir: &Path, ca: &str) -> String {
-    format!(
-        r#"trust_domain = "{td}"
-data_dir = "{data}"
-log_level = "info"
-[server]
-agent_api_address = "127.0.0.1:0"
-health_address = "127.0.0.1:0"
-admin_socket = "{sock}"
-[ca]
-{ca}
-[key_manager]
-type = "disk"
-[store]
-type = "sled"
-"#,
-        data = dir.join("data").display(),
-        sock = dir.join("admin.sock").display(),
-    )
 }
 
 impl ServerProc {
@@ -104,17 +74,24 @@ impl ServerProc {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.cli(&["healthcheck"]).status.success() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("server exited during start ({status}): {}", self.log());
-            }
-            assert!(Instant::now() < deadline, "server not healthy after 30 s: {}", self.log());
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let log = self.dir.join("server.log");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let (socket, child) = (&self.socket, self.child.as_mut().unwrap());
+        poll(
+            30,
+            Duration::from_millis(25),
+            "server start",
+            || {
+                if run_cli("tessera-server", socket, &["healthcheck"]).status.success() {
+                    return Ok(true);
+                }
+                match child.try_wait().unwrap() {
+                    Some(status) => Err(format!("server exited ({status}): {}", read_log())),
+                    None => Ok(false),
+                }
+            },
+            read_log,
+        );
     }
 
     /// Runs the CLI against this server's socket.
@@ -231,17 +208,23 @@ impl Proc {
     /// Polls `ready` every 25 ms for up to `secs`; fails with the log if the process dies or
     /// time runs out.
     pub fn wait_until(&mut self, secs: u64, what: &str, mut ready: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if ready() {
-                return;
-            }
-            if let Some(s) = self.child.try_wait().unwrap() {
-                panic!("{what}: process exited ({s}): {}", self.log());
-            }
-            assert!(Instant::now() < deadline, "{what}: not ready after {secs} s: {}", self.log());
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        let read_log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        let child = &mut self.child;
+        poll(
+            secs,
+            Duration::from_millis(25),
+            what,
+            || {
+                if ready() {
+                    return Ok(true);
+                }
+                match child.try_wait().unwrap() {
+                    Some(s) => Err(format!("process exited ({s}): {}", read_log())),
+                    None => Ok(false),
+                }
+            },
+            read_log,
+        );
     }
 }
 
@@ -474,15 +457,6 @@ impl Traffic {
         assert!(ok > 20, "{what}: too little traffic ({ok} requests)");
         eprintln!("{what}: {ok} requests, 0 failed");
         ok
-    }
-}
-
-/// Polls `ok` every 200 ms for up to `secs`; fails with `what` and `context()` on timeout.
-pub fn wait_for(secs: u64, what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what}: not after {secs} s\n{}", context());
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
