@@ -63,6 +63,7 @@ async fn a_grant_written_by_a_downstream_ca_renews_nothing() {
         .unwrap()
         .into_inner();
     let ca_chain = stream.message().await.unwrap().unwrap().x509_ca_chain;
+    drop(stream); // an open stream would hold the server's shutdown for its drain grace
     // The downstream CA signs a workload certificate carrying a grant it made up: no pod, and
     // dated far in the future so that no age check would ever stop it.
     let issuer = rcgen::Issuer::from_ca_cert_der(&ca_chain[0].clone().into(), &ca_key).unwrap();

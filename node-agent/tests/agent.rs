@@ -210,6 +210,7 @@ async fn workload_gets_x509_and_jwt_svids_and_bundles_over_the_workload_api() {
     let default_serial = cert_serial(&secret(&r.resources[0]));
     let web_serial = tessera_identity::x509::cert_facts(&both.svids[0].x509_svid).map(|f| f.serial).unwrap_or_default();
     assert_eq!(default_serial, web_serial, "default is not the oldest identity");
+    drop((stream, c)); // open streams would hold the agent's shutdown for its drain grace
     env.stop().await;
 }
 
@@ -339,6 +340,7 @@ async fn sds_sotw_serves_named_secrets_honours_nonces_and_pushes_rotation() {
         .unwrap()
         .into_inner();
     assert_eq!(r.resources.len(), 2);
+    drop((inbound, tx, sds)); // open streams would hold the agent's shutdown for its drain grace
     env.stop().await;
 }
 
@@ -393,6 +395,7 @@ async fn sds_delta_sends_only_what_changed() {
     let removed =
         tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("no removal").unwrap().unwrap();
     assert_eq!(removed.removed_resources, vec!["spiffe://example.org/web".to_owned()]);
+    drop((inbound, tx, sds)); // open streams would hold the agent's shutdown for its drain grace
     env.stop().await;
 }
 
@@ -741,6 +744,7 @@ async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
     // The agent counted the notices it acted on.
     let notices = notices();
     assert!(notices >= 3, "initial, entry and bundle notices; got {notices}");
+    drop((inbound, tx, sds)); // open streams would hold the agent's shutdown for its drain grace
     env.stop().await;
 }
 
