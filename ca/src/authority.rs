@@ -8,11 +8,12 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rcgen::{Issuer, PublicKeyData, SigningKey};
-use tessera_identity::x509::cert_facts;
+use tessera_identity::x509::{cert_facts, hex_lower};
 use tessera_identity::{Bundle, JwtAuthority};
 use tessera_plugins::{CaKey, MintedX509Ca};
 use tessera_store::{CaJournal, JwtKeyEntry, SlotStatus, X509CaEntry};
 
+use crate::ca::IssuedX509;
 use crate::error::{CaError, UpstreamAnswerError};
 use crate::policy::Lifetime;
 
@@ -58,6 +59,14 @@ impl X509Authority {
         // Self-signed: nothing follows the leaf. Upstream-signed: our CA and its intermediates.
         let chain_tail = if chain.len() > 1 { chain[..chain.len() - 1].to_vec() } else { Vec::new() };
         Ok(Self { entry, chain_tail, issuer, quick })
+    }
+
+    /// A certificate this authority signed, as issued: it, then the chain that follows a leaf.
+    pub(crate) fn issued(&self, cert: &rcgen::Certificate, serial: &[u8], not_after: i64) -> IssuedX509 {
+        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        chain.push(cert.der().to_vec());
+        chain.extend(self.chain_tail.iter().cloned());
+        IssuedX509 { chain, serial: hex_lower(serial), not_after }
     }
 }
 

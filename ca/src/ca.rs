@@ -12,7 +12,7 @@ use parking_lot::RwLock;
 use rcgen::PublicKeyData;
 use tessera_identity::csr::CheckedCsr;
 use tessera_identity::jwt::{Claims, mint_es256};
-use tessera_identity::x509::{LeafSpec, RenewalGrant, ca_params, cert_facts, hex_lower, leaf_params, random_serial};
+use tessera_identity::x509::{LeafSpec, RenewalGrant, ca_params, cert_facts, leaf_params, random_serial};
 use tessera_identity::{Bundle, KeyType, PrivateKey, SpiffeId, TrustDomain};
 use tessera_plugins::{KeyManager, UpstreamAuthority};
 use tessera_store::{AuditEvent, AuditKind, JwtKeyEntry, SlotStatus, Store, X509CaEntry};
@@ -308,10 +308,7 @@ impl Ca {
         let serial = random_serial()?;
         let cert =
             ca_params(&self.td, now - BACKDATE_SECS, not_after, serial)?.signed_by(&req.public_key, &auth.issuer)?;
-        let mut chain = Vec::with_capacity(1 + auth.chain_tail.len());
-        chain.push(cert.der().to_vec());
-        chain.extend(auth.chain_tail.iter().cloned());
-        Ok(IssuedX509 { chain, serial: hex_lower(&serial), not_after })
+        Ok(auth.issued(&cert, &serial, not_after))
     }
 
     /// Issues an SVID for a key this process holds (the server's own TLS identity).
@@ -355,10 +352,7 @@ impl Ca {
             renewal_grant,
         };
         let cert = leaf_params(&spec)?.signed_by(public_key, &auth.issuer)?;
-        let mut chain = Vec::with_capacity(1 + auth.chain_tail.len());
-        chain.push(cert.der().to_vec());
-        chain.extend(auth.chain_tail.iter().cloned());
-        Ok(IssuedX509 { chain, serial: hex_lower(&serial), not_after })
+        Ok(auth.issued(&cert, &serial, not_after))
     }
 
     /// Mints an ES256 JWT-SVID. Blocking: call off the reactor.

@@ -204,9 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-            tessera_svc::init_logging(filter);
+            tessera_svc::init_logging(&cfg.log_level);
             let agent = crate::app::Agent::start(cfg).await?;
             tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
             agent.shutdown().await;

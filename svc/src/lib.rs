@@ -23,10 +23,13 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-/// Logs to stderr through `filter`, with colour escape codes only when stderr is a terminal
-/// (never in a file or a pipe that a collector reads).
-pub fn init_logging(filter: tracing_subscriber::EnvFilter) {
+/// Logs to stderr at the configured `level` (`RUST_LOG`, when set, overrides it), with colour
+/// escape codes only when stderr is a terminal (never in a file or a pipe that a collector
+/// reads).
+pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

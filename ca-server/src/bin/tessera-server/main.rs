@@ -35,9 +35,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
 async fn run_server(config: &Path, instance_id: Option<&str>) -> anyhow::Result<()> {
     // The binary passes the process environment in; the parser reads none itself.
     let cfg = Config::load_with(config, instance_id, &|name| std::env::var(name).ok())?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    tessera_svc::init_logging(filter);
+    tessera_svc::init_logging(&cfg.log_level);
     let server = tessera_server::app::Server::start(cfg).await?;
     tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
     server.shutdown().await;
