@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tessera_proto::admin::v1 as admin;
 use tessera_store::Store;
-use tessera_test_util::ServerProc;
+use tessera_test_util::{ServerProc, eventually};
 
 const ROUNDS: usize = 50;
 
@@ -36,10 +36,12 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
         seed ^= seed << 17;
         let kill_after = Duration::from_millis(60 + seed % 300);
         let socket = s.socket.clone();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let acked: Vec<String> = rt.block_on(async {
             let mut tasks = Vec::new();
             for w in 0..4 {
                 let socket = socket.clone();
+                let issued = issued.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut got = Vec::new();
                     let Ok(mut c) = tessera_server::client::connect_admin(&socket).await else { return got };
@@ -52,17 +54,25 @@ fn kill_9_during_issuance_loses_no_acknowledged_svid() {
                             dns_names: vec![],
                         };
                         match c.mint_x509_svid(req).await {
-                            Ok(r) => got.push(
-                                tessera_identity::x509::cert_facts(&r.into_inner().svid.unwrap().cert_chain[0])
-                                    .unwrap()
-                                    .serial,
-                            ),
+                            Ok(r) => {
+                                got.push(
+                                    tessera_identity::x509::cert_facts(&r.into_inner().svid.unwrap().cert_chain[0])
+                                        .unwrap()
+                                        .serial,
+                                );
+                                issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
                             Err(_) => break, // the server died under us
                         }
                     }
                     got
                 }));
             }
+            // The kill lands mid-issuance, not before the first answer of a slow restart.
+            eventually(10, "a first issuance after the restart", async || {
+                (issued.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+            })
+            .await;
             tokio::time::sleep(kill_after).await;
             s.kill9();
             let mut all = Vec::new();
