@@ -24,6 +24,11 @@ command -v softhsm2-util >/dev/null || missing+=(softhsm2)      # PKCS#11 key ma
 command -v pkcs11-tool >/dev/null || missing+=(opensc)          # lists the HSM's objects
 command -v cfssl >/dev/null || missing+=(golang-cfssl)          # a CA behind the external plugin
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)  # the PostgreSQL store
+command -v promtool >/dev/null || missing+=(prometheus)        # checks and unit-tests the alert rules
+command -v faketime >/dev/null || missing+=(faketime)          # an agent with a skewed clock (doctor)
+command -v curl >/dev/null || missing+=(curl)                  # the console's client certificates
+command -v chromium >/dev/null || missing+=(chromium)          # the web console in a real browser
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

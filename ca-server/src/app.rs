@@ -96,6 +96,8 @@ pub struct Server {
     pub istio_addr: Option<SocketAddr>,
     /// Where the SPIFFE bundle endpoint listens, when configured.
     pub bundle_endpoint_addr: Option<SocketAddr>,
+    /// Where the web console listens, when configured.
+    pub console_addr: Option<SocketAddr>,
     /// The keeper of federated bundles.
     pub federation: Arc<Federation>,
     /// The CA.
@@ -192,6 +194,7 @@ impl Server {
             issuance: Issuance::new(ca.clone(), metrics.issuance.clone()),
             metrics: metrics.clone(),
             changes: changes.clone(),
+            activity: Arc::new(crate::api::AgentActivity::new(tessera_identity::unix_now())),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -322,10 +325,36 @@ impl Server {
             }
         };
 
+        let diagnostics = Arc::new(crate::doctor::Diagnostics {
+            ca: ca.clone(),
+            store: store.clone(),
+            federation: federation.clone(),
+            activity: shared.activity.clone(),
+            identity: tls.identity(),
+            cfg: cfg.doctor,
+            instance_id: cfg.instance_id.clone(),
+            started: std::time::Instant::now(),
+        });
+        // The read-only web console, when configured.
+        let console_addr = match &cfg.console {
+            None => None,
+            Some(c) => {
+                let l = TcpListener::bind(c.address)
+                    .await
+                    .map_err(io(format!("cannot bind the console on {}", c.address)))?;
+                let a = l.local_addr().map_err(io("console address"))?;
+                let c = crate::console::ConsoleConfig { address: a, ..c.clone() };
+                tasks.spawn(
+                    crate::console::serve(l, c, diagnostics.clone(), shutdown_rx.clone())
+                        .instrument(info_span!("console")),
+                );
+                Some(a)
+            }
+        };
         // Admin API: local Unix socket only.
         let (uds, owner) = bind_admin_socket(&cfg.admin_socket).await?;
         let admin = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(shared.clone(), cfg.clone(), federation.clone()))
+            AdminServer::new(AdminService::new(shared.clone(), cfg.clone(), federation.clone(), diagnostics.clone()))
                 .max_decoding_message_size(4 * 1024 * 1024),
             admin_peer_check(owner),
         );
@@ -356,7 +385,7 @@ impl Server {
             ..cfg.connections
         };
         let health_gate = ConnGate::new(health_limits, metrics.listener("health"));
-        let health = Health { ca: ca.clone(), store: store.clone(), metrics };
+        let health = Health { ca: ca.clone(), store: store.clone(), metrics, diagnostics };
         tasks.spawn(
             tessera_svc::health::serve(hl, Arc::new(health), health_gate, shutdown_rx).instrument(info_span!("health")),
         );
@@ -368,6 +397,7 @@ impl Server {
             admin_socket: cfg.admin_socket.clone(),
             istio_addr,
             bundle_endpoint_addr,
+            console_addr,
             federation,
             ca,
             store,

@@ -29,8 +29,14 @@ struct RawConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`.
     #[serde(default = "default_log_level")]
     log_level: String,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    log_format: String,
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    doctor: RawDoctor,
+    console: Option<RawConsole>,
     #[serde(default)]
     ca: RawCa,
     key_manager: Option<toml::Table>,
@@ -108,6 +114,62 @@ struct RawPeer {
 
 fn default_log_level() -> String {
     "info".into()
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// `[doctor]`: the thresholds behind `tessera-server doctor`'s findings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDoctor {
+    ca_expiry_horizon: Option<String>,
+    root_expiry_horizon: String,
+    agent_sync_interval: String,
+}
+
+impl Default for RawDoctor {
+    fn default() -> Self {
+        Self { ca_expiry_horizon: None, root_expiry_horizon: "30d".into(), agent_sync_interval: "5s".into() }
+    }
+}
+
+/// `[console]`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    address: String,
+    #[serde(default)]
+    admin_ids: Vec<String>,
+}
+
+fn console(raw: RawConsole) -> Result<crate::console::ConsoleConfig, ConfigError> {
+    let address = addr("console.address", &raw.address)?;
+    let admin_ids = raw
+        .admin_ids
+        .iter()
+        .map(|s| SpiffeId::new(s).map_err(|e| invalid("console.admin_ids", format!("{s:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !address.ip().is_loopback() && admin_ids.is_empty() {
+        return Err(invalid(
+            "console.admin_ids",
+            "a console on a non-loopback address requires TLS client certificates: list the SPIFFE IDs allowed in",
+        ));
+    }
+    Ok(crate::console::ConsoleConfig { address, admin_ids })
+}
+
+/// `[doctor]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoctorConfig {
+    /// `ca-expiring` when the active authority expires within this with no successor
+    /// prepared (default: a third of `ca.ca_ttl`; a successor is normally prepared at half).
+    pub ca_expiry_horizon: Duration,
+    /// `root-expiring` when an upstream root expires within this (default 30 days).
+    pub root_expiry_horizon: Duration,
+    /// The agents' `sync_interval`: `agent-silent` after three of them without a sync.
+    pub agent_sync_interval: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -404,6 +466,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Log filter.
     pub log_level: String,
+    /// Log line format.
+    pub log_format: tessera_svc::LogFormat,
+    /// Doctor thresholds.
+    pub doctor: DoctorConfig,
+    /// The read-only web console, when served.
+    pub console: Option<crate::console::ConsoleConfig>,
     /// Agent API listen address (mTLS).
     pub agent_api_address: SocketAddr,
     /// Admin API Unix socket (0600).
@@ -809,10 +877,28 @@ impl Config {
                 reason: "must be 1s to 1h".into(),
             });
         }
+        let log_format = raw.log_format.parse()?;
+        let d = raw.doctor;
+        let doctor = DoctorConfig {
+            ca_expiry_horizon: match &d.ca_expiry_horizon {
+                Some(h) => dur("doctor.ca_expiry_horizon", h)?,
+                None => ca_ttl / 3,
+            },
+            root_expiry_horizon: dur("doctor.root_expiry_horizon", &d.root_expiry_horizon)?,
+            agent_sync_interval: tessera_svc::config::duration(
+                "doctor.agent_sync_interval",
+                &d.agent_sync_interval,
+                Duration::from_millis(100),
+            )?,
+        };
+        let console = raw.console.map(console).transpose()?;
         Ok(Config {
             trust_domain,
             data_dir,
             log_level: raw.log_level,
+            log_format,
+            doctor,
+            console,
             agent_api_address: addr("server.agent_api_address", &s.agent_api_address)?,
             admin_socket: s.admin_socket,
             health_address: addr("server.health_address", &s.health_address)?,

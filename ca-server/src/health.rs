@@ -16,6 +16,8 @@ pub struct Health {
     pub store: Arc<dyn Store>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// What doctor reads (authorities, federation, agents' syncs).
+    pub diagnostics: Arc<crate::doctor::Diagnostics>,
 }
 
 #[async_trait::async_trait]
@@ -64,11 +66,50 @@ impl tessera_svc::health::Probe for Health {
     }
 
     async fn metrics(&self) -> String {
+        let d = &self.diagnostics;
+        let bundle = self.ca.bundle();
+        // Upstream roots only: our own (self-signed) authorities have their own gauge.
+        let own: Vec<Vec<u8>> = self.ca.x509_authorities().into_iter().map(|a| a.certificate).collect();
+        let bundle_root_not_after = bundle
+            .x509_authorities
+            .iter()
+            .filter(|c| !own.iter().any(|o| o.as_slice() == c.as_ref()))
+            .filter_map(|c| tessera_identity::x509::cert_facts(c).ok())
+            .map(|f| f.not_after)
+            .min()
+            .unwrap_or(0);
+        let mut federation = Vec::new();
+        for rel in self.store.list_federations().await.unwrap_or_default() {
+            let st = d.federation.status(&rel.trust_domain);
+            federation.push((rel.trust_domain.to_string(), st.last_success, st.last_error.is_none()));
+        }
+        let agents = self.store.list_agents().await.unwrap_or_default();
+        let now = tessera_identity::unix_now();
+        let sync_ages = agents
+            .iter()
+            .filter(|a| !a.banned)
+            .map(|a| {
+                now - d.activity.last_sync(&a.spiffe_id).unwrap_or_else(|| d.activity.started_at().max(a.attested_at))
+            })
+            .collect();
+        let banned = agents.iter().filter(|a| a.banned).count() as u64;
         let g = Gauges {
             ready: self.ready().await,
             ca_expiry: self.ca.active_x509_not_after().unwrap_or(0),
-            bundle_sequence: self.ca.bundle().sequence_number,
+            bundle_sequence: bundle.sequence_number,
             plugin: self.ca.upstream_health(),
+            authorities: self
+                .ca
+                .x509_authorities()
+                .into_iter()
+                .filter(|a| a.status != "old")
+                .map(|a| (a.status, a.expires_at))
+                .collect(),
+            bundle_root_not_after,
+            rotation_errors: self.ca.rotation_health().errors_total,
+            federation,
+            agents: (agents.len() as u64 - banned, banned),
+            sync_ages,
         };
         self.metrics.render(&g)
     }

@@ -41,6 +41,70 @@ pub struct Gauges {
     pub bundle_sequence: u64,
     /// The out-of-process upstream plugin, when there is one.
     pub plugin: Option<tessera_plugins::upstream::PluginHealth>,
+    /// notAfter of the prepared and active X.509 authorities, by slot.
+    pub authorities: Vec<(&'static str, i64)>,
+    /// The earliest notAfter among the upstream roots in our bundle (0: none).
+    pub bundle_root_not_after: i64,
+    /// Failed rotation checks since start.
+    pub rotation_errors: u64,
+    /// Per federated trust domain: last success (Unix seconds, 0 = never), last attempt ok.
+    pub federation: Vec<(String, i64, bool)>,
+    /// Attested agents that are not banned, and banned ones.
+    pub agents: (u64, u64),
+    /// Seconds since each unbanned agent's last sync with this replica.
+    pub sync_ages: Vec<i64>,
+}
+
+/// Buckets of `tessera_server_agent_last_sync_age_seconds`.
+const SYNC_AGE_BUCKETS: [i64; 7] = [5, 15, 30, 60, 300, 900, 3600];
+
+fn render_doctor_gauges(out: &mut String, g: &Gauges) {
+    let name = "tessera_server_x509_authority_not_after_timestamp_seconds";
+    let _ = writeln!(out, "# HELP {name} notAfter of the prepared and active X.509 authorities.\n# TYPE {name} gauge");
+    for (slot, t) in &g.authorities {
+        let _ = writeln!(out, "{name}{{slot=\"{slot}\"}} {t}");
+    }
+    let name = "tessera_server_bundle_root_not_after_timestamp_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The earliest notAfter among the upstream roots in our bundle (0: none, e.g. a self-signed CA).\n# TYPE {name} gauge\n{name} {}",
+        g.bundle_root_not_after
+    );
+    let name = "tessera_server_ca_rotation_errors_total";
+    let _ =
+        writeln!(out, "# HELP {name} Failed CA rotation checks.\n# TYPE {name} counter\n{name} {}", g.rotation_errors);
+    let name = "tessera_server_federation_last_success_timestamp_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Last accepted bundle of each federated trust domain (0: never).\n# TYPE {name} gauge"
+    );
+    for (td, t, _) in &g.federation {
+        let _ = writeln!(out, "{name}{{trust_domain=\"{td}\"}} {t}");
+    }
+    let name = "tessera_server_federation_refresh_ok";
+    let _ =
+        writeln!(out, "# HELP {name} 1 when the last refresh of a federated bundle succeeded.\n# TYPE {name} gauge");
+    for (td, _, ok) in &g.federation {
+        let _ = writeln!(out, "{name}{{trust_domain=\"{td}\"}} {}", i64::from(*ok));
+    }
+    let name = "tessera_server_agents";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Attested agents, by state.\n# TYPE {name} gauge\n{name}{{state=\"attested\"}} {}\n{name}{{state=\"banned\"}} {}",
+        g.agents.0, g.agents.1
+    );
+    let name = "tessera_server_agent_last_sync_age_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds since each unbanned agent last synced with this replica.\n# TYPE {name} histogram"
+    );
+    for le in SYNC_AGE_BUCKETS {
+        let n = g.sync_ages.iter().filter(|a| **a <= le).count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", g.sync_ages.len());
+    let _ = writeln!(out, "{name}_sum {}", g.sync_ages.iter().sum::<i64>());
+    let _ = writeln!(out, "{name}_count {}", g.sync_ages.len());
 }
 
 impl Metrics {
@@ -106,6 +170,7 @@ impl Metrics {
                 s.render(&mut out, "tessera_server", name);
             }
         }
+        render_doctor_gauges(&mut out, g);
         if let Some(p) = &g.plugin {
             let _ = writeln!(
                 out,

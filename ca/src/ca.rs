@@ -126,6 +126,18 @@ pub struct Ca {
     /// Serialises the operations that change the state (rotation, operator commands).
     ops: Mutex<()>,
     bundle_tx: watch::Sender<Arc<Bundle>>,
+    health: parking_lot::Mutex<RotationHealth>,
+}
+
+/// How the rotation schedule has fared: what `doctor` and `/metrics` report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RotationHealth {
+    /// Failed rotation checks since start.
+    pub errors_total: u64,
+    /// The last check's failure (Unix seconds, error), cleared by a successful check.
+    pub last_error: Option<(i64, String)>,
+    /// The last failure to read the upstream's roots, cleared by a success.
+    pub upstream_error: Option<(i64, String)>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -163,6 +175,7 @@ impl Ca {
             state: RwLock::new(State::default()),
             ops: Mutex::new(()),
             bundle_tx,
+            health: parking_lot::Mutex::new(RotationHealth::default()),
         });
         let journal = ca.store.load_journal(&ca.instance).await?.unwrap_or_default();
         let mut state = State { journal, ..State::default() };
@@ -373,6 +386,24 @@ impl Ca {
         Ok(IssuedJwt { token, issued_at: now, expires_at: exp })
     }
 
+    /// How the rotation schedule has fared.
+    pub fn rotation_health(&self) -> RotationHealth {
+        self.health.lock().clone()
+    }
+
+    /// The certificate chain (DER, our CA first) of each X.509 authority that is prepared or
+    /// active, with its status.
+    pub fn x509_chains(&self) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+        self.state
+            .read()
+            .journal
+            .x509
+            .iter()
+            .filter(|e| e.status != SlotStatus::Old)
+            .map(|e| (e.status.as_str(), e.chain.iter().filter_map(|c| STANDARD.decode(c).ok()).collect()))
+            .collect()
+    }
+
     /// The X.509 authorities in the journal, oldest first.
     pub fn x509_authorities(&self) -> Vec<AuthorityView> {
         self.state
@@ -442,11 +473,15 @@ impl Ca {
         if let Some(up) = &self.upstream {
             match up.roots().await {
                 Ok(roots) => {
+                    self.health.lock().upstream_error = None;
                     let change =
                         BundleChange { remove: Vec::new(), add: roots.into_iter().map(BundleItem::Root).collect() };
                     self.update_bundle(|b| change.apply(b)).await?
                 }
-                Err(e) => warn!(error = %e, "Cannot read the upstream roots"),
+                Err(e) => {
+                    warn!(error = %e, "Cannot read the upstream roots");
+                    self.health.lock().upstream_error = Some((now, e.to_string()));
+                }
             }
         }
         let x509 = slot::step::<X509Kind>(&self.state.read(), now);
@@ -473,8 +508,14 @@ impl Ca {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = self.rotate_once().await {
-                        warn!(error = %e, "CA rotation check failed");
+                    match self.rotate_once().await {
+                        Ok(()) => self.health.lock().last_error = None,
+                        Err(e) => {
+                            warn!(error = %e, "CA rotation check failed");
+                            let mut h = self.health.lock();
+                            h.errors_total = h.errors_total.saturating_add(1);
+                            h.last_error = Some((self.clock.now(), e.to_string()));
+                        }
                     }
                 }
                 _ = shutdown.changed() => break,

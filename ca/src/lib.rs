@@ -19,7 +19,7 @@ mod issuance;
 pub mod policy;
 mod slot;
 
-pub use ca::{AuthorityView, Ca, CaConfig, CaDeps, IssuedJwt, IssuedX509};
+pub use ca::{AuthorityView, Ca, CaConfig, CaDeps, IssuedJwt, IssuedX509, RotationHealth};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{CaError, UpstreamAnswerError};
 pub use issuance::{AudienceError, Failure, Fault, Issuance, IssuanceCounters, IssueError, ResultCounter, X509Request};

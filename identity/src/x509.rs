@@ -289,6 +289,91 @@ pub fn signed_by(leaf_der: &[u8], issuer_der: &[u8]) -> bool {
     leaf.verify_signature(Some(issuer.public_key())).is_ok()
 }
 
+/// What is wrong with a CA chain that signs our leaves (`chain`: the signing CA first, then
+/// the certificates above it), as checked against `roots` (the bundle's X.509 authorities):
+/// each CA certificate must be a CA with keyCertSign, allow the CA certificates below it by
+/// its path length, carry no extKeyUsage that excludes serverAuth or clientAuth, be signed by
+/// the next one, and the chain must end at (or under) a root. Empty when the chain is sound.
+pub fn ca_chain_problems(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Vec<String> {
+    chain_problems(chain, roots, 0)
+}
+
+/// [`ca_chain_problems`] for an upstream's chain (its CA first): the CA certificates in it
+/// have our own CA below them as well, which their path lengths must allow.
+pub fn upstream_chain_problems(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> Vec<String> {
+    chain_problems(chain, roots, 1)
+}
+
+fn chain_problems(chain: &[Vec<u8>], roots: &[Vec<u8>], below: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut parsed = Vec::with_capacity(chain.len());
+    for (i, der) in chain.iter().enumerate() {
+        match X509Certificate::from_der(der) {
+            Ok((_, c)) => parsed.push(c),
+            Err(e) => {
+                problems.push(format!("certificate {i} of the chain does not parse: {e}"));
+                return problems;
+            }
+        }
+    }
+    if parsed.is_empty() {
+        problems.push("the chain is empty".into());
+        return problems;
+    }
+    for (i, c) in parsed.iter().enumerate() {
+        let who = if i == 0 { "the signing CA".to_owned() } else { format!("chain certificate {i} ({})", c.subject()) };
+        let mut is_ca = false;
+        let mut path_len: Option<u32> = None;
+        let mut key_cert_sign: Option<bool> = None;
+        for ext in c.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::BasicConstraints(bc) => {
+                    is_ca = bc.ca;
+                    path_len = bc.path_len_constraint;
+                }
+                ParsedExtension::KeyUsage(ku) => key_cert_sign = Some(ku.key_cert_sign()),
+                ParsedExtension::ExtendedKeyUsage(eku) if !(eku.any || eku.server_auth && eku.client_auth) => {
+                    problems.push(format!(
+                        "{who} has an extKeyUsage without serverAuth and clientAuth: the leaves it signs fail TLS verification"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if !is_ca {
+            problems.push(format!("{who} is not a CA (basicConstraints cA is not true)"));
+        }
+        if key_cert_sign == Some(false) {
+            problems.push(format!("{who} lacks the keyCertSign key usage"));
+        }
+        // Certificate i has i (+ `below`) CA certificates below it before our leaves.
+        let under = i + below;
+        if let Some(n) = path_len
+            && (n as usize) < under
+        {
+            problems
+                .push(format!("{who} has pathLenConstraint {n}, which forbids the {under} CA certificate(s) below it"));
+        }
+        if let Some(issuer) = parsed.get(i + 1)
+            && c.verify_signature(Some(issuer.public_key())).is_err()
+        {
+            problems.push(format!("{who} is not signed by the next certificate of the chain"));
+        }
+    }
+    let top_der = chain.last().map(Vec::as_slice).unwrap_or_default();
+    let anchored = parsed.last().is_some_and(|top| {
+        roots.iter().any(|r| {
+            r.as_slice() == top_der
+                || X509Certificate::from_der(r)
+                    .is_ok_and(|(_, root)| top.verify_signature(Some(root.public_key())).is_ok())
+        })
+    });
+    if !anchored {
+        problems.push("the chain does not end at a root of the trust bundle".into());
+    }
+    problems
+}
+
 /// Lower-case hex.
 pub fn hex_lower(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -348,6 +433,59 @@ pub fn check_svid_leaf(der: &[u8]) -> Result<SpiffeId, ProfileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A root and an intermediate under it, with `tweak` applied to the intermediate's profile
+    /// and `root_tweak` to the root's.
+    fn ca_pair(
+        tweak: impl FnOnce(&mut CertificateParams),
+        root_tweak: impl FnOnce(&mut CertificateParams),
+    ) -> (Vec<u8>, Vec<u8>) {
+        let td = TrustDomain::new("example.org").unwrap();
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut root = ca_params(&td, 0, 2_000_000_000, random_serial().unwrap()).unwrap();
+        root_tweak(&mut root);
+        let root_der = root.clone().self_signed(&root_key).unwrap().der().to_vec();
+        let issuer = rcgen::Issuer::new(root, &root_key);
+        let mut int = ca_params(&td, 0, 1_900_000_000, random_serial().unwrap()).unwrap();
+        tweak(&mut int);
+        let key = rcgen::KeyPair::generate().unwrap();
+        (int.signed_by(&key, &issuer).unwrap().der().to_vec(), root_der)
+    }
+
+    #[test]
+    fn a_sound_ca_chain_has_no_problems() {
+        let (int, root) = ca_pair(|_| {}, |_| {});
+        assert_eq!(ca_chain_problems(&[int.clone(), root.clone()], std::slice::from_ref(&root)), Vec::<String>::new());
+        // The root alone (a self-signed CA) and a chain given without its root.
+        assert!(ca_chain_problems(std::slice::from_ref(&root), std::slice::from_ref(&root)).is_empty());
+        assert!(ca_chain_problems(std::slice::from_ref(&int), std::slice::from_ref(&root)).is_empty());
+    }
+
+    #[test]
+    fn a_ca_with_a_server_only_eku_is_a_problem() {
+        // istio #27193: a `cacerts` intermediate with extKeyUsage serverAuth only.
+        let (int, root) = ca_pair(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth], |_| {});
+        let p = ca_chain_problems(&[int, root.clone()], &[root]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("extKeyUsage"), "{p:?}");
+    }
+
+    #[test]
+    fn missing_key_cert_sign_path_length_and_foreign_roots_are_problems() {
+        let (int, root) = ca_pair(|p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature], |_| {});
+        let p = ca_chain_problems(&[int, root.clone()], &[root]);
+        assert!(p.iter().any(|m| m.contains("keyCertSign")), "{p:?}");
+        let (int, root) = ca_pair(|_| {}, |p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)));
+        let p = ca_chain_problems(&[int.clone(), root.clone()], std::slice::from_ref(&root));
+        assert!(p.iter().any(|m| m.contains("pathLenConstraint 0")), "{p:?}");
+        let (int, root) = ca_pair(|_| {}, |_| {});
+        let (_, other_root) = ca_pair(|_| {}, |_| {});
+        let p = ca_chain_problems(&[int, root], &[other_root]);
+        assert_eq!(p, vec!["the chain does not end at a root of the trust bundle".to_owned()]);
+        let leaf = issue_leaf(false);
+        let p = ca_chain_problems(&[leaf], &[]);
+        assert!(p.iter().any(|m| m.contains("not a CA")), "{p:?}");
+    }
 
     fn issue_leaf(rsa: bool) -> Vec<u8> {
         let td = TrustDomain::new("example.org").unwrap();

@@ -125,6 +125,14 @@ impl Agent {
                 .instrument(info_span!("cert_files")),
         );
 
+        let (admin_l, owner) = crate::admin::bind(&cfg.admin_socket_path)
+            .await
+            .map_err(io(format!("cannot bind the admin socket {}", cfg.admin_socket_path.display())))?;
+        tasks.spawn(
+            crate::admin::serve(admin_l, cfg.admin_socket_path.clone(), manager.clone(), owner, shutdown_rx.clone())
+                .instrument(info_span!("admin_socket")),
+        );
+
         let hl = TcpListener::bind(cfg.health_address)
             .await
             .map_err(io(format!("cannot bind health listener on {}", cfg.health_address)))?;

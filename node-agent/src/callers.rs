@@ -31,6 +31,8 @@ pub struct Caller {
     pub selectors: Vec<Selector>,
     /// The connecting process as it was at accept (`None` when the kernel gave no pid).
     stamp: Option<(i32, ProcessStamp)>,
+    /// Its uid, as the kernel reported it.
+    pub uid: Option<u32>,
 }
 
 fn changed() -> Status {
@@ -40,6 +42,11 @@ fn changed() -> Status {
 }
 
 impl Caller {
+    /// The connecting process's pid, when the kernel gave one.
+    pub fn pid(&self) -> Option<i32> {
+        self.stamp.as_ref().map(|(p, _)| *p)
+    }
+
     /// Refuses when the connecting pid no longer runs the process that connected.
     pub fn check(&self) -> Result<(), Status> {
         match &self.stamp {
@@ -70,7 +77,7 @@ impl Callers {
             Some(pid) => Some((pid, peer.stamp.ok_or_else(changed)?)),
             None => None,
         };
-        let caller = Caller { selectors: Vec::new(), stamp };
+        let caller = Caller { selectors: Vec::new(), stamp, uid: Some(peer.cred.uid) };
         caller.check()?;
         let mut selectors = Vec::new();
         for a in &self.attestors {

@@ -40,6 +40,66 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8082")]
         address: String,
     },
+    /// Diagnose the running agent: coded findings, most severe first (exit 0 healthy, 1
+    /// findings of warning or error, 2 doctor could not run). Only reads.
+    Doctor {
+        #[command(flatten)]
+        socket: AdminSocketArg,
+        /// Also check this agent.toml (and take the admin socket from it unless --socket).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Check a configuration file without starting: every problem with its key (exit 1).
+    Validate {
+        /// Path to agent.toml.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// The running agent's state, from its admin socket.
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCmd {
+    /// Version, uptime, counts, last sync, clock skew, the agent's own SVID.
+    Info {
+        #[command(flatten)]
+        socket: AdminSocketArg,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Every open SDS stream: caller, resources, versions and nonces, ACK/NACK, certificates.
+    Sds {
+        #[command(flatten)]
+        socket: AdminSocketArg,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AdminSocketArg {
+    /// The agent's admin socket (`admin_socket_path`; default `<data_dir>/admin.sock`).
+    #[arg(long, env = "TESSERA_AGENT_ADMIN_SOCKET", default_value = "/var/lib/tessera/agent/admin.sock")]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,8 +164,31 @@ enum ValidateCmd {
 
 /// Entry point for the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tessera_svc::run_main(|| run(cli))
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match cli.cmd {
+        Cmd::Validate { config, output } => crate::diagnose::validate(&config, output.output == Output::Json),
+        Cmd::Doctor { socket, config, output } => {
+            let explicit = matches
+                .subcommand_matches("doctor")
+                .and_then(|m| m.value_source("socket"))
+                .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue);
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => {
+                    rt.block_on(crate::diagnose::doctor(socket.socket, explicit, config, output.output == Output::Json))
+                }
+                Err(e) => {
+                    eprintln!("Error: doctor could not run: cannot start runtime: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        cmd => tessera_svc::run_main(|| run(Cli { cmd })),
+    }
 }
 
 type Client = SpiffeWorkloadApiClient<
@@ -204,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Run { config } => {
             let cfg = Config::load(&config)?;
-            tessera_svc::init_logging(&cfg.log_level);
+            tessera_svc::init_logging(&cfg.log_level, cfg.log_format);
             let agent = crate::app::Agent::start(cfg).await?;
             tessera_svc::terminated().await.context("cannot install SIGTERM handler")?;
             agent.shutdown().await;
@@ -253,6 +336,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_x509(&resp);
             }
             bail!("the agent closed the stream")
+        }
+        Cmd::Doctor { .. } | Cmd::Validate { .. } => Ok(()),
+        Cmd::Debug(DebugCmd::Info { socket, output }) => {
+            let v = crate::admin::ask(&socket.socket, "info")
+                .await
+                .with_context(|| format!("cannot ask the agent at {}", socket.socket.display()))?;
+            if output.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", crate::diagnose::info_text(&v));
+            }
+            Ok(())
+        }
+        Cmd::Debug(DebugCmd::Sds { socket, output }) => {
+            let v = crate::admin::ask(&socket.socket, "sds")
+                .await
+                .with_context(|| format!("cannot ask the agent at {}", socket.socket.display()))?;
+            if output.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", crate::diagnose::sds_text(&v));
+            }
+            Ok(())
         }
         Cmd::Healthcheck { address } => {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};

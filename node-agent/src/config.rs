@@ -27,6 +27,11 @@ struct RawConfig {
     health_address: String,
     #[serde(default = "default_log_level")]
     log_level: String,
+    #[serde(default = "default_log_format")]
+    log_format: String,
+    admin_socket_path: Option<PathBuf>,
+    #[serde(default)]
+    doctor: RawDoctor,
     #[serde(default = "default_sync")]
     sync_interval: String,
     #[serde(default)]
@@ -126,6 +131,22 @@ fn default_log_level() -> String {
 fn default_sync() -> String {
     "5s".into()
 }
+fn default_log_format() -> String {
+    "text".into()
+}
+
+/// `[doctor]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDoctor {
+    entry_unmatched_after: String,
+}
+
+impl Default for RawDoctor {
+    fn default() -> Self {
+        Self { entry_unmatched_after: "10m".into() }
+    }
+}
 
 /// Where to write one SVID as files for proxyless gRPC and file-reading apps.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +187,14 @@ pub struct Config {
     pub health_address: SocketAddr,
     /// Log level.
     pub log_level: String,
+    /// Log line format.
+    pub log_format: tessera_svc::LogFormat,
+    /// The admin socket (`doctor`, `debug`): 0600, this user and root only. Default
+    /// `<data_dir>/admin.sock`, away from the directory workloads see.
+    pub admin_socket_path: PathBuf,
+    /// `doctor`: an entry no workload has received for this long is reported
+    /// (`entry-unmatched`, informational).
+    pub entry_unmatched_after: Duration,
     /// How often entries and bundles are synced.
     pub sync_interval: Duration,
     /// SVIDs to keep written as files.
@@ -329,6 +358,19 @@ impl Config {
                 reason: "set join_token or [node_attestor] k8s_psat, not both".into(),
             });
         }
+        let admin_socket_path = raw.admin_socket_path.unwrap_or_else(|| data_dir.join("admin.sock"));
+        if admin_socket_path.parent() == raw.socket_path.parent() {
+            return Err(ConfigError::Invalid {
+                key: "admin_socket_path",
+                reason: "must not be in the socket_path's directory, which workloads see".into(),
+            });
+        }
+        let log_format = raw.log_format.parse()?;
+        let entry_unmatched_after = tessera_svc::config::duration(
+            "doctor.entry_unmatched_after",
+            &raw.doctor.entry_unmatched_after,
+            Duration::from_secs(1),
+        )?;
         Ok(Config {
             trust_domain,
             server_address,
@@ -339,6 +381,9 @@ impl Config {
             join_token: raw.join_token.filter(|t| !t.is_empty()),
             health_address,
             log_level: raw.log_level,
+            log_format,
+            admin_socket_path,
+            entry_unmatched_after,
             sync_interval,
             cert_files,
             workload_attestors,
@@ -347,6 +392,49 @@ impl Config {
     }
 
     /// Reads and validates a config file.
+    /// What still keeps a parsed configuration from starting, checked without starting:
+    /// each file it names exists and holds what it should. `(key, problem)` pairs.
+    pub fn file_problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut readable = |key: &str, p: &std::path::Path, pem: bool| match std::fs::read(p) {
+            Ok(b) if pem => match tessera_identity::pem::decode_certs(&b) {
+                Ok(c) if !c.is_empty() => {}
+                Ok(_) => out.push((key.to_owned(), format!("{} holds no PEM certificate", p.display()))),
+                Err(e) => out.push((key.to_owned(), format!("{}: {e}", p.display()))),
+            },
+            Ok(_) => {}
+            Err(e) => out.push((key.to_owned(), format!("{}: {e}", p.display()))),
+        };
+        if let Bootstrap::BundleFile(p) = &self.bootstrap
+            && !self.data_dir.join("agent-svid.pem").exists()
+        {
+            readable("trust_bundle_path", p, true);
+        }
+        if let Some(p) = &self.psat {
+            readable("node_attestor.token_path", &p.token_path, false);
+        }
+        for a in &self.workload_attestors {
+            if let WorkloadAttestorKind::K8s(k) = a {
+                if let Some(ca) = &k.kubelet_ca_path {
+                    readable("workload_attestor.kubelet_ca_path", ca, true);
+                }
+                if let Some(t) = &k.token_path {
+                    readable("workload_attestor.token_path", t, false);
+                }
+            }
+        }
+        for (key, p) in [("data_dir", &self.data_dir), ("socket_path", &self.socket_path)] {
+            let dir = if key == "data_dir" { Some(p.as_path()) } else { p.parent() };
+            if let Some(d) = dir
+                && d.exists()
+                && !d.is_dir()
+            {
+                out.push((key.to_owned(), format!("{} is not a directory", d.display())));
+            }
+        }
+        out
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::Toml(format!("cannot read config {}: {e}", path.display())))?;

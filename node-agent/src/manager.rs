@@ -189,6 +189,12 @@ pub struct AgentMetrics {
     pub workload_streams: AtomicU64,
     /// Change notices received from the server.
     pub change_notices: AtomicU64,
+    /// SDS responses Envoy rejected.
+    pub sds_nacks: AtomicU64,
+    /// Unix seconds of the last successful sync pass (0: none yet).
+    pub last_sync: std::sync::atomic::AtomicI64,
+    /// Server clock minus ours, milliseconds, measured in the last sync answer.
+    pub clock_skew_ms: std::sync::atomic::AtomicI64,
     /// The health listener's connections.
     pub health_connections: Arc<tessera_svc::listener::ConnStats>,
     /// The agent socket's connections.
@@ -310,6 +316,43 @@ pub struct Manager {
     current: AtomicUsize,
     /// Counters.
     pub metrics: Arc<AgentMetrics>,
+    /// What `doctor` and `debug` read besides the counters.
+    pub observed: Observed,
+}
+
+/// What the agent has observed of itself, for `doctor` and `debug info`.
+#[derive(Debug)]
+pub struct Observed {
+    /// When the agent started.
+    pub started: std::time::Instant,
+    /// The last failed sync pass (Unix seconds, error), cleared by a success.
+    pub last_sync_error: Mutex<Option<(i64, String)>>,
+    /// True once a sync answer carried the server's time.
+    pub skew_measured: AtomicBool,
+    /// Per entry ID: when the agent first held it, and when a workload last received its
+    /// SVID (Unix seconds).
+    pub entries: Mutex<HashMap<String, (i64, Option<i64>)>>,
+    /// Open SDS streams' state (`debug sds`).
+    pub sds: crate::sds_state::SdsStreams,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            last_sync_error: Mutex::default(),
+            skew_measured: AtomicBool::new(false),
+            entries: Mutex::default(),
+            sds: crate::sds_state::SdsStreams::default(),
+        }
+    }
+}
+
+/// The system clock in Unix milliseconds.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl std::fmt::Debug for Manager {
@@ -419,6 +462,7 @@ impl Manager {
             wake: Notify::new(),
             current: AtomicUsize::new(0),
             metrics: Arc::default(),
+            observed: Observed::default(),
         }))
     }
 
@@ -435,6 +479,41 @@ impl Manager {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.tx.borrow().clone()
+    }
+
+    /// Notes that a workload received the SVIDs `served`.
+    pub fn mark_served(&self, served: &[Arc<WorkloadSvid>]) {
+        if served.is_empty() {
+            return;
+        }
+        let now = unix_now();
+        let mut e = self.observed.entries.lock();
+        for s in served {
+            if let Some(v) = e.get_mut(&s.entry.id) {
+                v.1 = Some(now);
+            }
+        }
+    }
+
+    /// The agent's own SVID: chain (leaf first), when it renews, when it expires.
+    pub fn own_svid(&self) -> (Vec<Vec<u8>>, i64, i64) {
+        let s = self.state.lock();
+        (s.identity.chain.clone(), s.identity.renew_at(), s.identity.not_after)
+    }
+
+    /// The entries the agent holds.
+    pub fn entries(&self) -> Vec<AgentEntry> {
+        self.state.lock().entries.values().cloned().collect()
+    }
+
+    /// The files the agent keeps its state in.
+    pub fn files(&self) -> &IdentityFiles {
+        &self.files
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// True once a sync with the server has completed.
@@ -555,6 +634,18 @@ impl Manager {
     /// One pass, in named steps: the agent SVID, entries, taints, bundles, workload SVIDs,
     /// publication. Returns when the next SVID (or the agent SVID) is due, Unix seconds.
     pub async fn sync_once(&self) -> Result<i64, AgentError> {
+        let r = self.sync_pass().await;
+        match &r {
+            Ok(_) => {
+                self.metrics.last_sync.store(unix_now(), Ordering::Relaxed);
+                *self.observed.last_sync_error.lock() = None;
+            }
+            Err(e) => *self.observed.last_sync_error.lock() = Some((unix_now(), e.to_string())),
+        }
+        r
+    }
+
+    async fn sync_pass(&self) -> Result<i64, AgentError> {
         let _pass = self.pass.lock().await;
         let now = unix_now();
         self.renew_agent_if_due(now).await?;
@@ -599,11 +690,18 @@ impl Manager {
             let s = self.state.lock();
             (s.revision, s.entries.clone())
         };
+        let sent_ms = unix_now_ms();
         let resp = client
             .sync_entries(pb::SyncEntriesRequest { since_revision: since })
             .await
             .map_err(ClientError::refused(CALL))?
             .into_inner();
+        if resp.server_time_ms != 0 {
+            // The server read its clock about halfway through the round trip.
+            let midpoint = sent_ms + (unix_now_ms() - sent_ms) / 2;
+            self.metrics.clock_skew_ms.store(resp.server_time_ms - midpoint, Ordering::Relaxed);
+            self.observed.skew_measured.store(true, Ordering::Relaxed);
+        }
         for id in &resp.removed_ids {
             entries.remove(id);
         }
@@ -638,6 +736,12 @@ impl Manager {
         s.svids.retain(|id, svid| received.entries.get(id).is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id));
         changed |= s.svids.len() != before;
         s.entries = received.entries.clone();
+        let now = unix_now();
+        let mut seen = self.observed.entries.lock();
+        seen.retain(|id, _| received.entries.contains_key(id));
+        for id in received.entries.keys() {
+            seen.entry(id.clone()).or_insert((now, None));
+        }
         changed
     }
 

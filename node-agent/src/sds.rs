@@ -20,13 +20,14 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
-use tessera_identity::{Bundle, Selector, SpiffeId, TrustDomain};
+use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::callers::{Caller, Callers};
 use crate::manager::{Manager, Snapshot, WorkloadSvid};
+use crate::sds_state::{Reply, SentResource, Tracked};
 use crate::streams::{OpenStream, Responder, ResponseStream, StreamKind, respond};
 use crate::workload_api::federated_for;
 
@@ -96,32 +97,80 @@ fn spiffe_validator_secret(name: &str, bundles: &[&Bundle]) -> Secret {
     }
 }
 
-/// The secret named `name` for a caller with identities `ids`, if it exists.
-pub fn secret_for(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Option<Secret> {
+/// What a resource name stands for, for a caller with identities `ids`.
+enum Chosen<'a> {
+    /// A TLS certificate and key.
+    Tls(&'a WorkloadSvid),
+    /// Our bundle (or one federated bundle) as trusted CAs.
+    TrustedCa(&'a Bundle),
+    /// Bundles as a SPIFFE validator.
+    Spiffe(Vec<&'a Bundle>),
+}
+
+fn choose<'a>(name: &str, snap: &'a Snapshot, ids: &'a [Arc<WorkloadSvid>]) -> Option<Chosen<'a>> {
     match name {
-        "default" => ids.first().map(|s| tls_secret(name, s)),
-        "ROOTCA" => Some(trusted_ca_secret(name, &snap.bundle)),
+        "default" => ids.first().map(|s| Chosen::Tls(s)),
+        "ROOTCA" => Some(Chosen::TrustedCa(&snap.bundle)),
         "ALL" => {
             // Ours, and those of the trust domains the caller's entries federate with.
             let mut all: Vec<&Bundle> = vec![&snap.bundle];
             all.extend(federated_for(snap, ids).into_values().map(AsRef::as_ref));
-            Some(spiffe_validator_secret(name, &all))
+            Some(Chosen::Spiffe(all))
         }
         other if other.starts_with("spiffe://") => {
             let id = SpiffeId::new(other).ok()?;
             if id.path().is_empty() {
                 let td: &TrustDomain = id.trust_domain();
                 if td == &snap.bundle.trust_domain {
-                    Some(trusted_ca_secret(name, &snap.bundle))
+                    Some(Chosen::TrustedCa(&snap.bundle))
                 } else {
-                    federated_for(snap, ids).get(td).map(|b| trusted_ca_secret(name, b))
+                    federated_for(snap, ids).get(td).copied().map(|b| Chosen::TrustedCa(b.as_ref()))
                 }
             } else {
-                ids.iter().find(|s| s.entry.spiffe_id == id).map(|s| tls_secret(name, s))
+                ids.iter().find(|s| s.entry.spiffe_id == id).map(|s| Chosen::Tls(s))
             }
         }
         _ => None,
     }
+}
+
+/// The secret named `name` for a caller with identities `ids`, if it exists.
+pub fn secret_for(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Option<Secret> {
+    Some(match choose(name, snap, ids)? {
+        Chosen::Tls(s) => tls_secret(name, s),
+        Chosen::TrustedCa(b) => trusted_ca_secret(name, b),
+        Chosen::Spiffe(all) => spiffe_validator_secret(name, &all),
+    })
+}
+
+/// What `debug sds` shows of the resource `name` as it would be sent now.
+fn describe(name: &str, snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> Option<SentResource> {
+    Some(match choose(name, snap, ids)? {
+        Chosen::Tls(s) => SentResource {
+            name: name.to_owned(),
+            kind: "tls_certificate",
+            spiffe_id: Some(s.entry.spiffe_id.to_string()),
+            serial: Some(s.serial.clone()),
+            not_after: Some(s.not_after),
+            trust_domains: Vec::new(),
+        },
+        Chosen::TrustedCa(b) => SentResource {
+            name: name.to_owned(),
+            kind: "validation_context",
+            spiffe_id: None,
+            serial: None,
+            not_after: None,
+            trust_domains: vec![b.trust_domain.to_string()],
+        },
+        Chosen::Spiffe(all) => SentResource {
+            name: name.to_owned(),
+            kind: "validation_context",
+            spiffe_id: None,
+            serial: None,
+            not_after: None,
+            trust_domains: all.iter().map(|b| b.trust_domain.to_string()).collect(),
+        },
+    })
 }
 
 /// Encodes a secret, then zeroes the private key it held: the encoded copy is the only one
@@ -177,12 +226,59 @@ fn checked_names(names: Vec<String>) -> Result<Vec<String>, Status> {
 }
 
 /// SotW: the resources for `names`, and their joint version.
-fn sotw(names: &[String], snap: &Snapshot, sel: &[Selector]) -> (Vec<Any>, String) {
-    let ids = snap.identities(sel);
-    let any: Vec<Any> = names.iter().filter_map(|n| secret_for(n, snap, &ids)).map(to_any).collect();
+fn sotw(names: &[String], snap: &Snapshot, ids: &[Arc<WorkloadSvid>]) -> (Vec<Any>, String) {
+    let any: Vec<Any> = names.iter().filter_map(|n| secret_for(n, snap, ids)).map(to_any).collect();
     let parts: Vec<&[u8]> = any.iter().map(|a| a.value.as_slice()).collect();
     let version = version_of(&parts);
     (any, version)
+}
+
+/// Notes an ACK or NACK of a stream's response.
+fn note_reply(track: &Tracked, mgr: &Manager, nonce: &str, version: &str, err: Option<(i32, &str)>) {
+    if err.is_some() {
+        mgr.metrics.sds_nacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let reply = Reply {
+        at: tessera_identity::unix_now(),
+        nonce: nonce.to_owned(),
+        version: version.to_owned(),
+        code: err.map(|e| e.0),
+        error: err.map(|e| e.1.to_owned()),
+    };
+    track.update(|s| {
+        if err.is_some() {
+            s.last_nack = Some(reply);
+        } else {
+            s.last_ack = Some(reply);
+        }
+    });
+}
+
+/// Notes what a stream just sent.
+fn note_sent(
+    track: &Tracked,
+    ids: &[Arc<WorkloadSvid>],
+    version: &str,
+    nonce: &str,
+    sent: impl Iterator<Item = SentResource>,
+    removed: &[String],
+    replace: bool,
+) {
+    track.update(|s| {
+        s.spiffe_ids = ids.iter().map(|i| i.entry.spiffe_id.to_string()).collect();
+        s.version = version.to_owned();
+        s.nonce = nonce.to_owned();
+        s.sent_at = tessera_identity::unix_now();
+        if replace {
+            s.resources.clear();
+        }
+        for r in removed {
+            s.resources.remove(r);
+        }
+        for r in sent {
+            s.resources.insert(r.name.clone(), r);
+        }
+    });
 }
 
 /// One state-of-the-world stream.
@@ -194,6 +290,8 @@ struct Sotw {
     sent_version: String,
     last_nonce: String,
     nonces: Nonces,
+    mgr: Arc<Manager>,
+    track: Tracked,
     _open: OpenStream,
 }
 
@@ -211,12 +309,16 @@ impl Responder for Sotw {
                     }
                     if let Some(err) = &r.error_detail {
                         warn!(version = %r.version_info, code = err.code, message = %err.message, "Envoy rejected (NACK) an SDS response");
+                        note_reply(&self.track, &self.mgr, &r.response_nonce, &r.version_info, Some((err.code, &err.message)));
+                    } else if !r.response_nonce.is_empty() {
+                        note_reply(&self.track, &self.mgr, &r.response_nonce, &r.version_info, None);
                     }
                     let names = match checked_names(r.resource_names) {
                         Ok(n) => n,
                         Err(e) => return Some(Err(e)),
                     };
                     if self.names.as_ref() != Some(&names) {
+                        self.track.update(|s| s.resource_names.clone_from(&names));
                         self.names = Some(names);
                     }
                 }
@@ -224,7 +326,8 @@ impl Responder for Sotw {
             }
             let Some(n) = &self.names else { continue };
             let snap = self.snaps.borrow_and_update().clone();
-            let (mut resources, version) = sotw(n, &snap, &self.caller.selectors);
+            let ids = snap.identities(&self.caller.selectors);
+            let (mut resources, version) = sotw(n, &snap, &ids);
             if resources.is_empty() || version == self.sent_version {
                 // Not sent: clear the keys they hold before they are dropped.
                 resources.iter_mut().for_each(|r| zeroize::Zeroize::zeroize(&mut r.value));
@@ -235,6 +338,16 @@ impl Responder for Sotw {
             }
             self.last_nonce = self.nonces.next();
             self.sent_version.clone_from(&version);
+            self.mgr.mark_served(&ids);
+            note_sent(
+                &self.track,
+                &ids,
+                &version,
+                &self.last_nonce,
+                n.iter().filter_map(|x| describe(x, &snap, &ids)),
+                &[],
+                true,
+            );
             return Some(Ok(DiscoveryResponse {
                 version_info: version,
                 resources,
@@ -256,6 +369,10 @@ struct Delta {
     held: BTreeMap<String, String>,
     nonces: Nonces,
     first: bool,
+    /// The nonce last sent (a reply naming it is an ACK or NACK of it).
+    last_nonce: String,
+    mgr: Arc<Manager>,
+    track: Tracked,
     _open: OpenStream,
 }
 
@@ -269,6 +386,9 @@ impl Responder for Delta {
                     let Ok(Some(r)) = msg else { return None };
                     if let Some(err) = &r.error_detail {
                         warn!(nonce = %r.response_nonce, code = err.code, message = %err.message, "Envoy rejected (NACK) a delta SDS response");
+                        note_reply(&self.track, &self.mgr, &r.response_nonce, "", Some((err.code, &err.message)));
+                    } else if !r.response_nonce.is_empty() && r.response_nonce == self.last_nonce {
+                        note_reply(&self.track, &self.mgr, &r.response_nonce, "", None);
                     }
                     if self.first {
                         self.held.extend(r.initial_resource_versions.clone());
@@ -281,6 +401,8 @@ impl Responder for Delta {
                     for n in r.resource_names_subscribe {
                         self.subscribed.insert(n);
                     }
+                    let names: Vec<String> = self.subscribed.iter().cloned().collect();
+                    self.track.update(|s| s.resource_names = names);
                     // Bounded: what a stream remembers is at most its subscriptions.
                     if self.subscribed.len() > MAX_SUBSCRIBED
                         || self.held.len() > MAX_SUBSCRIBED
@@ -327,12 +449,24 @@ impl Responder for Delta {
             if let Err(e) = self.caller.check() {
                 return Some(Err(e));
             }
+            self.last_nonce = self.nonces.next();
+            self.mgr.mark_served(&ids);
+            let system_version = snap.generation.to_string();
+            note_sent(
+                &self.track,
+                &ids,
+                &system_version,
+                &self.last_nonce,
+                resources.iter().filter_map(|r| describe(&r.name, &snap, &ids)),
+                &removed,
+                false,
+            );
             return Some(Ok(DeltaDiscoveryResponse {
-                system_version_info: snap.generation.to_string(),
+                system_version_info: system_version,
                 resources,
                 type_url: SECRET_TYPE.into(),
                 removed_resources: removed,
-                nonce: self.nonces.next(),
+                nonce: self.last_nonce.clone(),
                 ..Default::default()
             }));
         }
@@ -346,6 +480,7 @@ impl Sds {
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
         let caller = self.callers.attest(&req).await?;
+        let (caller_pid, caller_uid) = (caller.pid(), caller.uid);
         let state = Sotw {
             inbound: req.into_inner(),
             snaps: self.mgr.subscribe(),
@@ -354,6 +489,8 @@ impl Sds {
             sent_version: String::new(),
             last_nonce: String::new(),
             nonces: Nonces(0),
+            track: self.mgr.observed.sds.open("sotw", caller_pid, caller_uid),
+            mgr: self.mgr.clone(),
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
         Ok(Response::new(respond(state)))
@@ -363,7 +500,10 @@ impl Sds {
     pub async fn fetch_secrets(&self, req: Request<DiscoveryRequest>) -> Result<Response<DiscoveryResponse>, Status> {
         let caller = self.callers.attest(&req).await?;
         let names = checked_names(req.into_inner().resource_names)?;
-        let (resources, version) = sotw(&names, &self.mgr.snapshot(), &caller.selectors);
+        let snap = self.mgr.snapshot();
+        let ids = snap.identities(&caller.selectors);
+        let (resources, version) = sotw(&names, &snap, &ids);
+        self.mgr.mark_served(&ids);
         caller.check()?;
         Ok(Response::new(DiscoveryResponse {
             version_info: version,
@@ -380,6 +520,7 @@ impl Sds {
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DeltaDiscoveryResponse>>, Status> {
         let caller = self.callers.attest(&req).await?;
+        let (caller_pid, caller_uid) = (caller.pid(), caller.uid);
         let state = Delta {
             inbound: req.into_inner(),
             snaps: self.mgr.subscribe(),
@@ -388,6 +529,9 @@ impl Sds {
             held: BTreeMap::new(),
             nonces: Nonces(0),
             first: true,
+            last_nonce: String::new(),
+            track: self.mgr.observed.sds.open("delta", caller_pid, caller_uid),
+            mgr: self.mgr.clone(),
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Sds),
         };
         Ok(Response::new(respond(state)))

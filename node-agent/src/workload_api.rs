@@ -114,6 +114,7 @@ impl WorkloadApi {
             last: None,
             first: true,
             ended: false,
+            mgr: self.mgr.clone(),
             _open: OpenStream::new(self.mgr.metrics.clone(), StreamKind::Workload),
         };
         respond(watch)
@@ -129,6 +130,7 @@ struct Watch<F> {
     last: Option<ring::digest::Digest>,
     first: bool,
     ended: bool,
+    mgr: Arc<Manager>,
     _open: OpenStream,
 }
 
@@ -163,6 +165,7 @@ where
             let digest = ring::digest::digest(&ring::digest::SHA256, &encoded);
             if self.last.as_ref().map(AsRef::as_ref) != Some(digest.as_ref()) {
                 self.last = Some(digest);
+                self.mgr.mark_served(&ids);
                 return Some(Ok(msg));
             }
             // Not sent: clear the keys it holds before it is dropped.
@@ -218,6 +221,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if ids.is_empty() {
             return Err(no_identity());
         }
+        self.mgr.mark_served(&ids);
         let mut svids = Vec::with_capacity(ids.len());
         for s in &ids {
             let token = self.mgr.jwt_svid(&s.entry, &r.audience).await?;

@@ -317,6 +317,25 @@ async fn sds_sotw_serves_named_secrets_honours_nonces_and_pushes_rotation() {
         tokio::time::timeout(Duration::from_millis(600), inbound.message()).await.is_err(),
         "rejected version resent, or stale request answered"
     );
+    // `debug sds` over the admin socket: the stream, its caller, what was sent and the replies.
+    let admin_socket = env.agent.as_ref().unwrap().manager.config().admin_socket_path.clone();
+    let v = tessera_agent::admin::ask(&admin_socket, "sds").await.unwrap();
+    let streams = v["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 1, "{v}");
+    let st = &streams[0];
+    assert_eq!(st["api"], "sotw");
+    assert_eq!(st["pid"].as_i64(), Some(i64::from(std::process::id())), "{st}");
+    assert_eq!(st["spiffe_ids"], serde_json::json!(["spiffe://example.org/web"]));
+    assert_eq!(st["nonce"], first.nonce.as_str());
+    assert_eq!(st["version"], first.version_info.as_str());
+    assert_eq!(st["resources"]["default"]["serial"].as_str(), Some(serial1.as_str()), "{st}");
+    assert_eq!(st["resources"]["default"]["spiffe_id"], "spiffe://example.org/web");
+    assert_eq!(st["resources"]["ALL"]["trust_domains"], serde_json::json!(["example.org"]));
+    assert_eq!(st["last_ack"]["nonce"], first.nonce.as_str());
+    assert_eq!(st["last_nack"]["error"], "rejected for the test", "{st}");
+    assert_eq!(st["last_nack"]["code"], 3);
+    let m = &env.agent.as_ref().unwrap().manager.metrics;
+    assert_eq!(m.sds_nacks.load(std::sync::atomic::Ordering::Relaxed), 1);
     // Change the entry: the agent re-mints and pushes.
     let mut admin = env.admin.clone();
     let mut e = env.entry.clone();

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod connect;
+pub mod doctor;
 pub mod health;
 pub mod http;
 pub mod listener;
@@ -23,18 +24,41 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-/// Logs to stderr at the configured `level` (`RUST_LOG`, when set, overrides it), with colour
-/// escape codes only when stderr is a terminal (never in a file or a pipe that a collector
-/// reads).
-pub fn init_logging(level: &str) {
+/// How log lines are written (`log_format` in both configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's
+    /// fields at the top level, `span`/`spans` for the context.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = config::ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(config::invalid("log_format", format!("{other:?}: expected \"text\" or \"json\""))),
+        }
+    }
+}
+
+/// Logs to stderr at the configured `level` (`RUST_LOG`, when set, overrides it) in `format`,
+/// with colour escape codes only when stderr is a terminal (never in a file or a pipe that a
+/// collector reads; never in JSON).
+pub fn init_logging(level: &str, format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
+    }
 }
 
 /// Runs a binary's async main: installs the ring crypto provider, builds the runtime, and

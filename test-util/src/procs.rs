@@ -251,8 +251,9 @@ pub fn http_call(
 ) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    // Long enough for a browser's first start behind a WebDriver call.
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -262,8 +263,30 @@ pub fn http_call(
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes())?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
+    // Up to the end of the head, then Content-Length bytes when given (a server may keep the
+    // connection open despite `Connection: close`, as chromedriver does), else to the end.
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            break;
+        }
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(n) => {
+            let mut body = vec![0u8; n];
+            s.read_exact(&mut body)?;
+            raw.extend_from_slice(&body);
+        }
+        None => {
+            s.read_to_end(&mut raw)?;
+        }
+    }
+    let buf = String::from_utf8_lossy(&raw).into_owned();
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
     if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {

@@ -228,3 +228,36 @@ fn non_default_values_render_valid_objects_and_configs() {
     assert!(env.iter().any(|e| e.name == "TESSERA_POSTGRES"));
     assert!(env.iter().any(|e| e.name == "TESSERA_INSTANCE_ID"));
 }
+
+#[test]
+fn the_optional_monitoring_objects_carry_the_same_rules_and_select_the_metrics_services() {
+    // Off by default.
+    assert!(!render(&[]).contains("kind: PrometheusRule"));
+    let rendered =
+        render(&["--set", "monitoring.prometheusRule.enabled=true", "--set", "monitoring.serviceMonitor.enabled=true"]);
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&rendered).unwrap();
+    let of = |kind: &str| docs.iter().filter(|d| d["kind"] == kind).cloned().collect::<Vec<_>>();
+    let rules = of("PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    let source: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(repo().join("deploy/prometheus/tessera-rules.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(rules[0]["spec"]["groups"], source["groups"], "the PrometheusRule differs from the rules file");
+    // Each ServiceMonitor selects a Service that exists and names a port that Service has.
+    let services: Vec<Service> = of("Service").iter().map(|d| serde_json::from_value(d.clone()).unwrap()).collect();
+    let monitors = of("ServiceMonitor");
+    assert_eq!(monitors.len(), 2);
+    for m in monitors {
+        let want = m["spec"]["selector"]["matchLabels"].as_object().unwrap().clone();
+        let port = m["spec"]["endpoints"][0]["port"].as_str().unwrap();
+        let svc = services
+            .iter()
+            .find(|s| {
+                let labels = s.metadata.labels.clone().unwrap_or_default();
+                want.iter().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+            })
+            .unwrap_or_else(|| panic!("no Service matches {want:?}"));
+        let ports = svc.spec.as_ref().unwrap().ports.clone().unwrap_or_default();
+        assert!(ports.iter().any(|p| p.name.as_deref() == Some(port)), "{port} not on {:?}", svc.metadata.name);
+    }
+}

@@ -29,6 +29,7 @@ pub struct AdminService {
     changes: crate::changes::ChangeFeed,
     cfg: Arc<Config>,
     federation: Arc<Federation>,
+    diagnostics: Arc<crate::doctor::Diagnostics>,
 }
 
 /// 128 random bits as 32 hex characters.
@@ -52,8 +53,13 @@ fn ttl_arg(field: &str, secs: i64, max: Duration) -> Result<Option<Duration>, Ap
 
 impl AdminService {
     /// A service over the shared issuance path.
-    pub fn new(shared: Shared, cfg: Arc<Config>, federation: Arc<Federation>) -> Self {
-        Self { issuance: shared.issuance, changes: shared.changes, cfg, federation }
+    pub fn new(
+        shared: Shared,
+        cfg: Arc<Config>,
+        federation: Arc<Federation>,
+        diagnostics: Arc<crate::doctor::Diagnostics>,
+    ) -> Self {
+        Self { issuance: shared.issuance, changes: shared.changes, cfg, federation, diagnostics }
     }
 
     async fn relationship(&self, td: &tessera_identity::TrustDomain) -> Result<FederationRelationship, ApiError> {
@@ -530,5 +536,52 @@ impl Admin for AdminService {
             }
         }
         Ok(Response::new(pb::ListAuditResponse { records, next_seq }))
+    }
+
+    async fn doctor(&self, _req: Request<pb::DoctorRequest>) -> R<pb::DoctorResponse> {
+        let report = self.diagnostics.doctor().await;
+        Ok(Response::new(pb::DoctorResponse {
+            findings: report
+                .findings
+                .into_iter()
+                .map(|f| pb::Finding {
+                    code: f.code,
+                    severity: f.severity.as_str().to_owned(),
+                    subject: f.subject,
+                    message: f.message,
+                    fix: f.fix,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_server_info(&self, _req: Request<pb::GetServerInfoRequest>) -> R<pb::ServerInfo> {
+        let i = self.diagnostics.info().await;
+        Ok(Response::new(pb::ServerInfo {
+            version: i.version,
+            instance_id: i.instance_id,
+            trust_domain: i.trust_domain,
+            uptime_seconds: i.uptime_seconds,
+            agents: i.agents,
+            banned_agents: i.banned_agents,
+            entries: i.entries,
+            federated_bundles: i.federated_bundles,
+            bundle_sequence: i.bundle_sequence,
+            last_agent_sync: i.last_agent_sync,
+            authorities: i
+                .authorities
+                .into_iter()
+                .map(|a| pb::AuthoritySummary {
+                    authority_id: a.authority_id,
+                    status: a.status,
+                    not_after: a.not_after,
+                })
+                .collect(),
+            svid_chain: i
+                .svid_chain
+                .into_iter()
+                .map(|c| pb::CertSummary { spiffe_id: c.spiffe_id, serial: c.serial, not_after: c.not_after })
+                .collect(),
+        }))
     }
 }

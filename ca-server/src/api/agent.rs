@@ -43,6 +43,7 @@ pub struct AgentService {
     issuance: Issuance,
     metrics: Arc<crate::metrics::Metrics>,
     changes: crate::changes::ChangeFeed,
+    activity: Arc<super::AgentActivity>,
     cfg: Arc<Config>,
     attestors: Arc<Vec<Arc<dyn NodeAttestor>>>,
     svid_limit: Arc<RateLimiter<SpiffeId>>,
@@ -52,6 +53,13 @@ pub struct AgentService {
     /// Agent renewals too: heavy signing must not keep an agent from renewing itself.
     renew_limit: Arc<RateLimiter<SpiffeId>>,
     attest_limit: Arc<RateLimiter<std::net::IpAddr>>,
+}
+
+/// The system clock in Unix milliseconds (what agents measure their skew against).
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// An authenticated calling agent.
@@ -65,7 +73,7 @@ struct Caller {
 impl AgentService {
     /// A service over the shared issuance path.
     pub fn new(shared: Shared, cfg: Arc<Config>, attestors: Vec<Arc<dyn NodeAttestor>>) -> Self {
-        let Shared { issuance, metrics, changes } = shared;
+        let Shared { issuance, metrics, changes, activity } = shared;
         // A second's worth of SVIDs, and never less than one full batch, may come at once.
         let svid_rate = cfg.rate_limit_svids_per_second;
         let svid_limit = RateLimiter::new(svid_rate, svid_rate.max(cfg.max_batch_size as f64));
@@ -77,6 +85,7 @@ impl AgentService {
             issuance,
             metrics,
             changes,
+            activity,
             cfg,
             attestors: Arc::new(attestors),
             svid_limit: Arc::new(svid_limit),
@@ -353,7 +362,9 @@ impl Agent for AgentService {
             removed_ids: vec![],
             authorized_digest: authorized_digest(&authorized),
             tainted_authority_ids: self.issuance.ca.tainted_authority_ids(),
+            server_time_ms: unix_now_ms(),
         };
+        self.activity.synced(&caller.id, tessera_identity::unix_now());
         if since == 0 || changes.truncated {
             // A full answer. After a truncated replay the agent's merge leaves a digest that
             // differs when it held something it should drop, and it asks again from 0.

@@ -26,4 +26,48 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Tells watching agents that entries or bundles changed.
     pub changes: ChangeFeed,
+    /// When each agent last synced with this replica.
+    pub activity: Arc<AgentActivity>,
+}
+
+/// When each agent last synced with this replica (memory only: after a restart every agent
+/// counts from the server's start). One record per attested agent, pruned against the store
+/// by [`AgentActivity::retain`].
+#[derive(Debug)]
+pub struct AgentActivity {
+    started_at: i64,
+    last_sync: parking_lot::Mutex<std::collections::HashMap<tessera_identity::SpiffeId, i64>>,
+}
+
+impl AgentActivity {
+    /// A record that starts counting at `now` (Unix seconds).
+    pub fn new(now: i64) -> Self {
+        Self { started_at: now, last_sync: parking_lot::Mutex::default() }
+    }
+
+    /// Unix seconds this replica started counting.
+    pub fn started_at(&self) -> i64 {
+        self.started_at
+    }
+
+    /// Notes a completed sync of `id` at `now`.
+    pub fn synced(&self, id: &tessera_identity::SpiffeId, now: i64) {
+        let mut m = self.last_sync.lock();
+        match m.get_mut(id) {
+            Some(t) => *t = now,
+            None => {
+                m.insert(id.clone(), now);
+            }
+        }
+    }
+
+    /// Unix seconds of `id`'s last sync with this replica.
+    pub fn last_sync(&self, id: &tessera_identity::SpiffeId) -> Option<i64> {
+        self.last_sync.lock().get(id).copied()
+    }
+
+    /// Forgets agents for which `keep` is false (evicted ones).
+    pub fn retain(&self, keep: impl Fn(&tessera_identity::SpiffeId) -> bool) {
+        self.last_sync.lock().retain(|id, _| keep(id));
+    }
 }

@@ -62,6 +62,11 @@ impl ServerIdentity {
         Self { current: RwLock::new(None), dns_names }
     }
 
+    /// The current SVID's chain, DER, leaf first (empty before the first issue).
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        self.current.read().as_ref().map(|(k, _, _)| k.cert.iter().map(|c| c.to_vec()).collect()).unwrap_or_default()
+    }
+
     /// Re-issues the server SVID when missing, past half life, or issued by another CA.
     fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, ServerTlsError> {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);

@@ -69,6 +69,28 @@ pub enum Cmd {
     Audit(AuditCmd),
     /// Check that the server answers and has an active CA.
     Healthcheck,
+    /// Diagnose the running server: coded findings, most severe first (exit 0 healthy, 1
+    /// findings of warning or error, 2 doctor could not run). Only reads.
+    Doctor {
+        /// Also check this server.toml (and take the admin socket from it unless --socket).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file without starting: every problem with its key (exit 1).
+    Validate {
+        /// Path to server.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The running server's state.
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// Version, uptime, counts, authorities, the server's own SVID.
+    Info,
 }
 
 #[derive(Debug, Subcommand)]

@@ -96,6 +96,12 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Doctor { .. } | Cmd::Validate { .. } => Ok(()),
+        Cmd::Debug(DebugCmd::Info) => {
+            let i = c.get_server_info(pb::GetServerInfoRequest {}).await?.into_inner();
+            out.one(&render::server_info(&i));
+            Ok(())
+        }
         Cmd::Healthcheck => {
             let state = c.get_x509_authorities(pb::GetX509AuthoritiesRequest {}).await?.into_inner();
             let now = unix_now();

@@ -302,6 +302,48 @@ impl Record for pb::MintJwtSvidResponse {
     }
 }
 
+/// `debug info`.
+pub fn server_info(i: &pb::ServerInfo) -> Message {
+    let auths: Vec<Value> = i
+        .authorities
+        .iter()
+        .map(|a| json!({"authority_id": a.authority_id, "status": a.status, "not_after": a.not_after}))
+        .collect();
+    let chain: Vec<Value> = i
+        .svid_chain
+        .iter()
+        .map(|c| json!({"spiffe_id": c.spiffe_id, "serial": c.serial, "not_after": c.not_after}))
+        .collect();
+    let json = json!({
+        "version": i.version, "instance_id": i.instance_id, "trust_domain": i.trust_domain,
+        "uptime_seconds": i.uptime_seconds,
+        "counts": {"agents": i.agents, "banned_agents": i.banned_agents, "entries": i.entries,
+                   "federated_bundles": i.federated_bundles},
+        "bundle_sequence": i.bundle_sequence, "last_agent_sync": i.last_agent_sync,
+        "authorities": auths, "svid_chain": chain,
+    });
+    let mut text = format!(
+        "Version:           {}\nInstance:          {}\nTrust domain:      {}\nUptime:            {}s\nAgents:            {} ({} banned)\nEntries:           {}\nFederated bundles: {}\nBundle sequence:   {}\nLast agent sync:   {}\n",
+        i.version,
+        i.instance_id,
+        i.trust_domain,
+        i.uptime_seconds,
+        i.agents,
+        i.banned_agents,
+        i.entries,
+        i.federated_bundles,
+        i.bundle_sequence,
+        if i.last_agent_sync == 0 { "never".to_owned() } else { i.last_agent_sync.to_string() }
+    );
+    for a in &i.authorities {
+        text.push_str(&format!("Authority:         {} {} not after {}\n", a.status, a.authority_id, a.not_after));
+    }
+    for c in &i.svid_chain {
+        text.push_str(&format!("SVID chain:        {} serial {} not after {}\n", c.spiffe_id, c.serial, c.not_after));
+    }
+    Message { json, text }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
