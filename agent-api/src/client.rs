@@ -86,7 +86,16 @@ pub async fn attest(
 ) -> Result<(AgentIdentity, Option<types::Bundle>), ClientError> {
     const CALL: &str = "AttestAgent";
     let (key, csr) = new_key_and_csr(claimed)?;
-    let resp = within(CALL, timeout, client.attest_agent(pb::AttestAgentRequest { data: Some(data), csr })).await?;
+    let resp = within(
+        CALL,
+        timeout,
+        client.attest_agent(pb::AttestAgentRequest {
+            data: Some(data),
+            csr,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }),
+    )
+    .await?;
     let svid = resp.svid.ok_or(ClientError::Malformed { call: CALL, reason: "no SVID in the answer".into() })?;
     let identity =
         AgentIdentity::new(svid.cert_chain, key).map_err(|reason| ClientError::Malformed { call: CALL, reason })?;
@@ -101,7 +110,12 @@ pub async fn renew(
 ) -> Result<AgentIdentity, ClientError> {
     const CALL: &str = "RenewAgent";
     let (key, csr) = new_key_and_csr(&current.id)?;
-    let resp = within(CALL, timeout, client.renew_agent(pb::RenewAgentRequest { csr })).await?;
+    let resp = within(
+        CALL,
+        timeout,
+        client.renew_agent(pb::RenewAgentRequest { csr, agent_version: env!("CARGO_PKG_VERSION").into() }),
+    )
+    .await?;
     let svid = resp.svid.ok_or(ClientError::Malformed { call: CALL, reason: "no SVID in the answer".into() })?;
     AgentIdentity::new(svid.cert_chain, key).map_err(|reason| ClientError::Malformed { call: CALL, reason })
 }

@@ -400,7 +400,7 @@ impl Console {
                 vec![
                     format!("<code>{}</code>", esc(&a.spiffe_id.to_string())),
                     esc(&a.attestation_type),
-                    "—".into(),
+                    esc(&self.d.activity.version_of(a)),
                     when(self.d.activity.last_sync(&a.spiffe_id).unwrap_or(0)),
                     format!("<code>{}</code>", esc(&a.serial)),
                     when(a.expires_at),

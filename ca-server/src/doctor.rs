@@ -28,6 +28,8 @@ pub mod code {
     pub const FEDERATION_STALE: &str = "federation-stale";
     /// An agent stopped syncing.
     pub const AGENT_SILENT: &str = "agent-silent";
+    /// An agent outside the version-skew policy.
+    pub const AGENT_VERSION_SKEW: &str = "agent-version-skew";
     /// The external plugin is down.
     pub const PLUGIN_DOWN: &str = "plugin-down";
     /// The upstream authority cannot be reached.
@@ -332,7 +334,18 @@ impl Diagnostics {
         // Agents sync on the wall clock, not the CA's.
         let now = tessera_identity::unix_now();
         let limit = secs(self.cfg.agent_sync_interval).saturating_mul(3).max(1);
+        let server = tessera_svc::version::Version::current();
         for a in agents.iter().filter(|a| !a.banned) {
+            let version = self.activity.version_of(a);
+            if let Err(e) = tessera_svc::version::check_agent(&version, server) {
+                out.push(Finding::new(
+                    code::AGENT_VERSION_SKEW,
+                    Severity::Warning,
+                    a.spiffe_id.to_string(),
+                    e.to_string(),
+                    "upgrade servers first, then agents, one minor release at a time (docs/upgrading.md); the server refuses this agent's calls until then",
+                ));
+            }
             let since = self.activity.last_sync(&a.spiffe_id).unwrap_or_else(|| self.started_at().max(a.attested_at));
             if now - since > limit {
                 let last = self.activity.last_sync(&a.spiffe_id);

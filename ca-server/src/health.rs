@@ -93,6 +93,13 @@ impl tessera_svc::health::Probe for Health {
             })
             .collect();
         let banned = agents.iter().filter(|a| a.banned).count() as u64;
+        let mut versions = std::collections::BTreeMap::new();
+        for a in agents.iter().filter(|a| !a.banned) {
+            let v = d.activity.version_of(a);
+            // Only versions that parse become label values: a caller cannot invent series.
+            let v = if v.parse::<tessera_svc::version::Version>().is_ok() { v } else { "unknown".to_owned() };
+            *versions.entry(v).or_insert(0u64) += 1;
+        }
         let g = Gauges {
             ready: self.ready().await,
             ca_expiry: self.ca.active_x509_not_after().unwrap_or(0),
@@ -110,6 +117,7 @@ impl tessera_svc::health::Probe for Health {
             federation,
             agents: (agents.len() as u64 - banned, banned),
             sync_ages,
+            versions,
         };
         self.metrics.render(&g)
     }

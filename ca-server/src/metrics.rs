@@ -53,6 +53,8 @@ pub struct Gauges {
     pub agents: (u64, u64),
     /// Seconds since each unbanned agent's last sync with this replica.
     pub sync_ages: Vec<i64>,
+    /// Unbanned agents by the version they reported (`unknown` when none).
+    pub versions: std::collections::BTreeMap<String, u64>,
 }
 
 /// Buckets of `tessera_server_agent_last_sync_age_seconds`.
@@ -93,6 +95,11 @@ fn render_doctor_gauges(out: &mut String, g: &Gauges) {
         "# HELP {name} Attested agents, by state.\n# TYPE {name} gauge\n{name}{{state=\"attested\"}} {}\n{name}{{state=\"banned\"}} {}",
         g.agents.0, g.agents.1
     );
+    let name = "tessera_server_agents_by_version";
+    let _ = writeln!(out, "# HELP {name} Unbanned agents by the version they report.\n# TYPE {name} gauge");
+    for (v, n) in &g.versions {
+        let _ = writeln!(out, "{name}{{version=\"{v}\"}} {n}");
+    }
     let name = "tessera_server_agent_last_sync_age_seconds";
     let _ = writeln!(
         out,

@@ -13,6 +13,7 @@ fn attest_req(token: &str, csr: Vec<u8>) -> agent::AttestAgentRequest {
     agent::AttestAgentRequest {
         data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
         csr,
+        ..Default::default()
     }
 }
 
@@ -87,7 +88,7 @@ async fn expired_join_token_is_refused() {
 async fn calls_other_than_attest_need_an_agent_svid() {
     let mut t = TestServer::start().await;
     let mut anon = t.anonymous_channel().await;
-    let e = anon.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap_err();
+    let e = anon.sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     // A valid SVID that is not an agent's (an admin-minted workload SVID) is refused too.
     let key = tessera_identity::PrivateKey::generate_ec_p256().unwrap();
@@ -100,7 +101,7 @@ async fn calls_other_than_attest_need_an_agent_svid() {
         .unwrap()
         .into_inner();
     let mut c = t.agent_client(&minted.svid.unwrap().cert_chain, &key).await;
-    let e = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap_err();
+    let e = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     t.stop().await;
 }
@@ -113,29 +114,46 @@ async fn sync_is_incremental_and_scoped_to_the_agent() {
     let mine = t.create_entry("spiffe://example.org/web", &a.id.to_string()).await;
     t.create_entry("spiffe://example.org/db", &other.id.to_string()).await;
 
-    let full = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap().into_inner();
+    let full = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         full.upserted.iter().map(|e| e.spiffe_id.as_str()).collect::<Vec<_>>(),
         vec!["spiffe://example.org/web"]
     );
 
-    let unchanged =
-        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
+    let unchanged = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: full.revision, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(unchanged.upserted.is_empty() && unchanged.removed_ids.is_empty(), "unchanged sync returned data");
     assert_eq!(unchanged.authorized_digest, full.authorized_digest);
 
     let mut updated = mine.clone();
     updated.dns_names = vec!["web.local".into()];
     t.admin.update_entry(admin::UpdateEntryRequest { entry: Some(updated) }).await.unwrap();
-    let delta =
-        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: full.revision }).await.unwrap().into_inner();
+    let delta = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: full.revision, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(delta.upserted.len(), 1);
     assert_eq!(delta.upserted[0].dns_names, vec!["web.local".to_owned()]);
     assert_ne!(delta.authorized_digest, full.authorized_digest);
 
     t.admin.delete_entry(admin::EntryId { id: mine.id.clone() }).await.unwrap();
-    let gone =
-        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: delta.revision }).await.unwrap().into_inner();
+    let gone = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: delta.revision, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(gone.removed_ids, vec![mine.id]);
     assert!(gone.upserted.is_empty());
     t.stop().await;
@@ -157,7 +175,12 @@ async fn incremental_sync_reveals_nothing_about_other_agents_entries() {
     t.admin.delete_entry(admin::EntryId { id: gone.id.clone() }).await.unwrap();
     t.admin.delete_entry(admin::EntryId { id: mine.id.clone() }).await.unwrap();
     // From the first revision: every change since is replayed, but only ours is told.
-    let r = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 1 }).await.unwrap().into_inner();
+    let r = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.removed_ids, vec![mine.id.clone()], "another agent's entries leaked");
     assert!(r.upserted.is_empty());
     for id in [&theirs.id, &gone.id] {
@@ -202,7 +225,11 @@ async fn node_alias_from_join_token_authorizes_its_children() {
         .unwrap();
     let mut c = t.agent_client(&svid.cert_chain, &key).await;
     let child = t.create_entry("spiffe://example.org/app", "spiffe://example.org/node/n1").await;
-    let full = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap().into_inner();
+    let full = c
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let ids: Vec<_> = full.upserted.iter().map(|e| e.id.clone()).collect();
     assert!(ids.contains(&child.id), "child of the node alias not synced: {ids:?}");
     t.stop().await;
@@ -383,7 +410,7 @@ async fn renewal_rotates_the_agent_svid_and_eviction_and_ban_lock_the_agent_out(
     let mut a = t.attested_agent().await;
     let renewed = a
         .client
-        .renew_agent(agent::RenewAgentRequest { csr: csr_for(&a.id.to_string()) })
+        .renew_agent(agent::RenewAgentRequest { csr: csr_for(&a.id.to_string()), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -397,17 +424,22 @@ async fn renewal_rotates_the_agent_svid_and_eviction_and_ban_lock_the_agent_out(
     // Renewal for another identity is refused.
     let e = a
         .client
-        .renew_agent(agent::RenewAgentRequest { csr: csr_for("spiffe://example.org/tessera/agent/join_token/x") })
+        .renew_agent(agent::RenewAgentRequest {
+            csr: csr_for("spiffe://example.org/tessera/agent/join_token/x"),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     let mut b = t.attested_agent().await;
     t.admin.evict_agent(admin::AgentId { spiffe_id: a.id.to_string() }).await.unwrap();
-    let e = a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap_err();
+    let e =
+        a.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     t.admin.ban_agent(admin::AgentId { spiffe_id: b.id.to_string() }).await.unwrap();
-    let e = b.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await.unwrap_err();
+    let e =
+        b.client.sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("banned"), "{}", e.message());
     t.stop().await;
@@ -473,5 +505,61 @@ async fn signing_and_attestation_are_rate_limited_before_any_work() {
     .unwrap();
     assert!(metrics.contains("tessera_server_rate_limited_total{limit=\"svids_per_agent\"} 1"), "{metrics}");
     assert!(metrics.contains("tessera_server_rate_limited_total{limit=\"attestations_per_ip\"} 1"), "{metrics}");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn agents_report_their_version_and_one_outside_the_skew_policy_is_told_what_to_upgrade() {
+    let mut t = TestServer::start().await;
+    let mut a = t.attested_agent().await;
+    let current = tessera_svc::version::CURRENT;
+    // A sync reports the version; the Admin API shows it.
+    a.client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, agent_version: current.into() })
+        .await
+        .unwrap();
+    let rec = t.admin.get_agent(admin::AgentId { spiffe_id: a.id.to_string() }).await.unwrap().into_inner();
+    assert_eq!(rec.version, current);
+    // Newer than the server: a clear refusal, on every call that carries a version.
+    let newer = "99.0.0";
+    let e = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, agent_version: newer.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("agent 99.0.0 is newer than server") && e.message().contains("upgrade every server"),
+        "{}",
+        e.message()
+    );
+    let e = a
+        .client
+        .renew_agent(agent::RenewAgentRequest { csr: csr_for(&a.id.to_string()), agent_version: newer.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let token = t.join_token(None).await;
+    let mut anon = t.anonymous_channel().await;
+    let mut req = attest_req(&token.token, csr_for(&token.agent_id));
+    req.agent_version = "not-a-version".into();
+    let e = anon.attest_agent(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("not a version"), "{}", e.message());
+    // The refused calls changed nothing: the token still attests.
+    anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap();
+
+    // An agent whose record holds a version the policy no longer allows (the servers were
+    // upgraded past it): doctor names it.
+    let id = tessera_identity::SpiffeId::new(&token.agent_id).unwrap();
+    let store = t.server().store.clone();
+    let mut rec = store.get_agent(&id).await.unwrap().unwrap();
+    let expected = rec.revision;
+    rec.version = "99.0.0".into();
+    store.compare_and_put_agent(&rec, Some(expected)).await.unwrap().unwrap();
+    let findings = t.admin.doctor(admin::DoctorRequest {}).await.unwrap().into_inner().findings;
+    let f = findings.iter().find(|f| f.code == "agent-version-skew").expect("agent-version-skew");
+    assert_eq!(f.subject, token.agent_id);
+    assert_eq!(f.severity, "warning");
     t.stop().await;
 }

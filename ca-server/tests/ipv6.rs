@@ -62,6 +62,7 @@ async fn agent_api_on_ipv6_loopback_and_health_on_dual_stack() {
         .attest_agent(agent::AttestAgentRequest {
             data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
             csr: csr_for(&token.agent_id),
+            ..Default::default()
         })
         .await
         .unwrap()

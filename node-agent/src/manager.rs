@@ -692,7 +692,10 @@ impl Manager {
         };
         let sent_ms = unix_now_ms();
         let resp = client
-            .sync_entries(pb::SyncEntriesRequest { since_revision: since })
+            .sync_entries(pb::SyncEntriesRequest {
+                since_revision: since,
+                agent_version: tessera_svc::version::CURRENT.into(),
+            })
             .await
             .map_err(ClientError::refused(CALL))?
             .into_inner();
@@ -716,7 +719,10 @@ impl Manager {
         if entries_digest(&entries) != resp.authorized_digest {
             debug!("Entry digest differs after the delta; doing a full sync");
             let full = client
-                .sync_entries(pb::SyncEntriesRequest { since_revision: 0 })
+                .sync_entries(pb::SyncEntriesRequest {
+                    since_revision: 0,
+                    agent_version: tessera_svc::version::CURRENT.into(),
+                })
                 .await
                 .map_err(ClientError::refused(CALL))?
                 .into_inner();

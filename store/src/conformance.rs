@@ -99,6 +99,7 @@ async fn agents_and_tokens(s: &dyn Store) {
         attested_at: 1,
         renewed_at: 0,
         revision: 0,
+        version: "0.1.0".into(),
     };
     // Agent records are written only by compare-and-set on their revision.
     let first = s.compare_and_put_agent(&rec, None).await.unwrap().expect("created");

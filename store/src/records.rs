@@ -120,6 +120,9 @@ pub struct AgentRecord {
     /// see [`super::Store::compare_and_put_agent`].
     #[serde(default)]
     pub revision: u64,
+    /// The version the agent reported at its last attestation or renewal (empty: unknown).
+    #[serde(default)]
+    pub version: String,
 }
 
 /// A one-use join token. `Debug` hides the token.

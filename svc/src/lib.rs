@@ -4,7 +4,8 @@
 //! health/metrics HTTP listener behind a small [`health::Probe`] trait, draining a task set on
 //! shutdown, the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
 //! config), a one-shot HTTP/1.1 client for control-plane calls ([`http`]), and what every
-//! configuration file shares: one error type and one duration syntax ([`config`]).
+//! configuration file shares: one error type and one duration syntax ([`config`]), the
+//! `doctor` report shape ([`doctor`]), and versions with the agent/server skew policy ([`version`]).
 //!
 //! What it is not: nothing about identities, CAs or SVIDs; no policy. Each binary decides what
 //! "ready" means and which TLS peer it trusts.
@@ -17,6 +18,7 @@ pub mod doctor;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod version;
 
 use std::future::Future;
 use std::process::ExitCode;

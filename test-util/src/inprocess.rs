@@ -133,6 +133,7 @@ impl TestServer {
                     payload: token.token.clone().into_bytes(),
                 }),
                 csr,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -113,7 +113,10 @@ fn bad_kubernetes_tokens_attest_nothing() {
         ];
         for (what, cluster, token) in cases {
             let (data, csr) = psat(cluster, &token);
-            let e = c.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await.unwrap_err();
+            let e = c
+                .attest_agent(agent::AttestAgentRequest { data: Some(data), csr, ..Default::default() })
+                .await
+                .unwrap_err();
             assert!(
                 matches!(e.code(), Code::PermissionDenied | Code::InvalidArgument),
                 "{what}: {:?} {}",
@@ -124,7 +127,7 @@ fn bad_kubernetes_tokens_attest_nothing() {
         // The good token works, so the refusals above were about the tokens.
         let (data, csr) =
             psat("cluster-a", &f.k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), aud, 600));
-        c.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await.unwrap();
+        c.attest_agent(agent::AttestAgentRequest { data: Some(data), csr, ..Default::default() }).await.unwrap();
     });
     // Exactly one agent. The refusals came from callers that proved nothing: they are
     // counted, not written to the audit chain (F9 of the second review: the agent ID they
@@ -294,7 +297,10 @@ async fn psat_attest(
     let key = PrivateKey::generate_ec_p256().unwrap();
     let csr = tessera_identity::csr::build_csr(&id, &[], &key).unwrap();
     let data = agent::AttestationData { r#type: "k8s_psat".into(), payload: tessera_k8s_payload("cluster-a", &token) };
-    let r = anon.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await?.into_inner();
+    let r = anon
+        .attest_agent(agent::AttestAgentRequest { data: Some(data), csr, ..Default::default() })
+        .await?
+        .into_inner();
     Ok((r.svid.unwrap().cert_chain, key))
 }
 
@@ -328,7 +334,7 @@ fn bans_and_evictions_hold_against_racing_renewals_and_attestations() {
                         let key = PrivateKey::generate_ec_p256().unwrap();
                         let csr = tessera_identity::csr::build_csr(&SpiffeId::new(PSAT_AGENT_ID).unwrap(), &[], &key)
                             .unwrap();
-                        let r = c.renew_agent(agent::RenewAgentRequest { csr }).await?;
+                        let r = c.renew_agent(agent::RenewAgentRequest { csr, ..Default::default() }).await?;
                         Ok::<_, tonic::Status>((r.into_inner().svid.unwrap().cert_chain, key))
                     }
                 })
@@ -377,7 +383,10 @@ fn bans_and_evictions_hold_against_racing_renewals_and_attestations() {
             // No SVID from before or during the race renews any more.
             for (c, k) in &held {
                 let mut client = agent_client(&f, c, k).await;
-                let e = client.renew_agent(agent::RenewAgentRequest { csr: renew_csr() }).await.unwrap_err();
+                let e = client
+                    .renew_agent(agent::RenewAgentRequest { csr: renew_csr(), ..Default::default() })
+                    .await
+                    .unwrap_err();
                 assert_eq!(e.code(), Code::PermissionDenied, "round {round}: {e:?}");
                 refused_after += 1;
             }
@@ -602,7 +611,10 @@ fn join_tokens_never_reach_the_server_or_agent_logs() {
         let csr = tessera_identity::csr::build_csr(&SpiffeId::new("spiffe://example.org/not-me").unwrap(), &[], &key)
             .unwrap();
         let data = agent::AttestationData { r#type: "join_token".into(), payload: tokens[2].clone().into_bytes() };
-        let e = anon.attest_agent(agent::AttestAgentRequest { data: Some(data), csr }).await.unwrap_err();
+        let e = anon
+            .attest_agent(agent::AttestAgentRequest { data: Some(data), csr, ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     });
     // The agent evicted: it keeps calling and is refused (both sides log that).

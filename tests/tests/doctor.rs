@@ -93,6 +93,8 @@ fn a_healthy_deployment_has_no_findings_and_debug_info_says_what_the_admin_api_s
     let listed = &agents["agents"][0];
     assert_eq!(a["agent_id"], listed["spiffe_id"]);
     assert_eq!(a["svid_chain"][0]["serial"], listed["serial"]);
+    // The agent reports its version; `agent list` shows it.
+    assert_eq!(listed["version"], a["version"], "{listed}");
     assert_eq!(a["counts"]["x509_svids"], 1);
     assert!(a["last_sync"].as_i64().unwrap() > 0);
     assert!(a["clock_skew_ms"].as_i64().unwrap().abs() < 2000, "{a}");

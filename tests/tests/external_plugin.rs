@@ -175,3 +175,49 @@ fn cfssl_signs_our_ca_through_the_external_plugin_which_is_restarted_when_it_die
     assert!(plugin_pid(&health).is_some_and(|p| p != pid));
     server.stop();
 }
+
+/// `(code, severity)` of each finding of `tessera-server doctor`.
+fn doctor_codes(server: &ServerProc) -> Vec<(String, String)> {
+    let out = server.cli(&["doctor", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["code"].as_str().unwrap().to_owned(), f["severity"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_plugin_that_cannot_be_restarted_is_plugin_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_cfssl, port, _) = start_cfssl(dir.path());
+    // A copy of the plugin, so that the test can spoil it.
+    let plugin = dir.path().join("tessera-upstream-cfssl");
+    std::fs::copy(bin("tessera-upstream-cfssl"), &plugin).unwrap();
+    let health = format!("127.0.0.1:{}", free_port());
+    let text = server_config(dir.path(), "ca_ttl = \"24h\"")
+        .replace("health_address = \"127.0.0.1:0\"", &format!("health_address = \"{health}\""))
+        .replace("[server]\n", "[server]\nrotation_check_interval = \"1s\"\n")
+        + &format!(
+            "[upstream_authority]\ntype = \"external\"\ncommand = \"{}\"\nchecksum = \"{}\"\ncall_timeout = \"5s\"\n[upstream_authority.plugin_config]\nurl = \"http://127.0.0.1:{port}\"\nprofile = \"intermediate\"\npoll_seconds = 1\n",
+            plugin.display(),
+            sha256_hex(&plugin)
+        );
+    let server = ServerProc::start_text(dir.path(), &text);
+    assert_eq!(doctor_codes(&server), Vec::<(String, String)>::new());
+    // The plugin's binary changes under the server (its checksum no longer matches), then the
+    // plugin dies: the server will not run the changed binary, so it stays down.
+    let spoiled = dir.path().join("spoiled");
+    std::fs::write(&spoiled, b"#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::rename(&spoiled, &plugin).unwrap();
+    let pid = plugin_pid(&health).expect("plugin pid in /ready");
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    wait_for(
+        30,
+        "plugin-down",
+        || doctor_codes(&server).contains(&("plugin-down".into(), "error".into())),
+        || format!("{:?}\n{}", doctor_codes(&server), server.log()),
+    );
+    assert_eq!(server.cli(&["doctor"]).status.code(), Some(1));
+}

@@ -62,6 +62,12 @@ impl AdminService {
         Self { issuance: shared.issuance, changes: shared.changes, cfg, federation, diagnostics }
     }
 
+    /// An agent as the Admin API shows it: its record, with the version it last reported to
+    /// this replica.
+    fn agent_pb(&self, a: &tessera_store::AgentRecord) -> pb::Agent {
+        pb::Agent { version: self.diagnostics.activity.version_of(a), ..agent_to_pb(a) }
+    }
+
     async fn relationship(&self, td: &tessera_identity::TrustDomain) -> Result<FederationRelationship, ApiError> {
         self.issuance
             .store
@@ -433,11 +439,11 @@ impl Admin for AdminService {
 
     async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
         let agents = self.issuance.store.list_agents().await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListAgentsResponse { agents: agents.iter().map(agent_to_pb).collect() }))
+        Ok(Response::new(pb::ListAgentsResponse { agents: agents.iter().map(|a| self.agent_pb(a)).collect() }))
     }
 
     async fn get_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {
-        Ok(Response::new(agent_to_pb(&self.agent(&req.into_inner().spiffe_id).await?)))
+        Ok(Response::new(self.agent_pb(&self.agent(&req.into_inner().spiffe_id).await?)))
     }
 
     #[instrument(skip_all, name = "EvictAgent")]

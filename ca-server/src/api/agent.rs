@@ -62,6 +62,12 @@ fn unix_now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Refuses an agent outside the version-skew policy, in words that say what to upgrade.
+fn check_version(agent_version: &str) -> Result<(), ApiError> {
+    tessera_svc::version::check_agent(agent_version, tessera_svc::version::Version::current())
+        .map_err(|e| ApiError::FailedPrecondition(e.to_string()))
+}
+
 /// An authenticated calling agent.
 struct Caller {
     id: SpiffeId,
@@ -255,6 +261,7 @@ impl Agent for AgentService {
             .into());
         }
         let r = req.into_inner();
+        check_version(&r.agent_version)?;
         let data = r.data.ok_or_else(|| ApiError::InvalidArgument("attestation data is required".into()))?;
         let attestor = self.attestors.iter().find(|a| a.kind() == data.r#type).ok_or_else(|| {
             let known: Vec<&str> = self.attestors.iter().map(|a| a.kind()).collect();
@@ -305,6 +312,7 @@ impl Agent for AgentService {
             attested_at: now,
             renewed_at: 0,
             revision: 0,
+            version: r.agent_version.clone(),
         };
         if let Err(e) = self.store_agent(&record, expected, "attestation").await {
             self.metrics.attestations.failed(&e);
@@ -326,8 +334,9 @@ impl Agent for AgentService {
         let caller = self.caller(&req).await?;
         // Renewals are rate-limited per agent like signing, from a bucket of their own.
         self.spend(&self.renew_limit, &caller.id, 1).await?;
-        let csr = req.into_inner().csr;
-        let issued = self.sign_agent_svid(&caller.id, csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
+        let r = req.into_inner();
+        check_version(&r.agent_version)?;
+        let issued = self.sign_agent_svid(&caller.id, r.csr, &caller.id.to_string(), AuditKind::AgentRenewed).await?;
         let mut record = caller.record;
         let expected = record.revision;
         // The SVID that stays valid during the switch is the one the agent presented: if the
@@ -337,6 +346,7 @@ impl Agent for AgentService {
         record.previous_serial = caller.serial;
         record.expires_at = issued.not_after;
         record.renewed_at = unix_now();
+        record.version = r.agent_version;
         // Conditional on the revision `caller()` read: if the agent was banned, evicted or
         // renewed in between, the new SVID is not stored and not sent (it authenticates
         // nothing: the Agent API accepts only the serials in the record).
@@ -350,7 +360,10 @@ impl Agent for AgentService {
         req: Request<pb::SyncEntriesRequest>,
     ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
         let caller = self.caller(&req).await?;
-        let since = req.into_inner().since_revision;
+        let r = req.into_inner();
+        check_version(&r.agent_version)?;
+        self.activity.reported_version(&caller.id, &r.agent_version);
+        let since = r.since_revision;
         // The changes (or, for a full sync, just the newest revision) are read before the
         // authorized set, so that nothing written in between is missed.
         let limit = if since == 0 { 0 } else { MAX_SYNC_REPLAY };

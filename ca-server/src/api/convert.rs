@@ -137,6 +137,7 @@ pub fn agent_to_pb(a: &AgentRecord) -> tessera_proto::admin::v1::Agent {
         selectors: a.selectors.iter().map(selector_to_pb).collect(),
         attested_at: a.attested_at,
         renewed_at: a.renewed_at,
+        version: a.version.clone(),
     }
 }
 

@@ -37,12 +37,13 @@ pub struct Shared {
 pub struct AgentActivity {
     started_at: i64,
     last_sync: parking_lot::Mutex<std::collections::HashMap<tessera_identity::SpiffeId, i64>>,
+    versions: parking_lot::Mutex<std::collections::HashMap<tessera_identity::SpiffeId, String>>,
 }
 
 impl AgentActivity {
     /// A record that starts counting at `now` (Unix seconds).
     pub fn new(now: i64) -> Self {
-        Self { started_at: now, last_sync: parking_lot::Mutex::default() }
+        Self { started_at: now, last_sync: parking_lot::Mutex::default(), versions: parking_lot::Mutex::default() }
     }
 
     /// Unix seconds this replica started counting.
@@ -66,8 +67,25 @@ impl AgentActivity {
         self.last_sync.lock().get(id).copied()
     }
 
+    /// Notes the version `id` reported in its last sync (empty: it sent none).
+    pub fn reported_version(&self, id: &tessera_identity::SpiffeId, version: &str) {
+        if version.is_empty() {
+            return;
+        }
+        let mut m = self.versions.lock();
+        if m.get(id).is_none_or(|v| v != version) {
+            m.insert(id.clone(), version.to_owned());
+        }
+    }
+
+    /// The version `id` last reported to this replica, else the one in its record.
+    pub fn version_of(&self, a: &tessera_store::AgentRecord) -> String {
+        self.versions.lock().get(&a.spiffe_id).cloned().unwrap_or_else(|| a.version.clone())
+    }
+
     /// Forgets agents for which `keep` is false (evicted ones).
     pub fn retain(&self, keep: impl Fn(&tessera_identity::SpiffeId) -> bool) {
         self.last_sync.lock().retain(|id, _| keep(id));
+        self.versions.lock().retain(|id, _| keep(id));
     }
 }

@@ -245,6 +245,7 @@ async fn entry_sync(
             .attest_agent(agent::AttestAgentRequest {
                 data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
                 csr: tessera_identity::csr::build_csr(&id, &[], &key)?,
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -269,7 +270,8 @@ async fn entry_sync(
     let mut revisions = Vec::with_capacity(SYNC_AGENTS);
     let mut full = 0usize;
     for c in &mut clients {
-        let r = c.sync_entries(agent::SyncEntriesRequest { since_revision: 0 }).await?.into_inner();
+        let r =
+            c.sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() }).await?.into_inner();
         full += r.encoded_len();
         revisions.push(r.revision);
     }
@@ -282,7 +284,10 @@ async fn entry_sync(
             tokio::time::sleep(SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64)).await;
             let (mut n, mut bytes) = (0usize, 0usize);
             while t0.elapsed() + SYNC_EVERY <= SYNC_WINDOW + SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64) {
-                let r = c.sync_entries(agent::SyncEntriesRequest { since_revision: rev }).await?.into_inner();
+                let r = c
+                    .sync_entries(agent::SyncEntriesRequest { since_revision: rev, ..Default::default() })
+                    .await?
+                    .into_inner();
                 bytes += r.encoded_len();
                 n += 1;
                 tokio::time::sleep(SYNC_EVERY).await;
@@ -324,7 +329,7 @@ async fn entry_sync(
     for (mut c, rev, mut notices) in watchers {
         tasks.push(tokio::spawn(async move {
             notices.message().await?.context("watch ended")?;
-            c.sync_entries(agent::SyncEntriesRequest { since_revision: rev }).await?;
+            c.sync_entries(agent::SyncEntriesRequest { since_revision: rev, ..Default::default() }).await?;
             Ok::<_, anyhow::Error>(t1.elapsed())
         }));
     }
@@ -438,6 +443,7 @@ async fn main() -> Result<()> {
         .attest_agent(agent::AttestAgentRequest {
             data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
             csr: tessera_identity::csr::build_csr(&agent_id, &[], &agent_key)?,
+            ..Default::default()
         })
         .await?
         .into_inner()

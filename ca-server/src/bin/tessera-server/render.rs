@@ -150,14 +150,19 @@ pub fn authorities(items: &[pb::X509Authority]) -> List<'_, pb::X509Authority> {
 
 impl Record for pb::Agent {
     fn json(&self) -> Value {
-        json!({"spiffe_id": self.spiffe_id, "attestation_type": self.attestation_type, "serial": self.serial, "expires_at": self.expires_at, "banned": self.banned, "selectors": selector_strings(&self.selectors)})
+        json!({"spiffe_id": self.spiffe_id, "attestation_type": self.attestation_type, "serial": self.serial, "expires_at": self.expires_at, "banned": self.banned, "selectors": selector_strings(&self.selectors), "version": self.version})
     }
     fn text(&self) -> String {
         let selectors: String =
             selector_strings(&self.selectors).iter().map(|s| format!("Selector    : {s}\n")).collect();
         format!(
-            "SPIFFE ID   : {}\nAttestation : {}\nSerial      : {}\nExpires at  : {}\nBanned      : {}\n{selectors}\n",
-            self.spiffe_id, self.attestation_type, self.serial, self.expires_at, self.banned
+            "SPIFFE ID   : {}\nAttestation : {}\nVersion     : {}\nSerial      : {}\nExpires at  : {}\nBanned      : {}\n{selectors}\n",
+            self.spiffe_id,
+            self.attestation_type,
+            if self.version.is_empty() { "unknown" } else { &self.version },
+            self.serial,
+            self.expires_at,
+            self.banned
         )
     }
 }
