@@ -70,6 +70,31 @@ fn proxies_over_mtls(mode: &str) {
     // Each side presents the SVID of its own SPIFFE ID, issued by our CA.
     assert_eq!(served_serials(&p.back, "spiffe://example.org/back").len(), 1);
     assert_eq!(served_serials(&p.front, "spiffe://example.org/front").len(), 1);
+    // `debug sds` shows both Envoys' streams: what each holds is what the agent says it sent,
+    // and each acknowledged it.
+    let out = Command::new(tessera_test_util::bin("tessera-agent"))
+        .args(["debug", "sds", "--output", "json", "--socket"])
+        .arg(p.mesh.dir.path().join("agent/admin.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let streams = v["streams"].as_array().unwrap();
+    let api = if mode == "GRPC" { "sotw" } else { "delta" };
+    for (envoy, id) in [(&p.back, "spiffe://example.org/back"), (&p.front, "spiffe://example.org/front")] {
+        let held = served_serials(envoy, id);
+        // Envoy opens one stream per secret: the one that carries this Envoy's certificate.
+        let st = streams
+            .iter()
+            .find(|s| s["resources"][id]["serial"].is_string())
+            .unwrap_or_else(|| panic!("no stream sent {id}: {v}"));
+        assert_eq!(st["api"], api);
+        assert!(st["pid"].as_i64().is_some_and(|p| p > 0), "{st}");
+        assert_eq!(st["resource_names"], serde_json::json!([id]));
+        assert_eq!(vec![st["resources"][id]["serial"].as_str().unwrap().to_lowercase()], held, "{st}");
+        assert!(st["last_ack"].is_object(), "Envoy has not acknowledged: {st}");
+        assert!(st["last_nack"].is_null(), "{st}");
+    }
 
     // A frontend that expects another peer identity is refused by SPIFFE validation.
     let d = p.mesh.dir.path().to_owned();
