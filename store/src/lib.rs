@@ -50,7 +50,26 @@ pub enum StoreError {
     /// The backend failed (I/O, disk full, read-only file system, ...).
     #[error("store backend: {0}")]
     Backend(String),
+    /// The store was written by a newer schema than this server understands (a downgrade).
+    #[error(
+        "the {store} store has schema version {found}, last written by server {writer}; this server ({server}) understands schema versions up to {known}: run a server at least as new as {writer}, or restore the backup taken before the upgrade (docs/upgrading.md)"
+    )]
+    SchemaTooNew {
+        /// `sled` or `postgres`.
+        store: &'static str,
+        /// The schema version found.
+        found: u64,
+        /// The newest this build understands.
+        known: u64,
+        /// The version of the last server that wrote it (`unknown` when not recorded).
+        writer: String,
+        /// This server's version.
+        server: &'static str,
+    },
 }
+
+/// This build's version, recorded in the store as its last writer.
+pub const WRITER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Result alias.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

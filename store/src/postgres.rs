@@ -63,6 +63,10 @@ CREATE TABLE audit (seq BIGINT PRIMARY KEY, body TEXT NOT NULL);
 ALTER TABLE agents ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;
 CREATE SEQUENCE agent_revision;
 "#,
+    // 3: the version of the last server that migrated or opened the database.
+    r#"
+CREATE TABLE tessera_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
 ];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {
@@ -277,9 +281,18 @@ impl PostgresStore {
             .get(0);
         let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
         if done > known {
-            return Err(StoreError::Backend(format!(
-                "the database schema is version {done}, newer than this server knows ({known}); upgrade the server"
-            )));
+            let writer =
+                match tx.query_opt("SELECT value FROM tessera_meta WHERE key = 'last_writer_version'", &[]).await {
+                    Ok(Some(row)) => row.get::<_, String>(0),
+                    _ => "unknown".into(),
+                };
+            return Err(StoreError::SchemaTooNew {
+                store: "postgres",
+                found: u64::try_from(done).unwrap_or(0),
+                known: u64::try_from(known).unwrap_or(0),
+                writer,
+                server: crate::WRITER_VERSION,
+            });
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(done).unwrap_or(0)) {
             tx.batch_execute(sql).await.map_err(backend)?;
@@ -287,6 +300,12 @@ impl PostgresStore {
             tx.execute("INSERT INTO tessera_migrations (version) VALUES ($1)", &[&v]).await.map_err(backend)?;
             tracing::info!(version = v, "Store migration applied");
         }
+        tx.execute(
+            "INSERT INTO tessera_meta (key, value) VALUES ('last_writer_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+            &[&crate::WRITER_VERSION],
+        )
+        .await
+        .map_err(backend)?;
         tx.commit().await.map_err(backend)
     }
 

@@ -21,6 +21,12 @@ use super::{
 };
 
 const META_ENTRY_REV: &[u8] = b"entry_rev";
+/// The layout version of this store's trees and records (8 bytes, big-endian).
+const META_SCHEMA: &[u8] = b"schema_version";
+/// The version of the last server that opened the store for writing (UTF-8).
+const META_WRITER: &[u8] = b"last_writer_version";
+/// The schema this build writes and understands. 1: the layout since agents' revisions.
+pub const SCHEMA_VERSION: u64 = 1;
 const META_AGENT_REV: &[u8] = b"agent_rev";
 const LIVE: u8 = b'U';
 const TOMBSTONE: u8 = b'D';
@@ -87,6 +93,38 @@ fn read_u64(v: Option<sled::IVec>) -> u64 {
     v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// Refuses a store written by a newer schema (and says which server wrote it); a store from
+/// before schema versions gets the current one. Then records this build as the last writer.
+fn check_schema(meta: &sled::Tree) -> Result<()> {
+    let writer = match meta.get(META_WRITER).map_err(backend)? {
+        Some(v) => String::from_utf8(v.to_vec())
+            .map_err(|_| StoreError::Corrupt { key: "meta/last_writer_version".into(), reason: "not UTF-8".into() })?,
+        None => "unknown".into(),
+    };
+    match meta.get(META_SCHEMA).map_err(backend)? {
+        None => {}
+        Some(v) => {
+            let found = <[u8; 8]>::try_from(v.as_ref()).map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
+                key: "meta/schema_version".into(),
+                reason: format!("{} bytes, expected 8", v.len()),
+            })?;
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::SchemaTooNew {
+                    store: "sled",
+                    found,
+                    known: SCHEMA_VERSION,
+                    writer,
+                    server: crate::WRITER_VERSION,
+                });
+            }
+        }
+    }
+    meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()).map_err(backend)?;
+    meta.insert(META_WRITER, crate::WRITER_VERSION.as_bytes()).map_err(backend)?;
+    meta.flush().map_err(backend)?;
+    Ok(())
+}
+
 impl SledStore {
     /// Opens (or creates) the store at `path`. A damaged store file is an error, not a panic.
     pub fn open(path: &Path) -> Result<Self> {
@@ -95,11 +133,13 @@ impl SledStore {
             .open()
             .map_err(|e| StoreError::Backend(format!("cannot open sled store at {}: {e}", path.display())))?;
         let t = |name: &str| db.open_tree(name).map_err(backend);
+        let meta = t("meta")?;
+        check_schema(&meta)?;
         Ok(Self {
             entries: t("entries")?,
             by_rev: t("entries_by_rev")?,
             by_parent: t("entries_by_parent")?,
-            meta: t("meta")?,
+            meta,
             agents: t("agents")?,
             tokens: t("join_tokens")?,
             bundles: t("bundles")?,
@@ -464,6 +504,39 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_from_a_newer_schema_is_refused_naming_both_versions_and_a_damaged_version_is_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("store");
+        drop(SledStore::open(&path).unwrap());
+        // What the store recorded about itself.
+        {
+            let db = sled::open(&path).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            assert_eq!(meta.get(META_SCHEMA).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
+            assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), crate::WRITER_VERSION.as_bytes());
+            // A newer server wrote it.
+            meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            meta.insert(META_WRITER, b"9.1.0").unwrap();
+            db.flush().unwrap();
+        }
+        let e = SledStore::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::SchemaTooNew { found: 2, known: 1, .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(m.contains("schema version 2, last written by server 9.1.0"), "{m}");
+        assert!(m.contains(&format!("this server ({})", crate::WRITER_VERSION)), "{m}");
+        // Refused without writing: the record still says 9.1.0.
+        {
+            let db = sled::open(&path).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), b"9.1.0");
+            meta.insert(META_SCHEMA, b"bad").unwrap();
+            db.flush().unwrap();
+        }
+        let e = SledStore::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { ref key, .. } if key == "meta/schema_version"), "{e:?}");
+    }
 
     #[tokio::test]
     async fn sled_store_passes_the_conformance_suite() {

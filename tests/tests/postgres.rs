@@ -25,8 +25,8 @@ async fn postgres_passes_the_store_conformance_suite_and_holds_up_between_replic
     let b: Arc<dyn Store> = Arc::new(PostgresStore::open(&url, 4).await.unwrap());
     assert_eq!(
         pg.psql("replicas", "SELECT count(*) FROM tessera_migrations").trim(),
-        "2",
-        "migrations ran twice (there are two)"
+        "3",
+        "migrations ran twice (there are three)"
     );
 
     // A join token is taken by exactly one of many concurrent takers.
@@ -117,4 +117,23 @@ async fn postgres_over_tls_verifies_the_server_and_can_be_required() {
     assert!(err.contains("postgres"), "{err}");
     // sslmode=require without TLS settings is refused rather than sent in the clear.
     assert!(PostgresStore::open(&url, 1).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_a_newer_server_is_refused_naming_both_versions() {
+    let pg = tokio::task::spawn_blocking(TestPostgres::start).await.unwrap();
+    let url = pg.database("downgrade");
+    drop(PostgresStore::open(&url, 2).await.unwrap());
+    assert_eq!(
+        pg.psql("downgrade", "SELECT value FROM tessera_meta WHERE key = 'last_writer_version'").trim(),
+        tessera_store::WRITER_VERSION
+    );
+    pg.psql(
+        "downgrade",
+        "INSERT INTO tessera_migrations (version) VALUES (99); UPDATE tessera_meta SET value = '9.1.0' WHERE key = 'last_writer_version'",
+    );
+    let e = PostgresStore::open(&url, 2).await.unwrap_err();
+    assert!(matches!(e, StoreError::SchemaTooNew { found: 99, .. }), "{e:?}");
+    let m = e.to_string();
+    assert!(m.contains("schema version 99, last written by server 9.1.0"), "{m}");
 }
