@@ -385,7 +385,7 @@ impl Server {
             ..cfg.connections
         };
         let health_gate = ConnGate::new(health_limits, metrics.listener("health"));
-        let health = Health { ca: ca.clone(), store: store.clone(), metrics, diagnostics };
+        let health = Health { ca: ca.clone(), store: store.clone(), metrics, diagnostics, changes: changes.clone() };
         tasks.spawn(
             tessera_svc::health::serve(hl, Arc::new(health), health_gate, shutdown_rx).instrument(info_span!("health")),
         );

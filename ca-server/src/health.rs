@@ -18,6 +18,8 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     /// What doctor reads (authorities, federation, agents' syncs).
     pub diagnostics: Arc<crate::doctor::Diagnostics>,
+    /// The change feed (its notice counts).
+    pub changes: crate::changes::ChangeFeed,
 }
 
 #[async_trait::async_trait]
@@ -118,6 +120,7 @@ impl tessera_svc::health::Probe for Health {
             agents: (agents.len() as u64 - banned, banned),
             sync_ages,
             versions,
+            notices: self.changes.counts(),
         };
         self.metrics.render(&g)
     }

@@ -55,6 +55,8 @@ pub struct Gauges {
     pub sync_ages: Vec<i64>,
     /// Unbanned agents by the version they reported (`unknown` when none).
     pub versions: std::collections::BTreeMap<String, u64>,
+    /// Change notices (sent to an agent's stream, skipped because they did not concern it).
+    pub notices: (u64, u64),
 }
 
 /// Buckets of `tessera_server_agent_last_sync_age_seconds`.
@@ -94,6 +96,12 @@ fn render_doctor_gauges(out: &mut String, g: &Gauges) {
         out,
         "# HELP {name} Attested agents, by state.\n# TYPE {name} gauge\n{name}{{state=\"attested\"}} {}\n{name}{{state=\"banned\"}} {}",
         g.agents.0, g.agents.1
+    );
+    let name = "tessera_server_change_notices_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Change notices per agent stream: sent, or skipped because the change did not concern the agent.\n# TYPE {name} counter\n{name}{{result=\"sent\"}} {}\n{name}{{result=\"skipped\"}} {}",
+        g.notices.0, g.notices.1
     );
     let name = "tessera_server_agents_by_version";
     let _ = writeln!(out, "# HELP {name} Unbanned agents by the version they report.\n# TYPE {name} gauge");

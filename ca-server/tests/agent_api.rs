@@ -563,3 +563,46 @@ async fn agents_report_their_version_and_one_outside_the_skew_policy_is_told_wha
     assert_eq!(f.severity, "warning");
     t.stop().await;
 }
+
+#[tokio::test]
+async fn an_entry_change_notifies_only_the_agents_it_concerns_and_a_bundle_change_notifies_all() {
+    let mut t = TestServer::start().await;
+    let mut a = t.attested_agent().await;
+    let mut b = t.attested_agent().await;
+    let watch = |c: &mut tessera_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move { c.watch_changes(agent::WatchChangesRequest {}).await.unwrap().into_inner() }
+    };
+    let (mut wa, mut wb) = (watch(&mut a.client).await, watch(&mut b.client).await);
+    // The current generation first.
+    wa.message().await.unwrap().unwrap();
+    wb.message().await.unwrap().unwrap();
+    let quiet = std::time::Duration::from_millis(1500);
+    let soon = std::time::Duration::from_secs(5);
+
+    // An entry under agent A: A hears of it, B does not.
+    let mut e = t.create_entry("spiffe://example.org/a-workload", &a.id.to_string()).await;
+    tokio::time::timeout(soon, wa.message()).await.expect("A not notified").unwrap().unwrap();
+    assert!(tokio::time::timeout(quiet, wb.message()).await.is_err(), "B was notified of A's entry");
+
+    // An entry under an alias of B (an entry whose parent is B): B hears of it.
+    t.create_entry("spiffe://example.org/b-alias", &b.id.to_string()).await;
+    tokio::time::timeout(soon, wb.message()).await.expect("B not notified of its alias").unwrap().unwrap();
+    assert!(tokio::time::timeout(quiet, wa.message()).await.is_err(), "A was notified of B's alias");
+    t.create_entry("spiffe://example.org/b-workload", "spiffe://example.org/b-alias").await;
+    tokio::time::timeout(soon, wb.message()).await.expect("B not notified under its alias").unwrap().unwrap();
+    assert!(tokio::time::timeout(quiet, wa.message()).await.is_err(), "A was notified of an entry under B's alias");
+
+    // A's entry moves to B: both hear of it (A must drop it, B may take it).
+    e.parent_id = b.id.to_string();
+    t.admin.update_entry(admin::UpdateEntryRequest { entry: Some(e) }).await.unwrap();
+    tokio::time::timeout(soon, wa.message()).await.expect("A not notified of the move").unwrap().unwrap();
+    tokio::time::timeout(soon, wb.message()).await.expect("B not notified of the move").unwrap().unwrap();
+
+    // A bundle change concerns everyone.
+    t.admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
+    tokio::time::timeout(soon, wa.message()).await.expect("A not notified of the bundle").unwrap().unwrap();
+    tokio::time::timeout(soon, wb.message()).await.expect("B not notified of the bundle").unwrap().unwrap();
+    drop((wa, wb));
+    t.stop().await;
+}

@@ -205,8 +205,12 @@ impl Admin for AdminService {
             return Err(ApiError::InvalidArgument("entry id is required".into()).into());
         }
         let entry = entry_from_pb(&e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
+        let before = self.issuance.store.get_entry(&entry.id).await.map_err(ApiError::from)?;
         let stored = self.issuance.store.update_entry(entry).await.map_err(ApiError::from)?;
-        self.changes.entries_written();
+        match before {
+            Some(b) if b.parent_id != stored.parent_id => self.changes.entry_moved_from(b.parent_id),
+            _ => self.changes.entries_written(),
+        }
         Ok(Response::new(entry_to_pb(&stored)))
     }
 

@@ -62,6 +62,57 @@ fn unix_now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The registered entries `agent` may obtain, following node aliases (entries under entries)
+/// up to [`MAX_ALIAS_DEPTH`] levels.
+async fn registered_entries(
+    store: &dyn tessera_store::Store,
+    agent: &SpiffeId,
+) -> Result<BTreeMap<String, Entry>, tessera_store::StoreError> {
+    let mut out = BTreeMap::new();
+    let mut seen: HashSet<SpiffeId> = HashSet::from([agent.clone()]);
+    let mut frontier = vec![agent.clone()];
+    for _ in 0..MAX_ALIAS_DEPTH {
+        let mut next = Vec::new();
+        for parent in &frontier {
+            for e in store.entries_by_parent(parent).await? {
+                if seen.insert(e.spiffe_id.clone()) {
+                    next.push(e.spiffe_id.clone());
+                }
+                out.insert(e.id.clone(), e);
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+    Ok(out)
+}
+
+/// The parents an entry change must name to concern `agent`: the agent itself and every
+/// registered entry its authorized set hangs under.
+async fn parents_of(
+    store: &dyn tessera_store::Store,
+    agent: &SpiffeId,
+) -> Result<HashSet<SpiffeId>, tessera_store::StoreError> {
+    let entries = registered_entries(store, agent).await?;
+    Ok(std::iter::once(agent.clone()).chain(entries.into_values().map(|e| e.spiffe_id)).collect())
+}
+
+/// One `WatchChanges` stream's state.
+struct Watch {
+    rx: tokio::sync::watch::Receiver<crate::changes::Feed>,
+    first: bool,
+    store: Arc<dyn tessera_store::Store>,
+    id: SpiffeId,
+    serial: String,
+    /// The generation of the last notice looked at.
+    last: u64,
+    /// What an entry change must name to concern this agent.
+    parents: HashSet<SpiffeId>,
+    changes: crate::changes::ChangeFeed,
+}
+
 /// Refuses an agent outside the version-skew policy, in words that say what to upgrade.
 fn check_version(agent_version: &str) -> Result<(), ApiError> {
     tessera_svc::version::check_agent(agent_version, tessera_svc::version::Version::current())
@@ -170,26 +221,7 @@ impl AgentService {
 
     /// Registered entries the agent may obtain SVIDs for, by ID.
     async fn registered(&self, agent: &SpiffeId) -> Result<BTreeMap<String, Entry>, ApiError> {
-        let store = &self.issuance.store;
-        let mut out = BTreeMap::new();
-        let mut seen: HashSet<SpiffeId> = HashSet::from([agent.clone()]);
-        let mut frontier = vec![agent.clone()];
-        for _ in 0..MAX_ALIAS_DEPTH {
-            let mut next = Vec::new();
-            for parent in &frontier {
-                for e in store.entries_by_parent(parent).await? {
-                    if seen.insert(e.spiffe_id.clone()) {
-                        next.push(e.spiffe_id.clone());
-                    }
-                    out.insert(e.id.clone(), e);
-                }
-            }
-            if next.is_empty() {
-                break;
-            }
-            frontier = next;
-        }
-        Ok(out)
+        Ok(registered_entries(self.issuance.store.as_ref(), agent).await?)
     }
 
     /// Writes an agent record if it still has revision `expected` (`None`: still absent).
@@ -515,43 +547,77 @@ impl Agent for AgentService {
         let caller = self.caller(&req).await?;
         let rx = self.changes.subscribe();
         let store = self.issuance.store.clone();
-        // The current generation at once, then one message per change; a burst that comes
-        // faster than the agent reads is one message. The stream ends when the server stops,
-        // and, because it would otherwise hold its connection open, when the agent is banned
-        // or evicted or its SVID is replaced: checked on every change and every 30 s.
-        let state = (rx, true, store, caller.id, caller.serial);
-        let notices = futures_util::stream::unfold(state, |(mut rx, first, store, id, serial)| async move {
-            if !first {
+        let parents = parents_of(store.as_ref(), &caller.id).await.map_err(ApiError::from)?;
+        let last = rx.borrow().generation;
+        // The current generation at once, then one message per change that concerns this
+        // agent (its scope reaches the agent's parents, or it is a bundle change, or the
+        // stream missed a generation and cannot tell); a burst that comes faster than the agent
+        // reads is one message. The stream ends when the server stops, and, because it would
+        // otherwise hold its connection open, when the agent is banned or evicted or its SVID
+        // is replaced: checked on every change and every 30 s.
+        let state = Watch {
+            rx,
+            first: true,
+            store,
+            id: caller.id,
+            serial: caller.serial,
+            last,
+            parents,
+            changes: self.changes.clone(),
+        };
+        let notices = futures_util::stream::unfold(state, |mut w| async move {
+            if !w.first {
                 loop {
                     let changed = tokio::select! {
-                        c = rx.changed() => { if c.is_err() { return None } true }
+                        c = w.rx.changed() => { if c.is_err() { return None } true }
                         _ = tokio::time::sleep(WATCH_RECHECK) => false,
                     };
-                    let current = match store.get_agent(&id).await {
-                        Ok(Some(r)) => !r.banned && (r.serial == serial || r.previous_serial == serial),
+                    let current = match w.store.get_agent(&w.id).await {
+                        Ok(Some(r)) => !r.banned && (r.serial == w.serial || r.previous_serial == w.serial),
                         Ok(None) => false,
                         Err(_) => true, // a store outage is not a ban: keep the stream
                     };
                     if !current {
                         let e = ApiError::PermissionDenied(format!(
                             "agent {} is no longer attested with this SVID (banned, evicted or renewed)",
-                            LogId(&id)
+                            LogId(&w.id)
                         ));
-                        return Some((Err(e.into()), (rx, false, store, id, String::new())));
+                        w.serial = String::new();
+                        return Some((Err(e.into()), w));
                     }
-                    if changed {
+                    if !changed {
+                        continue;
+                    }
+                    let feed = w.rx.borrow_and_update().clone();
+                    if feed.closed {
+                        return None;
+                    }
+                    let missed = feed.generation != w.last.wrapping_add(1);
+                    w.last = feed.generation;
+                    if missed || feed.scope.reaches(&w.parents) {
+                        // What it hangs under may have changed with this very notice.
+                        if let Ok(p) = parents_of(w.store.as_ref(), &w.id).await {
+                            w.parents = p;
+                        }
+                        w.changes.count(true);
                         break;
                     }
+                    w.changes.count(false);
                 }
             }
-            if serial.is_empty() {
+            if w.serial.is_empty() {
                 return None;
             }
-            let feed = *rx.borrow_and_update();
-            if feed.closed {
-                return None;
+            if w.first {
+                let feed = w.rx.borrow_and_update().clone();
+                if feed.closed {
+                    return None;
+                }
+                w.last = feed.generation;
+                w.first = false;
             }
-            Some((Ok(pb::WatchChangesResponse { generation: feed.generation }), (rx, false, store, id, serial)))
+            let generation = w.last;
+            Some((Ok(pb::WatchChangesResponse { generation }), w))
         });
         Ok(Response::new(Box::pin(notices)))
     }
