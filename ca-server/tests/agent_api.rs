@@ -32,7 +32,7 @@ async fn join_token_attests_once_and_yields_an_agent_svid() {
     let again = anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap_err();
     assert_eq!(again.code(), Code::PermissionDenied);
     assert!(again.message().contains("already been used"), "{}", again.message());
-    let agents = t.admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents = t.admin.list_agents(admin::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
     assert_eq!(agents.len(), 1);
     t.stop().await;
 }
@@ -61,7 +61,7 @@ async fn bad_attestation_input_is_refused_and_does_not_burn_the_token() {
     let mut req = attest_req(&token.token, csr_for(&token.agent_id));
     req.data.as_mut().unwrap().r#type = "k8s_psat".into();
     assert_eq!(anon.attest_agent(req).await.unwrap_err().code(), Code::InvalidArgument);
-    assert!(t.admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents.is_empty());
+    assert!(t.admin.list_agents(admin::ListAgentsRequest::default()).await.unwrap().into_inner().agents.is_empty());
     // The token still works.
     anon.attest_agent(attest_req(&token.token, csr_for(&token.agent_id))).await.unwrap();
     t.stop().await;

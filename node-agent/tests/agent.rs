@@ -578,7 +578,7 @@ async fn tainting_an_authority_replaces_everything_it_signed_at_once() {
     let first = c.fetch_x509svid(wl::X509svidRequest {}).await.unwrap().into_inner().message().await.unwrap().unwrap();
     let old_svid = first.svids[0].x509_svid.clone();
     let old_authority = aki(&old_svid);
-    let agents = admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    let agents = admin.list_agents(admin::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
     let agent_serial = agents[0].serial.clone();
 
     admin.prepare_x509_authority(admin::PrepareX509AuthorityRequest {}).await.unwrap();
@@ -597,7 +597,7 @@ async fn tainting_an_authority_replaces_everything_it_signed_at_once() {
     assert_ne!(aki(&replaced.svids[0].x509_svid), old_authority, "the replacement is signed by the tainted CA");
     // The agent's own SVID was renewed too.
     eventually(10, "the agent SVID renewed after the taint", async || {
-        let agents = admin.list_agents(admin::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+        let agents = admin.list_agents(admin::ListAgentsRequest::default()).await.unwrap().into_inner().agents;
         (agents[0].serial != agent_serial).then_some(())
     })
     .await;

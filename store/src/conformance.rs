@@ -34,9 +34,51 @@ pub fn event(id: &str) -> AuditEvent {
 /// Runs every rule against an empty store.
 pub async fn run(s: &dyn Store) {
     entries(s).await;
+    entry_batches(s).await;
     agents_and_tokens(s).await;
     bundles_and_journal(s).await;
     audit_chain(s).await;
+}
+
+async fn entry_batches(s: &dyn Store) {
+    let parent = "spiffe://td/tessera/agent/join_token/batch";
+    let before = s.entry_changes(0, 0).await.unwrap().revision;
+    let stored = s
+        .create_entries(vec![
+            entry("batch-1", "spiffe://td/b1", parent),
+            entry("batch-2", "spiffe://td/b2", parent),
+            entry("batch-3", "spiffe://td/b3", parent),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        stored[0].revision > before
+            && stored[1].revision > stored[0].revision
+            && stored[2].revision > stored[1].revision
+    );
+    let changes = s.entry_changes(before, 100).await.unwrap();
+    assert_eq!(changes.changed.len(), 3);
+    assert_eq!(changes.revision, stored[2].revision);
+    let parent_id = SpiffeId::new(parent).unwrap();
+    // All or nothing: a batch with one entry that collides with a stored one stores nothing,
+    // and so does one with two entries that collide with each other, or a repeated ID.
+    for bad in [
+        vec![entry("batch-4", "spiffe://td/b4", parent), entry("batch-5", "spiffe://td/b1", parent)],
+        vec![entry("batch-6", "spiffe://td/b6", parent), entry("batch-7", "spiffe://td/b6", parent)],
+        vec![entry("batch-8", "spiffe://td/b8", parent), entry("batch-8", "spiffe://td/b9", parent)],
+        vec![entry("batch-1", "spiffe://td/b10", parent)],
+    ] {
+        assert!(matches!(s.create_entries(bad).await, Err(StoreError::AlreadyExists(_))));
+        assert_eq!(s.entries_by_parent(&parent_id).await.unwrap().len(), 3, "a refused batch left entries");
+        assert_eq!(
+            s.entry_changes(0, 0).await.unwrap().revision,
+            stored[2].revision,
+            "a refused batch moved the revision"
+        );
+    }
+    for e in stored {
+        s.delete_entry(&e.id).await.unwrap();
+    }
 }
 
 async fn entries(s: &dyn Store) {

@@ -82,6 +82,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Stores a new entry; the store sets `revision`. Refuses an entry with the same ID, or with
     /// the same SPIFFE ID, parent ID and selectors as an existing one.
     async fn create_entry(&self, entry: Entry) -> Result<Entry>;
+    /// Stores new entries all at once or not at all (each gets its revision). Refuses the
+    /// whole batch, naming the first offender, when any has the ID or the same SPIFFE ID,
+    /// parent ID and selectors as a stored entry or as another entry of the batch.
+    async fn create_entries(&self, entries: Vec<Entry>) -> Result<Vec<Entry>>;
     /// Replaces an entry; the store bumps `revision`.
     async fn update_entry(&self, entry: Entry) -> Result<Entry>;
     /// Deletes an entry, leaving a tombstone for sync. `None` when absent.

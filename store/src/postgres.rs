@@ -332,48 +332,55 @@ impl PostgresStore {
         let mut c = self.pool.get().await?;
         let tx = c.transaction().await.map_err(backend)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_ENTRIES]).await.map_err(backend)?;
-        let existing: Option<bool> = tx
-            .query_opt("SELECT deleted FROM entries WHERE id = $1", &[&entry.id])
-            .await
-            .map_err(backend)?
-            .map(|r| r.get(0));
-        match (mode, existing) {
-            (EntryWrite::Create, Some(false)) => return Err(StoreError::AlreadyExists(format!("entry {}", entry.id))),
-            (EntryWrite::Update | EntryWrite::Delete, None | Some(true)) => {
-                return Err(StoreError::NotFound(format!("entry {}", entry.id)));
-            }
-            _ => {}
-        }
-        let nk = natural_key(entry);
-        if mode == EntryWrite::Create {
-            let dup = tx
-                .query_opt("SELECT id FROM entries WHERE natural_key = $1 AND NOT deleted", &[&nk])
-                .await
-                .map_err(backend)?;
-            if let Some(row) = dup {
-                return Err(StoreError::AlreadyExists(format!(
-                    "an entry with SPIFFE ID {}, parent {} and the same selectors ({})",
-                    entry.spiffe_id,
-                    entry.parent_id,
-                    row.get::<_, &str>(0)
-                )));
-            }
-        }
-        let revision: i64 = tx.query_one("SELECT nextval('entry_revision')", &[]).await.map_err(backend)?.get(0);
-        let mut stored = entry.clone();
-        stored.revision = rev(revision);
-        let body = to_json(&stored)?;
-        let deleted = mode == EntryWrite::Delete;
-        tx.execute(
-            "INSERT INTO entries (id, parent_id, natural_key, revision, deleted, body) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET parent_id = $2, natural_key = $3, revision = $4, deleted = $5, body = $6",
-            &[&entry.id, &entry.parent_id.to_string(), &nk, &revision, &deleted, &body],
-        )
-        .await
-        .map_err(backend)?;
+        let revision = write_entry_in(&tx, entry, mode).await?;
         tx.commit().await.map_err(backend)?;
-        Ok(rev(revision))
+        Ok(revision)
     }
+}
+
+/// Writes one entry (checked against what is stored) in the transaction `tx`, which holds the
+/// entries lock; returns its revision.
+async fn write_entry_in(tx: &tokio_postgres::Transaction<'_>, entry: &Entry, mode: EntryWrite) -> Result<u64> {
+    let existing: Option<bool> = tx
+        .query_opt("SELECT deleted FROM entries WHERE id = $1", &[&entry.id])
+        .await
+        .map_err(backend)?
+        .map(|r| r.get(0));
+    match (mode, existing) {
+        (EntryWrite::Create, Some(false)) => return Err(StoreError::AlreadyExists(format!("entry {}", entry.id))),
+        (EntryWrite::Update | EntryWrite::Delete, None | Some(true)) => {
+            return Err(StoreError::NotFound(format!("entry {}", entry.id)));
+        }
+        _ => {}
+    }
+    let nk = natural_key(entry);
+    if mode == EntryWrite::Create {
+        let dup = tx
+            .query_opt("SELECT id FROM entries WHERE natural_key = $1 AND NOT deleted", &[&nk])
+            .await
+            .map_err(backend)?;
+        if let Some(row) = dup {
+            return Err(StoreError::AlreadyExists(format!(
+                "an entry with SPIFFE ID {}, parent {} and the same selectors ({})",
+                entry.spiffe_id,
+                entry.parent_id,
+                row.get::<_, &str>(0)
+            )));
+        }
+    }
+    let revision: i64 = tx.query_one("SELECT nextval('entry_revision')", &[]).await.map_err(backend)?.get(0);
+    let mut stored = entry.clone();
+    stored.revision = rev(revision);
+    let body = to_json(&stored)?;
+    let deleted = mode == EntryWrite::Delete;
+    tx.execute(
+        "INSERT INTO entries (id, parent_id, natural_key, revision, deleted, body) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (id) DO UPDATE SET parent_id = $2, natural_key = $3, revision = $4, deleted = $5, body = $6",
+        &[&entry.id, &entry.parent_id.to_string(), &nk, &revision, &deleted, &body],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(rev(revision))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,6 +395,19 @@ impl Store for PostgresStore {
     async fn create_entry(&self, mut entry: Entry) -> Result<Entry> {
         entry.revision = self.write_entry(&entry, EntryWrite::Create).await?;
         Ok(entry)
+    }
+
+    async fn create_entries(&self, mut batch: Vec<Entry>) -> Result<Vec<Entry>> {
+        let mut c = self.pool.get().await?;
+        let tx = c.transaction().await.map_err(backend)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_ENTRIES]).await.map_err(backend)?;
+        // Inside the transaction, an entry written earlier in the batch is seen by the checks
+        // of the later ones (a duplicate within the batch is refused like a stored one).
+        for e in &mut batch {
+            e.revision = write_entry_in(&tx, e, EntryWrite::Create).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(batch)
     }
 
     async fn update_entry(&self, mut entry: Entry) -> Result<Entry> {

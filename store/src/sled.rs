@@ -259,6 +259,60 @@ impl Store for SledStore {
         Ok(entry)
     }
 
+    async fn create_entries(&self, mut batch: Vec<Entry>) -> Result<Vec<Entry>> {
+        let _g = self.entry_lock.lock().await;
+        let mut keys: std::collections::HashSet<(String, String, Vec<String>)> = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
+        for entry in &batch {
+            if !ids.insert(entry.id.clone()) || self.entries.contains_key(entry.id.as_bytes()).map_err(backend)? {
+                return Err(StoreError::AlreadyExists(format!("entry {}", entry.id)));
+            }
+            let mut sel: Vec<String> = entry.selectors.iter().map(ToString::to_string).collect();
+            sel.sort();
+            let key = (entry.spiffe_id.to_string(), entry.parent_id.to_string(), sel.clone());
+            let stored_dup = self.entries_by_parent(&entry.parent_id).await?.into_iter().find(|e| {
+                let mut other: Vec<String> = e.selectors.iter().map(ToString::to_string).collect();
+                other.sort();
+                e.spiffe_id == entry.spiffe_id && other == sel
+            });
+            if stored_dup.is_some() || !keys.insert(key) {
+                return Err(StoreError::AlreadyExists(format!(
+                    "an entry with SPIFFE ID {}, parent {} and the same selectors ({})",
+                    entry.spiffe_id,
+                    entry.parent_id,
+                    stored_dup.map_or_else(|| "earlier in this batch".to_owned(), |e| e.id)
+                )));
+            }
+        }
+        let values = batch.iter().map(enc).collect::<Result<Vec<_>>>()?;
+        let res = (&self.entries, &self.by_rev, &self.by_parent, &self.meta).transaction(
+            |(entries, by_rev, by_parent, meta)| {
+                let mut rev = read_u64(meta.get(META_ENTRY_REV)?);
+                let mut revs = Vec::with_capacity(values.len());
+                for (entry, value) in batch.iter().zip(&values) {
+                    rev += 1;
+                    let mut stored: Entry = serde_json::from_slice(value)
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    stored.revision = rev;
+                    let bytes =
+                        serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    entries.insert(entry.id.as_bytes(), bytes)?;
+                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id, None))?;
+                    by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
+                    revs.push(rev);
+                }
+                meta.insert(META_ENTRY_REV, &rev.to_be_bytes())?;
+                Ok(revs)
+            },
+        );
+        let revs = res.map_err(|e: TransactionError<String>| backend(e))?;
+        self.durable().await?;
+        for (e, r) in batch.iter_mut().zip(revs) {
+            e.revision = r;
+        }
+        Ok(batch)
+    }
+
     async fn update_entry(&self, mut entry: Entry) -> Result<Entry> {
         let _g = self.entry_lock.lock().await;
         let prev: Entry = Self::get_json(&self.entries, entry.id.as_bytes())?

@@ -271,3 +271,65 @@ fn bad_config_is_refused_with_the_key_named() {
         assert!(err.contains(needle), "{needle:?} not in {err}");
     }
 }
+
+#[test]
+fn entries_load_from_a_file_in_atomic_batches_and_lists_come_back_whole_across_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_test_util::ServerProc::start(dir.path(), "ca_ttl = \"24h\"");
+    // 2,500 entries, one per line: three batches (1,000, 1,000, 500); `entry show` reads
+    // them back across three pages.
+    let mut lines = String::new();
+    for i in 0..2500 {
+        lines.push_str(&format!(
+            "{{\"spiffe_id\": \"spiffe://example.org/bulk/{i}\", \"parent_id\": \"spiffe://example.org/node/{}\", \"selectors\": [\"unix:uid:{i}\"]}}\n",
+            i % 7
+        ));
+    }
+    let file = dir.path().join("entries.jsonl");
+    std::fs::write(&file, &lines).unwrap();
+    let out = server.cli(&["entry", "create", "--file", file.to_str().unwrap(), "--output", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["created"].as_u64(), v["total"].as_u64()), (Some(2500), Some(2500)));
+    let all: serde_json::Value = serde_json::from_str(&server.cli_ok(&["entry", "show", "--output", "json"])).unwrap();
+    let ids: std::collections::BTreeSet<&str> =
+        all["entries"].as_array().unwrap().iter().map(|e| e["spiffe_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2500);
+    assert!(ids.contains("spiffe://example.org/bulk/2499"));
+
+    // SPIRE's shape, with one bad entry (and one that repeats a stored one): nothing of the
+    // batch is created; each offender has its own result; exit status 1.
+    let spire = serde_json::json!({"entries": [
+        {"spiffe_id": "spiffe://example.org/new/1", "parent_id": "spiffe://example.org/node/1",
+         "selectors": [{"type": "unix", "value": "uid:1"}]},
+        {"spiffe_id": "spiffe://other.org/foreign", "parent_id": "spiffe://example.org/node/1",
+         "selectors": [{"type": "unix", "value": "uid:2"}]},
+        {"spiffe_id": "spiffe://example.org/bulk/3", "parent_id": "spiffe://example.org/node/3",
+         "selectors": [{"type": "unix", "value": "uid:3"}]},
+    ]});
+    let file = dir.path().join("spire.json");
+    std::fs::write(&file, spire.to_string()).unwrap();
+    let out = server.cli(&["entry", "create", "--file", file.to_str().unwrap(), "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<i64> =
+        v["results"].as_array().unwrap().iter().map(|r| r["status"]["code"].as_i64().unwrap()).collect();
+    // Aborted (10) for the good one, InvalidArgument (3) and AlreadyExists (6) for the others.
+    assert_eq!(codes, [10, 3, 6], "{v}");
+    assert_eq!(v["created"], 0);
+    let new: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+        "entry",
+        "show",
+        "--spiffe-id",
+        "spiffe://example.org/new/1",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert!(new["entries"].as_array().unwrap().is_empty(), "part of a refused batch was created");
+    // The same file without the bad entries goes in.
+    let good = serde_json::json!({"entries": [spire["entries"][0].clone()]});
+    std::fs::write(&file, good.to_string()).unwrap();
+    let text = server.cli_ok(&["entry", "create", "--file", file.to_str().unwrap()]);
+    assert!(text.contains("Created 1 of 1 entries."), "{text}");
+}

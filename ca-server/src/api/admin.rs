@@ -32,6 +32,31 @@ pub struct AdminService {
     diagnostics: Arc<crate::doctor::Diagnostics>,
 }
 
+/// Most entries one `BatchCreateEntry` call creates.
+const MAX_ENTRY_BATCH: usize = 1000;
+
+/// What makes two entries the same registration: SPIFFE ID, parent, selectors.
+fn natural_key(e: &tessera_store::Entry) -> (String, String, Vec<String>) {
+    let mut sel: Vec<String> = e.selectors.iter().map(ToString::to_string).collect();
+    sel.sort();
+    (e.spiffe_id.to_string(), e.parent_id.to_string(), sel)
+}
+
+/// The page of `items` (sorted by `key`) after `token`, at most `size` long (0: all), and the
+/// token of the next page.
+fn page<T>(mut items: Vec<T>, key: impl Fn(&T) -> String, size: u32, token: &str) -> (Vec<T>, String) {
+    items.sort_by_cached_key(&key);
+    if !token.is_empty() {
+        items.retain(|i| key(i).as_str() > token);
+    }
+    if size == 0 || items.len() <= size as usize {
+        return (items, String::new());
+    }
+    items.truncate(size as usize);
+    let next = items.last().map(&key).unwrap_or_default();
+    (items, next)
+}
+
 /// 128 random bits as 32 hex characters.
 fn random_id() -> Result<String, ApiError> {
     use ring::rand::{SecureRandom, SystemRandom};
@@ -198,6 +223,109 @@ impl Admin for AdminService {
         Ok(Response::new(entry_to_pb(&stored)))
     }
 
+    #[instrument(skip_all, name = "BatchCreateEntry")]
+    async fn batch_create_entry(&self, req: Request<pb::BatchCreateEntryRequest>) -> R<pb::BatchCreateEntryResponse> {
+        let given = req.into_inner().entries;
+        if given.len() > MAX_ENTRY_BATCH {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} entries in one batch; at most {MAX_ENTRY_BATCH}",
+                given.len()
+            ))
+            .into());
+        }
+        let now = unix_now();
+        // Every entry checked before anything is written, each with its own result.
+        let mut checked: Vec<Result<tessera_store::Entry, ApiError>> = Vec::with_capacity(given.len());
+        let mut by_parent: std::collections::HashMap<tessera_identity::SpiffeId, Vec<tessera_store::Entry>> =
+            std::collections::HashMap::new();
+        let mut ids = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for e in &given {
+            let one = async {
+                let mut entry = entry_from_pb(e, self.issuance.ca.trust_domain(), &self.cfg.ca)?;
+                if entry.id.is_empty() {
+                    entry.id = random_id()?;
+                }
+                entry.created_at = now;
+                if !ids.insert(entry.id.clone()) || self.issuance.store.get_entry(&entry.id).await?.is_some() {
+                    return Err(ApiError::AlreadyExists(format!("entry {} already exists", entry.id)));
+                }
+                let key = natural_key(&entry);
+                let siblings = match by_parent.get(&entry.parent_id) {
+                    Some(s) => s,
+                    None => {
+                        let s = self.issuance.store.entries_by_parent(&entry.parent_id).await?;
+                        by_parent.entry(entry.parent_id.clone()).or_insert(s)
+                    }
+                };
+                if let Some(dup) = siblings.iter().find(|s| natural_key(s) == key) {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "an entry with this SPIFFE ID, parent and selectors exists ({})",
+                        dup.id
+                    )));
+                }
+                if !keys.insert(key) {
+                    return Err(ApiError::AlreadyExists(
+                        "another entry of this batch has the same SPIFFE ID, parent and selectors".into(),
+                    ));
+                }
+                Ok(entry)
+            };
+            checked.push(one.await);
+        }
+        let failed = checked.iter().filter(|c| c.is_err()).count();
+        let results = if failed > 0 {
+            let why = format!(
+                "not created: {failed} other entr{} of the batch failed",
+                if failed == 1 { "y" } else { "ies" }
+            );
+            given
+                .iter()
+                .zip(checked)
+                .map(|(g, c)| match c {
+                    Ok(_) => pb::EntryResult {
+                        entry: Some(g.clone()),
+                        code: tonic::Code::Aborted as i32,
+                        message: why.clone(),
+                    },
+                    Err(e) => {
+                        let s = tonic::Status::from(e);
+                        pb::EntryResult {
+                            entry: Some(g.clone()),
+                            code: s.code() as i32,
+                            message: s.message().to_owned(),
+                        }
+                    }
+                })
+                .collect()
+        } else {
+            let batch: Vec<tessera_store::Entry> = checked.into_iter().filter_map(Result::ok).collect();
+            match self.issuance.store.create_entries(batch).await {
+                Ok(stored) => {
+                    self.changes.entries_written();
+                    info!(entries = stored.len(), "Entries created");
+                    stored
+                        .iter()
+                        .map(|e| pb::EntryResult { entry: Some(entry_to_pb(e)), code: 0, message: String::new() })
+                        .collect()
+                }
+                // Another writer got there between the checks and the write: nothing stored.
+                Err(e) => {
+                    let s = tonic::Status::from(ApiError::from(e));
+                    given
+                        .iter()
+                        .map(|g| pb::EntryResult {
+                            entry: Some(g.clone()),
+                            code: tonic::Code::Aborted as i32,
+                            message: format!("not created: {}", s.message()),
+                        })
+                        .collect()
+                }
+            }
+        };
+        Ok(Response::new(pb::BatchCreateEntryResponse { results }))
+    }
+
     #[instrument(skip_all, name = "UpdateEntry")]
     async fn update_entry(&self, req: Request<pb::UpdateEntryRequest>) -> R<types::Entry> {
         let e = req.into_inner().entry.ok_or_else(|| ApiError::InvalidArgument("entry is required".into()))?;
@@ -259,8 +387,8 @@ impl Admin for AdminService {
             None => self.issuance.store.list_entries().await,
         }
         .map_err(ApiError::from)?;
-        let entries = entries
-            .iter()
+        let entries: Vec<_> = entries
+            .into_iter()
             .filter(|e| by_id.as_ref().is_none_or(|id| &e.spiffe_id == id))
             .filter(|e| {
                 by_sel.is_empty() || {
@@ -269,9 +397,12 @@ impl Admin for AdminService {
                     s == by_sel
                 }
             })
-            .map(entry_to_pb)
             .collect();
-        Ok(Response::new(pb::ListEntriesResponse { entries }))
+        let (entries, next_page_token) = page(entries, |e| e.id.clone(), r.page_size, &r.page_token);
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(entry_to_pb).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_bundle(&self, _req: Request<pb::GetBundleRequest>) -> R<types::Bundle> {
@@ -441,9 +572,14 @@ impl Admin for AdminService {
         Ok(Response::new(self.authorities()))
     }
 
-    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> R<pb::ListAgentsResponse> {
+        let r = req.into_inner();
         let agents = self.issuance.store.list_agents().await.map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListAgentsResponse { agents: agents.iter().map(|a| self.agent_pb(a)).collect() }))
+        let (agents, next_page_token) = page(agents, |a| a.spiffe_id.to_string(), r.page_size, &r.page_token);
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(|a| self.agent_pb(a)).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_agent(&self, req: Request<pb::AgentId>) -> R<pb::Agent> {

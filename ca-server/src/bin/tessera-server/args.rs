@@ -147,6 +147,10 @@ pub enum EntryCmd {
         /// Entry ID (generated when omitted).
         #[arg(long = "entry-id")]
         id: Option<String>,
+        /// Create every entry in this file instead (SPIRE's `{"entries": [...]}`, a JSON
+        /// array, or one JSON entry per line), in batches of 1,000, each all or nothing.
+        #[arg(long, conflicts_with_all = ["id", "spiffe_id", "parent_id", "selectors"])]
+        file: Option<PathBuf>,
         #[command(flatten)]
         fields: EntryFields,
     },

@@ -16,6 +16,9 @@ use crate::render::{self, Changed, Message, Printer};
 
 type Client = AdminClient<Channel>;
 
+/// Entries or agents asked for per call when listing them all.
+const PAGE: u32 = 1000;
+
 /// Runs one admin verb (every [`Cmd`] but `run`).
 pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
@@ -65,7 +68,19 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Agent(cmd) => {
             let agents = match cmd {
-                AgentCmd::List => c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents,
+                AgentCmd::List => {
+                    let mut all = Vec::new();
+                    let mut page_token = String::new();
+                    loop {
+                        let r =
+                            c.list_agents(pb::ListAgentsRequest { page_size: PAGE, page_token }).await?.into_inner();
+                        all.extend(r.agents);
+                        if r.next_page_token.is_empty() {
+                            break all;
+                        }
+                        page_token = r.next_page_token;
+                    }
+                }
                 AgentCmd::Show { spiffe_id } => vec![c.get_agent(pb::AgentId { spiffe_id }).await?.into_inner()],
                 AgentCmd::Evict { spiffe_id } => vec![c.evict_agent(pb::AgentId { spiffe_id }).await?.into_inner()],
                 AgentCmd::Ban { spiffe_id } => vec![c.ban_agent(pb::AgentId { spiffe_id }).await?.into_inner()],
@@ -116,7 +131,8 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
 
 async fn entry(c: &mut Client, out: &Printer, cmd: EntryCmd) -> anyhow::Result<()> {
     let entries = match cmd {
-        EntryCmd::Create { id, fields } => {
+        EntryCmd::Create { file: Some(path), .. } => return crate::bulk::create_from_file(c, out, &path).await,
+        EntryCmd::Create { id, fields, .. } => {
             let e = entry_from_fields(id.unwrap_or_default(), fields)?;
             vec![c.create_entry(pb::CreateEntryRequest { entry: Some(e) }).await?.into_inner()]
         }
@@ -127,14 +143,26 @@ async fn entry(c: &mut Client, out: &Printer, cmd: EntryCmd) -> anyhow::Result<(
         EntryCmd::Delete { id } => vec![c.delete_entry(pb::EntryId { id }).await?.into_inner()],
         EntryCmd::Show { id: Some(id), .. } => vec![c.get_entry(pb::EntryId { id }).await?.into_inner()],
         EntryCmd::Show { id: None, spiffe_id, parent_id, selectors: sel } => {
-            c.list_entries(pb::ListEntriesRequest {
-                by_spiffe_id: spiffe_id.unwrap_or_default(),
-                by_parent_id: parent_id.unwrap_or_default(),
-                by_selectors: selectors(&sel)?,
-            })
-            .await?
-            .into_inner()
-            .entries
+            // Every page.
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let r = c
+                    .list_entries(pb::ListEntriesRequest {
+                        by_spiffe_id: spiffe_id.clone().unwrap_or_default(),
+                        by_parent_id: parent_id.clone().unwrap_or_default(),
+                        by_selectors: selectors(&sel)?,
+                        page_size: PAGE,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.entries);
+                if r.next_page_token.is_empty() {
+                    break all;
+                }
+                page_token = r.next_page_token;
+            }
         }
     };
     out.one(&render::entries(&entries));

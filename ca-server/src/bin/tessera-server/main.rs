@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bulk;
 mod commands;
 mod diagnose;
 mod render;
