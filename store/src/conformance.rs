@@ -76,9 +76,25 @@ async fn entry_batches(s: &dyn Store) {
             "a refused batch moved the revision"
         );
     }
+    // Pages, by ID, after a token.
+    let first = s.entries_page("", 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let all: Vec<String> = s.list_entries().await.unwrap().into_iter().map(|e| e.id).collect();
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let p = s.entries_page(&after, 2).await.unwrap();
+        let Some(last) = p.last() else { break };
+        after = last.id.clone();
+        paged.extend(p.into_iter().map(|e| e.id));
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    assert_eq!(paged, sorted);
     for e in stored {
         s.delete_entry(&e.id).await.unwrap();
     }
+    assert!(s.entries_page("batch-1", 10).await.unwrap().iter().all(|e| !e.id.starts_with("batch-")));
 }
 
 async fn entries(s: &dyn Store) {

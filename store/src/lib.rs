@@ -94,6 +94,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn get_entry(&self, id: &str) -> Result<Option<Entry>>;
     /// All entries.
     async fn list_entries(&self) -> Result<Vec<Entry>>;
+    /// At most `limit` entries with IDs after `after` (`""`: from the first), by ID: O(limit).
+    async fn entries_page(&self, after: &str, limit: usize) -> Result<Vec<Entry>>;
     /// Entries whose parent is `parent`.
     async fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>>;
     /// What changed after revision `since`, at most `limit` changes: O(changes), not

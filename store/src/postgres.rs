@@ -436,6 +436,16 @@ impl Store for PostgresStore {
         self.all_bodies("SELECT body FROM entries WHERE NOT deleted ORDER BY id").await
     }
 
+    async fn entries_page(&self, after: &str, limit: usize) -> Result<Vec<Entry>> {
+        let c = self.pool.get().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = c
+            .query("SELECT body FROM entries WHERE NOT deleted AND id > $1 ORDER BY id LIMIT $2", &[&after, &limit])
+            .await
+            .map_err(backend)?;
+        rows.iter().map(|r| from_json(after, r.get::<_, &str>(0))).collect()
+    }
+
     async fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>> {
         let c = self.pool.get().await?;
         let rows = c

@@ -335,6 +335,16 @@ impl Store for SledStore {
         Self::get_json(&self.entries, id.as_bytes())
     }
 
+    async fn entries_page(&self, after: &str, limit: usize) -> Result<Vec<Entry>> {
+        use std::ops::Bound;
+        let start = if after.is_empty() { Bound::Unbounded } else { Bound::Excluded(after.as_bytes().to_vec()) };
+        self.entries
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|kv| kv.map_err(backend).and_then(|(k, v)| dec(&k, &v)))
+            .collect()
+    }
+
     async fn list_entries(&self) -> Result<Vec<Entry>> {
         Self::all_json(&self.entries)
     }

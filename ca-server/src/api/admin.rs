@@ -382,6 +382,22 @@ impl Admin for AdminService {
         };
         let mut by_sel = r.by_selectors.iter().map(selector_from_pb).collect::<Result<Vec<_>, _>>()?;
         by_sel.sort();
+        if by_id.is_none() && by_parent.is_none() && by_sel.is_empty() && r.page_size > 0 {
+            // Unfiltered: one range read of the page (and one more to know if there is a next).
+            let size = r.page_size as usize;
+            let mut entries =
+                self.issuance.store.entries_page(&r.page_token, size + 1).await.map_err(ApiError::from)?;
+            let next_page_token = if entries.len() > size {
+                entries.truncate(size);
+                entries.last().map(|e| e.id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            return Ok(Response::new(pb::ListEntriesResponse {
+                entries: entries.iter().map(entry_to_pb).collect(),
+                next_page_token,
+            }));
+        }
         let entries = match &by_parent {
             Some(p) => self.issuance.store.entries_by_parent(p).await,
             None => self.issuance.store.list_entries().await,
