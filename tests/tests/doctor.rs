@@ -557,8 +557,16 @@ fn which(name: &str) -> Option<PathBuf> {
 
 #[test]
 fn an_agent_whose_clock_is_ahead_reports_clock_skew() {
-    let Some(faketime) = which("faketime") else {
-        eprintln!("SKIPPED: faketime is not installed (scripts/test.sh installs Debian's faketime)");
+    // libfaketime itself, preloaded into the agent: the `faketime` wrapper would run the
+    // agent as its child, which outlives the wrapper when the test kills it.
+    let Some(lib) = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file()) else {
+        eprintln!("SKIPPED: libfaketime is not installed (scripts/test.sh installs Debian's faketime)");
         return;
     };
     let mut mesh = Mesh::start("ca_ttl = \"24h\"", "1s");
@@ -567,8 +575,8 @@ fn an_agent_whose_clock_is_ahead_reports_clock_skew() {
     assert_eq!(agent(&mesh, &["doctor"]).status.code(), Some(0));
     // The same agent, restarted 40 s in the future.
     mesh.agent.take();
-    let mut cmd = Command::new(faketime);
-    cmd.args(["-f", "+40s"]).arg(bin("tessera-agent")).args(["run", "--config"]).arg(&mesh.agent_config);
+    let mut cmd = Command::new(bin("tessera-agent"));
+    cmd.args(["run", "--config"]).arg(&mesh.agent_config).env("LD_PRELOAD", &lib).env("FAKETIME", "+40s");
     let mut p = tessera_test_util::Proc::spawn(cmd, mesh.dir.path().join("agent-skewed.log"));
     let sock = mesh.socket.clone();
     p.wait_until(30, "skewed agent", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
