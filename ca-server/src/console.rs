@@ -563,29 +563,6 @@ fn with_headers(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     r
 }
 
-/// The TLS configuration of a non-loopback console: the server's SVID, a client certificate
-/// required and verified against `bundle`.
-fn tls_config(
-    bundle: &tessera_identity::Bundle,
-    identity: Arc<crate::api::tls::ServerIdentity>,
-) -> Result<Arc<rustls::ServerConfig>, String> {
-    let provider = tessera_identity::tls::provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in &bundle.x509_authorities {
-        roots.add(c.clone()).map_err(|e| e.to_string())?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(identity);
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
 async fn serve_conn<I>(io: I, console: Arc<Console>, allowed: bool)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -633,7 +610,12 @@ pub async fn serve(
             });
             continue;
         }
-        let tls = match tls_config(&diagnostics.ca.bundle(), diagnostics.identity.clone()) {
+        let tls = match crate::api::tls::tls13_config(
+            &diagnostics.ca.bundle(),
+            diagnostics.identity.clone(),
+            true,
+            b"http/1.1",
+        ) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "Console TLS configuration failed");

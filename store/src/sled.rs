@@ -93,6 +93,26 @@ fn read_u64(v: Option<sled::IVec>) -> u64 {
     v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// Inside an entry transaction: `entry` (encoded as `value`) stored live at revision `rev`,
+/// with its revision and parent indexes.
+fn put_live(
+    entries: &sled::transaction::TransactionalTree,
+    by_rev: &sled::transaction::TransactionalTree,
+    by_parent: &sled::transaction::TransactionalTree,
+    entry: &Entry,
+    value: &[u8],
+    rev: u64,
+) -> std::result::Result<(), ConflictableTransactionError<String>> {
+    let mut stored: Entry =
+        serde_json::from_slice(value).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+    stored.revision = rev;
+    let bytes = serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+    entries.insert(entry.id.as_bytes(), bytes)?;
+    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id, None))?;
+    by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
+    Ok(())
+}
+
 /// Refuses a store written by a newer schema (and says which server wrote it); a store from
 /// before schema versions gets the current one. Then records this build as the last writer.
 fn check_schema(meta: &sled::Tree) -> Result<()> {
@@ -219,14 +239,7 @@ impl SledStore {
                     entries.remove(entry.id.as_bytes())?;
                     by_rev.insert(&rev.to_be_bytes(), rev_value(TOMBSTONE, &entry.id, Some(&entry.parent_id)))?;
                 } else {
-                    let mut stored: Entry = serde_json::from_slice(&value)
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    stored.revision = rev;
-                    let bytes =
-                        serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    entries.insert(entry.id.as_bytes(), bytes)?;
-                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id, None))?;
-                    by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
+                    put_live(entries, by_rev, by_parent, entry, &value, rev)?;
                 }
                 Ok(rev)
             },
@@ -291,14 +304,7 @@ impl Store for SledStore {
                 let mut revs = Vec::with_capacity(values.len());
                 for (entry, value) in batch.iter().zip(&values) {
                     rev += 1;
-                    let mut stored: Entry = serde_json::from_slice(value)
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    stored.revision = rev;
-                    let bytes =
-                        serde_json::to_vec(&stored).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    entries.insert(entry.id.as_bytes(), bytes)?;
-                    by_rev.insert(&rev.to_be_bytes(), rev_value(LIVE, &entry.id, None))?;
-                    by_parent.insert(parent_key(&entry.parent_id.to_string(), &entry.id), &[])?;
+                    put_live(entries, by_rev, by_parent, entry, value, rev)?;
                     revs.push(rev);
                 }
                 meta.insert(META_ENTRY_REV, &rev.to_be_bytes())?;

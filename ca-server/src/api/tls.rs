@@ -112,21 +112,31 @@ pub struct AgentTls {
 }
 
 fn server_config(bundle: &Bundle, identity: Arc<ServerIdentity>) -> Result<Arc<rustls::ServerConfig>, String> {
+    tls13_config(bundle, identity, false, b"h2")
+}
+
+/// A TLS 1.3 server configuration presenting the server's SVID, verifying client certificates
+/// against `bundle` (required when `client_required`, else optional), offering `alpn`.
+pub(crate) fn tls13_config(
+    bundle: &Bundle,
+    identity: Arc<ServerIdentity>,
+    client_required: bool,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = tessera_identity::tls::provider();
     let mut roots = RootCertStore::empty();
     for c in &bundle.x509_authorities {
         roots.add(c.clone()).map_err(|e| e.to_string())?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if client_required { builder } else { builder.allow_unauthenticated() };
+    let verifier = builder.build().map_err(|e| e.to_string())?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity);
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 
