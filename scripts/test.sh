@@ -29,6 +29,12 @@ command -v faketime >/dev/null || missing+=(faketime)          # an agent with a
 command -v curl >/dev/null || missing+=(curl)                  # the console's client certificates
 command -v chromium >/dev/null || missing+=(chromium)          # the web console in a real browser
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v podman >/dev/null || missing+=(podman)              # builds and runs the images
+command -v runc >/dev/null || missing+=(runc)                  # crun fails on hybrid cgroups
+command -v musl-gcc >/dev/null || missing+=(musl-tools)        # the static x86_64 binaries
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)  # the aarch64 ones
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)  # runs them
+[ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)  # copied into the images
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -58,6 +64,26 @@ python3 scripts/sbom.py target/sbom/tessera.cdx.json
 step "Build"
 cargo build --workspace --bins --locked
 
+step "Static release binaries (profile dist, what ships: x86_64 musl for the images, aarch64 for qemu)"
+# Built once here with cargo auditable (each binary carries its crate list, for SBOM
+# scanners); tests/tests/images.rs makes the images from the x86_64 pair and
+# tests/tests/arm64.rs runs the aarch64 pair under qemu-aarch64-static. Where a target cannot
+# be installed, say so: those tests then skip with a message.
+if [ ! -x target/tools/bin/cargo-auditable ]; then
+  install_tool cargo-auditable 0.7.7
+fi
+static_build() {
+  local t=$1
+  if rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"; then
+    PATH="$PWD/target/tools/bin:$PATH" cargo auditable build --profile dist --locked --target "$t" -p tessera-server -p tessera-agent
+    ls -l "target/$t/dist/tessera-server" "target/$t/dist/tessera-agent"
+  else
+    echo "SKIPPED: rustup cannot install $t here; the tests that use it will skip"
+  fi
+}
+static_build x86_64-unknown-linux-musl
+static_build aarch64-unknown-linux-gnu
+
 step "Clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -80,6 +106,11 @@ for p in /proc/[0-9]*; do
       strays+="$(basename "$p") $exe $(tr '\0' ' ' < "$p/cmdline" 2>/dev/null | cut -c1-160)"$'\n' ;;
   esac
 done
+# Containers the image tests made (scripts/podman.sh's own storage) must be gone too.
+if command -v podman >/dev/null && [ -d target/podman/storage ]; then
+  containers="$(scripts/podman.sh ps --all --format '{{.Names}} {{.Status}}')"
+  [ -z "$containers" ] || strays+="containers: $containers"$'\n'
+fi
 if [ -n "$strays" ]; then
   printf 'processes left running by the tests:\n%s' "$strays"
   exit 1

