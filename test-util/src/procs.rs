@@ -25,6 +25,11 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
 /// Path of a built binary.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)

@@ -13,8 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tessera_test_util::chart::repo;
-use tessera_test_util::{Mesh, bin, use_binaries};
+use tessera_test_util::{Mesh, bin, repo, use_binaries};
 
 const QEMU: &str = "qemu-aarch64-static";
 

@@ -12,7 +12,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::Value;
 use tessera_server::config::NodeAttestorKind;
-use tessera_test_util::chart::{helm, render, repo};
+use tessera_test_util::chart::{helm, render};
+use tessera_test_util::repo;
 
 /// Drops nulls and empty objects, which serializers may omit without changing meaning.
 fn normalize(v: Value) -> Value {

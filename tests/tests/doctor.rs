@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use tessera_test_util::postgres::TestPostgres;
-use tessera_test_util::{Mesh, ServerProc, bin, http_get, server_config, wait_for};
+use tessera_test_util::{Mesh, ServerProc, bin, http_get, repo, server_config, wait_for};
 
 /// `(code, severity, subject)` of each finding.
 fn findings(out: &Output) -> Vec<(String, String, String)> {
@@ -449,10 +449,6 @@ fn exposed(body: &str) -> std::collections::BTreeSet<String> {
         s.insert(name);
     }
     s
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
 }
 
 #[test]

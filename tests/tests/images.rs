@@ -35,10 +35,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tessera_test_util::chart::{render, repo};
+use tessera_test_util::chart::render;
 use tessera_test_util::envoy::{envoy_pair, served_serials};
 use tessera_test_util::fake_k8s::{API_TOKEN, FakeCluster};
-use tessera_test_util::{bin, free_port, http_get, my_uid, wait_for};
+use tessera_test_util::{bin, free_port, http_get, my_uid, repo, wait_for};
 
 const TAG: &str = "e2e";
 const NS: &str = "tessera-system";
@@ -376,14 +376,9 @@ fn exec(ctr: &str, args: &[&str]) -> Output {
 }
 
 fn exec_ok(ctr: &str, args: &[&str]) -> String {
-    let out = exec(ctr, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let mut a = vec!["exec", ctr];
+    a.extend_from_slice(args);
+    podman_ok(&a)
 }
 
 fn logs(ctr: &str) -> String {
