@@ -64,25 +64,40 @@ python3 scripts/sbom.py target/sbom/tessera.cdx.json
 step "Build"
 cargo build --workspace --bins --locked
 
-step "Static release binaries (profile dist, what ships: x86_64 musl for the images, aarch64 for qemu)"
-# Built once here with cargo auditable (each binary carries its crate list, for SBOM
-# scanners); tests/tests/images.rs makes the images from the x86_64 pair and
-# tests/tests/arm64.rs runs the aarch64 pair under qemu-aarch64-static. Where a target cannot
-# be installed, say so: those tests then skip with a message.
+step "Static binaries (x86_64 musl, profile dist: what the images ship; aarch64 for qemu)"
+# Built once here. The x86_64 pair is the shipped build (dist, with cargo auditable so each
+# binary carries its crate list for SBOM scanners): tests/tests/images.rs makes the images
+# from it. The aarch64 pair is the same code in the unoptimised `qemu` profile, which builds
+# in half the time; tests/tests/arm64.rs runs it under qemu-aarch64-static (scripts/release.sh
+# builds the shipped aarch64 dist pair). Where a target cannot be installed, say so: those
+# tests then skip with a message.
 if [ ! -x target/tools/bin/cargo-auditable ]; then
   install_tool cargo-auditable 0.7.7
 fi
 static_build() {
-  local t=$1
+  local t=$1 profile=$2
   if rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"; then
-    PATH="$PWD/target/tools/bin:$PATH" cargo auditable build --profile dist --locked --target "$t" -p tessera-server -p tessera-agent
-    ls -l "target/$t/dist/tessera-server" "target/$t/dist/tessera-agent"
+    PATH="$PWD/target/tools/bin:$PATH" cargo auditable build --profile "$profile" --locked --target "$t" -p tessera-server -p tessera-agent
+    ls -l "target/$t/$profile/tessera-server" "target/$t/$profile/tessera-agent"
   else
     echo "SKIPPED: rustup cannot install $t here; the tests that use it will skip"
   fi
 }
-static_build x86_64-unknown-linux-musl
-static_build aarch64-unknown-linux-gnu
+static_build x86_64-unknown-linux-musl dist
+static_build aarch64-unknown-linux-gnu qemu
+
+step "The previous release, for the upgrade test (tests/upgrade-from)"
+# Built from this clone's history into target/baseline/<commit>/bin, unoptimised and without
+# debug information, and reused while it is there.
+set +e
+scripts/baseline.sh
+baseline_status=$?
+set -e
+case $baseline_status in
+  0) ;;
+  3) echo "SKIPPED: the baseline commit is not in this clone's history; tests/tests/upgrade_live.rs will skip" ;;
+  *) exit "$baseline_status" ;;
+esac
 
 step "Clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -50,15 +50,18 @@ pub enum StoreError {
     /// The backend failed (I/O, disk full, read-only file system, ...).
     #[error("store backend: {0}")]
     Backend(String),
-    /// The store was written by a newer schema than this server understands (a downgrade).
+    /// The store was written by a newer schema than this server understands, and that schema
+    /// is not readable by it (a downgrade past the skew window).
     #[error(
-        "the {store} store has schema version {found}, last written by server {writer}; this server ({server}) understands schema versions up to {known}: run a server at least as new as {writer}, or restore the backup taken before the upgrade (docs/upgrading.md)"
+        "the {store} store has schema version {found}, last written by server {writer}, and needs a server that understands schema version {readable_from} or later; this server ({server}) understands schema versions up to {known}: run a server at least as new as {writer}, or restore the backup taken before the upgrade (docs/upgrading.md)"
     )]
     SchemaTooNew {
         /// `sled` or `postgres`.
         store: &'static str,
         /// The schema version found.
         found: u64,
+        /// The oldest schema version a server must understand to run on the store.
+        readable_from: u64,
         /// The newest this build understands.
         known: u64,
         /// The version of the last server that wrote it (`unknown` when not recorded).

@@ -69,6 +69,14 @@ CREATE TABLE tessera_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 "#,
 ];
 
+/// The oldest schema (number of migrations) whose servers can run on the schema this build
+/// leaves, recorded as `readable_from_schema` in `tessera_meta`. A migration that an older
+/// server can live with (a new table, a column with a default it never reads) leaves it; one
+/// that changes what an older server reads or writes raises it to its own number. 3: agents
+/// are written only by compare-and-set on their revision (migration 2), which a server that
+/// knows fewer migrations does not do.
+const READABLE_FROM: i32 = 3;
+
 fn backend(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(match e.as_db_error() {
         Some(db) => format!("postgres: {} ({})", db.message(), db.code().code()),
@@ -281,18 +289,41 @@ impl PostgresStore {
             .get(0);
         let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
         if done > known {
-            let writer =
-                match tx.query_opt("SELECT value FROM tessera_meta WHERE key = 'last_writer_version'", &[]).await {
-                    Ok(Some(row)) => row.get::<_, String>(0),
-                    _ => "unknown".into(),
-                };
-            return Err(StoreError::SchemaTooNew {
-                store: "postgres",
-                found: u64::try_from(done).unwrap_or(0),
-                known: u64::try_from(known).unwrap_or(0),
-                writer,
-                server: crate::WRITER_VERSION,
-            });
+            let meta = |key: &'static str| {
+                let tx = &tx;
+                async move {
+                    match tx.query_opt("SELECT value FROM tessera_meta WHERE key = $1", &[&key]).await {
+                        Ok(row) => Ok(row.map(|r| r.get::<_, String>(0))),
+                        Err(e) => Err(backend(e)),
+                    }
+                }
+            };
+            let writer = meta("last_writer_version").await?.unwrap_or_else(|| "unknown".into());
+            let readable_from = match meta("readable_from_schema").await? {
+                None => done,
+                Some(v) => v.parse::<i32>().map_err(|_| StoreError::Corrupt {
+                    key: "tessera_meta/readable_from_schema".into(),
+                    reason: format!("{v:?} is not a schema version"),
+                })?,
+            };
+            if readable_from > known {
+                return Err(StoreError::SchemaTooNew {
+                    store: "postgres",
+                    found: u64::try_from(done).unwrap_or(0),
+                    readable_from: u64::try_from(readable_from).unwrap_or(0),
+                    known: u64::try_from(known).unwrap_or(0),
+                    writer,
+                    server: crate::WRITER_VERSION,
+                });
+            }
+            tracing::warn!(
+                schema = done,
+                readable_from,
+                known,
+                writer = %writer,
+                "The database has a newer schema that this server can run on (a downgrade within the skew window); upgrade again when you can"
+            );
+            return tx.commit().await.map_err(backend);
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(done).unwrap_or(0)) {
             tx.batch_execute(sql).await.map_err(backend)?;
@@ -300,12 +331,17 @@ impl PostgresStore {
             tx.execute("INSERT INTO tessera_migrations (version) VALUES ($1)", &[&v]).await.map_err(backend)?;
             tracing::info!(version = v, "Store migration applied");
         }
-        tx.execute(
-            "INSERT INTO tessera_meta (key, value) VALUES ('last_writer_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
-            &[&crate::WRITER_VERSION],
-        )
-        .await
-        .map_err(backend)?;
+        for (key, value) in [
+            ("last_writer_version", crate::WRITER_VERSION.to_owned()),
+            ("readable_from_schema", READABLE_FROM.to_string()),
+        ] {
+            tx.execute(
+                "INSERT INTO tessera_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
+                &[&key, &value],
+            )
+            .await
+            .map_err(backend)?;
+        }
         tx.commit().await.map_err(backend)
     }
 

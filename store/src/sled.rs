@@ -25,8 +25,15 @@ const META_ENTRY_REV: &[u8] = b"entry_rev";
 const META_SCHEMA: &[u8] = b"schema_version";
 /// The version of the last server that opened the store for writing (UTF-8).
 const META_WRITER: &[u8] = b"last_writer_version";
+/// The oldest schema a server must understand to run on the store (8 bytes, big-endian).
+const META_READABLE: &[u8] = b"readable_from_schema";
 /// The schema this build writes and understands. 1: the layout since agents' revisions.
 pub const SCHEMA_VERSION: u64 = 1;
+/// The oldest schema whose servers can run on the layout this build writes. A change that an
+/// older server can live with (a new tree, a record field with a default) leaves it; a change
+/// to what an older server reads or writes raises it to the new `SCHEMA_VERSION`. It is what
+/// lets the previous minor release run on a store the next one opened (docs/upgrading.md).
+pub const READABLE_FROM: u64 = 1;
 const META_AGENT_REV: &[u8] = b"agent_rev";
 const LIVE: u8 = b'U';
 const TOMBSTONE: u8 = b'D';
@@ -113,33 +120,54 @@ fn put_live(
     Ok(())
 }
 
-/// Refuses a store written by a newer schema (and says which server wrote it); a store from
-/// before schema versions gets the current one. Then records this build as the last writer.
+/// A `u64` meta record, 8 bytes big-endian.
+fn meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<Option<u64>> {
+    match meta.get(key).map_err(backend)? {
+        None => Ok(None),
+        Some(v) => {
+            <[u8; 8]>::try_from(v.as_ref()).map(|b| Some(u64::from_be_bytes(b))).map_err(|_| StoreError::Corrupt {
+                key: format!("meta/{}", String::from_utf8_lossy(key)),
+                reason: format!("{} bytes, expected 8", v.len()),
+            })
+        }
+    }
+}
+
+/// Refuses a store written by a newer schema that this build cannot read (and says which
+/// server wrote it); runs on a newer one that declares itself readable by this build, without
+/// touching its records. A store from before schema versions gets the current one. Then
+/// records this build as the last writer, unless the store's schema is newer than its own.
 fn check_schema(meta: &sled::Tree) -> Result<()> {
     let writer = match meta.get(META_WRITER).map_err(backend)? {
         Some(v) => String::from_utf8(v.to_vec())
             .map_err(|_| StoreError::Corrupt { key: "meta/last_writer_version".into(), reason: "not UTF-8".into() })?,
         None => "unknown".into(),
     };
-    match meta.get(META_SCHEMA).map_err(backend)? {
-        None => {}
-        Some(v) => {
-            let found = <[u8; 8]>::try_from(v.as_ref()).map(u64::from_be_bytes).map_err(|_| StoreError::Corrupt {
-                key: "meta/schema_version".into(),
-                reason: format!("{} bytes, expected 8", v.len()),
-            })?;
-            if found > SCHEMA_VERSION {
-                return Err(StoreError::SchemaTooNew {
-                    store: "sled",
-                    found,
-                    known: SCHEMA_VERSION,
-                    writer,
-                    server: crate::WRITER_VERSION,
-                });
-            }
+    if let Some(found) = meta_u64(meta, META_SCHEMA)?
+        && found > SCHEMA_VERSION
+    {
+        let readable_from = meta_u64(meta, META_READABLE)?.unwrap_or(found);
+        if readable_from > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                store: "sled",
+                found,
+                readable_from,
+                known: SCHEMA_VERSION,
+                writer,
+                server: crate::WRITER_VERSION,
+            });
         }
+        tracing::warn!(
+            schema = found,
+            readable_from,
+            known = SCHEMA_VERSION,
+            writer = %writer,
+            "The store has a newer schema that this server can run on (a downgrade within the skew window); upgrade again when you can"
+        );
+        return Ok(());
     }
     meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes()).map_err(backend)?;
+    meta.insert(META_READABLE, &READABLE_FROM.to_be_bytes()).map_err(backend)?;
     meta.insert(META_WRITER, crate::WRITER_VERSION.as_bytes()).map_err(backend)?;
     meta.flush().map_err(backend)?;
     Ok(())
@@ -585,16 +613,38 @@ mod tests {
             let db = sled::open(&path).unwrap();
             let meta = db.open_tree("meta").unwrap();
             assert_eq!(meta.get(META_SCHEMA).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
+            assert_eq!(meta.get(META_READABLE).unwrap().unwrap().as_ref(), READABLE_FROM.to_be_bytes());
             assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), crate::WRITER_VERSION.as_bytes());
-            // A newer server wrote it.
+            // A newer server wrote it, and recorded no readable-from: taken as readable only
+            // by servers that know its own schema.
+            meta.remove(META_READABLE).unwrap();
             meta.insert(META_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
             meta.insert(META_WRITER, b"9.1.0").unwrap();
             db.flush().unwrap();
         }
         let e = SledStore::open(&path).unwrap_err();
-        assert!(matches!(e, StoreError::SchemaTooNew { found: 2, known: 1, .. }), "{e:?}");
+        assert!(matches!(e, StoreError::SchemaTooNew { found: 2, readable_from: 2, known: 1, .. }), "{e:?}");
         let m = e.to_string();
         assert!(m.contains("schema version 2, last written by server 9.1.0"), "{m}");
+        // The newer server declares its schema readable from this one: it runs, and leaves
+        // the records as they are.
+        {
+            let db = sled::open(&path).unwrap();
+            db.open_tree("meta").unwrap().insert(META_READABLE, &SCHEMA_VERSION.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        drop(SledStore::open(&path).unwrap());
+        {
+            let db = sled::open(&path).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            assert_eq!(meta.get(META_SCHEMA).unwrap().unwrap().as_ref(), (SCHEMA_VERSION + 1).to_be_bytes());
+            assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), b"9.1.0");
+            meta.insert(META_READABLE, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let e = SledStore::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::SchemaTooNew { found: 2, readable_from: 2, .. }), "{e:?}");
+        assert!(e.to_string().contains("understands schema version 2 or later"), "{e}");
         assert!(m.contains(&format!("this server ({})", crate::WRITER_VERSION)), "{m}");
         // Refused without writing: the record still says 9.1.0.
         {

@@ -4,9 +4,10 @@
 //! and serves a workload on the host (the host build's CLI) its SVID, and both CLIs are the
 //! aarch64 ones.
 //!
-//! The binaries come from `$TESSERA_ARM64_DIR`, else target/aarch64-unknown-linux-gnu/dist
-//! (scripts/test.sh and scripts/release.sh build them). Where they or qemu-aarch64-static are
-//! missing, the test says so and skips.
+//! The binaries come from `$TESSERA_ARM64_DIR`, else target/aarch64-unknown-linux-gnu/qemu
+//! (scripts/test.sh builds them: the `qemu` profile, unoptimised, for the suite's time), else
+//! target/aarch64-unknown-linux-gnu/dist (scripts/release.sh: what ships). Where they or
+//! qemu-aarch64-static are missing, the test says so and skips.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,10 +18,17 @@ use tessera_test_util::{Mesh, bin, repo, use_binaries};
 
 const QEMU: &str = "qemu-aarch64-static";
 
+/// `$TESSERA_ARM64_DIR`, else the suite's `qemu` build, else a `dist` build.
 fn arm_dir() -> PathBuf {
-    std::env::var_os("TESSERA_ARM64_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/aarch64-unknown-linux-gnu/dist"))
+    if let Some(d) = std::env::var_os("TESSERA_ARM64_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = repo().join("target/aarch64-unknown-linux-gnu");
+    ["qemu", "dist"]
+        .iter()
+        .map(|p| target.join(p))
+        .find(|d| d.join("tessera-server").exists())
+        .unwrap_or(target.join("qemu"))
 }
 
 /// The ELF header's machine, and whether any program header asks for an interpreter (a
@@ -49,7 +57,7 @@ fn an_aarch64_server_mints_and_an_aarch64_agent_serves_a_workload_under_qemu() {
     }
     if !dir.join("tessera-server").exists() || !dir.join("tessera-agent").exists() {
         eprintln!(
-            "SKIPPED: no aarch64 build in {} (cargo build --profile dist --target aarch64-unknown-linux-gnu -p tessera-server -p tessera-agent)",
+            "SKIPPED: no aarch64 build in {} (cargo build --profile qemu --target aarch64-unknown-linux-gnu -p tessera-server -p tessera-agent)",
             dir.display()
         );
         return;

@@ -120,7 +120,7 @@ async fn postgres_over_tls_verifies_the_server_and_can_be_required() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_migrated_by_a_newer_server_is_refused_naming_both_versions() {
+async fn a_database_migrated_by_a_newer_server_runs_if_readable_and_is_refused_naming_both_versions_if_not() {
     let pg = tokio::task::spawn_blocking(TestPostgres::start).await.unwrap();
     let url = pg.database("downgrade");
     drop(PostgresStore::open(&url, 2).await.unwrap());
@@ -132,8 +132,25 @@ async fn a_database_migrated_by_a_newer_server_is_refused_naming_both_versions()
         "downgrade",
         "INSERT INTO tessera_migrations (version) VALUES (99); UPDATE tessera_meta SET value = '9.1.0' WHERE key = 'last_writer_version'",
     );
+    // The newer server kept the readable-from this build recorded: its migration is one an
+    // older server can live with, so this build runs on it and leaves it as it is.
+    let e = PostgresStore::open(&url, 2).await;
+    assert!(e.is_ok(), "a schema readable by this build is refused: {:?}", e.err());
+    drop(e);
+    assert_eq!(pg.psql("downgrade", "SELECT max(version) FROM tessera_migrations").trim(), "99");
+    assert_eq!(
+        pg.psql("downgrade", "SELECT value FROM tessera_meta WHERE key = 'last_writer_version'").trim(),
+        "9.1.0"
+    );
+    // It did not.
+    pg.psql("downgrade", "UPDATE tessera_meta SET value = '99' WHERE key = 'readable_from_schema'");
     let e = PostgresStore::open(&url, 2).await.unwrap_err();
-    assert!(matches!(e, StoreError::SchemaTooNew { found: 99, .. }), "{e:?}");
+    assert!(matches!(e, StoreError::SchemaTooNew { found: 99, readable_from: 99, .. }), "{e:?}");
     let m = e.to_string();
     assert!(m.contains("schema version 99, last written by server 9.1.0"), "{m}");
+    assert!(m.contains("understands schema version 99 or later"), "{m}");
+    // A damaged record is corrupt, not a panic.
+    pg.psql("downgrade", "UPDATE tessera_meta SET value = 'x' WHERE key = 'readable_from_schema'");
+    let e = PostgresStore::open(&url, 2).await.unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}");
 }
