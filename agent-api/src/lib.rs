@@ -18,5 +18,5 @@ pub mod identity;
 pub mod wire;
 
 pub use client::{attest, connect, connect_any, renew, server_tls};
-pub use error::ClientError;
+pub use error::{ClientError, EVICTED_METADATA};
 pub use identity::{AgentIdentity, IdentityFiles};

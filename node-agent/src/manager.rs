@@ -310,6 +310,9 @@ pub struct Manager {
     tx: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<JwtCache>,
     synced: AtomicBool,
+    /// A `join_token` agent tries to attest again after an eviction once per process: the
+    /// token in its configuration is spent after one use.
+    join_token_tried: AtomicBool,
     /// Woken by the server's change notices: sync now instead of at the next poll.
     wake: Notify,
     /// Index in `cfg.servers` of the replica to try first.
@@ -394,8 +397,8 @@ fn attestation_data(cfg: &Config) -> Result<(pb::AttestationData, SpiffeId), Age
     Ok((pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }, id))
 }
 
+/// First contact: the server is trusted as `bootstrap` says.
 async fn attest(cfg: &Config, files: &IdentityFiles) -> Result<(AgentIdentity, Bundle), AgentError> {
-    let (data, id) = attestation_data(cfg)?;
     let tls = match &cfg.bootstrap {
         Bootstrap::Insecure => {
             warn!("insecure_bootstrap: trusting the server without verification for this first contact");
@@ -409,6 +412,16 @@ async fn attest(cfg: &Config, files: &IdentityFiles) -> Result<(AgentIdentity, B
             server_tls(&cfg.trust_domain, &certs, None)?
         }
     };
+    attest_with(cfg, files, tls).await
+}
+
+/// Attests over `tls` and persists the new identity and bundle.
+async fn attest_with(
+    cfg: &Config,
+    files: &IdentityFiles,
+    tls: rustls::ClientConfig,
+) -> Result<(AgentIdentity, Bundle), AgentError> {
+    let (data, id) = attestation_data(cfg)?;
     let (mut client, _) = connect_any(&cfg.servers, 0, tls).await?;
     let (identity, bundle) = tessera_agent_api::attest(&mut client, data, &id, None).await?;
     let bundle = bundle_from_pb(&bundle.unwrap_or_default()).map_err(|e| AgentError::Attestation(e.to_string()))?;
@@ -459,6 +472,7 @@ impl Manager {
             tx,
             jwt_cache: Mutex::default(),
             synced: AtomicBool::new(false),
+            join_token_tried: AtomicBool::new(false),
             wake: Notify::new(),
             current: AtomicUsize::new(0),
             metrics: Arc::default(),
@@ -536,7 +550,8 @@ impl Manager {
                     self.cfg.sync_interval.min(until_due.max(Duration::from_millis(100)))
                 }
                 Err(e) => {
-                    if matches!(e, AgentError::Attestation(_)) {
+                    let evicted = matches!(e, AgentError::Client(ClientError::Evicted { .. }));
+                    if evicted || matches!(e, AgentError::Attestation(_)) {
                         // The agent can no longer authenticate: not ready until re-attested.
                         self.synced.store(false, Ordering::Relaxed);
                     }
@@ -544,10 +559,21 @@ impl Manager {
                     self.metrics.syncs_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(error = %e, failures, "Sync with the server failed; serving cached SVIDs");
                     self.state.lock().client = None;
-                    // Next time, start with the next replica.
-                    let n = self.cfg.servers.len().max(1);
-                    let _ = self.current.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
-                    Duration::from_secs(1u64 << failures.min(6)).min(self.cfg.sync_interval.max(Duration::from_secs(1)))
+                    if evicted {
+                        match self.reattest().await {
+                            Ok(()) => failures = 0,
+                            Err(e) => warn!(error = %e, "Cannot attest again after the eviction; serving cached SVIDs"),
+                        }
+                    }
+                    if failures == 0 {
+                        Duration::ZERO
+                    } else {
+                        // Next time, start with the next replica.
+                        let n = self.cfg.servers.len().max(1);
+                        let _ = self.current.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some((c + 1) % n));
+                        Duration::from_secs(1u64 << failures.min(6))
+                            .min(self.cfg.sync_interval.max(Duration::from_secs(1)))
+                    }
                 }
             };
             tokio::select! {
@@ -564,6 +590,31 @@ impl Manager {
                 _ = shutdown.changed() => break,
             }
         }
+    }
+
+    /// After an eviction: attests again as at first start, trusting the bundle the agent
+    /// holds. A `k8s_psat` agent does so every time (its projected token is fresh, and its
+    /// agent ID stays the same); a `join_token` agent once per process, since its token is
+    /// spent: give it a new one and restart it (docs/agent.md). Cached SVIDs stay served
+    /// throughout; the next sync starts from scratch under the new identity.
+    async fn reattest(&self) -> Result<(), AgentError> {
+        let _pass = self.pass.lock().await;
+        if self.cfg.psat.is_none() && self.join_token_tried.swap(true, Ordering::Relaxed) {
+            return Err(AgentError::Attestation(
+                "the agent was evicted and its join_token was already tried: put a new join token in join_token and restart the agent (docs/agent.md)"
+                    .into(),
+            ));
+        }
+        let roots = self.state.lock().bundle.x509_authorities.clone();
+        let tls = server_tls(&self.cfg.trust_domain, &roots, None)?;
+        let (identity, bundle) = attest_with(&self.cfg, &self.files, tls).await?;
+        info!(agent_id = %tessera_identity::ids::LogId(&identity.id), "Agent attested again after an eviction");
+        let mut s = self.state.lock();
+        s.identity = Arc::new(identity);
+        s.bundle = Arc::new(bundle);
+        s.client = None;
+        s.revision = 0;
+        Ok(())
     }
 
     /// Holds a `WatchChanges` stream to the server and wakes [`Manager::run`] on every notice,

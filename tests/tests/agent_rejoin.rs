@@ -1,7 +1,7 @@
-//! An agent offline past its own SVID's expiry rejoins as docs/agent.md says, never by
-//! editing the store: with `k8s_psat` by itself (a fresh projected token, the same agent ID);
-//! with join tokens, it stops with a message naming the fix, and a new token brings it back
-//! under the same node alias.
+//! An agent offline past its own SVID's expiry, or evicted while it runs, rejoins as
+//! docs/agent.md says, never by editing the store: with `k8s_psat` by itself (a fresh
+//! projected token, the same agent ID); with join tokens, it says what to do, and a new token
+//! (and, after an eviction, a restart) brings it back under the same node alias.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -79,18 +79,112 @@ fn a_join_token_agent_past_its_svid_expiry_stops_with_the_fix_and_a_new_token_br
         "json",
     ]))
     .unwrap();
+    set_join_token(&mesh, token["token"].as_str().unwrap());
+    mesh.start_agent();
+    wait_for(10, "the workload's SVID under the node alias", || fetch_ok(&mesh, web), String::new);
+}
+
+fn set_join_token(mesh: &Mesh, token: &str) {
     let cfg = std::fs::read_to_string(&mesh.agent_config).unwrap();
     let cfg: String = cfg
         .lines()
-        .map(|l| {
-            if l.starts_with("join_token") {
-                format!("join_token = \"{}\"\n", token["token"].as_str().unwrap())
-            } else {
-                format!("{l}\n")
-            }
-        })
+        .map(|l| if l.starts_with("join_token") { format!("join_token = \"{token}\"\n") } else { format!("{l}\n") })
         .collect();
     std::fs::write(&mesh.agent_config, cfg).unwrap();
+}
+
+fn agent_log(mesh: &Mesh) -> String {
+    std::fs::read_to_string(mesh.dir.path().join("agent.log")).unwrap()
+}
+
+fn agent_ids(mesh: &Mesh) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_str(&mesh.server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    v["agents"].as_array().unwrap().iter().map(|a| a["spiffe_id"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn an_evicted_kubernetes_agent_attests_again_by_itself_while_it_runs() {
+    let files = tempfile::tempdir().unwrap();
+    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
+    let token = files.path().join("token");
+    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
+        .unwrap();
+    let extra = k8s.psat_attestor(&files.path().join("kubeconfig"), "");
+    let attestation = format!(
+        "[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\ntoken_path = \"{}\"\n",
+        token.display()
+    );
+    let mesh = Mesh::start_attested("example.org", CA, "200ms", |t| t + &extra, PSAT_AGENT_ID, |_| attestation);
+    let web = "spiffe://example.org/web";
+    mesh.register(web, &[]);
+    wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
+    assert_eq!(agent_ids(&mesh), [PSAT_AGENT_ID]);
+
+    mesh.server.cli_ok(&["agent", "evict", "--spiffe-id", PSAT_AGENT_ID]);
+    wait_for(
+        15,
+        "the agent attesting again after its eviction",
+        || agent_log(&mesh).contains("Agent attested again after an eviction"),
+        || agent_log(&mesh),
+    );
+    assert_eq!(agent_ids(&mesh), [PSAT_AGENT_ID], "the same agent ID, not a second agent");
+    assert!(fetch_ok(&mesh, web), "the workload kept its SVID");
+    // It syncs again: an entry made after the eviction reaches the workload.
+    let late = "spiffe://example.org/late";
+    mesh.register(late, &[]);
+    wait_for(10, "an entry made after the eviction", || fetch_ok(&mesh, late), || agent_log(&mesh));
+}
+
+#[test]
+fn an_evicted_join_token_agent_says_what_to_do_and_a_new_token_and_restart_bring_it_back() {
+    let mut mesh = Mesh::start_custom("example.org", CA, "200ms", |t| t);
+    let web = "spiffe://example.org/web";
+    mesh.register(web, &[]);
+    wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
+    let old = agent_ids(&mesh);
+    assert_eq!(old.len(), 1);
+
+    // Its token is spent: one try, refused, then the fix in the log. Its workloads keep their
+    // SVIDs meanwhile.
+    mesh.server.cli_ok(&["agent", "evict", "--spiffe-id", &old[0]]);
+    wait_for(
+        15,
+        "the evicted agent naming the fix",
+        || agent_log(&mesh).contains("put a new join token in join_token and restart the agent"),
+        || agent_log(&mesh),
+    );
+    assert!(agent_log(&mesh).contains("already been used"), "{}", agent_log(&mesh));
+    assert!(agent_ids(&mesh).is_empty());
+    assert!(fetch_ok(&mesh, web), "the workload kept its SVID");
+
+    // The fix: a new token for the node alias and a restart; no file is deleted.
+    let token: serde_json::Value = serde_json::from_str(&mesh.server.cli_ok(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        &mesh.alias,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    set_join_token(&mesh, token["token"].as_str().unwrap());
+    drop(mesh.agent.take());
     mesh.start_agent();
-    wait_for(10, "the workload's SVID under the node alias", || fetch_ok(&mesh, web), String::new);
+    wait_for(
+        15,
+        "the agent attesting again with the new token",
+        || agent_log(&mesh).contains("Agent attested again after an eviction"),
+        || agent_log(&mesh),
+    );
+    let now = agent_ids(&mesh);
+    assert!(now.len() == 1 && now != old, "a new agent ID from the new token: {now:?} (was {old:?})");
+    let late = "spiffe://example.org/late";
+    mesh.register(late, &[]);
+    wait_for(
+        10,
+        "an entry made after the eviction, under the node alias",
+        || fetch_ok(&mesh, late),
+        || agent_log(&mesh),
+    );
 }

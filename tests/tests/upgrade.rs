@@ -13,12 +13,14 @@ fn a_server_refuses_a_store_written_by_a_newer_schema_and_leaves_it_as_it_was() 
     let dir = tempfile::tempdir().unwrap();
     let mut server = ServerProc::start_text(dir.path(), &server_config(dir.path(), "ca_ttl = \"24h\""));
     server.stop();
-    // A newer server (schema 2, version 9.1.0) wrote the store since.
+    // A newer server (schema 2, version 9.1.0) wrote the store since, with a change this server
+    // cannot read (readable from schema 2 on).
     let store = dir.path().join("data/store");
     {
         let db = sled::open(&store).unwrap();
         let meta = db.open_tree("meta").unwrap();
         meta.insert(b"schema_version", &2u64.to_be_bytes()).unwrap();
+        meta.insert(b"readable_from_schema", &2u64.to_be_bytes()).unwrap();
         meta.insert(b"last_writer_version", b"9.1.0").unwrap();
         db.flush().unwrap();
     }
@@ -43,6 +45,7 @@ fn a_server_refuses_a_store_written_by_a_newer_schema_and_leaves_it_as_it_was() 
     assert!(
         err.contains("schema version 2, last written by server 9.1.0")
             && err.contains(&format!("this server ({})", env!("CARGO_PKG_VERSION")))
+            && err.contains("needs a server that understands schema version 2")
             && err.contains("docs/upgrading.md"),
         "{err}"
     );

@@ -293,12 +293,10 @@ fn upgrade_under_traffic(old: &Path, dep: &Deployment, what: &str) {
     assert_eq!(list[0]["version"], env!("CARGO_PKG_VERSION"), "the new agent reports its version: {agents}");
     let agent_id = list[0]["spiffe_id"].as_str().unwrap().to_owned();
 
-    // 3. Evicted, then attested again with a new join token (docs/agent.md).
+    // 3. Evicted, then attested again with a new join token and a restart (docs/agent.md);
+    // the agent finds out it was evicted at its first sync and attests again by itself.
     cli_ok(&new_server, dep.admin(), &["agent", "evict", "--spiffe-id", &agent_id]);
     terminate(agent);
-    for f in ["agent-svid.pem", "agent-key.pem"] {
-        std::fs::remove_file(dep.dir.path().join("agent").join(f)).unwrap();
-    }
     dep.join_token(&new_server);
     let agent = dep.agent(&new_agent, "re-attested");
     rotations(&pair, &mut seen, 2, "after the eviction");

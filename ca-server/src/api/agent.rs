@@ -185,7 +185,7 @@ impl AgentService {
             return Err(ApiError::PermissionDenied(format!("{} is not an agent of this trust domain", LogId(&id))));
         }
         let record = self.issuance.store.get_agent(&id).await?.ok_or_else(|| {
-            ApiError::PermissionDenied(format!("agent {} is not attested (evicted?); it must attest again", LogId(&id)))
+            ApiError::Evicted(format!("agent {} is not attested (evicted?); it must attest again", LogId(&id)))
         })?;
         if record.banned {
             return Err(ApiError::PermissionDenied(format!("agent {} is banned", LogId(&id))));
@@ -235,10 +235,9 @@ impl AgentService {
         let id = &record.spiffe_id;
         let e = match store.get_agent(id).await? {
             Some(now) if now.banned => ApiError::PermissionDenied(format!("agent {} is banned", LogId(id))),
-            None if expected.is_some() => ApiError::PermissionDenied(format!(
-                "agent {} was evicted during its {what}; it must attest again",
-                LogId(id)
-            )),
+            None if expected.is_some() => {
+                ApiError::Evicted(format!("agent {} was evicted during its {what}; it must attest again", LogId(id)))
+            }
             _ => ApiError::FailedPrecondition(format!(
                 "agent {} changed during its {what} (another attestation or renewal got there first); retry",
                 LogId(id)

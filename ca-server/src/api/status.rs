@@ -32,6 +32,10 @@ pub enum ApiError {
     /// Authenticated, but not allowed.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The calling agent has no record (an operator evicted it): `PermissionDenied`, marked
+    /// with [`tessera_agent_api::EVICTED_METADATA`] so that the agent attests again.
+    #[error("{0}")]
+    Evicted(String),
     /// The object does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -67,6 +71,12 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(m) => Status::invalid_argument(m),
             ApiError::Unauthenticated(m) => Status::unauthenticated(m),
             ApiError::PermissionDenied(m) => Status::permission_denied(m),
+            ApiError::Evicted(m) => {
+                let mut s = Status::permission_denied(m);
+                s.metadata_mut()
+                    .insert(tessera_agent_api::EVICTED_METADATA, tonic::metadata::MetadataValue::from_static("1"));
+                s
+            }
             ApiError::NotFound(m) => Status::not_found(m),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
@@ -90,7 +100,7 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
-            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::PermissionDenied(_) | ApiError::Evicted(_) => Code::PermissionDenied,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::AlreadyExists(_) => Code::AlreadyExists,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,

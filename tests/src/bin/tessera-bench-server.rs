@@ -6,6 +6,8 @@
 //! server and the agent to ready. Prints a Markdown table.
 //!
 //! Run: `cargo build --release --bins && target/release/tessera-bench-server`.
+//! `--binaries DIR` measures the server and agent in DIR instead of this build's: for example
+//! the static musl `dist` pair that the images ship (docs/performance.md).
 //!
 //! Each Tessera request is an Agent API `BatchNewX509Svid` with one CSR over mTLS: CSR check,
 //! signature, and a durable (fsynced) audit record before the answer. Each Istio CA API
@@ -389,6 +391,18 @@ async fn entry_sync(
 #[tokio::main]
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--binaries" => {
+                let dir = args.next().context("--binaries needs a directory")?;
+                anyhow::ensure!(Path::new(&dir).join("tessera-server").is_file(), "{dir} has no tessera-server");
+                tessera_test_util::use_binaries(Path::new(&dir), &[]);
+                println!("Binaries: {dir}");
+            }
+            other => bail!("unknown argument {other}: usage: tessera-bench-server [--binaries DIR]"),
+        }
+    }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let id = SpiffeId::new("spiffe://example.org/bench/w")?;
 
