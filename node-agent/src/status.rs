@@ -18,12 +18,8 @@ impl From<AgentError> for Status {
                 Status::unavailable("the Tessera server cannot be reached; retry")
             }
             AgentError::JwtBudget(_) => Status::resource_exhausted(e.to_string()),
-            AgentError::Client(e @ ClientError::Evicted { .. }) => {
-                warn!(error = %e, "A workload request needs the server, and the agent was evicted");
-                Status::unavailable("the agent is not attested to the server; retry")
-            }
-            AgentError::Attestation(detail) => {
-                warn!(error = %detail, "A workload request needs the server, and the agent is not attested");
+            e @ (AgentError::Attestation(_) | AgentError::Client(ClientError::Evicted { .. })) => {
+                warn!(error = %e, "A workload request needs the server, and the agent is not attested");
                 Status::unavailable("the agent is not attested to the server; retry")
             }
             other => {

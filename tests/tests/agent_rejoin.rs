@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -22,21 +23,31 @@ fn fetch_ok(mesh: &Mesh, id: &str) -> bool {
     out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id)
 }
 
-#[test]
-fn a_kubernetes_agent_past_its_svid_expiry_attests_again_by_itself() {
-    let files = tempfile::tempdir().unwrap();
-    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
-    let token = files.path().join("token");
-    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
+/// A fresh projected token for the agent's pod on node `agent-n1`, written to `path`.
+fn write_projected_token(k8s: &FakeCluster, path: &Path) {
+    std::fs::write(path, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
         .unwrap();
-    let extra = k8s.psat_attestor(&files.path().join("kubeconfig"), "");
-    let agent_id = PSAT_AGENT_ID;
+}
+
+/// A mesh whose agent attests with `k8s_psat` against a fake cluster (its token in `files`),
+/// the server's configuration passed through `edit`.
+fn psat_mesh(files: &Path, edit: impl FnOnce(String) -> String) -> (Mesh, FakeCluster, PathBuf) {
+    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
+    let token = files.join("token");
+    write_projected_token(&k8s, &token);
+    let extra = k8s.psat_attestor(&files.join("kubeconfig"), "");
     let attestation = format!(
         "[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\ntoken_path = \"{}\"\n",
         token.display()
     );
-    let mut mesh =
-        Mesh::start_attested("example.org", CA, "200ms", |t| short_agent_svids(t) + &extra, agent_id, |_| attestation);
+    let mesh = Mesh::start_attested("example.org", CA, "200ms", |t| edit(t) + &extra, PSAT_AGENT_ID, |_| attestation);
+    (mesh, k8s, token)
+}
+
+#[test]
+fn a_kubernetes_agent_past_its_svid_expiry_attests_again_by_itself() {
+    let files = tempfile::tempdir().unwrap();
+    let (mut mesh, k8s, token) = psat_mesh(files.path(), short_agent_svids);
     let web = "spiffe://example.org/web";
     mesh.register_with(web, &format!("unix:uid:{}", my_uid()), &[]);
     wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
@@ -44,11 +55,10 @@ fn a_kubernetes_agent_past_its_svid_expiry_attests_again_by_itself() {
     // Offline past the agent SVID's 3 s life, then back with a fresh projected token.
     drop(mesh.agent.take());
     std::thread::sleep(Duration::from_secs(4));
-    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
-        .unwrap();
+    write_projected_token(&k8s, &token);
     mesh.start_agent();
     wait_for(10, "the workload's SVID after the rejoin", || fetch_ok(&mesh, web), String::new);
-    let log = std::fs::read_to_string(mesh.dir.path().join("agent.log")).unwrap();
+    let log = agent_log(&mesh);
     assert!(log.contains("The persisted agent SVID has expired: attesting again"), "{log}");
     let agents = mesh.server.cli_ok(&["agent", "list"]);
     assert_eq!(agents.matches("SPIFFE ID").count(), 1, "the same agent ID, not a second agent: {agents}");
@@ -70,6 +80,13 @@ fn a_join_token_agent_past_its_svid_expiry_stops_with_the_fix_and_a_new_token_br
     assert!(err.contains("already been used"), "{err}");
 
     // The documented fix: a new join token for the same node alias.
+    set_join_token(&mesh, &alias_token(&mesh));
+    mesh.start_agent();
+    wait_for(10, "the workload's SVID under the node alias", || fetch_ok(&mesh, web), String::new);
+}
+
+/// A new join token for the mesh's node alias.
+fn alias_token(mesh: &Mesh) -> String {
     let token: serde_json::Value = serde_json::from_str(&mesh.server.cli_ok(&[
         "token",
         "generate",
@@ -79,9 +96,7 @@ fn a_join_token_agent_past_its_svid_expiry_stops_with_the_fix_and_a_new_token_br
         "json",
     ]))
     .unwrap();
-    set_join_token(&mesh, token["token"].as_str().unwrap());
-    mesh.start_agent();
-    wait_for(10, "the workload's SVID under the node alias", || fetch_ok(&mesh, web), String::new);
+    token["token"].as_str().unwrap().to_owned()
 }
 
 fn set_join_token(mesh: &Mesh, token: &str) {
@@ -106,16 +121,7 @@ fn agent_ids(mesh: &Mesh) -> Vec<String> {
 #[test]
 fn an_evicted_kubernetes_agent_attests_again_by_itself_while_it_runs() {
     let files = tempfile::tempdir().unwrap();
-    let k8s = FakeCluster::with_agent_node("agent-n1", &[]);
-    let token = files.path().join("token");
-    std::fs::write(&token, k8s.token("tessera-system", "tessera-agent", Some("agent-n1"), &["tessera-server"], 3600))
-        .unwrap();
-    let extra = k8s.psat_attestor(&files.path().join("kubeconfig"), "");
-    let attestation = format!(
-        "[node_attestor]\ntype = \"k8s_psat\"\ncluster = \"cluster-a\"\ntoken_path = \"{}\"\n",
-        token.display()
-    );
-    let mesh = Mesh::start_attested("example.org", CA, "200ms", |t| t + &extra, PSAT_AGENT_ID, |_| attestation);
+    let (mesh, _k8s, _token) = psat_mesh(files.path(), |t| t);
     let web = "spiffe://example.org/web";
     mesh.register(web, &[]);
     wait_for(10, "the workload's SVID", || fetch_ok(&mesh, web), String::new);
@@ -159,16 +165,7 @@ fn an_evicted_join_token_agent_says_what_to_do_and_a_new_token_and_restart_bring
     assert!(fetch_ok(&mesh, web), "the workload kept its SVID");
 
     // The fix: a new token for the node alias and a restart; no file is deleted.
-    let token: serde_json::Value = serde_json::from_str(&mesh.server.cli_ok(&[
-        "token",
-        "generate",
-        "--spiffe-id",
-        &mesh.alias,
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    set_join_token(&mesh, token["token"].as_str().unwrap());
+    set_join_token(&mesh, &alias_token(&mesh));
     drop(mesh.agent.take());
     mesh.start_agent();
     wait_for(
