@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cgroup;
 pub mod client;
 pub mod jwks;

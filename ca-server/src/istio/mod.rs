@@ -22,6 +22,7 @@
 //! `tessera_k8s::publish`).
 
 pub mod config;
+mod node_pods;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ use kube::api::{Api, ListParams};
 use tessera_identity::SpiffeId;
 use tessera_identity::csr::{CheckedCsr, CsrError};
 use tessera_identity::x509::{PodRef, RenewalGrant};
+use tessera_k8s::cache::CachedAuthenticator;
 use tessera_k8s::jwks::{JwksSource, JwksValidator};
 use tessera_k8s::review::TokenReviewer;
 use tessera_k8s::token::parse_istio_identity;
@@ -49,12 +51,19 @@ use tessera_store::AuditKind;
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// The header naming the caller's cluster.
 const CLUSTER_ID_HEADER: &str = "clusterid";
+/// A token that passed is not checked again for this long (the kube-apiserver's own cache
+/// of successful token authentications lasts as long), nor past its `exp`.
+const TOKEN_CACHE_TTL: Duration = tessera_k8s::cache::DEFAULT_TTL;
+/// Tokens remembered at most, per cluster.
+const TOKEN_CACHE_CAPACITY: usize = tessera_k8s::cache::DEFAULT_CAPACITY;
 
 /// One cluster: how its tokens are validated, and its API server when reachable.
 struct Cluster {
     id: String,
     tokens: Arc<dyn TokenAuthenticator>,
     api: Option<kube::Client>,
+    /// Service accounts with a live pod on a node, shared by concurrent impersonations.
+    node_accounts: node_pods::NodeAccounts,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -115,7 +124,11 @@ async fn build_cluster(c: &IstioCluster) -> Result<Cluster, IstioStartError> {
     let tokens: Arc<dyn TokenAuthenticator> = match &c.validation {
         TokenValidation::TokenReview => {
             let client = api.clone().ok_or_else(|| IstioStartError("unreachable".into()))?;
-            Arc::new(TokenReviewer::new(ClusterClient { name: c.cluster_id.clone(), client }, c.audiences.clone()))
+            Arc::new(CachedAuthenticator::new(
+                TokenReviewer::new(ClusterClient { name: c.cluster_id.clone(), client }, c.audiences.clone()),
+                TOKEN_CACHE_TTL,
+                TOKEN_CACHE_CAPACITY,
+            ))
         }
         TokenValidation::Jwks { path, url, ca_file, issuer } => {
             let source = match (path, url) {
@@ -130,10 +143,14 @@ async fn build_cluster(c: &IstioCluster) -> Result<Cluster, IstioStartError> {
                 }
                 (None, None) => return Err(IstioStartError(format!("cluster {}: no JWKS source", c.cluster_id))),
             };
-            Arc::new(JwksValidator::new(source, issuer.clone(), c.audiences.clone()).await.map_err(bad)?)
+            Arc::new(CachedAuthenticator::new(
+                JwksValidator::new(source, issuer.clone(), c.audiences.clone()).await.map_err(bad)?,
+                TOKEN_CACHE_TTL,
+                TOKEN_CACHE_CAPACITY,
+            ))
         }
     };
-    Ok(Cluster { id: c.cluster_id.clone(), tokens, api })
+    Ok(Cluster { id: c.cluster_id.clone(), tokens, api, node_accounts: Default::default() })
 }
 
 fn csr_refusal(e: CsrError) -> ApiError {
@@ -425,16 +442,22 @@ impl IstioCa {
                 ));
             }
         };
-        let pods = Api::<Pod>::namespaced(api.clone(), ns)
-            .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
-            .await
-            .map_err(|e| cluster_unavailable(&cluster.id, &format!("listing pods: {e}")))?;
-        let on_node = pods.items.iter().filter(|p| tessera_k8s::pod_is_live(p)).any(|p| {
-            p.spec.as_ref().is_some_and(|s| {
-                s.node_name.as_deref() == Some(node.as_str())
-                    && s.service_account_name.as_deref().unwrap_or("default") == sa
-            })
-        });
+        let list = || async {
+            let pods = Api::<Pod>::namespaced(api.clone(), ns)
+                .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+                .await
+                .map_err(|e| cluster_unavailable(&cluster.id, &format!("listing pods: {e}")))?;
+            Ok::<_, ApiError>(
+                pods.items
+                    .iter()
+                    .filter(|p| tessera_k8s::pod_is_live(p))
+                    .filter_map(|p| p.spec.as_ref())
+                    .filter(|s| s.node_name.as_deref() == Some(node.as_str()))
+                    .map(|s| s.service_account_name.clone().unwrap_or_else(|| "default".into()))
+                    .collect(),
+            )
+        };
+        let on_node = cluster.node_accounts.has(ns, &node, sa, list).await?;
         if !on_node {
             return Err(ApiError::PermissionDenied(format!(
                 "service account {ns}/{sa} has no pod on node {node}; {} may not impersonate it",
