@@ -159,6 +159,57 @@ async fn sync_is_incremental_and_scoped_to_the_agent() {
     t.stop().await;
 }
 
+/// A sync that brings nothing new answers with a digest remembered at the store's entry
+/// revision (node aliases included); once the store moves on, the digest follows it.
+#[tokio::test]
+async fn an_unchanged_sync_digest_follows_the_store_through_aliases() {
+    let mut t = TestServer::start().await;
+    let mut a = t.attested_agent().await;
+    let alias = t.create_entry("spiffe://example.org/node-alias", &a.id.to_string()).await;
+    t.create_entry("spiffe://example.org/web", &alias.spiffe_id).await;
+    let first = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.upserted.len(), 2, "the alias and the entry under it");
+    for _ in 0..2 {
+        let quiet = a
+            .client
+            .sync_entries(agent::SyncEntriesRequest { since_revision: first.revision, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(quiet.upserted.is_empty() && quiet.removed_ids.is_empty());
+        assert_eq!(quiet.authorized_digest, first.authorized_digest);
+    }
+    // A new entry under the alias: the store moves on, and so does every answer after it.
+    let added = t.create_entry("spiffe://example.org/api", &alias.spiffe_id).await;
+    let delta = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: first.revision, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(delta.upserted.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec![added.id.as_str()]);
+    let quiet = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: delta.revision, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let now = a
+        .client
+        .sync_entries(agent::SyncEntriesRequest { since_revision: 0, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(quiet.authorized_digest, now.authorized_digest);
+    assert_ne!(quiet.authorized_digest, first.authorized_digest);
+    t.stop().await;
+}
+
 /// F11 of the second review: an incremental sync tells an agent nothing about other agents'
 /// entries, not even that they changed or were deleted.
 #[tokio::test]

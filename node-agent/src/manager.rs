@@ -639,7 +639,12 @@ impl Manager {
                 }
                 Ok(()) => failures = 0,
             }
-            let wait = Duration::from_millis(250u64 << failures.min(7)).min(self.cfg.sync_interval);
+            // Half the backoff, plus a random part of the other half: after a server restart,
+            // its agents come back spread out, not in waves.
+            let base = Duration::from_millis(250u64 << failures.min(7)).min(self.cfg.sync_interval);
+            let half = u64::try_from(base.as_millis() / 2).unwrap_or(0);
+            let wait =
+                Duration::from_millis(half + u64::try_from(jitter(i64::try_from(half).unwrap_or(0))).unwrap_or(0));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,

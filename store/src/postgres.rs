@@ -107,8 +107,62 @@ fn natural_key(e: &Entry) -> String {
 struct Pool {
     url: String,
     tls: Option<Arc<rustls::ClientConfig>>,
-    conns: Vec<Arc<Mutex<Client>>>,
+    conns: Vec<Arc<Mutex<Conn>>>,
     next: AtomicUsize,
+}
+
+/// One connection and the statements it has prepared. A query by text costs two round trips
+/// (prepare, then execute); the hot reads (an agent's record, entries by parent, entry
+/// changes: every sync makes them) are prepared once per connection instead.
+struct Conn {
+    client: Client,
+    prepared: std::collections::HashMap<&'static str, tokio_postgres::Statement>,
+}
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self { client, prepared: std::collections::HashMap::new() }
+    }
+
+    /// `sql`, prepared on this connection once.
+    async fn statement(&mut self, sql: &'static str) -> Result<tokio_postgres::Statement> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await.map_err(backend)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    /// Runs a prepared `sql`; on an error the prepared statements are dropped (a schema
+    /// change by a newer replica makes them stale) and made again on next use.
+    async fn query_prepared(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let st = self.statement(sql).await?;
+        match self.client.query(&st, params).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                self.prepared.clear();
+                Err(backend(e))
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
 }
 
 async fn connect(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Client> {
@@ -208,7 +262,7 @@ mod tls {
 }
 
 impl Pool {
-    async fn get(&self) -> Result<OwnedMutexGuard<Client>> {
+    async fn get(&self) -> Result<OwnedMutexGuard<Conn>> {
         let n = self.conns.len().max(1);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut guard = None;
@@ -232,7 +286,7 @@ impl Pool {
             }
         };
         if g.is_closed() {
-            *g = connect(&self.url, self.tls.as_ref()).await?;
+            *g = Conn::new(connect(&self.url, self.tls.as_ref()).await?);
         }
         Ok(g)
     }
@@ -268,7 +322,7 @@ impl PostgresStore {
         };
         let mut conns = Vec::new();
         for _ in 0..connections.max(1) {
-            conns.push(Arc::new(Mutex::new(connect(url, tls.as_ref()).await?)));
+            conns.push(Arc::new(Mutex::new(Conn::new(connect(url, tls.as_ref()).await?))));
         }
         let store = Self { pool: Pool { url: url.to_owned(), tls, conns, next: AtomicUsize::new(0) } };
         store.migrate().await?;
@@ -345,9 +399,9 @@ impl PostgresStore {
         tx.commit().await.map_err(backend)
     }
 
-    async fn get_body<T: DeserializeOwned>(&self, sql: &str, key: &str) -> Result<Option<T>> {
-        let c = self.pool.get().await?;
-        match c.query_opt(sql, &[&key]).await.map_err(backend)? {
+    async fn get_body<T: DeserializeOwned>(&self, sql: &'static str, key: &str) -> Result<Option<T>> {
+        let mut c = self.pool.get().await?;
+        match c.query_prepared(sql, &[&key]).await?.first() {
             Some(row) => Ok(Some(from_json(key, row.get::<_, &str>(0))?)),
             None => Ok(None),
         }
@@ -483,28 +537,33 @@ impl Store for PostgresStore {
     }
 
     async fn entries_by_parent(&self, parent: &SpiffeId) -> Result<Vec<Entry>> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let rows = c
-            .query("SELECT body FROM entries WHERE parent_id = $1 AND NOT deleted ORDER BY id", &[&parent.to_string()])
-            .await
-            .map_err(backend)?;
+            .query_prepared(
+                "SELECT body FROM entries WHERE parent_id = $1 AND NOT deleted ORDER BY id",
+                &[&parent.to_string()],
+            )
+            .await?;
         rows.iter().map(|r| from_json(&parent.to_string(), r.get::<_, &str>(0))).collect()
     }
 
     async fn entry_changes(&self, since: u64, limit: usize) -> Result<EntryChanges> {
-        let c = self.pool.get().await?;
+        let mut c = self.pool.get().await?;
         let since = i64::try_from(since).unwrap_or(i64::MAX);
-        let newest: i64 =
-            c.query_one("SELECT COALESCE(MAX(revision), 0) FROM entries", &[]).await.map_err(backend)?.get(0);
+        let newest: i64 = c
+            .query_prepared("SELECT COALESCE(MAX(revision), 0) FROM entries", &[])
+            .await?
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Backend("MAX(revision) returned no row".into()))?;
         let mut out = EntryChanges { revision: rev(newest), ..Default::default() };
         let over = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
         let rows = c
-            .query(
+            .query_prepared(
                 "SELECT id, deleted, body, parent_id FROM entries WHERE revision > $1 AND revision <= $2 ORDER BY revision LIMIT $3",
                 &[&since, &newest, &over],
             )
-            .await
-            .map_err(backend)?;
+            .await?;
         if rows.len() > limit {
             out.truncated = true;
             return Ok(out);

@@ -53,6 +53,8 @@ pub struct AgentService {
     /// Agent renewals too: heavy signing must not keep an agent from renewing itself.
     renew_limit: Arc<RateLimiter<SpiffeId>>,
     attest_limit: Arc<RateLimiter<std::net::IpAddr>>,
+    /// Registered entries per agent at a store revision, for syncs that bring nothing new.
+    quiet: Arc<super::quiet::QuietSyncs>,
 }
 
 /// The system clock in Unix milliseconds (what agents measure their skew against).
@@ -149,6 +151,7 @@ impl AgentService {
             jwt_limit: Arc::new(jwt_limit),
             renew_limit: Arc::new(renew_limit),
             attest_limit: Arc::new(attest_limit),
+            quiet: Arc::default(),
         }
     }
 
@@ -203,20 +206,46 @@ impl AgentService {
     /// attestation implies.
     async fn authorized(&self, caller: &Caller) -> Result<BTreeMap<String, Entry>, ApiError> {
         let mut out = self.registered(&caller.id).await?;
-        if let Some(a) = self.attestors.iter().find(|a| a.kind() == caller.record.attestation_type) {
-            // When the cluster cannot be asked, registered entries still work.
-            match a.implied_entries(&caller.record, self.issuance.ca.trust_domain()).await {
-                Ok(implied) => {
-                    for e in implied {
-                        out.entry(e.id.clone()).or_insert(e);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(agent_id = %LogId(&caller.id), error = %e, "Cannot derive implied entries; using registered entries only")
-                }
-            }
+        for e in self.implied(caller).await {
+            out.entry(e.id.clone()).or_insert(e);
         }
         Ok(out)
+    }
+
+    /// The entries the agent's attestation implies (none when its attestor implies none, or
+    /// when the cluster cannot be asked: registered entries still work then).
+    async fn implied(&self, caller: &Caller) -> Vec<Entry> {
+        let Some(a) = self.attestors.iter().find(|a| a.kind() == caller.record.attestation_type) else {
+            return Vec::new();
+        };
+        match a.implied_entries(&caller.record, self.issuance.ca.trust_domain()).await {
+            Ok(implied) => implied,
+            Err(e) => {
+                tracing::warn!(agent_id = %LogId(&caller.id), error = %e, "Cannot derive implied entries; using registered entries only");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The digest of what the agent may obtain, for a sync that brings nothing new: its
+    /// registered entries as remembered at the store's entry `revision` (read from the store
+    /// when not), and those its attestation implies, merged as [`Self::authorized`] does.
+    async fn quiet_digest(&self, caller: &Caller, revision: u64) -> Result<Vec<u8>, ApiError> {
+        let registered = match self.quiet.get(&caller.id, revision) {
+            Some(r) => r,
+            None => {
+                let r: super::quiet::Registered =
+                    self.registered(&caller.id).await?.into_iter().map(|(id, e)| (id, e.revision)).collect();
+                self.quiet.put(&caller.id, revision, r.clone());
+                r
+            }
+        };
+        let mut all: BTreeMap<&str, u64> = registered.iter().map(|(id, rev)| (id.as_str(), *rev)).collect();
+        let implied = self.implied(caller).await;
+        for e in &implied {
+            all.entry(e.id.as_str()).or_insert(e.revision);
+        }
+        Ok(tessera_identity::authorized_digest(all))
     }
 
     /// Registered entries the agent may obtain SVIDs for, by ID.
@@ -399,16 +428,22 @@ impl Agent for AgentService {
         // authorized set, so that nothing written in between is missed.
         let limit = if since == 0 { 0 } else { MAX_SYNC_REPLAY };
         let changes = self.issuance.store.entry_changes(since, limit).await.map_err(ApiError::from)?;
-        let authorized = self.authorized(&caller).await?;
         let mut resp = pb::SyncEntriesResponse {
             revision: changes.revision,
             upserted: vec![],
             removed_ids: vec![],
-            authorized_digest: authorized_digest(&authorized),
+            authorized_digest: vec![],
             tainted_authority_ids: self.issuance.ca.tainted_authority_ids(),
             server_time_ms: unix_now_ms(),
         };
         self.activity.synced(&caller.id, tessera_identity::unix_now());
+        if since != 0 && !changes.truncated && changes.changed.is_empty() && changes.deleted.is_empty() {
+            // Nothing new: the answer is the digest alone.
+            resp.authorized_digest = self.quiet_digest(&caller, changes.revision).await?;
+            return Ok(Response::new(resp));
+        }
+        let authorized = self.authorized(&caller).await?;
+        resp.authorized_digest = authorized_digest(&authorized);
         if since == 0 || changes.truncated {
             // A full answer. After a truncated replay the agent's merge leaves a digest that
             // differs when it held something it should drop, and it asks again from 0.

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent;
 pub mod convert;
 pub mod limits;
+mod quiet;
 pub mod status;
 pub mod tls;
 

@@ -241,23 +241,8 @@ async fn entry_sync(
     let mut clients = Vec::with_capacity(SYNC_AGENTS);
     let mut first_agent = None;
     for a in 0..SYNC_AGENTS {
-        let token = adm
-            .create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() })
-            .await?
-            .into_inner();
-        let id = SpiffeId::new(&token.agent_id)?;
+        let (id, key, chain) = tessera_test_util::bench::attest_new_agent(adm, &mut anon).await?;
         first_agent.get_or_insert_with(|| id.clone());
-        let key = PrivateKey::generate_ec_p256()?;
-        let svid = anon
-            .attest_agent(agent::AttestAgentRequest {
-                data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
-                csr: tessera_identity::csr::build_csr(&id, &[], &key)?,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .svid
-            .context("svid")?;
         for e in 0..SYNC_ENTRIES_PER_AGENT {
             adm.create_entry(admin::CreateEntryRequest {
                 entry: Some(types::Entry {
@@ -269,7 +254,6 @@ async fn entry_sync(
             })
             .await?;
         }
-        let chain = svid.cert_chain.into_iter().map(Into::into).collect();
         let tls = tessera_identity::tls::client_config(roots, Authorize::Id(server_id.clone()), Some((chain, &key)))?;
         clients.push(AgentClient::new(tessera_svc::connect::tls(addr, tls).await?));
     }
@@ -285,22 +269,10 @@ async fn entry_sync(
     let cpu0 = cpu_secs(server_pid)?;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for (i, (mut c, rev)) in clients.iter().cloned().zip(revisions.iter().copied()).enumerate() {
-        tasks.push(tokio::spawn(async move {
-            // Spread the agents over the period, as real ones drift apart.
-            tokio::time::sleep(SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64)).await;
-            let (mut n, mut bytes) = (0usize, 0usize);
-            while t0.elapsed() + SYNC_EVERY <= SYNC_WINDOW + SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64) {
-                let r = c
-                    .sync_entries(agent::SyncEntriesRequest { since_revision: rev, ..Default::default() })
-                    .await?
-                    .into_inner();
-                bytes += r.encoded_len();
-                n += 1;
-                tokio::time::sleep(SYNC_EVERY).await;
-            }
-            Ok::<_, anyhow::Error>((n, bytes))
-        }));
+    for (i, (c, rev)) in clients.iter().cloned().zip(revisions.iter().copied()).enumerate() {
+        // Spread the agents over the period, as real ones drift apart.
+        let offset = SYNC_EVERY.mul_f64(i as f64 / SYNC_AGENTS as f64);
+        tasks.push(tokio::spawn(tessera_test_util::bench::periodic_syncs(c, rev, t0, offset, SYNC_EVERY, SYNC_WINDOW)));
     }
     let (mut syncs, mut bytes) = (0usize, 0usize);
     for t in tasks {
@@ -395,10 +367,7 @@ async fn main() -> Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--binaries" => {
-                let dir = args.next().context("--binaries needs a directory")?;
-                anyhow::ensure!(Path::new(&dir).join("tessera-server").is_file(), "{dir} has no tessera-server");
-                tessera_test_util::use_binaries(Path::new(&dir), &[]);
-                println!("Binaries: {dir}");
+                tessera_test_util::bench::use_binaries_arg(&args.next().context("--binaries needs a directory")?)?
             }
             other => bail!("unknown argument {other}: usage: tessera-bench-server [--binaries DIR]"),
         }
@@ -467,18 +436,7 @@ async fn main() -> Result<()> {
 
     // A bench agent attested in-process, and an entry it may sign for.
     let mut adm = tessera_server::client::connect_admin(&mesh.server.socket).await?;
-    let token =
-        adm.create_join_token(admin::CreateJoinTokenRequest { ttl: 600, spiffe_id: String::new() }).await?.into_inner();
-    let agent_id = SpiffeId::new(&token.agent_id)?;
-    let agent_key = PrivateKey::generate_ec_p256()?;
-    let roots: Vec<rustls::pki_types::CertificateDer<'static>> = adm
-        .get_bundle(admin::GetBundleRequest {})
-        .await?
-        .into_inner()
-        .x509_authorities
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let roots = tessera_test_util::bench::roots(&mut adm).await?;
     let server_id = tessera_identity::server_id(id.trust_domain())?;
     let addr = {
         let cfg = std::fs::read_to_string(&mesh.agent_config)?;
@@ -490,16 +448,7 @@ async fn main() -> Result<()> {
     };
     let anon = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id.clone()), None)?;
     let mut c = AgentClient::new(tessera_svc::connect::tls(&addr, anon).await?);
-    let svid = c
-        .attest_agent(agent::AttestAgentRequest {
-            data: Some(agent::AttestationData { r#type: "join_token".into(), payload: token.token.into_bytes() }),
-            csr: tessera_identity::csr::build_csr(&agent_id, &[], &agent_key)?,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .svid
-        .context("svid")?;
+    let (agent_id, agent_key, chain) = tessera_test_util::bench::attest_new_agent(&mut adm, &mut c).await?;
     let entry = adm
         .create_entry(admin::CreateEntryRequest {
             entry: Some(types::Entry {
@@ -511,7 +460,6 @@ async fn main() -> Result<()> {
         })
         .await?
         .into_inner();
-    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = svid.cert_chain.into_iter().map(Into::into).collect();
     let csrs = Arc::new(csrs);
 
     let cfssl_dir = tempfile::tempdir()?;

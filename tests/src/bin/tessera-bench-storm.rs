@@ -27,7 +27,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -375,12 +374,7 @@ fn args() -> Result<Args> {
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value: {usage}"));
         match arg.as_str() {
-            "--binaries" => {
-                let dir = value()?;
-                anyhow::ensure!(Path::new(&dir).join("tessera-server").is_file(), "{dir} has no tessera-server");
-                tessera_test_util::use_binaries(Path::new(&dir), &[]);
-                println!("Binaries: {dir}");
-            }
+            "--binaries" => tessera_test_util::bench::use_binaries_arg(&value()?)?,
             "--connections" => a.conns = value()?.parse()?,
             "--calls" => a.calls = value()?.parse()?,
             "--bad-percent" => a.bad_percent = value()?.parse()?,
