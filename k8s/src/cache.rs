@@ -6,8 +6,8 @@
 //! Entries are keyed by the token's SHA-256 (the token itself is not kept) and live until the
 //! earlier of the token's own `exp` and `ttl` after the check. Refusals are not cached: a bad
 //! token costs its own check every time, and cannot push good ones out. The kube-apiserver
-//! caches successful token authentications for 10 s in the same way, so a pod deleted a
-//! moment ago may still pass there too.
+//! caches successful token authentications for 10 s in the same way; in front of a
+//! TokenReview the two add up, so a deleted pod's token may pass for up to about 20 s.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

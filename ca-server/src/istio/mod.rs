@@ -446,8 +446,8 @@ impl IstioCa {
             let pods = Api::<Pod>::namespaced(api.clone(), ns)
                 .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
                 .await
-                .map_err(|e| cluster_unavailable(&cluster.id, &format!("listing pods: {e}")))?;
-            Ok::<_, ApiError>(
+                .map_err(|e| format!("listing pods: {e}"))?;
+            Ok::<_, String>(
                 pods.items
                     .iter()
                     .filter(|p| tessera_k8s::pod_is_live(p))
@@ -457,7 +457,8 @@ impl IstioCa {
                     .collect(),
             )
         };
-        let on_node = cluster.node_accounts.has(ns, &node, sa, list).await?;
+        let on_node =
+            cluster.node_accounts.has(ns, &node, sa, list).await.map_err(|m| cluster_unavailable(&cluster.id, &m))?;
         if !on_node {
             return Err(ApiError::PermissionDenied(format!(
                 "service account {ns}/{sa} has no pod on node {node}; {} may not impersonate it",

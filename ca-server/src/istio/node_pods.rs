@@ -15,8 +15,8 @@ pub(crate) const FRESH: Duration = Duration::from_secs(2);
 /// The most (namespace, node) slots kept; past it, idle ones are dropped.
 const MAX_SLOTS: usize = 4096;
 
-/// The service accounts with a live pod, and when the list that found them began.
-type Listed = Option<(Instant, Arc<HashSet<String>>)>;
+/// The service accounts with a live pod (or why the list failed), and when the list began.
+type Listed = Option<(Instant, Result<Arc<HashSet<String>>, String>)>;
 /// One (namespace, node): its last list, locked while a new one is made.
 type Slot = Arc<tokio::sync::Mutex<Listed>>;
 
@@ -27,11 +27,13 @@ pub(crate) struct NodeAccounts {
 
 impl NodeAccounts {
     /// Whether service account `sa` of `ns` has a live pod on `node`; `list` gives the service
-    /// accounts of the live pods of `ns` on `node` when a new list is needed.
-    pub(crate) async fn has<F, Fut, E>(&self, ns: &str, node: &str, sa: &str, list: F) -> Result<bool, E>
+    /// accounts of the live pods of `ns` on `node` when a new list is needed. A failed list
+    /// is the answer of every request that waited for it (they do not each ask again, one
+    /// after another, an API server that is failing); later requests list again.
+    pub(crate) async fn has<F, Fut>(&self, ns: &str, node: &str, sa: &str, list: F) -> Result<bool, String>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<HashSet<String>, E>>,
+        Fut: Future<Output = Result<HashSet<String>, String>>,
     {
         let arrived = Instant::now();
         let slot = {
@@ -42,20 +44,20 @@ impl NodeAccounts {
             slots.entry((ns.to_owned(), node.to_owned())).or_default().clone()
         };
         let mut held = slot.lock().await;
-        if let Some((began, accounts)) = held.as_ref() {
+        if let Some((began, listed)) = held.as_ref() {
             // A list that began after this request arrived answers it either way.
             if *began >= arrived {
-                return Ok(accounts.contains(sa));
+                return listed.as_ref().map(|a| a.contains(sa)).map_err(Clone::clone);
             }
-            if began.elapsed() < FRESH && accounts.contains(sa) {
+            if began.elapsed() < FRESH && listed.as_ref().is_ok_and(|a| a.contains(sa)) {
                 return Ok(true);
             }
         }
         let began = Instant::now();
-        let accounts = Arc::new(list().await?);
-        let yes = accounts.contains(sa);
-        *held = Some((began, accounts));
-        Ok(yes)
+        let listed = list().await.map(Arc::new);
+        let answer = listed.as_ref().map(|a| a.contains(sa)).map_err(Clone::clone);
+        *held = Some((began, listed));
+        answer
     }
 }
 
@@ -81,7 +83,7 @@ mod tests {
                     .has("shop", "node-1", sa, || async move {
                         n.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, ()>(set(&["cart", "pay"]))
+                        Ok::<_, String>(set(&["cart", "pay"]))
                     })
                     .await
             }));
@@ -91,29 +93,43 @@ mod tests {
         }
         assert!(n.load(Ordering::SeqCst) <= 2, "{} lists for 50 asks", n.load(Ordering::SeqCst));
         // Another node, another list.
-        let other = accounts.has("shop", "node-2", "cart", || async { Ok::<_, ()>(set(&[])) }).await;
+        let other = accounts.has("shop", "node-2", "cart", || async { Ok(set(&[])) }).await;
         assert_eq!(other, Ok(false));
     }
 
     #[tokio::test]
-    async fn a_no_from_an_older_list_lists_again_and_errors_are_not_kept() {
+    async fn a_no_from_an_older_list_lists_again_and_a_failure_is_not_kept() {
         let accounts = NodeAccounts::default();
-        assert_eq!(accounts.has("shop", "n", "cart", || async { Ok::<_, ()>(set(&["pay"])) }).await, Ok(false));
+        assert_eq!(accounts.has("shop", "n", "cart", || async { Ok(set(&["pay"])) }).await, Ok(false));
         // cart's pod started since: the old "no" is not reused.
-        assert_eq!(accounts.has("shop", "n", "cart", || async { Ok::<_, ()>(set(&["pay", "cart"])) }).await, Ok(true));
+        assert_eq!(accounts.has("shop", "n", "cart", || async { Ok(set(&["pay", "cart"])) }).await, Ok(true));
         // A "yes" is reused while fresh, without listing.
-        assert_eq!(
-            accounts.has("shop", "n", "cart", || async { Err::<HashSet<String>, _>("not called") }).await,
-            Ok(true)
-        );
-        // A failed list is the caller's error and leaves the last answer in place.
-        assert_eq!(
-            accounts.has("shop", "n", "gone", || async { Err::<HashSet<String>, _>("down") }).await,
-            Err("down")
-        );
-        assert_eq!(
-            accounts.has("shop", "n", "pay", || async { Err::<HashSet<String>, _>("not called") }).await,
-            Ok(true)
-        );
+        assert_eq!(accounts.has("shop", "n", "cart", || async { Err("not called".to_owned()) }).await, Ok(true));
+        // A failed list is the caller's error; the next request lists again.
+        assert_eq!(accounts.has("shop", "n", "gone", || async { Err("down".to_owned()) }).await, Err("down".into()));
+        assert_eq!(accounts.has("shop", "n", "pay", || async { Ok(set(&["pay"])) }).await, Ok(true));
+    }
+
+    #[tokio::test]
+    async fn requests_that_waited_for_a_failed_list_share_its_failure() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let accounts = Arc::new(NodeAccounts::default());
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (n, accounts) = (n.clone(), accounts.clone());
+            tasks.push(tokio::spawn(async move {
+                accounts
+                    .has("shop", "node-1", "cart", || async move {
+                        n.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err::<HashSet<String>, _>("API server unavailable".to_owned())
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Err("API server unavailable".to_owned()));
+        }
+        assert!(n.load(Ordering::SeqCst) <= 2, "{} lists for 20 waiting requests", n.load(Ordering::SeqCst));
     }
 }
