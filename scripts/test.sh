@@ -35,6 +35,8 @@ command -v musl-gcc >/dev/null || missing+=(musl-tools)        # the static x86_
 command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)  # the aarch64 ones
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)  # runs them
 [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)  # copied into the images
+command -v ip >/dev/null || missing+=(iproute2)                # network namespaces (netfaults.rs)
+command -v ethtool >/dev/null || missing+=(ethtool)            # offloads off on the relayed links
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -125,6 +127,11 @@ done
 if command -v podman >/dev/null && [ -d target/podman/storage ]; then
   containers="$(scripts/podman.sh ps --all --format '{{.Names}} {{.Status}}')"
   [ -z "$containers" ] || strays+="containers: $containers"$'\n'
+fi
+# So must the network namespaces tests/tests/netfaults.rs made (tessera-<pid>-<tag>).
+if command -v ip >/dev/null; then
+  namespaces="$(ip netns list 2>/dev/null | awk '$1 ~ /^tessera-[0-9]+-/ { print $1 }' | tr '\n' ' ')"
+  [ -z "$namespaces" ] || strays+="network namespaces: $namespaces"$'\n'
 fi
 if [ -n "$strays" ]; then
   printf 'processes left running by the tests:\n%s' "$strays"

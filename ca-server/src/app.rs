@@ -19,7 +19,7 @@ use tracing::{Instrument, info, info_span};
 use crate::api::Shared;
 use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
-use crate::api::tls::{AgentTls, incoming};
+use crate::api::tls::{AgentTls, ServerIdentity, incoming};
 use crate::catalog::Catalog;
 use crate::changes::ChangeFeed;
 use crate::config::{Config, ServingProfile, StoreKind};
@@ -219,7 +219,6 @@ impl Server {
         let server_svid_ttl = cfg.agent_svid_ttl.min(cfg.ca.default_x509_svid_ttl);
         let dns_names = cfg.istio.as_ref().map(|i| i.dns_names.clone()).unwrap_or_default();
         let tls = AgentTls::new(&ca, server_svid_ttl, dns_names)?;
-        let server_identity = tls.identity();
         tasks.spawn(
             tls.clone()
                 .run_rotation(ca.clone(), server_svid_ttl, shutdown_rx.clone())
@@ -299,7 +298,15 @@ impl Server {
             None => None,
             Some(ep) => {
                 let resolver: Arc<dyn rustls::server::ResolvesServerCert> = match &ep.profile {
-                    ServingProfile::HttpsSpiffe => server_identity,
+                    ServingProfile::HttpsSpiffe => {
+                        let id = ServerIdentity::bundle_endpoint(&ca, server_svid_ttl)?;
+                        tasks.spawn(
+                            id.clone()
+                                .run_refresh(ca.clone(), server_svid_ttl, shutdown_rx.clone())
+                                .instrument(info_span!("bundle_endpoint_svid")),
+                        );
+                        id
+                    }
                     ServingProfile::HttpsWeb { cert_file, key_file } => Arc::new(
                         FileCert::load(cert_file.clone(), key_file.clone()).map_err(StartError::BundleEndpoint)?,
                     ),

@@ -198,15 +198,17 @@ impl JournalEntry for JwtKeyEntry {
     }
 }
 
-/// The active and the prepared authority of one kind.
+/// The active and the prepared authority of one kind, and the one active before, whose key
+/// is kept until the next prepare takes its key slot.
 pub(crate) struct Slots<A> {
     pub(crate) active: Option<Arc<A>>,
     pub(crate) prepared: Option<Arc<A>>,
+    pub(crate) previous: Option<Arc<A>>,
 }
 
 impl<A> Default for Slots<A> {
     fn default() -> Self {
-        Self { active: None, prepared: None }
+        Self { active: None, prepared: None, previous: None }
     }
 }
 

@@ -181,6 +181,14 @@ impl Ca {
         let mut state = State { journal, ..State::default() };
         for e in state.journal.x509.clone() {
             if e.status == SlotStatus::Old {
+                // The one active before, while its key is still there and it may sign: the
+                // bundle endpoint's own SVID comes from it ([`Ca::issue_endpoint_svid`]).
+                if !e.tainted
+                    && e.not_after > ca.clock.now()
+                    && let Ok(Some(a)) = ca.restore_x509(&e).await
+                {
+                    slot::restore::<X509Kind>(&mut state, e.status, a);
+                }
                 continue;
             }
             match ca.restore_x509(&e).await {
@@ -337,6 +345,41 @@ impl Ca {
         Ok((issued, key))
     }
 
+    /// The authority the bundle endpoint's own SVID comes from: the X.509 CA that was active
+    /// before, while it is in the bundle, untainted, its key still held and valid for `ttl`
+    /// more; else the active one. A peer cut off from before the new CA was prepared until
+    /// after it became active still trusts only the old CA: an endpoint SVID from the old CA
+    /// lets it authenticate the endpoint and fetch the new bundle, with no manual step.
+    fn endpoint_authority(&self, ttl: Duration) -> Result<Arc<X509Authority>, CaError> {
+        let s = self.state.read();
+        if let Some(p) = &s.x509.previous
+            && p.entry.not_after.saturating_sub(self.clock.now()) >= secs(ttl)
+            && s.journal
+                .x509
+                .iter()
+                .any(|e| e.authority_id == p.entry.authority_id && e.status == SlotStatus::Old && !e.tainted)
+        {
+            return Ok(p.clone());
+        }
+        s.x509.active.clone().ok_or(CaError::NoActiveAuthority("X.509"))
+    }
+
+    /// The subject key ID of the authority [`Ca::issue_endpoint_svid`] signs with now.
+    pub fn endpoint_authority_id(&self, ttl: Duration) -> Option<String> {
+        self.endpoint_authority(ttl).ok().map(|a| a.entry.authority_id.clone())
+    }
+
+    /// Issues the server's SVID for its `https_spiffe` bundle endpoint, with a key made here,
+    /// from the authority [`Ca::endpoint_authority_id`] names (the previous CA while it may
+    /// still sign, so that peers that missed a rotation can still fetch the bundle).
+    pub fn issue_endpoint_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<(IssuedX509, PrivateKey), CaError> {
+        let auth = self.endpoint_authority(ttl)?;
+        let key = PrivateKey::generate_ec_p256()?;
+        let kp = key.to_rcgen()?;
+        let issued = self.sign_leaf_by(&auth, id, &[], &kp, false, Some(ttl), None)?;
+        Ok((issued, key))
+    }
+
     fn sign_leaf(
         &self,
         id: &SpiffeId,
@@ -347,6 +390,20 @@ impl Ca {
         renewal_grant: Option<&RenewalGrant>,
     ) -> Result<IssuedX509, CaError> {
         let auth = self.active_x509()?;
+        self.sign_leaf_by(&auth, id, dns_names, public_key, rsa, ttl, renewal_grant)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign_leaf_by(
+        &self,
+        auth: &X509Authority,
+        id: &SpiffeId,
+        dns_names: &[String],
+        public_key: &impl PublicKeyData,
+        rsa: bool,
+        ttl: Option<Duration>,
+        renewal_grant: Option<&RenewalGrant>,
+    ) -> Result<IssuedX509, CaError> {
         let now = self.clock.now();
         let ttl = secs(ttl.unwrap_or(self.cfg.default_x509_svid_ttl));
         let not_after = now.saturating_add(ttl).min(auth.entry.not_after);

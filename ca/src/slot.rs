@@ -47,6 +47,10 @@ pub(crate) fn install_prepared<K: AuthorityKind>(s: &mut State, authority: Arc<K
     let (journal, slots) = K::parts(s);
     journal.retain(|e| e.status() != SlotStatus::Prepared);
     journal.push(K::entry(&authority).clone());
+    // The two key slots alternate: the newcomer's is the previous authority's.
+    if slots.previous.as_ref().is_some_and(|p| K::entry(p).key_slot() == K::entry(&authority).key_slot()) {
+        slots.previous = None;
+    }
     slots.prepared = Some(authority);
 }
 
@@ -71,7 +75,7 @@ pub(crate) fn activate<K: AuthorityKind>(s: &mut State, expected: Option<&str>) 
     }
     // The journal is the record of status; the authority's own copy of its entry keeps the
     // status it was made with.
-    slots.active = slots.prepared.take();
+    slots.previous = std::mem::replace(&mut slots.active, slots.prepared.take());
     Ok(())
 }
 
@@ -105,6 +109,15 @@ pub(crate) fn restore<K: AuthorityKind>(s: &mut State, status: SlotStatus, autho
     match status {
         SlotStatus::Active => slots.active = Some(authority),
         SlotStatus::Prepared => slots.prepared = Some(authority),
-        SlotStatus::Old => {}
+        // The newest old one whose key is still there was the active one before.
+        SlotStatus::Old => {
+            if slots
+                .previous
+                .as_ref()
+                .is_none_or(|p| K::entry(p).lifetime().not_after < K::entry(&authority).lifetime().not_after)
+            {
+                slots.previous = Some(authority);
+            }
+        }
     }
 }

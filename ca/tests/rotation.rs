@@ -232,3 +232,57 @@ async fn an_upstream_that_shortens_the_ca_moves_the_rotation() {
     // Both intermediates end under the same root: the bundle still has one.
     assert_eq!(ca.bundle().x509_authorities.len(), 1);
 }
+
+/// The authority that signs the bundle endpoint's SVID now (`ttl` 1 h), as the leaf's AKI.
+fn endpoint_signer(ca: &Ca) -> String {
+    let id = SpiffeId::new("spiffe://example.org/tessera/server").expect("id");
+    let (issued, _key) = ca.issue_endpoint_svid(&id, Duration::from_secs(HOUR as u64)).expect("signs");
+    let aki = cert_facts(&issued.chain[0]).expect("facts").authority_key_id.expect("AKI");
+    assert_eq!(ca.endpoint_authority_id(Duration::from_secs(HOUR as u64)).as_deref(), Some(aki.as_str()));
+    aki
+}
+
+#[tokio::test]
+async fn the_bundle_endpoint_signs_with_the_previous_ca_while_it_may() {
+    let f = Fixture::new();
+    let ca = f.start(None, 60).await;
+    let first = x509(&ca)[0].0.clone();
+    assert_eq!(endpoint_signer(&ca), first, "one CA: the active one");
+    ca.prepare_x509().await.expect("prepare");
+    assert_eq!(endpoint_signer(&ca), first, "prepared is not active");
+    ca.activate_x509(None).await.expect("activate");
+    let second = x509(&ca).into_iter().find(|(_, s)| *s == "active").expect("active").0;
+    // A peer that missed the whole rotation trusts only the first CA.
+    assert_eq!(endpoint_signer(&ca), first, "the previous CA signs the endpoint's SVID");
+    assert_eq!(signer_of_a_leaf(&ca), second, "everything else comes from the active CA");
+
+    // After a restart, from the journal and the key manager.
+    drop(ca);
+    let ca = f.start(None, 60).await;
+    assert_eq!(endpoint_signer(&ca), first, "restored after a restart");
+
+    // Not once it would expire within the SVID's lifetime.
+    f.clock.advance(60 * HOUR - HOUR / 2);
+    assert_eq!(endpoint_signer(&ca), second, "the previous CA expires within the TTL");
+    f.clock.set(tessera_identity::unix_now());
+
+    // Not once tainted.
+    ca.taint_x509(&first).await.expect("taint");
+    assert_eq!(endpoint_signer(&ca), second, "a tainted CA never signs again");
+}
+
+#[tokio::test]
+async fn the_next_prepare_takes_the_previous_cas_key_slot() {
+    let f = Fixture::new();
+    let ca = f.start(None, 60).await;
+    let first = x509(&ca)[0].0.clone();
+    ca.prepare_x509().await.expect("prepare");
+    ca.activate_x509(None).await.expect("activate");
+    assert_eq!(endpoint_signer(&ca), first);
+    ca.prepare_x509().await.expect("prepare again");
+    let second = x509(&ca).into_iter().find(|(_, s)| *s == "active").expect("active").0;
+    assert_eq!(endpoint_signer(&ca), second, "the first CA's key is gone: its slot holds the third");
+    drop(ca);
+    let ca = f.start(None, 60).await;
+    assert_eq!(endpoint_signer(&ca), second, "and stays gone after a restart");
+}

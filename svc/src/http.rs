@@ -68,6 +68,12 @@ pub struct Request<'a> {
     pub body: Vec<u8>,
 }
 
+/// How long a TCP connect may take within the deadline: two lost SYNs (retried at 1 s and
+/// 3 s) still connect; a peer behind a partition (every packet dropped) is given up on, so
+/// the caller's next attempt, on its own schedule, opens a fresh connection once the path is
+/// back instead of waiting out the kernel's SYN backoff (7 s, 15 s, 31 s ...).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Sends `req`; `tls` is required for `https`. Returns the status and the body, refusing
 /// bodies over `limit` bytes. Errors are one line, fit for a log or a status.
 pub async fn send(
@@ -87,7 +93,10 @@ async fn send_inner(
     limit: usize,
 ) -> Result<(u16, Vec<u8>), String> {
     let u = req.url;
-    let tcp = TcpStream::connect((u.host.as_str(), u.port)).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((u.host.as_str(), u.port)))
+        .await
+        .map_err(|_| format!("connect: no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("connect: {e}"))?;
     let msg = build(&req)?;
     if u.tls {
         let cfg = tls.ok_or("an https URL needs a TLS configuration")?;
@@ -146,5 +155,29 @@ mod tests {
         assert!(Url::parse("ftp://x").unwrap_err().contains("http"));
         assert!(Url::parse("b.example:8443").is_err());
         assert_eq!(u.with_path("/z").path, "/z");
+    }
+
+    /// A listener whose accept queue is full drops new SYNs, as a partition does: the connect
+    /// is given up after CONNECT_TIMEOUT, well inside the caller's 60 s deadline.
+    #[tokio::test]
+    async fn a_connect_into_a_black_hole_is_given_up_on() {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = sock.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the accept queue (never accepted); the next SYN is dropped.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                held.push(c);
+            }
+        }
+        let url = Url::parse(&format!("http://{addr}/")).unwrap();
+        let req = Request { method: "GET", url: &url, headers: &[], body: Vec::new() };
+        let started = std::time::Instant::now();
+        let err = send(req, None, 1024, Duration::from_secs(60)).await.unwrap_err();
+        assert_eq!(err, "connect: no answer within 5s");
+        assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+        drop((held, listener));
     }
 }

@@ -6,8 +6,8 @@
 //! `TestAgent`), the one server config template ([`config`]), waiting with a deadline
 //! ([`wait`]), and the real or faked peers: Envoy ([`envoy`]), PostgreSQL ([`postgres`]), the
 //! Kubernetes API ([`fake_k8s`], a fake that speaks the real JSON shapes; there is no real API
-//! server here), the Helm chart rendered by the real Helm ([`chart`]), and `/proc` helpers
-//! ([`procfs`]).
+//! server here), the Helm chart rendered by the real Helm ([`chart`]), `/proc` helpers ([`procfs`]), and
+//! network namespaces with veth links that a test can slow down or cut ([`netns`]).
 //!
 //! What it is not: no test of its own beyond its helpers', and never a dependency of a
 //! shipped binary. It fails the calling test (`panic`) instead of returning errors.
@@ -20,6 +20,7 @@ pub mod config;
 pub mod envoy;
 pub mod fake_k8s;
 pub mod inprocess;
+pub mod netns;
 pub mod postgres;
 pub mod procfs;
 pub mod procs;

@@ -49,6 +49,17 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ServerIdentity {
     current: RwLock<Option<(Arc<CertifiedKey>, i64, i64)>>,
     dns_names: Vec<String>,
+    source: Source,
+}
+
+/// Which authority signs a [`ServerIdentity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The active CA (the Agent API, the Istio CA API).
+    Active,
+    /// [`Ca::issue_endpoint_svid`]: the previous CA while it may still sign (the
+    /// `https_spiffe` bundle endpoint, which peers that missed a rotation must still trust).
+    BundleEndpoint,
 }
 
 impl ResolvesServerCert for ServerIdentity {
@@ -59,7 +70,33 @@ impl ResolvesServerCert for ServerIdentity {
 
 impl ServerIdentity {
     fn new(dns_names: Vec<String>) -> Self {
-        Self { current: RwLock::new(None), dns_names }
+        Self { current: RwLock::new(None), dns_names, source: Source::Active }
+    }
+
+    /// The bundle endpoint's identity (`https_spiffe`), issued now: the server's SPIFFE ID,
+    /// signed by the CA that was active before while it may still sign, so that a peer that
+    /// was cut off through a whole rotation still authenticates the endpoint. Keep it fresh
+    /// with [`ServerIdentity::run_refresh`].
+    pub fn bundle_endpoint(ca: &Ca, ttl: Duration) -> Result<Arc<Self>, ServerTlsError> {
+        let me = Arc::new(Self { current: RwLock::new(None), dns_names: Vec::new(), source: Source::BundleEndpoint });
+        me.refresh(ca, &tessera_identity::server_id(ca.trust_domain())?, ttl)?;
+        Ok(me)
+    }
+
+    /// Re-issues the SVID when due ([`ServerIdentity::refresh`]'s rules), until shutdown.
+    pub async fn run_refresh(self: Arc<Self>, ca: Arc<Ca>, ttl: Duration, mut shutdown: watch::Receiver<bool>) {
+        let Ok(id) = tessera_identity::server_id(ca.trust_domain()) else { return };
+        let mut tick = tokio::time::interval((ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.refresh(&ca, &id, ttl) {
+                        warn!(error = %e, "Cannot renew the bundle endpoint's SVID");
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
     }
 
     /// The current SVID's chain, DER, leaf first (empty before the first issue).
@@ -67,19 +104,28 @@ impl ServerIdentity {
         self.current.read().as_ref().map(|(k, _, _)| k.cert.iter().map(|c| c.to_vec()).collect()).unwrap_or_default()
     }
 
-    /// Re-issues the server SVID when missing, past half life, or issued by another CA.
+    /// Re-issues the server SVID when missing, past half life, or issued by another CA (for
+    /// the bundle endpoint: by another than [`Ca::endpoint_authority_id`] names).
     fn refresh(&self, ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<bool, ServerTlsError> {
         let ca_not_after = ca.active_x509_not_after().unwrap_or(0);
         let now = unix_now();
         let tainted = ca.tainted_authority_ids();
+        let wanted = match self.source {
+            Source::Active => None,
+            Source::BundleEndpoint => ca.endpoint_authority_id(ttl),
+        };
         if let Some((ck, issued, not_after)) = self.current.read().as_ref()
             && now < issued + (not_after - issued) / 2
             && *not_after <= ca_not_after
             && !issued_by_any(ck, &tainted)
+            && wanted.is_none_or(|w| issued_by_any(ck, &[w]))
         {
             return Ok(false);
         }
-        let (svid, key) = ca.issue_own_svid(id, &self.dns_names, ttl)?;
+        let (svid, key) = match self.source {
+            Source::Active => ca.issue_own_svid(id, &self.dns_names, ttl)?,
+            Source::BundleEndpoint => ca.issue_endpoint_svid(id, ttl)?,
+        };
         let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
         let signing_key =
             rustls::crypto::ring::sign::any_supported_type(&key.to_rustls()).map_err(ServerTlsError::Key)?;
