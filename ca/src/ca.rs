@@ -181,14 +181,6 @@ impl Ca {
         let mut state = State { journal, ..State::default() };
         for e in state.journal.x509.clone() {
             if e.status == SlotStatus::Old {
-                // The one active before, while its key is still there and it may sign: the
-                // bundle endpoint's own SVID comes from it ([`Ca::issue_endpoint_svid`]).
-                if !e.tainted
-                    && e.not_after > ca.clock.now()
-                    && let Ok(Some(a)) = ca.restore_x509(&e).await
-                {
-                    slot::restore::<X509Kind>(&mut state, e.status, a);
-                }
                 continue;
             }
             match ca.restore_x509(&e).await {
@@ -214,6 +206,29 @@ impl Ca {
         // A restored authority whose key was lost is no longer usable: it becomes old.
         slot::retire_unusable::<X509Kind>(&mut state);
         slot::retire_unusable::<JwtKind>(&mut state);
+        // The one active before the active one, while its key is still there and it may sign:
+        // the bundle endpoint's own SVID comes from it ([`Ca::issue_endpoint_svid`]). Only an
+        // old authority made no later than the active one can have been active (a prepared
+        // one retired because its key was lost is newer).
+        let active_made = state.x509.active.as_ref().map(|a| a.entry.issued_at);
+        let mut before: Vec<X509CaEntry> = state
+            .journal
+            .x509
+            .iter()
+            .filter(|e| {
+                e.status == SlotStatus::Old
+                    && !e.tainted
+                    && e.not_after > ca.clock.now()
+                    && active_made.is_some_and(|t| e.issued_at <= t)
+            })
+            .cloned()
+            .collect();
+        before.sort_by_key(|e| e.issued_at);
+        if let Some(e) = before.last()
+            && let Ok(Some(a)) = ca.restore_x509(e).await
+        {
+            state.x509.previous = Some(a);
+        }
         *ca.state.write() = state;
         ca.rotate_once().await?;
         Ok(ca)
@@ -364,20 +379,34 @@ impl Ca {
         s.x509.active.clone().ok_or(CaError::NoActiveAuthority("X.509"))
     }
 
-    /// The subject key ID of the authority [`Ca::issue_endpoint_svid`] signs with now.
+    /// The ID of the authority [`Ca::issue_endpoint_svid`] signs with now.
     pub fn endpoint_authority_id(&self, ttl: Duration) -> Option<String> {
         self.endpoint_authority(ttl).ok().map(|a| a.entry.authority_id.clone())
     }
 
     /// Issues the server's SVID for its `https_spiffe` bundle endpoint, with a key made here,
     /// from the authority [`Ca::endpoint_authority_id`] names (the previous CA while it may
-    /// still sign, so that peers that missed a rotation can still fetch the bundle).
-    pub fn issue_endpoint_svid(&self, id: &SpiffeId, ttl: Duration) -> Result<(IssuedX509, PrivateKey), CaError> {
-        let auth = self.endpoint_authority(ttl)?;
+    /// still sign, so that peers that missed a rotation can still fetch the bundle); returns
+    /// it with that authority's ID. Blocking with a key in an HSM: call off the reactor.
+    pub fn issue_endpoint_svid(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(IssuedX509, PrivateKey, String), CaError> {
         let key = PrivateKey::generate_ec_p256()?;
         let kp = key.to_rcgen()?;
+        let auth = self.endpoint_authority(ttl)?;
         let issued = self.sign_leaf_by(&auth, id, &[], &kp, false, Some(ttl), None)?;
-        Ok((issued, key))
+        // A prepare forgets the previous authority before its key slot gets a new key: if it
+        // did while this signed, the signature may be the new key's. Sign again.
+        let still = self.state.read().x509.previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &auth));
+        let is_active = self.state.read().x509.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, &auth));
+        if !still && !is_active {
+            let auth = self.active_x509()?;
+            let issued = self.sign_leaf_by(&auth, id, &[], &kp, false, Some(ttl), None)?;
+            return Ok((issued, key, auth.entry.authority_id.clone()));
+        }
+        Ok((issued, key, auth.entry.authority_id.clone()))
     }
 
     fn sign_leaf(
@@ -581,7 +610,14 @@ impl Ca {
     }
 
     async fn prepare_x509_locked(&self) -> Result<(), CaError> {
-        let key_slot = slot::next_key_slot::<X509Kind>(&self.state.read());
+        let key_slot = {
+            let mut s = self.state.write();
+            let key_slot = slot::next_key_slot::<X509Kind>(&s);
+            // The new key replaces the previous authority's in the key manager: it must not
+            // sign again from here on (an HSM signs by slot), also if this prepare fails.
+            slot::forget_previous_in::<X509Kind>(&mut s, key_slot);
+            key_slot
+        };
         let key = self.km.generate_key(key_slot, self.cfg.key_type).await?;
         let now = self.clock.now();
         let not_after = now.saturating_add(secs(self.cfg.ca_ttl));

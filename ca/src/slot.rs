@@ -54,6 +54,14 @@ pub(crate) fn install_prepared<K: AuthorityKind>(s: &mut State, authority: Arc<K
     slots.prepared = Some(authority);
 }
 
+/// Forgets the previous authority when its key is in `key_slot` (about to get a new key).
+pub(crate) fn forget_previous_in<K: AuthorityKind>(s: &mut State, key_slot: &str) {
+    let (_, slots) = K::parts(s);
+    if slots.previous.as_ref().is_some_and(|p| K::entry(p).key_slot() == key_slot) {
+        slots.previous = None;
+    }
+}
+
 /// Activates the prepared authority; the active one becomes old. `expected`, when given and
 /// not empty, must name the prepared authority.
 pub(crate) fn activate<K: AuthorityKind>(s: &mut State, expected: Option<&str>) -> Result<(), CaError> {
@@ -109,15 +117,6 @@ pub(crate) fn restore<K: AuthorityKind>(s: &mut State, status: SlotStatus, autho
     match status {
         SlotStatus::Active => slots.active = Some(authority),
         SlotStatus::Prepared => slots.prepared = Some(authority),
-        // The newest old one whose key is still there was the active one before.
-        SlotStatus::Old => {
-            if slots
-                .previous
-                .as_ref()
-                .is_none_or(|p| K::entry(p).lifetime().not_after < K::entry(&authority).lifetime().not_after)
-            {
-                slots.previous = Some(authority);
-            }
-        }
+        SlotStatus::Old => {}
     }
 }

@@ -236,8 +236,9 @@ async fn an_upstream_that_shortens_the_ca_moves_the_rotation() {
 /// The authority that signs the bundle endpoint's SVID now (`ttl` 1 h), as the leaf's AKI.
 fn endpoint_signer(ca: &Ca) -> String {
     let id = SpiffeId::new("spiffe://example.org/tessera/server").expect("id");
-    let (issued, _key) = ca.issue_endpoint_svid(&id, Duration::from_secs(HOUR as u64)).expect("signs");
+    let (issued, _key, signer) = ca.issue_endpoint_svid(&id, Duration::from_secs(HOUR as u64)).expect("signs");
     let aki = cert_facts(&issued.chain[0]).expect("facts").authority_key_id.expect("AKI");
+    assert_eq!(signer, aki);
     assert_eq!(ca.endpoint_authority_id(Duration::from_secs(HOUR as u64)).as_deref(), Some(aki.as_str()));
     aki
 }

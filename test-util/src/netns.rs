@@ -45,11 +45,22 @@ pub fn unavailable() -> Option<String> {
         return Some(format!("`ip netns add` failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     let veth = ip(&["-n", &probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1"]);
+    // The link relay: Python's AF_PACKET socket on an interface of the namespace.
+    let relay = Command::new("ip")
+        .args(["netns", "exec", &probe, "python3", "-c"])
+        .arg("import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)).bind(('p0', 0))")
+        .output();
     let _ = ip(&["netns", "delete", &probe]);
     if !veth.status.success() {
         return Some(format!("cannot make a veth pair: {}", String::from_utf8_lossy(&veth.stderr).trim()));
     }
-    None
+    match relay {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => {
+            Some(format!("python3 cannot open an AF_PACKET socket: {}", String::from_utf8_lossy(&o.stderr).trim()))
+        }
+        Err(e) => Some(format!("cannot run python3: {e}")),
+    }
 }
 
 /// Deletes `tessera-<pid>-*` namespaces whose test process is gone (a run killed by a

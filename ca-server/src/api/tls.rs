@@ -47,9 +47,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server's own rotating TLS identity.
 #[derive(Debug)]
 pub struct ServerIdentity {
-    current: RwLock<Option<(Arc<CertifiedKey>, i64, i64)>>,
+    current: RwLock<Option<Held>>,
     dns_names: Vec<String>,
     source: Source,
+}
+
+/// The SVID a [`ServerIdentity`] presents.
+#[derive(Debug)]
+struct Held {
+    key: Arc<CertifiedKey>,
+    /// Unix seconds.
+    issued_at: i64,
+    /// Unix seconds.
+    not_after: i64,
+    /// The ID of the authority that signed it (empty for [`Source::Active`]).
+    signer: String,
 }
 
 /// Which authority signs a [`ServerIdentity`].
@@ -64,7 +76,7 @@ enum Source {
 
 impl ResolvesServerCert for ServerIdentity {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current.read().as_ref().map(|(k, _, _)| k.clone())
+        self.current.read().as_ref().map(|h| h.key.clone())
     }
 }
 
@@ -90,8 +102,12 @@ impl ServerIdentity {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = self.refresh(&ca, &id, ttl) {
-                        warn!(error = %e, "Cannot renew the bundle endpoint's SVID");
+                    // Off the reactor: a CA key in an HSM signs blocking.
+                    let (me, ca, id) = (self.clone(), ca.clone(), id.clone());
+                    match tokio::task::spawn_blocking(move || me.refresh(&ca, &id, ttl)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %e, "Cannot renew the bundle endpoint's SVID"),
+                        Err(e) => warn!(error = %e, "The bundle endpoint's SVID renewal failed"),
                     }
                 }
                 _ = shutdown.changed() => break,
@@ -101,7 +117,7 @@ impl ServerIdentity {
 
     /// The current SVID's chain, DER, leaf first (empty before the first issue).
     pub fn chain(&self) -> Vec<Vec<u8>> {
-        self.current.read().as_ref().map(|(k, _, _)| k.cert.iter().map(|c| c.to_vec()).collect()).unwrap_or_default()
+        self.current.read().as_ref().map(|h| h.key.cert.iter().map(|c| c.to_vec()).collect()).unwrap_or_default()
     }
 
     /// Re-issues the server SVID when missing, past half life, or issued by another CA (for
@@ -114,16 +130,19 @@ impl ServerIdentity {
             Source::Active => None,
             Source::BundleEndpoint => ca.endpoint_authority_id(ttl),
         };
-        if let Some((ck, issued, not_after)) = self.current.read().as_ref()
-            && now < issued + (not_after - issued) / 2
-            && *not_after <= ca_not_after
-            && !issued_by_any(ck, &tainted)
-            && wanted.is_none_or(|w| issued_by_any(ck, &[w]))
+        if let Some(h) = self.current.read().as_ref()
+            && now < h.issued_at + (h.not_after - h.issued_at) / 2
+            && h.not_after <= ca_not_after
+            && !issued_by_any(&h.key, &tainted)
+            && wanted.is_none_or(|w| w == h.signer)
         {
             return Ok(false);
         }
-        let (svid, key) = match self.source {
-            Source::Active => ca.issue_own_svid(id, &self.dns_names, ttl)?,
+        let (svid, key, signer) = match self.source {
+            Source::Active => {
+                let (svid, key) = ca.issue_own_svid(id, &self.dns_names, ttl)?;
+                (svid, key, String::new())
+            }
             Source::BundleEndpoint => ca.issue_endpoint_svid(id, ttl)?,
         };
         let chain: Vec<CertificateDer<'static>> = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
@@ -132,7 +151,7 @@ impl ServerIdentity {
         let ck = Arc::new(CertifiedKey::new(chain, signing_key));
         {
             let mut cur = self.current.write();
-            *cur = Some((ck, now, svid.not_after));
+            *cur = Some(Held { key: ck, issued_at: now, not_after: svid.not_after, signer });
         }
         info!(serial = %svid.serial, not_after = svid.not_after, "Server SVID issued");
         Ok(true)
