@@ -264,8 +264,16 @@ fn note_sent(
     removed: &[String],
     replace: bool,
 ) {
+    let entitled = track.entitled(
+        ids,
+        |held, svid| {
+            let id = &svid.entry.spiffe_id;
+            held.strip_prefix("spiffe://").and_then(|r| r.strip_prefix(id.trust_domain_name())) == Some(id.path())
+        },
+        |svid| svid.entry.spiffe_id.to_string(),
+    );
     track.update(|s| {
-        s.spiffe_ids = ids.iter().map(|i| i.entry.spiffe_id.to_string()).collect();
+        s.spiffe_ids = entitled;
         s.version = version.to_owned();
         s.nonce = nonce.to_owned();
         s.sent_at = tessera_identity::unix_now();

@@ -62,7 +62,7 @@ pub struct StreamState {
     /// Its uid.
     pub uid: Option<u32>,
     /// The SPIFFE IDs it is entitled to (at the last send).
-    pub spiffe_ids: Vec<String>,
+    pub spiffe_ids: Entitled,
     /// Unix seconds.
     pub opened_at: i64,
     /// The resource names it asked for (subscribed to).
@@ -81,11 +81,34 @@ pub struct StreamState {
     pub last_nack: Option<Reply>,
 }
 
+/// The SPIFFE IDs a stream's caller is entitled to, shared by every stream with the same list
+/// (one caller's streams usually are): a caller entitled to 1,000 SVIDs with 1,000 streams
+/// holds one list, not 1,000 copies (70 MiB in the agent bench).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Entitled(Arc<[String]>);
+
+impl Entitled {
+    /// The IDs.
+    pub fn ids(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl Serialize for Entitled {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.as_ref().serialize(s)
+    }
+}
+
+/// The distinct lists held by open streams (few: about one per calling workload).
+type Interned = Arc<Mutex<Vec<Arc<[String]>>>>;
+
 /// Every open stream.
 #[derive(Debug, Default)]
 pub struct SdsStreams {
     next: AtomicU64,
     open: Arc<Mutex<BTreeMap<u64, StreamState>>>,
+    entitled: Interned,
 }
 
 impl SdsStreams {
@@ -97,7 +120,7 @@ impl SdsStreams {
             api,
             pid,
             uid,
-            spiffe_ids: Vec::new(),
+            spiffe_ids: Entitled::default(),
             opened_at: tessera_identity::unix_now(),
             resource_names: Vec::new(),
             version: String::new(),
@@ -108,7 +131,7 @@ impl SdsStreams {
             last_nack: None,
         };
         self.open.lock().insert(id, state);
-        Tracked { id, open: self.open.clone() }
+        Tracked { id, open: self.open.clone(), entitled: self.entitled.clone() }
     }
 
     /// Every open stream, oldest first.
@@ -122,9 +145,25 @@ impl SdsStreams {
 pub struct Tracked {
     id: u64,
     open: Arc<Mutex<BTreeMap<u64, StreamState>>>,
+    entitled: Interned,
 }
 
 impl Tracked {
+    /// `ids` as an [`Entitled`] list shared with every stream that holds the same one (`same`
+    /// compares a held name with an ID without allocating; `name` makes one). Lists no stream
+    /// holds any more are dropped when a new one is added.
+    pub fn entitled<T>(&self, ids: &[T], same: impl Fn(&str, &T) -> bool, name: impl Fn(&T) -> String) -> Entitled {
+        let mut lists = self.entitled.lock();
+        let found = lists.iter().find(|l| l.len() == ids.len() && l.iter().zip(ids).all(|(a, b)| same(a, b)));
+        if let Some(shared) = found {
+            return Entitled(shared.clone());
+        }
+        lists.retain(|l| Arc::strong_count(l) > 1);
+        let shared: Arc<[String]> = ids.iter().map(name).collect();
+        lists.push(shared.clone());
+        Entitled(shared)
+    }
+
     /// Changes this stream's state.
     pub fn update(&self, f: impl FnOnce(&mut StreamState)) {
         if let Some(s) = self.open.lock().get_mut(&self.id) {
@@ -156,5 +195,27 @@ mod tests {
         assert_eq!(all.list().iter().map(|s| s.stream).collect::<Vec<_>>(), vec![2]);
         drop(b);
         assert!(all.list().is_empty());
+    }
+
+    #[test]
+    fn streams_with_the_same_entitlement_share_one_list_and_it_goes_with_them() {
+        let streams = SdsStreams::default();
+        let ids = || (0..1000).map(|i| format!("spiffe://example.org/w/{i}")).collect::<Vec<_>>();
+        let (a, b) = (streams.open("sotw", None, None), streams.open("sotw", None, None));
+        let ent = |t: &Tracked, v: Vec<String>| t.entitled(&v, |a, b| a == b, Clone::clone);
+        let (ea, eb) = (ent(&a, ids()), ent(&b, ids()));
+        assert!(Arc::ptr_eq(&ea.0, &eb.0), "one list for both streams");
+        a.update(|s| s.spiffe_ids = ea.clone());
+        b.update(|s| s.spiffe_ids = eb.clone());
+        assert_eq!(streams.list()[1].spiffe_ids.ids().len(), 1000);
+        let json = serde_json::to_value(&streams.list()[0]).unwrap();
+        assert_eq!(json["spiffe_ids"][999], "spiffe://example.org/w/999");
+        let other = ent(&a, vec!["spiffe://example.org/x".into()]);
+        assert_ne!(other, ea);
+        drop((a, b, ea, eb));
+        // The next new list drops the one no stream holds any more.
+        let c = streams.open("delta", None, None);
+        let _ = ent(&c, vec!["spiffe://example.org/y".into()]);
+        assert!(streams.entitled.lock().iter().all(|l| l.len() == 1), "the 1,000-ID list is gone");
     }
 }
