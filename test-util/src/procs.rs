@@ -351,7 +351,50 @@ pub struct Mesh {
     pub alias: String,
 }
 
+/// A `doctor --output json` run's findings as (code, severity, subject); fails the test if
+/// the output is not JSON or a finding lacks one of its five string fields.
+pub fn doctor_findings(out: &Output) -> Vec<(String, String, String)> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let field = |f: &serde_json::Value, k: &str| -> String {
+        f[k].as_str().unwrap_or_else(|| panic!("finding without {k}: {f}")).to_owned()
+    };
+    let all = v["findings"].as_array().unwrap_or_else(|| panic!("doctor output without findings: {v}"));
+    all.iter()
+        .map(|f| {
+            for k in ["message", "fix"] {
+                field(f, k);
+            }
+            (field(f, "code"), field(f, "severity"), field(f, "subject"))
+        })
+        .collect()
+}
+
 impl Mesh {
+    /// Federates this mesh's server with `peer` (trust domain `peer_td`), whose bundle
+    /// endpoint is at `url` (`https_spiffe`, bootstrapped with its current bundle). Returns
+    /// what `federation create` printed.
+    pub fn federate(&self, peer_td: &str, url: &str, peer: &Mesh) -> String {
+        let boot = self.dir.path().join(format!("{peer_td}.json"));
+        std::fs::write(&boot, peer.server.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+        self.server.cli_ok(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            peer_td,
+            "--bundle-endpoint-url",
+            url,
+            "--profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            &format!("spiffe://{peer_td}/tessera/server"),
+            "--bundle-path",
+            boot.to_str().unwrap(),
+            "--bundle-format",
+            "spiffe",
+        ])
+    }
+
     /// Starts a server with `ca` settings and an agent attested with a fresh join token.
     pub fn start(ca: &str, sync_interval: &str) -> Self {
         Self::start_in("example.org", ca, sync_interval, "")

@@ -11,30 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use tessera_test_util::doctor_findings as findings;
 use tessera_test_util::postgres::TestPostgres;
 use tessera_test_util::{Mesh, ServerProc, bin, http_get, repo, server_config, wait_for};
 
 /// `(code, severity, subject)` of each finding.
-fn findings(out: &Output) -> Vec<(String, String, String)> {
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
-    v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            for k in ["code", "severity", "subject", "message", "fix"] {
-                assert!(f[k].is_string(), "finding without {k}: {f}");
-            }
-            (
-                f["code"].as_str().unwrap().into(),
-                f["severity"].as_str().unwrap().into(),
-                f["subject"].as_str().unwrap().into(),
-            )
-        })
-        .collect()
-}
-
 fn has(f: &[(String, String, String)], code: &str, severity: &str, subject_contains: &str) -> bool {
     f.iter().any(|(c, s, subj)| c == code && s == severity && subj.contains(subject_contains))
 }

@@ -119,24 +119,7 @@ fn wait(secs: u64, what: &str, ok: impl FnMut() -> bool) {
 }
 
 fn federate(from: &Mesh, peer_td: &str, peer_port: u16, peer: &Mesh) {
-    let boot = from.dir.path().join(format!("{peer_td}.json"));
-    std::fs::write(&boot, peer.server.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
-    let out = from.server.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        peer_td,
-        "--bundle-endpoint-url",
-        &format!("https://127.0.0.1:{peer_port}"),
-        "--profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
-        &format!("spiffe://{peer_td}/tessera/server"),
-        "--bundle-path",
-        boot.to_str().unwrap(),
-        "--bundle-format",
-        "spiffe",
-    ]);
+    let out = from.federate(peer_td, &format!("https://127.0.0.1:{peer_port}"), peer);
     assert!(out.contains("Federation relationship created"), "{out}");
     let r: Value = serde_json::from_str(&from.server.cli_ok(&[
         "federation",

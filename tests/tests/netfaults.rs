@@ -32,7 +32,7 @@ use tessera_test_util::envoy::{
     validator_certs,
 };
 use tessera_test_util::netns::{self, Link, Netns};
-use tessera_test_util::{Mesh, Proc, Traffic, command, free_port, http_get, wait_for};
+use tessera_test_util::{Mesh, Proc, Traffic, command, doctor_findings, free_port, http_get, wait_for};
 
 const A_IP: &str = "10.231.0.1";
 const B_IP: &str = "10.231.0.2";
@@ -51,27 +51,6 @@ const HINT_SECS: u64 = 20;
 
 fn wait(secs: u64, what: &str, ok: impl FnMut() -> bool) {
     wait_for(secs, what, ok, String::new)
-}
-
-fn federate(from: &Mesh, peer_td: &str, peer_ip: &str, peer: &Mesh) {
-    let boot = from.dir.path().join(format!("{peer_td}.json"));
-    std::fs::write(&boot, peer.server.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
-    from.server.cli_ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        peer_td,
-        "--bundle-endpoint-url",
-        &format!("https://{peer_ip}:{BUNDLE_PORT}"),
-        "--profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
-        &format!("spiffe://{peer_td}/tessera/server"),
-        "--bundle-path",
-        boot.to_str().unwrap(),
-        "--bundle-format",
-        "spiffe",
-    ]);
 }
 
 fn federation_status(m: &Mesh, peer_td: &str) -> Value {
@@ -311,17 +290,6 @@ fn agent_ids(m: &Mesh) -> Vec<String> {
     v["agents"].as_array().unwrap().iter().map(|a| a["spiffe_id"].as_str().unwrap().to_owned()).collect()
 }
 
-fn findings(out: &Output) -> Vec<(String, String)> {
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
-    v["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| (f["code"].as_str().unwrap().to_owned(), f["subject"].as_str().unwrap().to_owned()))
-        .collect()
-}
-
 #[test]
 fn two_clusters_ride_out_delay_loss_a_cut_during_ca_rotation_and_a_cut_off_node() {
     if let Some(why) = netns::unavailable() {
@@ -334,8 +302,8 @@ fn two_clusters_ride_out_delay_loss_a_cut_during_ca_rotation_and_a_cut_off_node(
 
     let mut a = Cluster::start(&na, "a.example", A_IP, "[doctor]\nagent_sync_interval = \"1s\"\n");
     let mut b = Cluster::start(&nb, "b.example", B_IP, "");
-    federate(&a.mesh, "b.example", B_IP, &b.mesh);
-    federate(&b.mesh, "a.example", A_IP, &a.mesh);
+    a.mesh.federate("b.example", &format!("https://{B_IP}:{BUNDLE_PORT}"), &b.mesh);
+    b.mesh.federate("a.example", &format!("https://{A_IP}:{BUNDLE_PORT}"), &a.mesh);
     a.start_envoys("b.example", B_IP);
     b.start_envoys("a.example", A_IP);
     for c in [&a, &b] {
@@ -379,11 +347,13 @@ fn two_clusters_ride_out_delay_loss_a_cut_during_ca_rotation_and_a_cut_off_node(
     node_link.cut();
     let cut_at = Instant::now();
     let silent = |code: &str| {
-        findings(&a.mesh.server.cli(&["doctor", "--output", "json"])).contains(&(code.into(), node.id.clone()))
+        doctor_findings(&a.mesh.server.cli(&["doctor", "--output", "json"]))
+            .iter()
+            .any(|(c, _, s)| c == code && *s == node.id)
     };
     wait(30, "server doctor: agent-silent for the cut-off node", || silent("agent-silent"));
     wait(30, "agent doctor: upstream-unreachable on the cut-off node", || {
-        findings(&node.doctor()).iter().any(|(c, _)| c == "upstream-unreachable")
+        doctor_findings(&node.doctor()).iter().any(|(c, _, _)| c == "upstream-unreachable")
     });
     reg("spiffe://a.example/second/late", "60s");
     // Past 3 sync intervals and the SVID's renewal (at half its life less a tenth at most):
