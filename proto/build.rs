@@ -5,15 +5,16 @@ use std::io;
 fn main() -> io::Result<()> {
     let files = [
         "proto/tessera/types/v1/types.proto",
-        "proto/tessera/agent/v1/agent.proto",
         "proto/tessera/admin/v1/admin.proto",
         "proto/tessera/plugin/v1/upstream.proto",
         "proto/istio/v1/auth/ca.proto",
     ];
-    // The Workload API's streams stay open as long as their workloads run: small buffers
-    // (`src/codec.rs`).
+    // The Workload API's streams stay open as long as their workloads run, and so does every
+    // agent's change-notice stream on the server's Agent API (10,000 agents: 10,000 streams):
+    // small buffers (`src/codec.rs`).
     let workload = "proto/spiffe/workload.proto";
-    for f in files.iter().chain([&workload]) {
+    let agent = "proto/tessera/agent/v1/agent.proto";
+    for f in files.iter().chain([&workload, &agent]) {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-changed=src/codec.rs");
@@ -23,5 +24,11 @@ fn main() -> io::Result<()> {
         .build_server(true)
         .build_client(true)
         .codec_path("crate::codec::LeanCodec")
-        .compile_fds(compile(&[workload])?)
+        .compile_fds(compile(&[workload])?)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::LeanCodec")
+        .extern_path(".tessera.types.v1", "crate::types::v1")
+        .compile_fds(compile(&[agent])?)
 }

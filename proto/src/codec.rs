@@ -3,8 +3,9 @@
 //!
 //! tonic's default codec gives every stream an 8 KiB decode buffer and an 8 KiB encode
 //! buffer for as long as the stream lives. Streams that stay open for hours and carry a
-//! message now and then (Envoy's SDS streams, Workload API watches) would pay 16 KiB each for
-//! nothing. These buffers start at [`BUFFER`] bytes and grow only while a message needs it.
+//! message now and then (Envoy's SDS streams, Workload API watches, every agent's
+//! `WatchChanges` stream on the server) would pay 16 KiB each for nothing. These buffers
+//! start at [`BUFFER`] bytes and grow only while a message needs it.
 
 use std::marker::PhantomData;
 
@@ -76,6 +77,7 @@ macro_rules! no_secrets {
     ($($t:ty),* $(,)?) => { $(impl Scrub for $t {})* };
 }
 
+use crate::agent::v1 as ag;
 use crate::workload as wl;
 use envoy_types::pb::envoy::service::discovery::v3 as xds;
 
@@ -89,7 +91,37 @@ no_secrets!(
     wl::ValidateJwtsvidResponse,
     xds::DiscoveryRequest,
     xds::DeltaDiscoveryRequest,
+    ag::AttestAgentResponse,
+    ag::RenewAgentRequest,
+    ag::RenewAgentResponse,
+    ag::SyncEntriesRequest,
+    ag::SyncEntriesResponse,
+    ag::BatchNewX509SvidRequest,
+    ag::BatchNewX509SvidResponse,
+    ag::NewJwtSvidRequest,
+    ag::FetchBundlesRequest,
+    ag::FetchBundlesResponse,
+    ag::MintDownstreamX509CaRequest,
+    ag::MintDownstreamX509CaResponse,
+    ag::WatchChangesRequest,
+    ag::WatchChangesResponse,
 );
+
+/// The attestation payload is a join token (or a Kubernetes service-account token).
+impl Scrub for ag::AttestAgentRequest {
+    fn scrub(&mut self) {
+        if let Some(d) = &mut self.data {
+            d.payload.zeroize();
+        }
+    }
+}
+
+/// A JWT-SVID is a bearer token.
+impl Scrub for ag::NewJwtSvidResponse {
+    fn scrub(&mut self) {
+        self.token.zeroize();
+    }
+}
 
 impl Scrub for wl::X509svidResponse {
     fn scrub(&mut self) {
@@ -154,5 +186,14 @@ mod tests {
         };
         d.scrub();
         assert!(d.resources[0].value.is_empty());
+        let mut a = ag::AttestAgentRequest {
+            data: Some(ag::AttestationData { r#type: "join_token".into(), payload: b"secret-token".to_vec() }),
+            ..Default::default()
+        };
+        a.scrub();
+        assert!(a.data.unwrap().payload.is_empty());
+        let mut j = ag::NewJwtSvidResponse { token: "eyJhbGciOi".into(), ..Default::default() };
+        j.scrub();
+        assert!(j.token.is_empty());
     }
 }

@@ -4,7 +4,8 @@
 //! from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
 //! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket; the plugin
 //! protocol (`tessera.plugin.v1`) between the server and external plugin processes. The
-//! SPIFFE Workload API is generated with [`codec::LeanCodec`], whose stream buffers start small.
+//! SPIFFE Workload API and the Agent API are generated with [`codec::LeanCodec`], whose stream
+//! buffers start small.
 
 #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

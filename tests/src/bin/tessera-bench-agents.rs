@@ -4,7 +4,13 @@
 //!
 //! Run: `cargo build --release --bins && target/release/tessera-bench-agents`
 //! (`--agents N` (default 10,000), `--entries N` per agent (default 10), `--store
-//! sled|postgres|both` (default both), `--binaries DIR`).
+//! sled|postgres|replicas|both|all` (default both: sled and postgres), `--binaries DIR`).
+//!
+//! `replicas` is two server replicas on one PostgreSQL, the agents spread over both (agent
+//! `i` on replica `i % 2`), and only the first replica restarted for the resync storm. Its
+//! agents do what `tessera-agent` with `server_addresses` does: a failed attempt moves them to
+//! the next replica (`connect_any`). The bench reports where they came back and whether any
+//! notice stream on the other replica broke.
 //!
 //! Each simulated agent is what the server sees of a real one: its own key and agent SVID
 //! (join-token attestation), its own mTLS connection, a `WatchChanges` stream held open, and a
@@ -41,6 +47,9 @@ const SETUP_CONCURRENCY: usize = 16;
 /// The resync storm is given this long before the bench calls it failed.
 const STORM_LIMIT: Duration = Duration::from_secs(180);
 
+/// The `--store` that runs two replicas on one PostgreSQL; also its column's name.
+const REPLICAS: &str = "PostgreSQL, 2 replicas";
+
 type Client = AgentClient<tonic::transport::Channel>;
 type Admin = admin::admin_client::AdminClient<tonic::transport::Channel>;
 
@@ -51,7 +60,7 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let usage = "usage: tessera-bench-agents [--binaries DIR] [--agents N] [--entries N] [--store sled|postgres|both]";
+    let usage = "usage: tessera-bench-agents [--binaries DIR] [--agents N] [--entries N] [--store sled|postgres|replicas|both|all]";
     let mut a = Args { agents: 10_000, entries: 10, stores: vec!["sled", "postgres"] };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -64,7 +73,9 @@ fn args() -> Result<Args> {
                 a.stores = match value()?.as_str() {
                     "sled" => vec!["sled"],
                     "postgres" => vec!["postgres"],
+                    "replicas" => vec![REPLICAS],
                     "both" => vec!["sled", "postgres"],
+                    "all" => vec!["sled", "postgres", REPLICAS],
                     other => bail!("--store {other}: {usage}"),
                 }
             }
@@ -108,16 +119,19 @@ where
     Ok(all.into_iter().map(|(_, t)| t).collect())
 }
 
-/// One simulated agent: its connection and the revision it last saw.
+/// One simulated agent: its connection, the revision it last saw, the replica it is
+/// connected to and its TLS configuration (to connect to another one).
 #[derive(Clone)]
 struct Sim {
     client: Client,
     revision: u64,
+    replica: usize,
+    tls: Arc<rustls::ClientConfig>,
 }
 
-/// The server process's figures over a stretch of time.
+/// The server processes' figures over a stretch of time (summed over the replicas).
 struct Meter {
-    pid: u32,
+    pids: Vec<u32>,
     t0: Instant,
     server0: f64,
     client0: f64,
@@ -126,19 +140,19 @@ struct Meter {
 }
 
 impl Meter {
-    fn start(pid: u32) -> Result<Self> {
-        let (peak, stop) = (Arc::new(AtomicU64::new(rss_kib(pid)?)), Arc::new(AtomicU64::new(0)));
-        let (p, s) = (peak.clone(), stop.clone());
+    fn start(pids: Vec<u32>) -> Result<Self> {
+        let (peak, stop) = (Arc::new(AtomicU64::new(rss_sum(&pids)?)), Arc::new(AtomicU64::new(0)));
+        let (p, s, ps) = (peak.clone(), stop.clone(), pids.clone());
         tokio::spawn(async move {
             while s.load(Ordering::Relaxed) == 0 {
-                p.fetch_max(rss_kib(pid).unwrap_or(0), Ordering::Relaxed);
+                p.fetch_max(rss_sum(&ps).unwrap_or(0), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
         Ok(Self {
-            pid,
             t0: Instant::now(),
-            server0: cpu_secs(pid)?,
+            server0: cpu_sum(&pids)?,
+            pids,
             client0: cpu_secs(std::process::id())?,
             peak,
             stop,
@@ -150,11 +164,19 @@ impl Meter {
         self.stop.store(1, Ordering::Relaxed);
         Ok((
             self.t0.elapsed(),
-            cpu_secs(self.pid)? - self.server0,
+            cpu_sum(&self.pids)? - self.server0,
             cpu_secs(std::process::id())? - self.client0,
-            self.peak.load(Ordering::Relaxed).max(rss_kib(self.pid)?),
+            self.peak.load(Ordering::Relaxed).max(rss_sum(&self.pids)?),
         ))
     }
+}
+
+fn cpu_sum(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
+
+fn rss_sum(pids: &[u32]) -> Result<u64> {
+    pids.iter().map(|p| rss_kib(*p)).sum()
 }
 
 /// PostgreSQL's counters for one database: transactions, rows fetched, rows returned.
@@ -193,6 +215,8 @@ struct StoreFigures {
     first_sync_bytes: f64,
     window_syncs: usize,
     window_cpu_share: f64,
+    /// Server CPU seconds in the window.
+    window_cpu: f64,
     window_client_share: f64,
     unchanged_bytes: f64,
     rss_idle_kib: u64,
@@ -208,44 +232,100 @@ struct StoreFigures {
     storm_cpu: f64,
     storm_peak_kib: u64,
     worst_attempts: u32,
+    /// Agents of the restarted server (all of them with one replica).
+    restarted: usize,
+    /// With replicas: agents of the restarted one that came back on another, and notice
+    /// streams on the others that broke during the storm.
+    moved: Option<(usize, usize)>,
+    /// The second window, with bad requests mixed in.
+    bad: BadFigures,
+}
+
+/// Bad requests mixed into the second steady window, in turn.
+#[derive(Clone, Copy, Debug)]
+enum Bad {
+    /// `AttestAgent` with a join token the server never issued, on a connection without a
+    /// client certificate.
+    ForgedJoinToken,
+    /// `BatchNewX509Svid` from an attested agent for one of its entries, with bytes that are
+    /// no CSR.
+    GarbageCsr,
+    /// `AttestAgent` whose message is over the listener's cap (`max_message_bytes`, 1 MiB).
+    Oversized,
+}
+
+const BAD: [Bad; 3] = [Bad::ForgedJoinToken, Bad::GarbageCsr, Bad::Oversized];
+
+/// Bad requests per good sync in the second window.
+const BAD_SHARE: f64 = 0.05;
+
+struct BadFigures {
+    /// Good syncs and server CPU seconds in the second window.
+    syncs: usize,
+    cpu: f64,
+    /// (kind, gRPC code) → count; a code of `Ok` is a bad request that was accepted.
+    codes: std::collections::BTreeMap<(String, String), usize>,
+    /// What `tessera-server audit verify` said at the end: (passed, its output).
+    audit: (bool, String),
 }
 
 async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
-    let dir = tempfile::tempdir()?;
-    let pg = (store == "postgres").then(tessera_test_util::postgres::TestPostgres::start);
+    let replicas = if store == REPLICAS { 2 } else { 1 };
+    let pg = (store != "sled").then(tessera_test_util::postgres::TestPostgres::start);
     let db = "bench";
-    // A fixed port: the agents reconnect to the same address after the restart.
-    let port = free_port();
-    let mut text = server_config(dir.path(), "ca_ttl = \"96h\"\ndefault_x509_svid_ttl = \"1h\"")
-        .replace(
-            "[server]\n",
-            "[server]\ninstance_id = \"bench-a\"\nrate_limit_svids_per_second = 0\nrate_limit_attestations_per_minute = 0\n",
-        )
-        .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""));
-    if let Some(pg) = &pg {
-        let conn = pg.database(db);
-        text = text.replace("type = \"sled\"\n", &format!("type = \"postgres\"\nconnection_string = \"{conn}\"\n"));
+    let conn = pg.as_ref().map(|pg| pg.database(db));
+    let (mut dirs, mut servers, mut addrs, mut adms) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..replicas {
+        let dir = tempfile::tempdir()?;
+        // A fixed port: the agents reconnect to the same address after the restart.
+        let port = free_port();
+        let mut text = server_config(dir.path(), "ca_ttl = \"96h\"\ndefault_x509_svid_ttl = \"1h\"")
+            .replace(
+                "[server]\n",
+                &format!("[server]\ninstance_id = \"bench-{r}\"\nrate_limit_svids_per_second = 0\nrate_limit_attestations_per_minute = 0\n"),
+            )
+            .replace("agent_api_address = \"127.0.0.1:0\"", &format!("agent_api_address = \"127.0.0.1:{port}\""));
+        if let Some(conn) = &conn {
+            text = text.replace("type = \"sled\"\n", &format!("type = \"postgres\"\nconnection_string = \"{conn}\"\n"));
+        }
+        let server = ServerProc::start_text(dir.path(), &text);
+        adms.push(tessera_server::client::connect_admin(&server.socket).await?);
+        servers.push(server);
+        dirs.push(dir);
+        addrs.push(format!("127.0.0.1:{port}"));
     }
-    let mut server = ServerProc::start_text(dir.path(), &text);
-    let mut adm = tessera_server::client::connect_admin(&server.socket).await?;
-    let roots = tessera_test_util::bench::roots(&mut adm).await?;
+    // Each replica has its own CA: wait until every replica's bundle holds all of them.
+    let t_ready = Instant::now();
+    let roots = loop {
+        let mut all = Vec::new();
+        for adm in &mut adms {
+            all.push(tessera_test_util::bench::roots(adm).await?);
+        }
+        if all.iter().all(|r| r.len() == replicas) {
+            break all.swap_remove(0);
+        }
+        anyhow::ensure!(t_ready.elapsed() < Duration::from_secs(60), "the replicas' bundles never held both CAs");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut adm = adms[0].clone();
     let td = tessera_identity::TrustDomain::new("example.org")?;
     let server_id = tessera_identity::server_id(&td)?;
-    let addr = format!("127.0.0.1:{port}");
+    let addrs = Arc::new(addrs);
 
     // Setup: tokens, attestations, entries, connections, first syncs.
     let t_setup = Instant::now();
     let roots = Arc::new(roots);
-    let (adm_c, r, s, ad) = (adm.clone(), roots.clone(), server_id.clone(), addr.clone());
-    let sims: Vec<(SpiffeId, Sim)> = in_parallel(a.agents, move |_| {
-        let (mut adm, roots, server_id, addr) = (adm_c.clone(), r.clone(), s.clone(), ad.clone());
+    let (adm_c, r, s, ad) = (adms.clone(), roots.clone(), server_id.clone(), addrs.clone());
+    let sims: Vec<(SpiffeId, Sim)> = in_parallel(a.agents, move |i| {
+        let replica = i % replicas;
+        let (mut adm, roots, server_id, addr) = (adm_c[replica].clone(), r.clone(), s.clone(), ad[replica].clone());
         async move {
             let anon = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id.clone()), None)?;
             let mut anon = AgentClient::new(tessera_svc::connect::tls(&addr, anon).await?);
             let (id, key, chain) = tessera_test_util::bench::attest_new_agent(&mut adm, &mut anon).await?;
             let tls = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id), Some((chain, &key)))?;
-            let client = AgentClient::new(tessera_svc::connect::tls(&addr, tls).await?);
-            Ok((id, Sim { client, revision: 0 }))
+            let client = AgentClient::new(tessera_svc::connect::tls(&addr, tls.clone()).await?);
+            Ok((id, Sim { client, revision: 0, replica, tls: Arc::new(tls) }))
         }
     })
     .await?;
@@ -300,7 +380,7 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
     let pgc = pg.as_ref().map(|pg| PgCounters { pg, db });
     let pg0 = pgc.as_ref().map(PgCounters::read).transpose()?;
     let pg_cpu0 = postgres_cpu();
-    let meter = Meter::start(server_pid(&server))?;
+    let meter = Meter::start(pids(&servers))?;
     let n = sims.len();
     let mut tasks = tokio::task::JoinSet::new();
     let t0 = Instant::now();
@@ -323,10 +403,47 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
         _ => None,
     };
     let pg_cpu_share = pg.as_ref().map(|_| (postgres_cpu() - pg_cpu0) / elapsed.as_secs_f64());
-    let rss_idle_kib = rss_kib(server_pid(&server))?;
+    let rss_idle_kib = rss_sum(&pids(&servers))?;
+
+    // The same window again, with bad requests mixed in (BAD_SHARE of the good syncs).
+    let bad = {
+        let anon = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id.clone()), None)?;
+        let anon = AgentClient::new(tessera_svc::connect::tls(&addrs[0], anon).await?);
+        let first = sims.first().context("no agent")?.client.clone();
+        let entry = adm
+            .list_entries(admin::ListEntriesRequest {
+                by_spiffe_id: "spiffe://example.org/sim/0/0".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .entries
+            .first()
+            .context("entry sim/0/0")?
+            .id
+            .clone();
+        let meter = Meter::start(pids(&servers))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        let t0 = Instant::now();
+        for (i, s) in sims.iter().cloned().enumerate() {
+            let offset = SYNC_EVERY.mul_f64(i as f64 / n as f64);
+            tasks.spawn(periodic_syncs(s.client, s.revision, t0, offset, SYNC_EVERY, WINDOW));
+        }
+        let every = SYNC_EVERY.div_f64(n as f64 * BAD_SHARE);
+        let bad_sender = tokio::spawn(bad_requests(anon, first, entry, every, WINDOW));
+        let mut syncs = 0usize;
+        while let Some(r) = tasks.join_next().await {
+            syncs += r??.0;
+        }
+        let codes = bad_sender.await??;
+        let (_, cpu, _, _) = meter.stop()?;
+        let out = servers[0].cli(&["audit", "verify"]);
+        let said = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr });
+        BadFigures { syncs, cpu, codes, audit: (out.status.success(), said.trim().to_owned()) }
+    };
 
     // One entry change: which agents hear of it.
-    let meter = Meter::start(server_pid(&server))?;
+    let meter = Meter::start(pids(&servers))?;
     let t1 = Instant::now();
     let concerned = sims.first().context("no agent")?.clone();
     let parent = {
@@ -364,51 +481,68 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
                             })
                             .await?;
                     }
-                    Ok::<_, anyhow::Error>((Some(t1.elapsed()), n))
+                    Ok::<_, anyhow::Error>((i, Some(t1.elapsed()), n))
                 }
-                Err(_) => Ok((None, n)),
+                Err(_) => Ok((i, None, n)),
             }
         });
     }
     let (mut woken, mut targeted, mut streams) = (0usize, Duration::ZERO, Vec::new());
     while let Some(r) = tasks.join_next().await {
-        let (w, n) = r??;
+        let (i, w, n) = r??;
         if let Some(d) = w {
             woken += 1;
             targeted = targeted.max(d);
         }
-        streams.push(n);
+        streams.push((i, n));
     }
+    // In the agents' order again, to go with `sims`.
+    streams.sort_by_key(|(i, _)| *i);
     let (_, targeted_cpu, _, _) = meter.stop()?;
 
-    // The resync storm: the server restarts under all agents.
+    // The resync storm: the (first) server restarts under its agents; with replicas, the
+    // others' notice streams are watched for breaks.
     let stop_at = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (s, n) in sims.iter().cloned().zip(streams) {
-        tasks.spawn(agent_after_restart(s, n));
+    let mut elsewhere = Vec::new();
+    let mut restarted = 0usize;
+    for (s, (_, mut n)) in sims.iter().cloned().zip(streams) {
+        if s.replica == 0 {
+            restarted += 1;
+            tasks.spawn(agent_after_restart(s, n, addrs.clone()));
+        } else {
+            elsewhere.push(tokio::spawn(async move { while let Ok(Some(_)) = n.message().await {} }));
+        }
     }
-    server.stop();
-    server.spawn();
+    servers[0].stop();
+    servers[0].spawn();
     let restart = stop_at.elapsed();
-    let meter = Meter::start(server_pid(&server))?;
-    let (mut resynced, mut resynced_count, mut worst_attempts) = (Duration::ZERO, 0usize, 0u32);
+    let meter = Meter::start(pids(&servers))?;
+    let (mut resynced, mut resynced_count, mut worst_attempts, mut moved) = (Duration::ZERO, 0usize, 0u32, 0usize);
     let deadline = tokio::time::Instant::now() + STORM_LIMIT;
     while let Ok(Some(r)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
-        let (at, attempts) = r??;
+        let (at, attempts, replica) = r??;
         resynced = resynced.max(at.saturating_duration_since(stop_at));
         resynced_count += 1;
         worst_attempts = worst_attempts.max(attempts);
+        moved += usize::from(replica != 0);
     }
     let (_, storm_cpu, _, storm_peak_kib) = meter.stop()?;
     tasks.abort_all();
-    server.stop();
+    let broken_elsewhere = elsewhere.iter().filter(|h| h.is_finished()).count();
+    elsewhere.iter().for_each(tokio::task::JoinHandle::abort);
+    for s in &mut servers {
+        s.stop();
+    }
     drop(pg);
+    drop(dirs);
     Ok(StoreFigures {
         store,
         setup,
         first_sync_bytes,
         window_syncs,
         window_cpu_share: scpu / elapsed.as_secs_f64(),
+        window_cpu: scpu,
         window_client_share: ccpu / elapsed.as_secs_f64(),
         unchanged_bytes: window_bytes as f64 / window_syncs.max(1) as f64,
         rss_idle_kib,
@@ -424,16 +558,87 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
         storm_cpu,
         storm_peak_kib,
         worst_attempts,
+        restarted,
+        moved: (replicas > 1).then_some((moved, broken_elsewhere)),
+        bad,
     })
 }
 
+/// Sends one bad request every `every` for `window`, the kinds in turn, each on its own
+/// task; returns how each was answered.
+async fn bad_requests(
+    anon: Client,
+    agent: Client,
+    entry_id: String,
+    every: Duration,
+    window: Duration,
+) -> Result<std::collections::BTreeMap<(String, String), usize>> {
+    // A well-formed token the server never issued, with a CSR for the agent ID it names: the
+    // refusal comes from the token lookup, not from an earlier check.
+    let forged = "forged-0123456789abcdef0123456789abcdef";
+    let id = SpiffeId::new(format!("spiffe://example.org/tessera/agent/join_token/{forged}"))?;
+    let key = tessera_identity::PrivateKey::generate_ec_p256()?;
+    let csr = tessera_identity::csr::build_csr(&id, &[], &key)?;
+    let attest = |payload: Vec<u8>| agent::AttestAgentRequest {
+        data: Some(agent::AttestationData { r#type: "join_token".into(), payload }),
+        csr: csr.clone(),
+        ..Default::default()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let t0 = tokio::time::Instant::now();
+    let mut i = 0usize;
+    while t0.elapsed() < window {
+        let kind = BAD[i % BAD.len()];
+        let (mut anon, mut agent) = (anon.clone(), agent.clone());
+        let call = match kind {
+            Bad::ForgedJoinToken => attest(forged.as_bytes().to_vec()),
+            Bad::Oversized => attest(vec![b'A'; 1024 * 1024 + 1]),
+            Bad::GarbageCsr => agent::AttestAgentRequest::default(),
+        };
+        let entry_id = entry_id.clone();
+        tasks.spawn(async move {
+            let code = match kind {
+                Bad::ForgedJoinToken | Bad::Oversized => match anon.attest_agent(call).await {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(s) => s.code(),
+                },
+                Bad::GarbageCsr => {
+                    let req = agent::BatchNewX509SvidRequest {
+                        params: vec![agent::X509SvidParams { entry_id, csr: b"no CSR at all".to_vec() }],
+                    };
+                    match agent.batch_new_x509_svid(req).await {
+                        // Per-entry results: the refusal is in the item's status.
+                        Ok(r) => r
+                            .into_inner()
+                            .results
+                            .first()
+                            .and_then(|x| x.status.as_ref())
+                            .map_or(tonic::Code::Ok, |st| tonic::Code::from_i32(st.code)),
+                        Err(s) => s.code(),
+                    }
+                }
+            };
+            (format!("{kind:?}"), format!("{code:?}"))
+        });
+        i += 1;
+        tokio::time::sleep_until(t0 + every * u32::try_from(i)?).await;
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        *codes.entry(r?).or_insert(0) += 1;
+    }
+    Ok(codes)
+}
+
 /// What `tessera-agent` does when its notice stream breaks: wait between half and all of
-/// 250 ms doubling per failure (at most the sync interval), open a new stream, sync on its first notice. Returns when it
-/// synced, and how many streams it tried.
+/// 250 ms doubling per failure (at most the sync interval), open a new stream, sync on its
+/// first notice; after a failed attempt, connect to the next replica if there is one. Returns
+/// when it synced, how many streams it tried, and the replica it synced with.
 async fn agent_after_restart(
     mut s: Sim,
     mut notices: tonic::Streaming<agent::WatchChangesResponse>,
-) -> Result<(Instant, u32)> {
+    addrs: Arc<Vec<String>>,
+) -> Result<(Instant, u32, usize)> {
     // The old stream ends when the server goes.
     while let Ok(Some(_)) = notices.message().await {}
     let mut failures = 0u32;
@@ -450,7 +655,16 @@ async fn agent_after_restart(
             Ok::<_, anyhow::Error>(n)
         };
         if let Ok(Ok(_stream)) = tokio::time::timeout(Duration::from_secs(10), opened).await {
-            return Ok((Instant::now(), failures));
+            return Ok((Instant::now(), failures, s.replica));
+        }
+        if addrs.len() > 1 {
+            // As `connect_any` after a failed sync: the next replica.
+            let next = (s.replica + 1) % addrs.len();
+            let connect = tessera_svc::connect::tls(&addrs[next], (*s.tls).clone());
+            if let Ok(Ok(channel)) = tokio::time::timeout(Duration::from_secs(10), connect).await {
+                s.client = AgentClient::new(channel);
+                s.replica = next;
+            }
         }
     }
 }
@@ -463,8 +677,8 @@ async fn create_batch(adm: &mut Admin, entries: Vec<types::Entry>) -> Result<()>
     Ok(())
 }
 
-fn server_pid(s: &ServerProc) -> u32 {
-    s.child.as_ref().map(std::process::Child::id).unwrap_or(0)
+fn pids(servers: &[ServerProc]) -> Vec<u32> {
+    servers.iter().map(|s| s.child.as_ref().map(std::process::Child::id).unwrap_or(0)).collect()
 }
 
 fn mib(kib: u64) -> String {
@@ -540,24 +754,75 @@ async fn main() -> Result<()> {
         },
         "1",
     );
-    line("resync storm: server stop + start to healthy", &|r| format!("{:.1} s", r.restart.as_secs_f64()), "—");
     line(
-        "resync storm: until every agent synced again (from the stop)",
+        &format!(
+            "the same window with bad requests mixed in ({:.0} % of the syncs): server CPU per good sync, clean → mixed",
+            100.0 * BAD_SHARE
+        ),
+        &|r| {
+            format!(
+                "{:.0} → {:.0} µs ({} good syncs)",
+                1e6 * r.window_cpu / r.window_syncs.max(1) as f64,
+                1e6 * r.bad.cpu / r.bad.syncs.max(1) as f64,
+                r.bad.syncs
+            )
+        },
+        "no more than their own cost",
+    );
+    line(
+        "bad requests: kind, answer, count",
+        &|r| {
+            let v: Vec<String> = r.bad.codes.iter().map(|((k, c), n)| format!("{k} {c} ×{n}")).collect();
+            v.join("; ")
+        },
+        "refused with the right code",
+    );
+    line(
+        "audit chain after the bad requests (`tessera-server audit verify`)",
+        &|r| if r.bad.audit.0 { "verifies".into() } else { format!("FAILS: {}", r.bad.audit.1) },
+        "verifies",
+    );
+    line("resync storm: (first) server stop + start to healthy", &|r| format!("{:.1} s", r.restart.as_secs_f64()), "—");
+    line(
+        "resync storm: until every agent of that server synced again (from the stop)",
         &|r| {
             format!(
                 "{:.1} s, {} of {} agents, worst {} attempts",
                 r.resynced.as_secs_f64(),
                 r.resynced_count,
-                a.agents,
+                r.restarted,
                 r.worst_attempts
             )
         },
         "< 60 s, none gives up",
     );
-    line("resync storm: server CPU, peak RSS", &|r| format!("{:.1} s, {}", r.storm_cpu, mib(r.storm_peak_kib)), "—");
+    line(
+        "resync storm: of those, back on the other replica; notice streams broken on the other",
+        &|r| r.moved.map(|(m, b)| format!("{m}; {b}")).unwrap_or_else(|| "—".into()),
+        "—",
+    );
+    line(
+        "resync storm: server CPU, peak RSS (replicas together)",
+        &|r| format!("{:.1} s, {}", r.storm_cpu, mib(r.storm_peak_kib)),
+        "—",
+    );
     for r in &rows {
-        if r.resynced_count < a.agents {
-            bail!("{}: only {} of {} agents synced again within {STORM_LIMIT:?}", r.store, r.resynced_count, a.agents);
+        if let Some(((k, _), n)) = r.bad.codes.iter().find(|((_, c), _)| c == "Ok") {
+            bail!("{}: {n} bad requests of kind {k} were accepted", r.store);
+        }
+        if !r.bad.audit.0 {
+            bail!("{}: the audit chain did not verify: {}", r.store, r.bad.audit.1);
+        }
+        if r.resynced_count < r.restarted {
+            bail!(
+                "{}: only {} of {} agents synced again within {STORM_LIMIT:?}",
+                r.store,
+                r.resynced_count,
+                r.restarted
+            );
+        }
+        if let Some((_, broken)) = r.moved.filter(|(_, b)| *b > 0) {
+            bail!("{}: {broken} notice streams broke on the replica that stayed up", r.store);
         }
     }
     Ok(())

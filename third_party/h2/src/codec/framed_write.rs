@@ -62,9 +62,12 @@ enum Next<B> {
 
 /// Initialize the connection with this amount of write buffer.
 ///
-/// The minimum MAX_FRAME_SIZE is 16kb, so always be able to send a HEADERS
-/// frame that big.
-const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
+/// Tessera patch: 4 KiB instead of 16 KiB, which every idle connection (one per agent on
+/// the server) held for nothing (third_party/README.md). A HEADERS frame still may be as large as the max frame
+/// size: its encoding is limited by the frame size, not by this capacity, and the buffer
+/// grows to fit it. The capacity must stay above `min_buffer_capacity` (at most
+/// `CHAIN_THRESHOLD_WITHOUT_VECTORED_IO` + 9 bytes), or `poll_ready` would never be ready.
+const DEFAULT_BUFFER_CAPACITY: usize = 4 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says

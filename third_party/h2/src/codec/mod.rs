@@ -20,6 +20,9 @@ use tokio_util::codec::length_delimited;
 
 use std::io;
 
+/// Tessera patch: the initial size of a connection's read buffer (see `with_max_recv_frame_size`).
+const READ_CAPACITY: usize = 1_024;
+
 #[derive(Debug)]
 pub struct Codec<T, B> {
     inner: FramedRead<FramedWrite<T, B>>,
@@ -42,12 +45,17 @@ where
         let framed_write = FramedWrite::new(io);
 
         // Delimit the frames
-        let delimited = length_delimited::Builder::new()
+        //
+        // Tessera patch: the read buffer starts at READ_CAPACITY bytes, not tokio-util's
+        // 8 KiB, which every idle connection held for nothing (third_party/README.md). It grows to fit a frame
+        // that needs more: the codec reserves a frame's length once it has read its head.
+        let codec = length_delimited::Builder::new()
             .big_endian()
             .length_field_length(3)
             .length_adjustment(9)
             .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+            .new_codec();
+        let delimited = tokio_util::codec::FramedRead::with_capacity(framed_write, codec, READ_CAPACITY);
 
         let mut inner = FramedRead::new(delimited);
 
