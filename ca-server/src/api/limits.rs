@@ -28,11 +28,15 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
     /// Takes `cost` tokens from `key`'s bucket; false (and nothing taken) when they are not
     /// there.
     pub fn check(&self, key: &K, cost: f64) -> bool {
+        self.check_at(key, cost, Instant::now())
+    }
+
+    /// [`RateLimiter::check`] at `now` (tests pass their own clock).
+    fn check_at(&self, key: &K, cost: f64, now: Instant) -> bool {
         if self.per_second <= 0.0 {
             return true;
         }
         let mut b = self.buckets.lock();
-        let now = Instant::now();
         if b.len() > TRIM_AT {
             let (rate, burst) = (self.per_second, self.burst);
             b.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
@@ -55,13 +59,19 @@ mod tests {
 
     #[test]
     fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
+        // The test's own clock: a thread descheduled between two checks must not refill
+        // the bucket behind the test's back (it did, once, on a loaded CI machine).
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
         let l = RateLimiter::new(1000.0, 10.0);
-        assert!(l.check(&"a", 10.0));
-        assert!(!l.check(&"a", 1.0), "the burst was spent");
-        assert!(l.check(&"b", 5.0), "buckets are per key");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(l.check(&"a", 1.0), "refilled at 1000/s");
-        assert!(!l.check(&"a", 11.0), "a cost above the burst never fits");
+        assert!(l.check_at(&"a", 10.0, at(0)));
+        assert!(!l.check_at(&"a", 1.0, at(0)), "the burst was spent");
+        assert!(l.check_at(&"b", 5.0, at(0)), "buckets are per key");
+        assert!(!l.check_at(&"a", 2.0, at(1)), "1 ms refills one token, not two");
+        assert!(l.check_at(&"a", 1.0, at(1)), "refilled at 1000/s");
+        assert!(l.check_at(&"a", 5.0, at(6)), "5 ms refill five");
+        assert!(!l.check_at(&"a", 11.0, at(60)), "a cost above the burst never fits");
+        assert!(l.check(&"a", 1.0), "check uses the real clock");
         assert!(RateLimiter::new(0.0, 0.0).check(&"a", 1e9), "rate 0 disables");
     }
 }
