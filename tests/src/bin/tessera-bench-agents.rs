@@ -381,19 +381,7 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
     let pg0 = pgc.as_ref().map(PgCounters::read).transpose()?;
     let pg_cpu0 = postgres_cpu();
     let meter = Meter::start(pids(&servers))?;
-    let n = sims.len();
-    let mut tasks = tokio::task::JoinSet::new();
-    let t0 = Instant::now();
-    for (i, s) in sims.iter().cloned().enumerate() {
-        let offset = SYNC_EVERY.mul_f64(i as f64 / n as f64);
-        tasks.spawn(periodic_syncs(s.client, s.revision, t0, offset, SYNC_EVERY, WINDOW));
-    }
-    let (mut window_syncs, mut window_bytes) = (0usize, 0usize);
-    while let Some(r) = tasks.join_next().await {
-        let (s, b) = r??;
-        window_syncs += s;
-        window_bytes += b;
-    }
+    let (window_syncs, window_bytes) = steady_window(&sims).await?;
     let (elapsed, scpu, ccpu, peak) = meter.stop()?;
     let pg_xacts_per_sec = match (&pgc, pg0) {
         (Some(p), Some((x0, t0))) => {
@@ -405,36 +393,29 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
     let pg_cpu_share = pg.as_ref().map(|_| (postgres_cpu() - pg_cpu0) / elapsed.as_secs_f64());
     let rss_idle_kib = rss_sum(&pids(&servers))?;
 
+    // The first simulated agent's first entry: the bad requests ask for it, and its parent
+    // (that agent) gets a new entry below.
+    let sim0 = adm
+        .list_entries(admin::ListEntriesRequest {
+            by_spiffe_id: "spiffe://example.org/sim/0/0".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .entries
+        .into_iter()
+        .next()
+        .context("entry sim/0/0")?;
+
     // The same window again, with bad requests mixed in (BAD_SHARE of the good syncs).
     let bad = {
         let anon = tessera_identity::tls::client_config(&roots, Authorize::Id(server_id.clone()), None)?;
         let anon = AgentClient::new(tessera_svc::connect::tls(&addrs[0], anon).await?);
         let first = sims.first().context("no agent")?.client.clone();
-        let entry = adm
-            .list_entries(admin::ListEntriesRequest {
-                by_spiffe_id: "spiffe://example.org/sim/0/0".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .entries
-            .first()
-            .context("entry sim/0/0")?
-            .id
-            .clone();
         let meter = Meter::start(pids(&servers))?;
-        let mut tasks = tokio::task::JoinSet::new();
-        let t0 = Instant::now();
-        for (i, s) in sims.iter().cloned().enumerate() {
-            let offset = SYNC_EVERY.mul_f64(i as f64 / n as f64);
-            tasks.spawn(periodic_syncs(s.client, s.revision, t0, offset, SYNC_EVERY, WINDOW));
-        }
-        let every = SYNC_EVERY.div_f64(n as f64 * BAD_SHARE);
-        let bad_sender = tokio::spawn(bad_requests(anon, first, entry, every, WINDOW));
-        let mut syncs = 0usize;
-        while let Some(r) = tasks.join_next().await {
-            syncs += r??.0;
-        }
+        let every = SYNC_EVERY.div_f64(sims.len() as f64 * BAD_SHARE);
+        let bad_sender = tokio::spawn(bad_requests(anon, first, sim0.id.clone(), every, WINDOW));
+        let (syncs, _) = steady_window(&sims).await?;
         let codes = bad_sender.await??;
         let (_, cpu, _, _) = meter.stop()?;
         let out = servers[0].cli(&["audit", "verify"]);
@@ -446,21 +427,10 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
     let meter = Meter::start(pids(&servers))?;
     let t1 = Instant::now();
     let concerned = sims.first().context("no agent")?.clone();
-    let parent = {
-        // The first simulated agent's ID is the parent of spiffe://example.org/sim/0/*.
-        let e = adm
-            .list_entries(admin::ListEntriesRequest {
-                by_spiffe_id: "spiffe://example.org/sim/0/0".into(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        e.entries.first().context("entry sim/0/0")?.parent_id.clone()
-    };
     adm.create_entry(admin::CreateEntryRequest {
         entry: Some(types::Entry {
             spiffe_id: "spiffe://example.org/sim/0/new".into(),
-            parent_id: parent,
+            parent_id: sim0.parent_id,
             selectors: vec![types::Selector { r#type: "unix".into(), value: "uid:4242".into() }],
             ..Default::default()
         }),
@@ -564,6 +534,25 @@ async fn run(store: &'static str, a: &Args) -> Result<StoreFigures> {
     })
 }
 
+/// Every agent syncs every `SYNC_EVERY` for `WINDOW`, their starts spread over the period.
+/// Returns (syncs, protobuf bytes received).
+async fn steady_window(sims: &[Sim]) -> Result<(usize, usize)> {
+    let n = sims.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    let t0 = Instant::now();
+    for (i, s) in sims.iter().cloned().enumerate() {
+        let offset = SYNC_EVERY.mul_f64(i as f64 / n as f64);
+        tasks.spawn(periodic_syncs(s.client, s.revision, t0, offset, SYNC_EVERY, WINDOW));
+    }
+    let (mut syncs, mut bytes) = (0usize, 0usize);
+    while let Some(r) = tasks.join_next().await {
+        let (s, b) = r??;
+        syncs += s;
+        bytes += b;
+    }
+    Ok((syncs, bytes))
+}
+
 /// Sends one bad request every `every` for `window`, the kinds in turn, each on its own
 /// task; returns how each was answered.
 async fn bad_requests(
@@ -590,19 +579,19 @@ async fn bad_requests(
     while t0.elapsed() < window {
         let kind = BAD[i % BAD.len()];
         let (mut anon, mut agent) = (anon.clone(), agent.clone());
-        let call = match kind {
-            Bad::ForgedJoinToken => attest(forged.as_bytes().to_vec()),
-            Bad::Oversized => attest(vec![b'A'; 1024 * 1024 + 1]),
-            Bad::GarbageCsr => agent::AttestAgentRequest::default(),
+        let attest_call = match kind {
+            Bad::ForgedJoinToken => Some(attest(forged.as_bytes().to_vec())),
+            Bad::Oversized => Some(attest(vec![b'A'; 1024 * 1024 + 1])),
+            Bad::GarbageCsr => None,
         };
         let entry_id = entry_id.clone();
         tasks.spawn(async move {
-            let code = match kind {
-                Bad::ForgedJoinToken | Bad::Oversized => match anon.attest_agent(call).await {
+            let code = match attest_call {
+                Some(call) => match anon.attest_agent(call).await {
                     Ok(_) => tonic::Code::Ok,
                     Err(s) => s.code(),
                 },
-                Bad::GarbageCsr => {
+                None => {
                     let req = agent::BatchNewX509SvidRequest {
                         params: vec![agent::X509SvidParams { entry_id, csr: b"no CSR at all".to_vec() }],
                     };
