@@ -13,6 +13,8 @@ use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use tessera_svc::out;
+
 use crate::config::Config;
 
 /// Tessera node agent.
@@ -231,26 +233,30 @@ fn split_der(concat: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
-fn print_x509(resp: &wl::X509svidResponse) {
+/// The text `api fetch x509` and `api watch` print for one answer.
+fn x509_text(resp: &wl::X509svidResponse) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
     for s in &resp.svids {
         let chain = split_der(&s.x509_svid);
         let facts = chain.first().and_then(|c| tessera_identity::x509::cert_facts(c).ok());
-        println!("SPIFFE ID:         {}", s.spiffe_id);
+        let _ = writeln!(t, "SPIFFE ID:         {}", s.spiffe_id);
         if let Some(f) = facts {
-            println!("SVID valid after:  {}", when(f.not_before));
-            println!("SVID valid until:  {}", when(f.not_after));
-            println!("Serial:            {}", f.serial);
+            let _ = writeln!(t, "SVID valid after:  {}", when(f.not_before));
+            let _ = writeln!(t, "SVID valid until:  {}", when(f.not_after));
+            let _ = writeln!(t, "Serial:            {}", f.serial);
         }
         if !s.hint.is_empty() {
-            println!("Hint:              {}", s.hint);
+            let _ = writeln!(t, "Hint:              {}", s.hint);
         }
-        println!("Intermediates:     {}", chain.len().saturating_sub(1));
-        println!("Bundle CAs:        {}", split_der(&s.bundle).len());
-        println!();
+        let _ = writeln!(t, "Intermediates:     {}", chain.len().saturating_sub(1));
+        let _ = writeln!(t, "Bundle CAs:        {}", split_der(&s.bundle).len());
+        let _ = writeln!(t);
     }
     for td in resp.federated_bundles.keys() {
-        println!("Federated bundle:  {td}");
+        let _ = writeln!(t, "Federated bundle:  {td}");
     }
+    t
 }
 
 fn write_x509(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
@@ -279,7 +285,7 @@ fn write_x509(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
             0o644,
         )?;
     }
-    println!("Wrote {} SVID(s) to {}", resp.svids.len(), dir.display());
+    out::line(&format!("Wrote {} SVID(s) to {}", resp.svids.len(), dir.display()))?;
     Ok(())
 }
 
@@ -299,8 +305,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await?.into_inner();
             let resp =
                 stream.message().await?.ok_or_else(|| anyhow!("the agent closed the stream without an answer"))?;
-            println!("Received {} svid(s) after {:.1?}\n", resp.svids.len(), started.elapsed());
-            print_x509(&resp);
+            out::write(&format!(
+                "Received {} svid(s) after {:.1?}\n\n{}",
+                resp.svids.len(),
+                started.elapsed(),
+                x509_text(&resp)
+            ))?;
             if let Some(dir) = write {
                 write_x509(&dir, &resp)?;
             }
@@ -313,18 +323,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             for s in resp.svids {
-                println!("token({}):\n\t{}\n", s.spiffe_id, s.svid);
+                out::line(&format!("token({}):\n\t{}\n", s.spiffe_id, s.svid))?;
             }
             Ok(())
         }
         Cmd::Api(ApiCmd::Validate(ValidateCmd::Jwt { socket, audience, svid })) => {
             let mut c = workload_client(&socket.socket).await?;
             let r = c.validate_jwtsvid(wl::ValidateJwtsvidRequest { audience, svid }).await?.into_inner();
-            println!("SVID is valid.\nSPIFFE ID : {}", r.spiffe_id);
+            out::line(&format!("SVID is valid.\nSPIFFE ID : {}", r.spiffe_id))?;
             if let Some(claims) = r.claims {
                 let mut keys: Vec<_> = claims.fields.keys().cloned().collect();
                 keys.sort();
-                println!("Claims    : {}", keys.join(", "));
+                out::line(&format!("Claims    : {}", keys.join(", ")))?;
             }
             Ok(())
         }
@@ -332,8 +342,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = workload_client(&socket.socket).await?;
             let mut stream = c.fetch_x509svid(wl::X509svidRequest {}).await?.into_inner();
             while let Some(resp) = stream.message().await? {
-                println!("Received {} svid(s) at {}\n", resp.svids.len(), when(tessera_identity::unix_now()));
-                print_x509(&resp);
+                out::write(&format!(
+                    "Received {} svid(s) at {}\n\n{}",
+                    resp.svids.len(),
+                    when(tessera_identity::unix_now()),
+                    x509_text(&resp)
+                ))?;
             }
             bail!("the agent closed the stream")
         }
@@ -343,9 +357,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot ask the agent at {}", socket.socket.display()))?;
             if output.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out::line(&serde_json::to_string_pretty(&v)?)?;
             } else {
-                print!("{}", crate::diagnose::info_text(&v));
+                out::write(&crate::diagnose::info_text(&v))?;
             }
             Ok(())
         }
@@ -354,9 +368,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot ask the agent at {}", socket.socket.display()))?;
             if output.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out::line(&serde_json::to_string_pretty(&v)?)?;
             } else {
-                print!("{}", crate::diagnose::sds_text(&v));
+                out::write(&crate::diagnose::sds_text(&v))?;
             }
             Ok(())
         }
@@ -369,7 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut buf = String::new();
             s.read_to_string(&mut buf).await?;
             if buf.starts_with("HTTP/1.1 200") {
-                println!("Agent is healthy.");
+                out::line("Agent is healthy.")?;
                 Ok(())
             } else {
                 bail!("agent is not ready")

@@ -102,13 +102,14 @@ impl Report {
     }
 }
 
-/// Prints `report` (text or JSON) and returns its exit status.
+/// Prints `report` (text or JSON) and returns its exit status. The status is the verdict
+/// even when standard output was closed before the report could be written.
 pub fn finish(report: &Report, json: bool) -> std::process::ExitCode {
-    if json {
-        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
+    let _ = if json {
+        crate::out::line(&serde_json::to_string_pretty(report).unwrap_or_default())
     } else {
-        print!("{}", report.text());
-    }
+        crate::out::write(&report.text())
+    };
     std::process::ExitCode::from(report.exit_code())
 }
 
@@ -116,15 +117,13 @@ pub fn finish(report: &Report, json: bool) -> std::process::ExitCode {
 /// ask the running program.
 pub fn could_not_run(why: &str, findings: Vec<Finding>, json: bool) -> std::process::ExitCode {
     let report = Report::new(findings);
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"findings": report.findings, "error": format!("doctor could not run: {why}")})
-        );
+    let text = if json {
+        serde_json::json!({"findings": report.findings, "error": format!("doctor could not run: {why}")}).to_string()
     } else {
-        for line in report.text().lines().take(report.findings.len()) {
-            println!("{line}");
-        }
+        report.text().lines().take(report.findings.len()).collect::<Vec<_>>().join("\n")
+    };
+    if !text.is_empty() {
+        let _ = crate::out::line(&text);
     }
     eprintln!("Error: doctor could not run: {why}");
     std::process::ExitCode::from(2)
@@ -148,22 +147,26 @@ pub fn parse_problem(e: &crate::config::ConfigError) -> Problem {
     Problem { key, message: e.to_string() }
 }
 
-/// `validate`'s output for `path`; exit status 0 when there is no problem, 1 otherwise.
+/// `validate`'s output for `path`; exit status 0 when there is no problem, 1 otherwise (also
+/// when standard output was closed before the answer could be written).
 pub fn print_validation(path: &std::path::Path, problems: &[Problem], json: bool) -> std::process::ExitCode {
+    use std::fmt::Write as _;
+    let mut text = String::new();
     if json {
-        println!("{}", serde_json::json!({"valid": problems.is_empty(), "problems": problems}));
+        let _ = writeln!(text, "{}", serde_json::json!({"valid": problems.is_empty(), "problems": problems}));
     } else if problems.is_empty() {
-        println!("{}: valid", path.display());
+        let _ = writeln!(text, "{}: valid", path.display());
     } else {
         for p in problems {
             if p.key.is_empty() {
-                println!("{}: {}", path.display(), p.message);
+                let _ = writeln!(text, "{}: {}", path.display(), p.message);
             } else {
-                println!("{}: {}: {}", path.display(), p.key, p.message);
+                let _ = writeln!(text, "{}: {}: {}", path.display(), p.key, p.message);
             }
         }
-        println!("{} problem(s)", problems.len());
+        let _ = writeln!(text, "{} problem(s)", problems.len());
     }
+    let _ = crate::out::write(&text);
     std::process::ExitCode::from(u8::from(!problems.is_empty()))
 }
 

@@ -5,7 +5,8 @@
 //! shutdown, the two gRPC connectors (Unix socket; TCP + rustls with the caller's TLS
 //! config), a one-shot HTTP/1.1 client for control-plane calls ([`http`]), and what every
 //! configuration file shares: one error type and one duration syntax ([`config`]), the
-//! `doctor` report shape ([`doctor`]), and versions with the agent/server skew policy ([`version`]).
+//! `doctor` report shape ([`doctor`]), standard output that survives a closed pipe ([`out`]),
+//! and versions with the agent/server skew policy ([`version`]).
 //!
 //! What it is not: nothing about identities, CAs or SVIDs; no policy. Each binary decides what
 //! "ready" means and which TLS peer it trusts.
@@ -18,6 +19,7 @@ pub mod doctor;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod out;
 pub mod version;
 
 use std::future::Future;
@@ -65,7 +67,8 @@ pub fn init_logging(level: &str, format: LogFormat) {
 
 /// Runs a binary's async main: installs the ring crypto provider, builds the runtime, and
 /// turns an error into one `Error: ...` line on stderr and exit code 1. A `tonic::Status`
-/// prints as `<code>: <message>`.
+/// prints as `<code>: <message>`. Standard output closed by its reader ([`out::StdoutError::Closed`])
+/// ends the run quietly with exit code 0.
 pub fn run_main<F: Future<Output = anyhow::Result<()>>>(main: impl FnOnce() -> F) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -77,6 +80,7 @@ pub fn run_main<F: Future<Output = anyhow::Result<()>>>(main: impl FnOnce() -> F
     };
     match rt.block_on(main()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if out::is_closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = match e.downcast_ref::<tonic::Status>() {
                 Some(s) => format!("{:?}: {}", s.code(), s.message()),

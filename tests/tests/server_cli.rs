@@ -333,3 +333,61 @@ fn entries_load_from_a_file_in_atomic_batches_and_lists_come_back_whole_across_p
     let text = server.cli_ok(&["entry", "create", "--file", file.to_str().unwrap()]);
     assert!(text.contains("Created 1 of 1 entries."), "{text}");
 }
+
+/// Runs `binary args... --socket socket` with standard output a pipe whose reader has already
+/// gone, as in `tessera-server entry show | head -0`.
+fn into_closed_pipe(binary: &str, args: &[&str], socket: &std::path::Path) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    tessera_test_util::command(binary)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_and_keeps_the_verdict() {
+    let mesh = tessera_test_util::Mesh::start(CA_DEFAULT, "1s");
+    let id = "spiffe://example.org/piped";
+    mesh.register(id, &[]);
+    mesh.wait_for_svid(id);
+    let config = mesh.server.config.to_str().unwrap();
+    let bad = mesh.dir.path().join("bad.toml");
+    std::fs::write(&bad, "trust_domain = \"\"\n").unwrap();
+    let agent_admin = mesh.dir.path().join("agent/admin.sock");
+    // (binary, args, socket, exit status with a reader: the same without one)
+    let cases: Vec<(&str, Vec<&str>, &std::path::Path)> = vec![
+        ("tessera-server", vec!["entry", "show"], &mesh.server.socket),
+        ("tessera-server", vec!["entry", "show", "--output", "json"], &mesh.server.socket),
+        ("tessera-server", vec!["bundle", "show"], &mesh.server.socket),
+        ("tessera-server", vec!["validate", "--config", config], &mesh.server.socket),
+        ("tessera-server", vec!["validate", "--config", bad.to_str().unwrap()], &mesh.server.socket),
+        ("tessera-server", vec!["doctor", "--output", "json"], &mesh.server.socket),
+        ("tessera-agent", vec!["api", "fetch", "x509"], &mesh.socket),
+        ("tessera-agent", vec!["api", "fetch", "jwt", "--audience", "a"], &mesh.socket),
+        ("tessera-agent", vec!["api", "watch"], &mesh.socket),
+        ("tessera-agent", vec!["debug", "info"], &agent_admin),
+        ("tessera-agent", vec!["doctor"], &agent_admin),
+    ];
+    for (binary, args, socket) in cases {
+        let piped = into_closed_pipe(binary, &args, socket);
+        let err = String::from_utf8_lossy(&piped.stderr);
+        assert!(!err.contains("panicked"), "{binary} {args:?} panicked on a closed stdout: {err}");
+        if args[0] == "api" && args[1] == "watch" {
+            // Without a reader, watch has nothing to do: it ends at its first answer.
+            assert_eq!(piped.status.code(), Some(0), "{binary} {args:?}: {err}");
+            continue;
+        }
+        let read = tessera_test_util::command(binary).args(&args).arg("--socket").arg(socket).output().unwrap();
+        assert!(!read.stdout.is_empty(), "{binary} {args:?} printed nothing to compare with");
+        assert_eq!(piped.status.code(), read.status.code(), "{binary} {args:?}: {err}");
+        // What a reader would have seen on stderr (validate's refusal, doctor's failure) is
+        // all there is on stderr: no message about the pipe.
+        assert_eq!(err, String::from_utf8_lossy(&read.stderr), "{binary} {args:?}");
+    }
+}

@@ -155,7 +155,7 @@ pub async fn create_from_file(c: &mut AdminClient<Channel>, out: &Printer, path:
             ((b + 1) * BATCH).min(total)
         ));
     }
-    out.one(&Message { json, text });
+    out.one(&Message { json, text })?;
     if failed_batch.is_some() {
         return Err(anyhow!("{} of {total} entries were not created", total - created));
     }

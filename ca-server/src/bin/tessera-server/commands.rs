@@ -31,7 +31,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            out.one(&r);
+            out.one(&r)?;
             Ok(())
         }
         Cmd::Entry(cmd) => entry(&mut c, out, cmd).await,
@@ -45,7 +45,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
                 .mint_jwt_svid(pb::MintJwtSvidRequest { spiffe_id, audience, ttl: opt_ttl(&ttl)? })
                 .await?
                 .into_inner();
-            out.one(&r);
+            out.one(&r)?;
             Ok(())
         }
         Cmd::Localauthority(LocalAuthorityCmd::X509(cmd)) => {
@@ -63,7 +63,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
             .into_inner();
-            out.one(&render::authorities(&state.authorities));
+            out.one(&render::authorities(&state.authorities))?;
             Ok(())
         }
         Cmd::Agent(cmd) => {
@@ -85,7 +85,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
                 AgentCmd::Evict { spiffe_id } => vec![c.evict_agent(pb::AgentId { spiffe_id }).await?.into_inner()],
                 AgentCmd::Ban { spiffe_id } => vec![c.ban_agent(pb::AgentId { spiffe_id }).await?.into_inner()],
             };
-            out.one(&render::agents(&agents));
+            out.one(&render::agents(&agents))?;
             Ok(())
         }
         Cmd::Audit(AuditCmd::Show { spiffe_id, caller, since, until, from_seq, limit }) => {
@@ -100,12 +100,12 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            out.one(&r);
+            out.one(&r)?;
             Ok(())
         }
         Cmd::Audit(AuditCmd::Verify) => {
             let v = c.verify_audit(pb::VerifyAuditRequest {}).await?.into_inner();
-            out.one(&v);
+            out.one(&v)?;
             if !v.ok {
                 bail!("audit chain is broken at record {}", v.first_broken);
             }
@@ -114,7 +114,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Doctor { .. } | Cmd::Validate { .. } => Ok(()),
         Cmd::Debug(DebugCmd::Info) => {
             let i = c.get_server_info(pb::GetServerInfoRequest {}).await?.into_inner();
-            out.one(&render::server_info(&i));
+            out.one(&render::server_info(&i))?;
             Ok(())
         }
         Cmd::Healthcheck => {
@@ -123,7 +123,7 @@ pub async fn run(mut c: Client, out: &Printer, cmd: Cmd) -> anyhow::Result<()> {
             if !state.authorities.iter().any(|a| a.status == "active" && a.expires_at > now) {
                 bail!("server is unhealthy: no active, unexpired X.509 authority");
             }
-            out.one(&Message { json: json!({"healthy": true}), text: "Server is healthy.\n".into() });
+            out.one(&Message { json: json!({"healthy": true}), text: "Server is healthy.\n".into() })?;
             Ok(())
         }
     }
@@ -165,7 +165,7 @@ async fn entry(c: &mut Client, out: &Printer, cmd: EntryCmd) -> anyhow::Result<(
             }
         }
     };
-    out.one(&render::entries(&entries));
+    out.one(&render::entries(&entries))?;
     Ok(())
 }
 
@@ -221,15 +221,15 @@ async fn federation(c: &mut Client, out: &Printer, cmd: FederationCmd) -> anyhow
     match cmd {
         FederationCmd::Create(a) => {
             let r = c.create_federation_relationship(set_req(a)?).await?.into_inner();
-            out.one(&Changed { what: "Federation relationship created", record: &r });
+            out.one(&Changed { what: "Federation relationship created", record: &r })?;
         }
         FederationCmd::Update(a) => {
             let r = c.update_federation_relationship(set_req(a)?).await?.into_inner();
-            out.one(&Changed { what: "Federation relationship updated", record: &r });
+            out.one(&Changed { what: "Federation relationship updated", record: &r })?;
         }
         FederationCmd::Show { trust_domain } => {
             let r = c.get_federation_relationship(pb::TrustDomainRequest { trust_domain }).await?.into_inner();
-            out.one(&r);
+            out.one(&r)?;
         }
         FederationCmd::List => {
             let rs = c
@@ -237,7 +237,7 @@ async fn federation(c: &mut Client, out: &Printer, cmd: FederationCmd) -> anyhow
                 .await?
                 .into_inner()
                 .relationships;
-            out.one(&render::relationships(&rs));
+            out.one(&render::relationships(&rs))?;
         }
         FederationCmd::Delete { trust_domain } => {
             let r = c.delete_federation_relationship(pb::TrustDomainRequest { trust_domain }).await?.into_inner();
@@ -247,7 +247,7 @@ async fn federation(c: &mut Client, out: &Printer, cmd: FederationCmd) -> anyhow
                     "Federation relationship with {} deleted (its bundle stays until `bundle delete`)\n",
                     r.trust_domain
                 ),
-            });
+            })?;
         }
         FederationCmd::Refresh { trust_domain } => {
             let r = c
@@ -262,7 +262,7 @@ async fn federation(c: &mut Client, out: &Printer, cmd: FederationCmd) -> anyhow
             out.one(&Message {
                 json: json!({"trust_domain": trust_domain, "updated": r.updated, "sequence_number": r.sequence_number}),
                 text,
-            });
+            })?;
         }
     }
     Ok(())
@@ -273,7 +273,7 @@ async fn bundle(c: &mut Client, out: &Printer, cmd: BundleCmd) -> anyhow::Result
         BundleCmd::Show { format } => {
             let b = bundle_from_pb_unchecked(&c.get_bundle(pb::GetBundleRequest {}).await?.into_inner())?;
             let text = render_bundle(&b, format)?;
-            out.one(&Message { json: json!({"trust_domain": b.trust_domain.to_string(), "bundle": text}), text });
+            out.one(&Message { json: json!({"trust_domain": b.trust_domain.to_string(), "bundle": text}), text })?;
         }
         BundleCmd::List { format } => {
             let bundles = c.list_federated_bundles(pb::ListFederatedBundlesRequest {}).await?.into_inner().bundles;
@@ -288,7 +288,7 @@ async fn bundle(c: &mut Client, out: &Printer, cmd: BundleCmd) -> anyhow::Result
                 ));
                 rows.push(json!({"trust_domain": b.trust_domain.to_string(), "bundle": r}));
             }
-            out.one(&Message { json: json!({"bundles": rows}), text });
+            out.one(&Message { json: json!({"bundles": rows}), text })?;
         }
         BundleCmd::Set { id, path, format } => {
             let td = tessera_identity::ids::parse_trust_domain(&id)?;
@@ -297,11 +297,11 @@ async fn bundle(c: &mut Client, out: &Printer, cmd: BundleCmd) -> anyhow::Result
             out.one(&Message {
                 json: json!({"trust_domain": set.trust_domain}),
                 text: format!("Bundle set for {}\n", set.trust_domain),
-            });
+            })?;
         }
         BundleCmd::Delete { id } => {
             c.delete_federated_bundle(pb::TrustDomainRequest { trust_domain: id.clone() }).await?;
-            out.one(&Message { json: json!({"deleted": id}), text: format!("Bundle deleted for {id}\n") });
+            out.one(&Message { json: json!({"deleted": id}), text: format!("Bundle deleted for {id}\n") })?;
         }
     }
     Ok(())
@@ -341,7 +341,7 @@ async fn x509_mint(
                     svid.expires_at,
                     dir.display()
                 ),
-            });
+            })?;
         }
         None => {
             // The key is printed only because the operator asked for it on this terminal; it
@@ -350,7 +350,7 @@ async fn x509_mint(
             out.one(&Message {
                 json: json!({"spiffe_id": svid.spiffe_id, "expires_at": svid.expires_at, "svid": chain_pem, "key": key_pem.as_str(), "bundle": bundle_pem}),
                 text: format!("X509-SVID:\n{chain_pem}\nPrivate key:\n{}\nRoot CAs:\n{bundle_pem}", key_pem.as_str()),
-            });
+            })?;
         }
     }
     Ok(())

@@ -18,12 +18,13 @@ pub struct Printer {
 }
 
 impl Printer {
-    /// Prints one record.
-    pub fn one(&self, r: &impl Record) {
+    /// Prints one record. An error only when standard output cannot take it (see
+    /// [`tessera_svc::out`]).
+    pub fn one(&self, r: &impl Record) -> Result<(), tessera_svc::out::StdoutError> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&r.json()).unwrap_or_default());
+            tessera_svc::out::line(&serde_json::to_string_pretty(&r.json()).unwrap_or_default())
         } else {
-            print!("{}", r.text());
+            tessera_svc::out::write(&r.text())
         }
     }
 }
