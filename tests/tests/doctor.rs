@@ -126,6 +126,49 @@ fn a_stopped_agent_is_reported_silent_and_a_cut_agent_reports_the_server_unreach
 }
 
 #[test]
+fn an_entry_no_workload_has_received_is_entry_unmatched_and_only_informational() {
+    let alias = "spiffe://example.org/node/e2e";
+    let mesh = Mesh::start_attested(
+        "example.org",
+        "ca_ttl = \"24h\"",
+        "1s",
+        |t| t,
+        alias,
+        |server| {
+            let token: Value =
+                serde_json::from_str(&server.cli_ok(&["token", "generate", "--spiffe-id", alias, "--output", "json"]))
+                    .unwrap();
+            format!("join_token = \"{}\"\n[doctor]\nentry_unmatched_after = \"1s\"\n", token["token"].as_str().unwrap())
+        },
+    );
+    let used = "spiffe://example.org/used";
+    mesh.register(used, &[]);
+    mesh.wait_for_svid(used);
+    // A uid no process here runs as: the agent gets the entry, no workload ever matches it.
+    let unused = "spiffe://example.org/unused";
+    mesh.register_with(unused, "unix:uid:54321", &[]);
+    let doctor = || agent(&mesh, &["doctor", "--output", "json"]);
+    let reported = |f: &[(String, String, String)], id: &str| {
+        f.iter().any(|(c, s, subj)| c == "entry-unmatched" && s == "info" && subj == id)
+    };
+    wait_for(
+        20,
+        "agent doctor: entry-unmatched for the entry nobody receives",
+        || reported(&findings(&doctor()), unused),
+        || String::from_utf8_lossy(&doctor().stdout).into_owned(),
+    );
+    // Well past the threshold, the entry a workload received is still not reported.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = doctor();
+    let f = findings(&out);
+    assert!(reported(&f, unused), "{f:?}");
+    assert!(!reported(&f, used), "an entry whose SVID a workload received: {f:?}");
+    assert_eq!(out.status.code(), Some(0), "informational findings alone are healthy: {f:?}");
+    let text = String::from_utf8_lossy(&agent(&mesh, &["doctor"]).stdout).into_owned();
+    assert!(text.contains("unix:uid:54321"), "the message names the selectors: {text}");
+}
+
+#[test]
 fn a_peer_that_cannot_be_reached_is_federation_stale_with_the_error() {
     let dir = tempfile::tempdir().unwrap();
     let text = server_config(dir.path(), "ca_ttl = \"24h\"")

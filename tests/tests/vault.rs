@@ -15,12 +15,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tessera_test_util::envoy::{EnvoyPair, envoy_pair, served_serials, validator_certs};
 use tessera_test_util::{
-    Mesh, Proc, ServerProc, Traffic, free_port, http_call, http_get, openssl_verify, server_config, venv_tool, wait_for,
+    Mesh, Proc, ServerProc, Traffic, doctor_findings, free_port, http_call, http_get, openssl_verify, server_config,
+    venv_tool, wait_for,
 };
 
 /// `bao server -dev` on a free port, root token `root`.
 struct Bao {
-    _proc: Proc,
+    proc: Proc,
     addr: String,
 }
 
@@ -36,7 +37,7 @@ impl Bao {
         let mut p = Proc::spawn(cmd, dir.join("bao.log"));
         let a = addr.clone();
         p.wait_until(60, "bao server -dev", || http_get(&a, "/v1/sys/health").map(|(c, _)| c == 200).unwrap_or(false));
-        Self { _proc: p, addr }
+        Self { proc: p, addr }
     }
 
     fn api(&self, method: &str, path: &str, body: Value) -> Value {
@@ -93,7 +94,10 @@ fn openbao_signs_our_intermediate_with_approle_auth() {
             secret_file.display()
         )
     };
-    let server = ServerProc::start_text(dir.path(), &config(dir.path(), &secret_id));
+    // Rotation checks every second, so the stopped OpenBao below shows up in doctor at once.
+    let text = config(dir.path(), &secret_id).replace("[server]\n", "[server]\nrotation_check_interval = \"1s\"\n");
+    assert!(text.contains("rotation_check_interval = \"1s\""), "no [server] table to put the interval in");
+    let server = ServerProc::start_text(dir.path(), &text);
     let bundle = server.cli_ok(&["bundle", "show"]);
     assert_eq!(
         tessera_identity::pem::decode_certs(bundle.as_bytes()).unwrap(),
@@ -124,6 +128,29 @@ fn openbao_signs_our_intermediate_with_approle_auth() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("AppRole login failed"), "{err}");
+
+    // Server-side `upstream-unreachable`: the vault upstream asks OpenBao for its issuers at
+    // every rotation check, so a stopped OpenBao is reported while the CA keeps signing.
+    let unreachable = |out: &std::process::Output| {
+        doctor_findings(out)
+            .into_iter()
+            .any(|(c, s, subj)| c == "upstream-unreachable" && s == "error" && subj == "upstream_authority")
+    };
+    assert!(!unreachable(&server.cli(&["doctor", "--output", "json"])), "reported while OpenBao answers");
+    let mut bao = bao;
+    bao.proc.child.kill().unwrap();
+    bao.proc.child.wait().unwrap();
+    wait_for(
+        20,
+        "server doctor: upstream-unreachable after OpenBao stopped",
+        || unreachable(&server.cli(&["doctor", "--output", "json"])),
+        || server.log(),
+    );
+    let out = server.cli(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1), "an error finding is status 1");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("roots could not be read"), "{text}");
+    server.cli_ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/still-signing"]);
 }
 
 #[test]
