@@ -284,7 +284,7 @@ fn note_sent(
             s.resources.remove(r);
         }
         for r in sent {
-            s.resources.insert(r.name.clone(), r);
+            s.resources.insert(r);
         }
     });
 }

@@ -74,11 +74,50 @@ pub struct StreamState {
     /// Unix seconds of the last response (0: none yet).
     pub sent_at: i64,
     /// What the last response (delta: every response so far) held, by name.
-    pub resources: BTreeMap<String, SentResource>,
+    pub resources: SentResources,
     /// Envoy's last ACK.
     pub last_ack: Option<Reply>,
     /// Envoy's last NACK.
     pub last_nack: Option<Reply>,
+}
+
+/// What a stream has sent, one [`SentResource`] per name, kept sorted by name. It serializes
+/// as an object keyed by name. A stream sends a few resources; a `BTreeMap` would allocate a
+/// whole node (about 1.7 KiB) for them in each of a node's thousand streams.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SentResources(Vec<SentResource>);
+
+impl SentResources {
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Forgets the resource `name`.
+    pub fn remove(&mut self, name: &str) {
+        if let Ok(i) = self.0.binary_search_by(|r| r.name.as_str().cmp(name)) {
+            self.0.remove(i);
+        }
+    }
+
+    /// Adds `r`, or replaces the resource of the same name.
+    pub fn insert(&mut self, r: SentResource) {
+        match self.0.binary_search_by(|x| x.name.cmp(&r.name)) {
+            Ok(i) => self.0[i] = r,
+            Err(i) => self.0.insert(i, r),
+        }
+    }
+
+    /// The resources, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &SentResource> {
+        self.0.iter()
+    }
+}
+
+impl Serialize for SentResources {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|r| (&r.name, r)))
+    }
 }
 
 /// The SPIFFE IDs a stream's caller is entitled to, shared by every stream with the same list
@@ -107,9 +146,13 @@ type Interned = Arc<Mutex<Vec<Arc<[String]>>>>;
 #[derive(Debug, Default)]
 pub struct SdsStreams {
     next: AtomicU64,
-    open: Arc<Mutex<BTreeMap<u64, StreamState>>>,
+    open: Open,
     entitled: Interned,
 }
+
+/// The open streams by number. Each state is boxed: a tree node holds eleven slots, and a
+/// state is a few hundred bytes.
+type Open = Arc<Mutex<BTreeMap<u64, Box<StreamState>>>>;
 
 impl SdsStreams {
     /// Registers a stream; it is forgotten when the returned handle drops.
@@ -126,17 +169,17 @@ impl SdsStreams {
             version: String::new(),
             nonce: String::new(),
             sent_at: 0,
-            resources: BTreeMap::new(),
+            resources: SentResources::default(),
             last_ack: None,
             last_nack: None,
         };
-        self.open.lock().insert(id, state);
+        self.open.lock().insert(id, Box::new(state));
         Tracked { id, open: self.open.clone(), entitled: self.entitled.clone() }
     }
 
     /// Every open stream, oldest first.
     pub fn list(&self) -> Vec<StreamState> {
-        self.open.lock().values().cloned().collect()
+        self.open.lock().values().map(|s| StreamState::clone(s)).collect()
     }
 }
 
@@ -144,7 +187,7 @@ impl SdsStreams {
 #[derive(Debug)]
 pub struct Tracked {
     id: u64,
-    open: Arc<Mutex<BTreeMap<u64, StreamState>>>,
+    open: Open,
     entitled: Interned,
 }
 
@@ -195,6 +238,32 @@ mod tests {
         assert_eq!(all.list().iter().map(|s| s.stream).collect::<Vec<_>>(), vec![2]);
         drop(b);
         assert!(all.list().is_empty());
+    }
+
+    #[test]
+    fn sent_resources_stay_one_per_name_in_name_order_and_serialize_as_an_object() {
+        let r = |name: &str, serial: &str| SentResource {
+            name: name.into(),
+            kind: "tls_certificate",
+            spiffe_id: None,
+            serial: Some(serial.into()),
+            not_after: None,
+            trust_domains: Vec::new(),
+        };
+        let mut sent = SentResources::default();
+        sent.insert(r("b", "1"));
+        sent.insert(r("a", "2"));
+        sent.insert(r("b", "3"));
+        let names: Vec<_> = sent.iter().map(|x| (x.name.as_str(), x.serial.as_deref())).collect();
+        assert_eq!(names, [("a", Some("2")), ("b", Some("3"))]);
+        let json = serde_json::to_value(&sent).unwrap();
+        assert_eq!(json["b"]["serial"], "3");
+        assert_eq!(json.as_object().unwrap().len(), 2);
+        sent.remove("a");
+        sent.remove("missing");
+        assert_eq!(sent.iter().count(), 1);
+        sent.clear();
+        assert_eq!(serde_json::to_string(&sent).unwrap(), "{}");
     }
 
     #[test]
