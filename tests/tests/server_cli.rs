@@ -360,7 +360,7 @@ fn output_into_a_closed_pipe_ends_quietly_and_keeps_the_verdict() {
     let bad = mesh.dir.path().join("bad.toml");
     std::fs::write(&bad, "trust_domain = \"\"\n").unwrap();
     let agent_admin = mesh.dir.path().join("agent/admin.sock");
-    // (binary, args, socket, exit status with a reader: the same without one)
+    // (binary, args, socket); each must end as it ends with a reader, apart from `api watch`.
     let cases: Vec<(&str, Vec<&str>, &std::path::Path)> = vec![
         ("tessera-server", vec!["entry", "show"], &mesh.server.socket),
         ("tessera-server", vec!["entry", "show", "--output", "json"], &mesh.server.socket),
