@@ -129,6 +129,12 @@ impl PrivateKey {
             .map_err(|e| KeyError::Rejected(e.to_string()))
     }
 
+    /// The public half as a DER SubjectPublicKeyInfo, as a certificate for this key carries it.
+    pub fn public_key_spki(&self) -> Result<Vec<u8>, KeyError> {
+        use rcgen::PublicKeyData;
+        Ok(self.to_rcgen()?.subject_public_key_info())
+    }
+
     /// A rustls view of the key, for loading a signing key (borrowed: no copy of the key
     /// bytes is made outside this zeroizing value).
     pub fn to_rustls(&self) -> rustls_pki_types::PrivateKeyDer<'_> {
@@ -145,6 +151,16 @@ impl fmt::Debug for PrivateKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn public_key_spki_is_what_a_certificate_for_the_key_carries() {
+        let k = PrivateKey::generate_ec_p256().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&k.to_rcgen().unwrap()).unwrap();
+        let facts = crate::x509::cert_facts(cert.der()).unwrap();
+        assert_eq!(k.public_key_spki().unwrap(), facts.spki);
+        assert_ne!(PrivateKey::generate_ec_p256().unwrap().public_key_spki().unwrap(), facts.spki);
+    }
 
     #[test]
     fn private_key_debug_shows_only_length() {

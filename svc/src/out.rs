@@ -25,17 +25,19 @@ impl From<std::io::Error> for StdoutError {
 
 /// Writes `text` to standard output as it is (no newline added) and flushes it.
 pub fn write(text: &str) -> Result<(), StdoutError> {
-    let mut o = std::io::stdout().lock();
-    o.write_all(text.as_bytes())?;
-    o.flush()?;
-    Ok(())
+    write_parts(&[text.as_bytes()])
 }
 
 /// Writes `text` and a newline to standard output.
 pub fn line(text: &str) -> Result<(), StdoutError> {
+    write_parts(&[text.as_bytes(), b"\n"])
+}
+
+fn write_parts(parts: &[&[u8]]) -> Result<(), StdoutError> {
     let mut o = std::io::stdout().lock();
-    o.write_all(text.as_bytes())?;
-    o.write_all(b"\n")?;
+    for p in parts {
+        o.write_all(p)?;
+    }
     o.flush()?;
     Ok(())
 }

@@ -38,8 +38,21 @@ fn kill_9_of_the_agent_keeps_its_identity_and_its_workloads_served() {
         // The persisted identity is whole: a certificate chain and a key that parse.
         let chain = tessera_identity::pem::decode_certs(&std::fs::read(&agent_svid).unwrap()).unwrap();
         assert!(!chain.is_empty(), "round {round}: empty agent SVID file");
-        let key = std::fs::read(mesh.dir.path().join("agent/agent-key.pem")).unwrap();
-        tessera_identity::PrivateKey::from_pem(&key).unwrap_or_else(|e| panic!("round {round}: agent key: {e}"));
+        // The certificate's key is on disk: in agent-key.pem, or, when the kill cut a save
+        // after the certificate, in agent-key.next.pem beside the old one (the agent's load
+        // pairs them; the restart below shows it can make a TLS handshake with them).
+        let spki = tessera_identity::x509::cert_facts(&chain[0]).unwrap().spki;
+        let key_matches = |name: &str| {
+            std::fs::read(mesh.dir.path().join("agent").join(name)).ok().is_some_and(|pem| {
+                let key = tessera_identity::PrivateKey::from_pem(&pem)
+                    .unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
+                key.public_key_spki().unwrap() == spki
+            })
+        };
+        assert!(
+            key_matches("agent-key.pem") || key_matches("agent-key.next.pem"),
+            "round {round}: no persisted key is the one the agent SVID certifies"
+        );
         mesh.start_agent();
         let context = || mesh.agent.as_ref().map(|a| a.log()).unwrap_or_default();
         let mut got = || match serial(&mesh) {

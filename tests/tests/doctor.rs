@@ -148,9 +148,8 @@ fn an_entry_no_workload_has_received_is_entry_unmatched_and_only_informational()
     let unused = "spiffe://example.org/unused";
     mesh.register_with(unused, "unix:uid:54321", &[]);
     let doctor = || agent(&mesh, &["doctor", "--output", "json"]);
-    let reported = |f: &[(String, String, String)], id: &str| {
-        f.iter().any(|(c, s, subj)| c == "entry-unmatched" && s == "info" && subj == id)
-    };
+    // (`has` matches the subject by substring: ".../used" is not in ".../unused".)
+    let reported = |f: &[(String, String, String)], id: &str| has(f, "entry-unmatched", "info", id);
     wait_for(
         20,
         "agent doctor: entry-unmatched for the entry nobody receives",
