@@ -99,7 +99,7 @@ impl IdentityFiles {
             Err(reason) if next_path.exists() => {
                 let identity =
                     AgentIdentity::new(chain, self.read_key(&next_path)?).map_err(|_| state_err(&key_path, reason))?;
-                std::fs::rename(&next_path, &key_path).map_err(|e| state_err(&key_path, e))?;
+                tessera_plugins::fsutil::rename_durable(&next_path, &key_path).map_err(|e| state_err(&key_path, e))?;
                 identity
             }
             Err(reason) => return Err(state_err(&key_path, reason)),
@@ -129,8 +129,7 @@ impl IdentityFiles {
         tessera_plugins::fsutil::atomic_write(&svid_path, pem.as_bytes(), 0o644)
             .map_err(|e| state_err(&svid_path, e))?;
         let key_path = self.dir.join(KEY_FILE);
-        std::fs::rename(&next_path, &key_path).map_err(|e| state_err(&key_path, e))?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| state_err(&self.dir, e))
+        tessera_plugins::fsutil::rename_durable(&next_path, &key_path).map_err(|e| state_err(&key_path, e))
     }
 
     /// Writes another file beside the identity (a bundle), atomically.
@@ -193,15 +192,22 @@ mod tests {
         assert!(!files.dir().join(NEXT_KEY_FILE).exists());
     }
 
-    #[test]
-    fn a_save_cut_after_the_certificate_loads_the_new_pair_and_is_finished() {
-        // The state a SIGKILL between the certificate's rename and the key's leaves: the new
-        // certificate, the old key in agent-key.pem, the new key beside it.
+    /// The state a save of `new` over `old` cut after its first step leaves: the old pair,
+    /// the new key beside it.
+    fn cut_after_the_next_key() -> (tempfile::TempDir, IdentityFiles, AgentIdentity, AgentIdentity) {
         let d = tempfile::tempdir().unwrap();
         let files = IdentityFiles::new(d.path());
         let (old, new) = (identity(), identity());
         files.save(&old).unwrap();
         write(d.path(), NEXT_KEY_FILE, new.key.to_pem().as_bytes());
+        (d, files, old, new)
+    }
+
+    #[test]
+    fn a_save_cut_after_the_certificate_loads_the_new_pair_and_is_finished() {
+        // The state a SIGKILL between the certificate's rename and the key's leaves: the new
+        // certificate, the old key in agent-key.pem, the new key beside it.
+        let (d, files, _, new) = cut_after_the_next_key();
         write(d.path(), SVID_FILE, cert_pem(&new).as_bytes());
         let got = files.load().unwrap().unwrap();
         assert_eq!(got.chain, new.chain);
@@ -212,11 +218,7 @@ mod tests {
 
     #[test]
     fn a_save_cut_before_the_certificate_keeps_the_old_pair() {
-        let d = tempfile::tempdir().unwrap();
-        let files = IdentityFiles::new(d.path());
-        let (old, new) = (identity(), identity());
-        files.save(&old).unwrap();
-        write(d.path(), NEXT_KEY_FILE, new.key.to_pem().as_bytes());
+        let (_d, files, old, _) = cut_after_the_next_key();
         let got = files.load().unwrap().unwrap();
         assert_eq!(got.chain, old.chain);
         assert!(matches(&got));

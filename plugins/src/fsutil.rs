@@ -44,13 +44,20 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let result = (|| {
         f.write_all(data)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        rename_durable(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Renames `from` over `to` and fsyncs the directory of `to`, so that the rename survives a
+/// crash. Both must be in the same directory (a rename does not cross it atomically).
+pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::rename(from, to)?;
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Creates `dir` (and parents) when missing, and makes `dir` itself mode 0700 even when it
