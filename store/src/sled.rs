@@ -603,14 +603,32 @@ impl Store for SledStore {
 mod tests {
     use super::*;
 
+    /// sled lets go of its file lock from a background thread a moment after the last handle
+    /// is dropped, so a reopen in the same process can find it still held (about one open in
+    /// ten here). A server opens its store once per process; these tests reopen it often, so
+    /// they wait out that one error, for at most ten seconds.
+    fn reopen<T, E: std::fmt::Display>(
+        mut open: impl FnMut() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match open() {
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
     #[test]
     fn a_store_from_a_newer_schema_is_refused_naming_both_versions_and_a_damaged_version_is_corrupt() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("store");
-        drop(SledStore::open(&path).unwrap());
+        drop(reopen(|| SledStore::open(&path)).unwrap());
         // What the store recorded about itself.
         {
-            let db = sled::open(&path).unwrap();
+            let db = reopen(|| sled::open(&path)).unwrap();
             let meta = db.open_tree("meta").unwrap();
             assert_eq!(meta.get(META_SCHEMA).unwrap().unwrap().as_ref(), SCHEMA_VERSION.to_be_bytes());
             assert_eq!(meta.get(META_READABLE).unwrap().unwrap().as_ref(), READABLE_FROM.to_be_bytes());
@@ -622,39 +640,39 @@ mod tests {
             meta.insert(META_WRITER, b"9.1.0").unwrap();
             db.flush().unwrap();
         }
-        let e = SledStore::open(&path).unwrap_err();
+        let e = reopen(|| SledStore::open(&path)).unwrap_err();
         assert!(matches!(e, StoreError::SchemaTooNew { found: 2, readable_from: 2, known: 1, .. }), "{e:?}");
         let m = e.to_string();
         assert!(m.contains("schema version 2, last written by server 9.1.0"), "{m}");
         // The newer server declares its schema readable from this one: it runs, and leaves
         // the records as they are.
         {
-            let db = sled::open(&path).unwrap();
+            let db = reopen(|| sled::open(&path)).unwrap();
             db.open_tree("meta").unwrap().insert(META_READABLE, &SCHEMA_VERSION.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        drop(SledStore::open(&path).unwrap());
+        drop(reopen(|| SledStore::open(&path)).unwrap());
         {
-            let db = sled::open(&path).unwrap();
+            let db = reopen(|| sled::open(&path)).unwrap();
             let meta = db.open_tree("meta").unwrap();
             assert_eq!(meta.get(META_SCHEMA).unwrap().unwrap().as_ref(), (SCHEMA_VERSION + 1).to_be_bytes());
             assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), b"9.1.0");
             meta.insert(META_READABLE, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let e = SledStore::open(&path).unwrap_err();
+        let e = reopen(|| SledStore::open(&path)).unwrap_err();
         assert!(matches!(e, StoreError::SchemaTooNew { found: 2, readable_from: 2, .. }), "{e:?}");
         assert!(e.to_string().contains("understands schema version 2 or later"), "{e}");
         assert!(m.contains(&format!("this server ({})", crate::WRITER_VERSION)), "{m}");
         // Refused without writing: the record still says 9.1.0.
         {
-            let db = sled::open(&path).unwrap();
+            let db = reopen(|| sled::open(&path)).unwrap();
             let meta = db.open_tree("meta").unwrap();
             assert_eq!(meta.get(META_WRITER).unwrap().unwrap().as_ref(), b"9.1.0");
             meta.insert(META_SCHEMA, b"bad").unwrap();
             db.flush().unwrap();
         }
-        let e = SledStore::open(&path).unwrap_err();
+        let e = reopen(|| SledStore::open(&path)).unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { ref key, .. } if key == "meta/schema_version"), "{e:?}");
     }
 
@@ -670,11 +688,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("store");
         {
-            let store = SledStore::open(&path).unwrap();
+            let store = reopen(|| SledStore::open(&path)).unwrap();
             store.create_entry(crate::conformance::entry("e1", "spiffe://td/w", "spiffe://td/agent")).await.unwrap();
             store.append_audit(crate::conformance::event("spiffe://td/w")).await.unwrap();
         }
-        let store = SledStore::open(&path).unwrap();
+        let store = reopen(|| SledStore::open(&path)).unwrap();
         assert!(store.get_entry("e1").await.unwrap().is_some());
         assert_eq!(store.audit_range(1, 10).await.unwrap().len(), 1);
     }
@@ -686,6 +704,6 @@ mod tests {
         std::fs::create_dir_all(&path).unwrap();
         std::fs::write(path.join("conf"), b"\x00garbage\xff").unwrap();
         std::fs::write(path.join("db"), vec![0xffu8; 4096]).unwrap();
-        assert!(SledStore::open(&path).is_err());
+        assert!(reopen(|| SledStore::open(&path)).is_err());
     }
 }
