@@ -21,10 +21,10 @@ fi
 rm -rf "$out"
 mkdir -p "$out/src"
 git archive "$full" | tar -x -C "$out/src"
-# Unoptimised and without debug information: it builds in about half the time, and the
-# upgrade test asks little speed of it.
+# Unoptimised, without debug information or incremental caches (built once): it builds in
+# about half the time, and the upgrade test asks little speed of it.
 CARGO_TARGET_DIR="$out/target" cargo build --quiet --locked --bins -p tessera-server -p tessera-agent \
-  --config 'profile.dev.debug=false' --config 'profile.dev.package."*".opt-level=0' \
+  --config 'profile.dev.debug=false' --config 'profile.dev.incremental=false' --config 'profile.dev.package."*".opt-level=0' \
   --manifest-path "$out/src/Cargo.toml" >&2
 mkdir -p "$out/bin.new"
 cp "$out/target/debug/tessera-server" "$out/target/debug/tessera-agent" "$out/bin.new/"
