@@ -399,9 +399,11 @@ impl Ca {
         let issued = self.sign_leaf_by(&auth, id, &[], &kp, false, Some(ttl), None)?;
         // A prepare forgets the previous authority before its key slot gets a new key: if it
         // did while this signed, the signature may be the new key's. Sign again.
-        let still = self.state.read().x509.previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, &auth));
-        let is_active = self.state.read().x509.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, &auth));
-        if !still && !is_active {
+        let still_known = {
+            let s = self.state.read();
+            [&s.x509.previous, &s.x509.active].into_iter().flatten().any(|a| Arc::ptr_eq(a, &auth))
+        };
+        if !still_known {
             let auth = self.active_x509()?;
             let issued = self.sign_leaf_by(&auth, id, &[], &kp, false, Some(ttl), None)?;
             return Ok((issued, key, auth.entry.authority_id.clone()));
