@@ -1,12 +1,13 @@
 //! Cert files for proxyless gRPC and for applications that read files: for each configured
-//! SPIFFE ID, `cert-chain.pem`, `key.pem` (0600) and `root-cert.pem` (our bundle), each
-//! replaced atomically and rewritten whenever the SVID or the bundle changes (the names
-//! Istio's proxyless gRPC bootstrap expects).
+//! SPIFFE ID, `cert-chain.pem`, `key.pem` (0600) and `root-cert.pem` (our bundle), rewritten
+//! whenever the SVID or the bundle changes (the names Istio's proxyless gRPC bootstrap
+//! expects). The three are replaced as one set by a `..data` symlink swap, as the kubelet
+//! updates a secret volume ([`replace_set`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use tessera_plugins::fsutil::atomic_write;
+use tessera_plugins::fsutil::replace_set;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -19,11 +20,17 @@ pub fn write_once(target: &CertFiles, snap: &Snapshot) -> std::io::Result<Option
     let Some(svid) = snap.svids.iter().find(|s| s.entry.spiffe_id == target.spiffe_id) else { return Ok(None) };
     let dir: &Path = &target.dir;
     std::fs::create_dir_all(dir)?;
-    // Key first: a reader that sees a new chain finds its key already there.
-    atomic_write(&dir.join("key.pem"), svid.key.to_pem().as_bytes(), 0o600)?;
+    let key = svid.key.to_pem();
     let chain = tessera_identity::pem::encode_certs(svid.chain.iter().map(Vec::as_slice));
-    atomic_write(&dir.join("cert-chain.pem"), chain.as_bytes(), 0o644)?;
-    atomic_write(&dir.join("root-cert.pem"), snap.bundle.x509_pem().as_bytes(), 0o644)?;
+    let roots = snap.bundle.x509_pem();
+    replace_set(
+        dir,
+        &[
+            ("key.pem", key.as_bytes(), 0o600),
+            ("cert-chain.pem", chain.as_bytes(), 0o644),
+            ("root-cert.pem", roots.as_bytes(), 0o644),
+        ],
+    )?;
     Ok(Some((svid.serial.clone(), snap.bundle.sequence_number)))
 }
 
