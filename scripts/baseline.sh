@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Builds the previous release that the upgrade test starts from: the commit named in
-# tests/upgrade-from, taken from this clone's git history, built in the dev profile
-# (unoptimised) in a target directory of its own, its two binaries kept in target/baseline/<commit>/bin/ and
-# reused while they are there (the build directory is removed afterwards: about 6 GB).
+# tests/upgrade-from, taken from this clone's git history, built in the dev profile, its two
+# binaries kept in target/baseline/<commit>/bin/ and reused while they are there.
 #
 #   scripts/baseline.sh        (prints the bin directory; exit status 3: the commit is not
 #                               in this clone's history)
@@ -21,11 +20,13 @@ fi
 rm -rf "$out"
 mkdir -p "$out/src"
 git archive "$full" | tar -x -C "$out/src"
-# Unoptimised, without debug information or incremental caches (built once): it builds in
-# about half the time, and the upgrade test asks little speed of it.
-CARGO_TARGET_DIR="$out/target" cargo build --quiet --locked --bins -p tessera-server -p tessera-agent \
-  --config 'profile.dev.debug=false' --config 'profile.dev.incremental=false' --config 'profile.dev.package."*".opt-level=0' \
-  --manifest-path "$out/src/Cargo.toml" >&2
+# In the dev profile, with its intermediate files in this clone's own target/ (cargo's
+# build-dir) and only the two binaries in a target directory of its own: every dependency the
+# workspace's own build compiled in that profile (same version, features and source) is
+# reused, and only what changed since (the workspace crates, the patched h2 and what depends
+# on it) is compiled. Without incremental caches: it is built once.
+CARGO_INCREMENTAL=0 CARGO_BUILD_BUILD_DIR="$PWD/target" CARGO_TARGET_DIR="$out/target" \
+  cargo build --quiet --locked --bins -p tessera-server -p tessera-agent --manifest-path "$out/src/Cargo.toml" >&2
 mkdir -p "$out/bin.new"
 cp "$out/target/debug/tessera-server" "$out/target/debug/tessera-agent" "$out/bin.new/"
 mv "$out/bin.new" "$out/bin"
