@@ -1,8 +1,7 @@
-//! Tessera's gRPC wire definitions: the code protox + tonic-prost-build generate from the
-//! `.proto` files under `proto/`, checked in under `src/gen/` (no build compiles a protobuf
-//! compiler; `tests/generated.rs` generates it again and fails when it differs).
+//! Tessera's gRPC wire definitions, generated at build time by protox + tonic-prost-build.
 //!
-//! This crate has no logic: it is the `.proto` files and the code generated from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
+//! This crate has no logic: it is the `.proto` files under `proto/` and the code generated
+//! from them. The Agent API (`tessera.agent.v1`) is spoken between agent and server over mTLS;
 //! the Admin API (`tessera.admin.v1`) only on the server's local Unix socket; the plugin
 //! protocol (`tessera.plugin.v1`) between the server and external plugin processes. The
 //! SPIFFE Workload API and the Agent API are generated with [`codec::LeanCodec`], whose stream
@@ -16,7 +15,7 @@ pub mod codec;
 pub mod types {
     /// Version 1.
     pub mod v1 {
-        include!("gen/tessera.types.v1.rs");
+        tonic::include_proto!("tessera.types.v1");
     }
 }
 
@@ -24,7 +23,7 @@ pub mod types {
 pub mod agent {
     /// Version 1.
     pub mod v1 {
-        include!("gen/tessera.agent.v1.rs");
+        tonic::include_proto!("tessera.agent.v1");
     }
 }
 
@@ -32,7 +31,7 @@ pub mod agent {
 pub mod admin {
     /// Version 1.
     pub mod v1 {
-        include!("gen/tessera.admin.v1.rs");
+        tonic::include_proto!("tessera.admin.v1");
     }
 }
 
@@ -40,7 +39,7 @@ pub mod admin {
 pub mod plugin {
     /// Version 1.
     pub mod v1 {
-        include!("gen/tessera.plugin.v1.rs");
+        tonic::include_proto!("tessera.plugin.v1");
     }
 }
 
@@ -51,12 +50,12 @@ pub mod istio {
     pub mod v1 {
         /// Certificate signing.
         pub mod auth {
-            include!("gen/istio.v1.auth.rs");
+            tonic::include_proto!("istio.v1.auth");
         }
     }
 }
 
 /// The SPIFFE Workload API (the spec's proto has no package).
 pub mod workload {
-    include!("gen/_.rs");
+    tonic::include_proto!("_");
 }
