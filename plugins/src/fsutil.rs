@@ -26,9 +26,14 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     tmp_name.push(format!(".tmp-{:016x}", rand::random::<u64>()));
     let tmp = dir.join(tmp_name);
     write_new(&tmp, data, mode)?;
-    let result = rename_durable(&tmp, path);
+    rename_into_place(&tmp, path)
+}
+
+/// [`rename_durable`], and on failure the temp name removed (when the rename itself failed).
+fn rename_into_place(tmp: &Path, to: &Path) -> io::Result<()> {
+    let result = rename_durable(tmp, to);
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     }
     result
 }
@@ -56,13 +61,15 @@ pub fn replace_set(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<()> {
         for (name, data, mode) in files {
             write_new(&version_dir.join(name), data, *mode)?;
         }
-        fs::File::open(&version_dir)?.sync_all()?;
-        link_durable(dir, CURRENT, Path::new(&version))
+        fs::File::open(&version_dir)?.sync_all()
     })();
     if let Err(e) = written {
         let _ = fs::remove_dir_all(&version_dir);
         return Err(e);
     }
+    // Not removed when this fails: the rename may have been done before the directory's fsync
+    // failed, and ..data then names this version. One it does not name goes at the next write.
+    link_durable(dir, CURRENT, Path::new(&version))?;
     for (name, ..) in files {
         let target = Path::new(CURRENT).join(name);
         if fs::read_link(dir.join(name)).ok().as_deref() != Some(target.as_path()) {
@@ -94,11 +101,7 @@ fn is_version_name(name: &std::ffi::OsStr) -> bool {
 fn link_durable(dir: &Path, name: &str, target: &Path) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.link-{:016x}", rand::random::<u64>()));
     std::os::unix::fs::symlink(target, &tmp)?;
-    let result = rename_durable(&tmp, &dir.join(name));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    rename_into_place(&tmp, &dir.join(name))
 }
 
 /// Creates `path`, which must not exist, with `mode`, and writes `data` durably. `O_EXCL |
