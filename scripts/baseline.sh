@@ -24,9 +24,12 @@ git archive "$full" | tar -x -C "$out/src"
 # build-dir) and only the two binaries in a target directory of its own: every dependency the
 # workspace's own build compiled in that profile (same version, features and source) is
 # reused, and only what changed since (the workspace crates, the patched h2 and what depends
-# on it) is compiled. Without incremental caches: it is built once.
+# on it) is compiled. Features are resolved as scripts/test.sh's Build step resolves them
+# (`--workspace --examples`: dev-dependencies' features included), or nothing would match.
+# Without incremental caches: it is built once.
 CARGO_INCREMENTAL=0 CARGO_BUILD_BUILD_DIR="$PWD/target" CARGO_TARGET_DIR="$out/target" \
-  cargo build --quiet --locked --bins -p tessera-server -p tessera-agent --manifest-path "$out/src/Cargo.toml" >&2
+  cargo build --quiet --locked --workspace --examples --bin tessera-server --bin tessera-agent \
+  --manifest-path "$out/src/Cargo.toml" >&2
 mkdir -p "$out/bin.new"
 cp "$out/target/debug/tessera-server" "$out/target/debug/tessera-agent" "$out/bin.new/"
 mv "$out/bin.new" "$out/bin"

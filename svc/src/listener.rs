@@ -493,32 +493,39 @@ mod tests {
         assert_eq!(s.open.load(Ordering::Relaxed), 2);
     }
 
-    #[tokio::test(start_paused = true)]
+    // These two run on the real clock with short idle times: tokio's paused clock
+    // (`start_paused`) needs its `test-util` feature, and a dev-dependency feature would make
+    // `cargo test` build every crate above tokio a second time (scripts/test.sh, Build).
+    #[tokio::test]
     async fn an_idle_connection_ends_and_one_with_an_open_stream_does_not() {
+        const IDLE: Duration = Duration::from_millis(500);
         let (a, mut peer) = tokio::io::duplex(64);
         let g = gate(8, 8);
-        let mut io = IdleIo::streams(a, Duration::from_secs(60), g.admit(None));
+        let mut io = IdleIo::streams(a, IDLE, g.admit(None));
         let activity = io.activity();
         let stream = activity.stream();
         let mut buf = [0u8; 8];
         // A stream is open: two idle periods pass and the connection stays.
-        assert!(tokio::time::timeout(Duration::from_secs(130), io.read(&mut buf)).await.is_err());
-        drop(stream);
+        assert!(tokio::time::timeout(IDLE * 2 + IDLE / 5, io.read(&mut buf)).await.is_err());
         // No stream any more: after the idle time, the read ends (end of stream).
         let t0 = Instant::now();
+        drop(stream);
         assert_eq!(io.read(&mut buf).await.unwrap(), 0);
-        assert!(t0.elapsed() >= Duration::from_secs(60) && t0.elapsed() < Duration::from_secs(61));
+        let waited = t0.elapsed();
+        assert!(waited >= IDLE && waited < IDLE * 6, "ended after {waited:?}, idle time {IDLE:?}");
         assert_eq!(g.stats().idle_closed.load(Ordering::Relaxed), 1);
         peer.write_all(b"x").await.unwrap();
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn bytes_keep_an_http1_connection_alive() {
+        const IDLE: Duration = Duration::from_millis(1000);
         let (a, mut peer) = tokio::io::duplex(64);
-        let mut io = IdleIo::bytes(a, Duration::from_secs(10), None);
+        let mut io = IdleIo::bytes(a, IDLE, None);
         let mut buf = [0u8; 8];
+        // Three pauses of 0.4× the idle time each: 1.2× of it in all, every byte in time.
         for _ in 0..3 {
-            tokio::time::sleep(Duration::from_secs(8)).await;
+            tokio::time::sleep(IDLE * 2 / 5).await;
             peer.write_all(b"ping").await.unwrap();
             assert_eq!(io.read(&mut buf).await.unwrap(), 4);
         }
