@@ -14,7 +14,16 @@ fn main() -> io::Result<()> {
     // small buffers (`src/codec.rs`).
     let workload = "proto/spiffe/workload.proto";
     let agent = "proto/tessera/agent/v1/agent.proto";
-    for f in files.iter().chain([&workload, &agent]) {
+    // Envoy's SDS, the subset the agent speaks (proto/envoy/README.md): its client here, for
+    // the tests and the bench; the agent routes the server side itself.
+    let envoy =
+        ["proto/envoy/service/secret/v3/sds.proto", "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto"];
+    let imported = [
+        "proto/envoy/service/discovery/v3/discovery.proto",
+        "proto/envoy/config/core/v3/base.proto",
+        "proto/google/rpc/status.proto",
+    ];
+    for f in files.iter().chain([&workload, &agent]).chain(&envoy).chain(&imported) {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-changed=src/codec.rs");
@@ -30,5 +39,10 @@ fn main() -> io::Result<()> {
         .build_client(true)
         .codec_path("crate::codec::LeanCodec")
         .extern_path(".tessera.types.v1", "crate::types::v1")
-        .compile_fds(compile(&[agent])?)
+        .compile_fds(compile(&[agent])?)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .codec_path("crate::codec::LeanCodec")
+        .compile_fds(compile(&envoy)?)
 }

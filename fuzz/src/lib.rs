@@ -51,7 +51,7 @@ pub fn jwt_svid(data: &[u8]) {
 /// SDS requests: decoded as Envoy sends them, every resource name looked up for a caller with
 /// no identities: nothing but the public bundles is ever returned.
 pub fn sds_request(data: &[u8]) {
-    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use tessera_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
     let snap = tessera_agent::manager::Snapshot {
         svids: Vec::new(),
         bundle: Arc::new(Bundle::new(td())),
@@ -71,9 +71,7 @@ pub fn sds_request(data: &[u8]) {
             assert!(
                 !matches!(
                     s.r#type,
-                    Some(envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type::TlsCertificate(
-                        _
-                    ))
+                    Some(tessera_proto::envoy::extensions::transport_sockets::tls::v3::secret::Type::TlsCertificate(_))
                 ),
                 "a certificate for a caller without identities ({n:?})"
             );

@@ -10,17 +10,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, TypedExtensionConfig, data_source::Specifier};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+use prost::Message;
+use prost_types::Any;
+use tessera_identity::{Bundle, SpiffeId, TrustDomain};
+use tessera_proto::envoy::config::core::v3::{DataSource, TypedExtensionConfig, data_source::Specifier};
+use tessera_proto::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
     spiffe_cert_validator_config,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{
+use tessera_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use envoy_types::pb::google::protobuf::Any;
-use prost::Message;
-use tessera_identity::{Bundle, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
@@ -48,7 +48,7 @@ pub struct Sds {
 }
 
 fn inline(bytes: Vec<u8>) -> Option<DataSource> {
-    Some(DataSource { specifier: Some(Specifier::InlineBytes(bytes)), ..Default::default() })
+    Some(DataSource { specifier: Some(Specifier::InlineBytes(bytes)) })
 }
 
 fn tls_secret(name: &str, s: &WorkloadSvid) -> Secret {
@@ -58,7 +58,6 @@ fn tls_secret(name: &str, s: &WorkloadSvid) -> Secret {
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
             certificate_chain: inline(chain.into_bytes()),
             private_key: inline(s.key.to_pem().as_bytes().to_vec()),
-            ..Default::default()
         })),
     }
 }
@@ -80,10 +79,8 @@ fn spiffe_validator_secret(name: &str, bundles: &[&Bundle]) -> Secret {
             .map(|b| spiffe_cert_validator_config::TrustDomain {
                 name: b.trust_domain.to_string(),
                 trust_bundle: inline(b.x509_pem().into_bytes()),
-                ..Default::default()
             })
             .collect(),
-        ..Default::default()
     };
     Secret {
         name: name.to_owned(),
@@ -475,7 +472,6 @@ impl Responder for Delta {
                 type_url: SECRET_TYPE.into(),
                 removed_resources: removed,
                 nonce: self.last_nonce.clone(),
-                ..Default::default()
             }));
         }
     }

@@ -1,10 +1,11 @@
-//! The gRPC routing for Envoy's `SecretDiscoveryService`, written here instead of taken from
-//! envoy-types' generated server.
+//! The gRPC routing for Envoy's `SecretDiscoveryService`, written here rather than generated
+//! (`tessera-proto` generates only the client from `proto/envoy/`).
 //!
-//! Why: the generated server fixes tonic's default codec, which gives every stream an 8 KiB
-//! decode buffer and an 8 KiB encode buffer. Envoy holds one SDS stream per secret it watches,
-//! for as long as it runs, and a node has many Envoys; the buffers were half of what 1,000 idle
-//! streams cost. Here the codec is [`LeanCodec`], whose buffers start at 512 bytes.
+//! Why: this was written when the messages came from envoy-types, whose generated server fixes
+//! tonic's default codec (an 8 KiB decode buffer and an 8 KiB encode buffer per stream). Envoy
+//! holds one SDS stream per secret it watches, for as long as it runs, and a node has many
+//! Envoys; the buffers were half of what 1,000 idle streams cost. Here the codec is
+//! [`LeanCodec`], whose buffers start at 512 bytes.
 //!
 //! What it is not: the SDS logic. That is [`crate::sds::Sds`]; this only maps the three paths to
 //! its methods.
@@ -13,10 +14,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::discovery::v3::{
+use tessera_proto::codec::LeanCodec;
+use tessera_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tessera_proto::codec::LeanCodec;
 use tonic::body::Body;
 use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
 use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};

@@ -7,14 +7,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use prost::Message;
 use tessera_agent::app::Agent;
 use tessera_agent::config::Config;
 use tessera_proto::admin::v1 as admin;
 use tessera_proto::admin::v1::admin_client::AdminClient;
+use tessera_proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+use tessera_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tessera_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tessera_proto::types::v1 as types;
 use tessera_proto::workload as wl;
 use tessera_test_util::{ServerToml, eventually, my_uid};
@@ -122,14 +122,14 @@ impl Env {
     }
 }
 
-fn secret(any: &envoy_types::pb::google::protobuf::Any) -> Secret {
+fn secret(any: &prost_types::Any) -> Secret {
     assert_eq!(any.type_url, tessera_agent::sds::SECRET_TYPE);
     Secret::decode(any.value.as_slice()).unwrap()
 }
 
 fn cert_serial(s: &Secret) -> String {
     let Some(secret::Type::TlsCertificate(t)) = &s.r#type else { panic!("not a TLS certificate: {s:?}") };
-    let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
+    let Some(tessera_proto::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
         t.certificate_chain.as_ref().unwrap().specifier.clone()
     else {
         panic!("no inline chain")
@@ -296,12 +296,11 @@ async fn sds_sotw_serves_named_secrets_honours_nonces_and_pushes_rotation() {
         resource_names: vec!["default".into(), "ROOTCA".into(), "ALL".into()],
         response_nonce: first.nonce.clone(),
         type_url: tessera_agent::sds::SECRET_TYPE.into(),
-        error_detail: Some(envoy_types::pb::google::rpc::Status {
+        error_detail: Some(tessera_proto::google::rpc::Status {
             code: 3,
             message: "rejected for the test".into(),
             ..Default::default()
         }),
-        ..Default::default()
     })
     .await
     .unwrap();
@@ -558,7 +557,7 @@ async fn federated_bundles_reach_workloads_and_envoy_for_entries_that_federate()
         .into_inner();
     assert_eq!(r.resources.len(), 2);
     let Some(secret::Type::ValidationContext(all)) = secret(&r.resources[0]).r#type else { panic!() };
-    let cfg = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig::decode(
+    let cfg = tessera_proto::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig::decode(
         all.custom_validator_config.unwrap().typed_config.unwrap().value.as_slice(),
     )
     .unwrap();
@@ -666,7 +665,7 @@ async fn the_agent_socket_refuses_forged_tokens_oversized_messages_and_unatteste
 
     // SDS from a process that matches no entry: nothing is served (no secret, or a refusal).
     let served = |r: &Result<
-        tonic::Response<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+        tonic::Response<tessera_proto::envoy::service::discovery::v3::DiscoveryResponse>,
         tonic::Status,
     >| { r.as_ref().map(|r| r.get_ref().resources.len()).unwrap_or(0) };
     let first =
@@ -687,12 +686,12 @@ async fn the_agent_socket_refuses_forged_tokens_oversized_messages_and_unatteste
 
 /// Reads the next SotW response within `secs`, then ACKs it for `names`.
 async fn next_acked(
-    inbound: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+    inbound: &mut tonic::Streaming<tessera_proto::envoy::service::discovery::v3::DiscoveryResponse>,
     tx: &tokio::sync::mpsc::Sender<DiscoveryRequest>,
     names: &[&str],
     secs: u64,
     what: &str,
-) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+) -> tessera_proto::envoy::service::discovery::v3::DiscoveryResponse {
     let r = tokio::time::timeout(Duration::from_secs(secs), inbound.message())
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {secs} s"))
@@ -728,10 +727,10 @@ async fn server_change_notices_reach_envoy_without_waiting_for_the_poll() {
     // Only ROOTCA exists yet: no entry for the api identity.
     let first = next_acked(&mut inbound, &tx, &names, 5, "first answer").await;
     assert_eq!(first.resources.len(), 1);
-    let roots = |r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse| {
+    let roots = |r: &tessera_proto::envoy::service::discovery::v3::DiscoveryResponse| {
         let s = r.resources.iter().map(secret).find(|s| s.name == "ROOTCA").unwrap();
         let Some(secret::Type::ValidationContext(v)) = s.r#type else { panic!("ROOTCA is not a validation context") };
-        let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
+        let Some(tessera_proto::envoy::config::core::v3::data_source::Specifier::InlineBytes(pem)) =
             v.trusted_ca.unwrap().specifier
         else {
             panic!("no inline roots")

@@ -78,8 +78,8 @@ macro_rules! no_secrets {
 }
 
 use crate::agent::v1 as ag;
+use crate::envoy::service::discovery::v3 as xds;
 use crate::workload as wl;
-use envoy_types::pb::envoy::service::discovery::v3 as xds;
 
 no_secrets!(
     wl::X509svidRequest,
@@ -181,7 +181,7 @@ mod tests {
         m.scrub();
         assert!(m.svids[0].x509_svid_key.is_empty());
         let mut d = xds::DiscoveryResponse {
-            resources: vec![envoy_types::pb::google::protobuf::Any { type_url: "t".into(), value: vec![9; 8] }],
+            resources: vec![prost_types::Any { type_url: "t".into(), value: vec![9; 8] }],
             ..Default::default()
         };
         d.scrub();

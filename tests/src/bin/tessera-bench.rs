@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tessera_proto::admin::v1 as admin;
+use tessera_proto::envoy::service::discovery::v3::DiscoveryRequest;
+use tessera_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use tessera_proto::types::v1 as types;
 use tessera_test_util::procfs::rss_kib;
 use tessera_test_util::{Mesh, my_uid};
