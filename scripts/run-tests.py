@@ -17,9 +17,11 @@ any failed or ran past --timeout.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -70,12 +72,36 @@ def build(cargo_args):
     return binaries
 
 
+# Each test binary runs in a process group of its own, so that a binary that runs past the
+# timeout goes with everything it started. Those groups do not get the terminal's Ctrl-C:
+# SIGINT and SIGTERM to this script stop them all (stop_all).
+RUNNING = set()
+RUNNING_LOCK = threading.Lock()
+STOPPING = threading.Event()
+
+
+def stop_all(signum, _frame):
+    STOPPING.set()
+    with RUNNING_LOCK:
+        for proc in RUNNING:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    print(f"\nrun-tests: stopped by signal {signum}; every running test binary was killed", flush=True)
+    os._exit(128 + signum)
+
+
 def run_one(binary, test_args, timeout):
     env = dict(os.environ, CARGO_MANIFEST_DIR=binary["cwd"])
     started = time.monotonic()
     with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen([binary["exe"], *test_args], cwd=binary["cwd"], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        with RUNNING_LOCK:
+            if STOPPING.is_set():
+                return binary, -1, "", 0.0
+            proc = subprocess.Popen([binary["exe"], *test_args], cwd=binary["cwd"], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            RUNNING.add(proc)
         try:
             status = proc.wait(timeout=timeout)
             note = ""
@@ -84,6 +110,9 @@ def run_one(binary, test_args, timeout):
             proc.wait()
             status = -9
             note = f"\nrun-tests: {binary['key']} ran past {timeout} s and was killed\n"
+        finally:
+            with RUNNING_LOCK:
+                RUNNING.discard(proc)
         out.seek(0)
         return binary, status, out.read() + note, time.monotonic() - started
 
@@ -96,6 +125,8 @@ def main():
     args = parser.parse_args()
 
     binaries = build(args.cargo_args)
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
     try:
         known = json.loads(DURATIONS.read_text())
     except (OSError, ValueError):
