@@ -28,20 +28,59 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DURATIONS = ROOT / "target" / "test-durations.json"
-# Seconds each slow binary took in a run on this project's 2-core machine: the order on a
-# fresh clone, where target/test-durations.json does not exist yet.
+# Seconds each slow binary took in a fresh-clone .ci/run on this project's 2-core machine
+# (2026-12-03): the order on a fresh clone, where target/test-durations.json does not exist yet.
 HINTS = {
-    "tessera-e2e/netfaults": 102, "tessera-e2e/images": 90, "tessera-e2e/arm64": 60,
+    "tessera-e2e/netfaults": 99, "tessera-e2e/images": 15, "tessera-e2e/arm64": 14,
     "tessera-e2e/disk": 36, "tessera-e2e/durability": 34, "tessera-e2e/upgrade_live": 27,
     "tessera-e2e/doctor": 25, "tessera-e2e/attacks": 23, "tessera-e2e/istio": 21,
     "tessera-e2e/ha": 18, "tessera-e2e/kubernetes": 16, "tessera-e2e/federation": 12,
 }
 
 
+# Every process this script starts (cargo, each test binary) runs in a process group of its
+# own, so that a test binary that runs past the timeout goes with everything it started. Those
+# groups do not get the terminal's Ctrl-C: SIGINT and SIGTERM to this script kill them all
+# (stop_all).
+RUNNING = set()
+RUNNING_LOCK = threading.Lock()
+STOPPING = threading.Event()
+
+
+def spawn(cmd, **kwargs):
+    """Starts cmd in a process group of its own, known to stop_all."""
+    with RUNNING_LOCK:
+        if STOPPING.is_set():
+            raise OSError("run-tests is stopping")
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        RUNNING.add(proc)
+    return proc
+
+
+def reap(proc):
+    with RUNNING_LOCK:
+        RUNNING.discard(proc)
+
+
+def stop_all(signum, _frame):
+    STOPPING.set()
+    with RUNNING_LOCK:
+        for proc in RUNNING:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        os.write(2, f"\nrun-tests: stopped by signal {signum}; every process it started was killed\n".encode())
+    except OSError:
+        pass
+    os._exit(128 + signum)
+
+
 def build(cargo_args):
     """Builds every test binary; returns them as dicts (key, exe, cwd, label)."""
     cmd = ["cargo", "test", "--workspace", "--no-run", "--message-format=json-render-diagnostics", *cargo_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = spawn(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     binaries = []
     for line in proc.stdout:
         try:
@@ -65,56 +104,37 @@ def build(cargo_args):
             "key": f"{package}/{target['name']}" + ("" if kind == "test" else f"[{kind}]"),
             "exe": msg["executable"],
             "cwd": str(manifest.parent),
-            "label": f"{kind} {src} ({Path(msg['executable']).relative_to(ROOT)})",
+            "label": f"{kind} {src} ({os.path.relpath(msg['executable'], ROOT)})",
         })
-    if proc.wait() != 0:
-        sys.exit(proc.returncode)
+    status = proc.wait()
+    reap(proc)
+    if status != 0:
+        sys.exit(status)
     return binaries
-
-
-# Each test binary runs in a process group of its own, so that a binary that runs past the
-# timeout goes with everything it started. Those groups do not get the terminal's Ctrl-C:
-# SIGINT and SIGTERM to this script stop them all (stop_all).
-RUNNING = set()
-RUNNING_LOCK = threading.Lock()
-STOPPING = threading.Event()
-
-
-def stop_all(signum, _frame):
-    STOPPING.set()
-    with RUNNING_LOCK:
-        for proc in RUNNING:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    print(f"\nrun-tests: stopped by signal {signum}; every running test binary was killed", flush=True)
-    os._exit(128 + signum)
 
 
 def run_one(binary, test_args, timeout):
     env = dict(os.environ, CARGO_MANIFEST_DIR=binary["cwd"])
     started = time.monotonic()
-    with tempfile.TemporaryFile(mode="w+") as out:
-        with RUNNING_LOCK:
-            if STOPPING.is_set():
-                return binary, -1, "", 0.0
-            proc = subprocess.Popen([binary["exe"], *test_args], cwd=binary["cwd"], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            RUNNING.add(proc)
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = spawn([binary["exe"], *test_args], cwd=binary["cwd"], env=env,
+                         stdout=out, stderr=subprocess.STDOUT)
+        except OSError as e:
+            return binary, -1, f"run-tests: {binary['key']} could not be started: {e}\n", 0.0
         try:
             status = proc.wait(timeout=timeout)
             note = ""
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = -9
             note = f"\nrun-tests: {binary['key']} ran past {timeout} s and was killed\n"
         finally:
-            with RUNNING_LOCK:
-                RUNNING.discard(proc)
+            reap(proc)
         out.seek(0)
-        return binary, status, out.read() + note, time.monotonic() - started
+        # Test output carries what child processes logged: not always UTF-8.
+        return binary, status, out.read().decode("utf-8", errors="replace") + note, time.monotonic() - started
 
 
 def main():
@@ -124,9 +144,9 @@ def main():
     parser.add_argument("cargo_args", nargs="*", help="after --: more arguments for cargo test --no-run")
     args = parser.parse_args()
 
-    binaries = build(args.cargo_args)
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
+    binaries = build(args.cargo_args)
     try:
         known = json.loads(DURATIONS.read_text())
     except (OSError, ValueError):
@@ -147,8 +167,10 @@ def main():
             if status != 0:
                 failed.append(binary["key"])
 
-    doc = subprocess.run(["cargo", "test", "--workspace", "--doc", *args.cargo_args], cwd=ROOT)
-    if doc.returncode != 0:
+    doc = spawn(["cargo", "test", "--workspace", "--doc", *args.cargo_args], cwd=ROOT)
+    doc_status = doc.wait()
+    reap(doc)
+    if doc_status != 0:
         failed.append("doc tests")
 
     try:

@@ -126,7 +126,7 @@ passed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/)
 failed=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
 rm -f "$log"
 if [ "$tests_status" -ne 0 ]; then
-  echo "tests: $passed passed, $failed failed (or a test binary did not finish: see run-tests above)"
+  echo "tests: $passed passed, $failed failed (or the test build failed, or a test binary did not start or finish: see above)"
   exit "$tests_status"
 fi
 

@@ -523,12 +523,20 @@ mod tests {
         let (a, mut peer) = tokio::io::duplex(64);
         let mut io = IdleIo::bytes(a, IDLE, None);
         let mut buf = [0u8; 8];
-        // Three pauses of 0.4× the idle time each: 1.2× of it in all, every byte in time.
+        // Three pauses of 0.4× the idle time each, 1.2× of it in all, with the read waiting
+        // through each: only the bytes themselves keep the connection open past the first
+        // idle time.
         for _ in 0..3 {
-            tokio::time::sleep(IDLE * 2 / 5).await;
-            peer.write_all(b"ping").await.unwrap();
-            assert_eq!(io.read(&mut buf).await.unwrap(), 4);
+            let write = async {
+                tokio::time::sleep(IDLE * 2 / 5).await;
+                peer.write_all(b"ping").await.unwrap();
+            };
+            let ((), read) = tokio::join!(write, io.read(&mut buf));
+            assert_eq!(read.unwrap(), 4, "a connection that got bytes in time stays open");
         }
+        let last_byte = Instant::now();
         assert_eq!(io.read(&mut buf).await.unwrap(), 0, "silent for the idle time: closed");
+        let waited = last_byte.elapsed();
+        assert!(waited >= IDLE * 9 / 10, "closed {waited:?} after the last byte, idle time {IDLE:?}");
     }
 }
