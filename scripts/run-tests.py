@@ -4,7 +4,7 @@
 `cargo test` runs one test binary after another. Most of Tessera's end-to-end binaries spend
 their time waiting on real processes (servers, agents, Envoy, PostgreSQL, timers), so the
 machine sits mostly idle while they run. This builds them with `cargo test --no-run`, then
-runs up to --jobs binaries at once, the slowest first (durations of the previous run, kept
+runs up to --jobs binaries at once (default 1, or TESSERA_TEST_JOBS; see main()), the slowest first (durations of the previous run, kept
 in target/test-durations.json; a fixed list on a fresh clone), each the way cargo would
 (working directory = its package's, CARGO_MANIFEST_DIR set), and prints each binary's
 output whole when it ends, so that outputs do not interleave. Doc tests run last through
@@ -139,7 +139,11 @@ def run_one(binary, test_args, timeout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("TESSERA_TEST_JOBS", "3")))
+    # One at a time by default: with three, two binaries failed in one fresh-clone run of four
+    # with "Address already in use" (tessera_test_util::procs::free_port reserves a port by
+    # binding port 0 and closing it; another binary's connections can take it before the
+    # server binds it). More than one waits for ports outside the ephemeral range.
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("TESSERA_TEST_JOBS", "1")))
     parser.add_argument("--timeout", type=int, default=1200, help="seconds one test binary may take")
     parser.add_argument("cargo_args", nargs="*", help="after --: more arguments for cargo test --no-run")
     args = parser.parse_args()
