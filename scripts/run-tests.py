@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Runs the workspace's test binaries several at a time (scripts/test.sh, Tests step).
+"""Runs the workspace's test binaries, one or several at a time (scripts/test.sh, Tests step).
 
 `cargo test` runs one test binary after another. Most of Tessera's end-to-end binaries spend
 their time waiting on real processes (servers, agents, Envoy, PostgreSQL, timers), so the
 machine sits mostly idle while they run. This builds them with `cargo test --no-run`, then
-runs up to --jobs binaries at once (default 1, or TESSERA_TEST_JOBS; see main()), the slowest first (durations of the previous run, kept
-in target/test-durations.json; a fixed list on a fresh clone), each the way cargo would
+runs up to --jobs binaries at once (default 1, or TESSERA_TEST_JOBS; see main()), the
+slowest first (durations of the previous run, kept in target/test-durations.json; a fixed
+list on a fresh clone), each the way cargo would
 (working directory = its package's, CARGO_MANIFEST_DIR set), and prints each binary's
 output whole when it ends, so that outputs do not interleave. Doc tests run last through
 cargo. Like `cargo test --no-fail-fast`: every binary runs, and the exit status is 1 when
@@ -95,11 +96,7 @@ def build(cargo_args):
         manifest = Path(msg["manifest_path"])
         package = msg["package_id"].split("#")[-1].split("@")[0].split("/")[-1]
         kind = target["kind"][0]
-        src = Path(target["src_path"])
-        try:
-            src = src.relative_to(ROOT)
-        except ValueError:
-            pass
+        src = os.path.relpath(target["src_path"], ROOT)
         binaries.append({
             "key": f"{package}/{target['name']}" + ("" if kind == "test" else f"[{kind}]"),
             "exe": msg["executable"],

@@ -494,8 +494,9 @@ mod tests {
     }
 
     // These two run on the real clock with short idle times: tokio's paused clock
-    // (`start_paused`) needs its `test-util` feature, and a dev-dependency feature would make
-    // `cargo test` build every crate above tokio a second time (scripts/test.sh, Build).
+    // (`start_paused`) needs its `test-util` feature, which would make this workspace's tokio
+    // differ from the upgrade baseline's, so scripts/baseline.sh could not reuse the Build
+    // step's compiled dependencies.
     #[tokio::test]
     async fn an_idle_connection_ends_and_one_with_an_open_stream_does_not() {
         const IDLE: Duration = Duration::from_millis(500);
